@@ -1,0 +1,253 @@
+"""The `cag` command. Thin on purpose: parse flags, call the API, print. Errors become one line + exit 1."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import __version__
+from .errors import CagError
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="Cache-augmented generation: prefill a knowledge base once, answer every question from its KV cache.",
+)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False)
+
+MODEL_HELP = "Model: the default SmolLM2-135M-Instruct, a Hugging Face id, or a local folder."
+DEVICE_HELP = "cpu, cuda, cuda:1, … (default: cuda if present)."
+DTYPE_HELP = "float32, bfloat16 or float16 (default: float32 on cpu, bfloat16 on cuda; ask uses the build's)."
+
+
+def _log(msg: str) -> None:
+    err.print(f"[dim]{msg}[/dim]")
+
+
+def _quiet_transformers() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+class _Bar:
+    """A rich progress bar fed by the API's (done, total) callback."""
+
+    def __enter__(self):
+        self.progress = Progress(TextColumn("[dim]prefill"), BarColumn(), TextColumn("{task.completed}/{task.total} tokens"),
+                                 TimeElapsedColumn(), console=err, transient=True)
+        self.progress.__enter__()
+        self.task = None
+        return self
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.task is None:
+            self.task = self.progress.add_task("prefill", total=total)
+        self.progress.update(self.task, completed=done)
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+
+@app.command()
+def build(
+    paths: List[Path] = typer.Argument(..., help="Files and folders (.txt .md .html .pdf …) to build from."),
+    name: Optional[str] = typer.Option(None, "--name", "-n", help="Knowledge base name (default: first path's name)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
+    reserve: int = typer.Option(512, help="Context tokens kept free for question and answer."),
+    chunk_size: int = typer.Option(512, help="Prefill chunk size in tokens (bounds memory)."),
+) -> None:
+    """Prefill a knowledge base once and store its KV cache."""
+    from . import api
+
+    with _Bar() as bar:
+        kb = api.build(paths, name, model=model, device=device, dtype=dtype, reserve=reserve,
+                       chunk_size=chunk_size, log=_log, progress=bar)
+    s = kb.build_stats
+    out.print(f"built [bold]{kb.name}[/bold]: {len(kb.docs)} documents, {s.tokens} tokens in {s.seconds:.2f} s "
+              f"({s.tokens_per_s:.0f} tokens/s), cache {s.file_bytes / 1e6:.1f} MB")
+
+
+@app.command()
+def ask(
+    name: str = typer.Argument(..., help="Knowledge base name."),
+    question: Optional[str] = typer.Argument(None, help="The question (or use --questions)."),
+    questions: Optional[Path] = typer.Option(None, "--questions", "-q", help='JSONL file, one {"q": "..."} per line.'),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Reference mode: run the full prompt, no cached prefix."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per answer on stdout."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Most tokens to generate per answer."),
+    temperature: float = typer.Option(0.0, help="0 = greedy (default)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold (with --temperature)."),
+    seed: Optional[int] = typer.Option(None, help="Seed for repeatable sampling."),
+    no_rebuild: bool = typer.Option(False, "--no-rebuild", help="Fail instead of rebuilding when knowledge files changed."),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
+) -> None:
+    """Answer questions from a knowledge base's cache (streams the answer)."""
+    from . import api
+    from .engine import Sampling
+
+    items = _questions(question, questions)
+    with _Bar() as bar:
+        kb = api.load(name, device=device, dtype=dtype, rebuild=not no_rebuild, log=_log, progress=bar)
+    sampling = Sampling(temperature=temperature, top_p=top_p, seed=seed)
+    for q in items:
+        if not as_json:
+            if len(items) > 1:
+                out.print(f"[bold]Q: {q}[/bold]")
+            on_text = lambda t: (out.file.write(t), out.file.flush())  # noqa: E731
+        else:
+            on_text = None
+        a = kb.ask(q, use_cache=not no_cache, max_new_tokens=max_new_tokens, sampling=sampling, on_text=on_text)
+        if as_json:
+            row = a.to_dict()
+            row.pop("token_ids")
+            print(json.dumps(row, ensure_ascii=False), flush=True)
+        else:
+            out.file.write("\n")
+            _log(f"[{a.mode}] ttft {a.ttft_s * 1000:.0f} ms, total {a.total_s:.2f} s, "
+                 f"{a.cached_tokens} cached + {a.question_tokens} computed prompt tokens, {a.new_tokens} generated")
+
+
+def _questions(question: Optional[str], file: Optional[Path]) -> list[str]:
+    if (question is None) == (file is None):
+        raise CagError("give either a question or --questions FILE.jsonl (not both)")
+    if file is None:
+        return [question]
+    if not file.is_file():
+        raise CagError(f"questions file not found: {file}")
+    items = []
+    for no, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            q = row["q"] if isinstance(row, dict) else None
+        except ValueError:
+            q = None
+        if not isinstance(q, str) or not q.strip():
+            raise CagError(f'{file}:{no}: expected a JSON object like {{"q": "question"}}')
+        items.append(q)
+    if not items:
+        raise CagError(f"{file} holds no questions")
+    return items
+
+
+@app.command()
+def chat(
+    name: str = typer.Argument(..., help="Knowledge base name."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+) -> None:
+    """Interactive chat; earlier turns are kept (after the cached knowledge). /reset clears them, /exit quits."""
+    from . import api
+    from .prompt import Turn
+
+    kb = api.load(name, device=device, log=_log)
+    history: list[Turn] = []
+    err.print(f"[dim]chatting with {name} ({kb.tokens} cached tokens); /reset, /exit[/dim]")
+    while True:
+        try:
+            q = input("you> ").strip()
+        except EOFError:
+            break
+        if q in ("/exit", "/quit"):
+            break
+        if q == "/reset":
+            history.clear()
+            continue
+        if not q:
+            continue
+        out.file.write("cag> ")
+        a = kb.ask(q, history=history, max_new_tokens=max_new_tokens,
+                   on_text=lambda t: (out.file.write(t), out.file.flush()))
+        out.file.write("\n")
+        history.append(Turn(q, a.answer))
+
+
+@app.command("ls")
+def list_() -> None:
+    """List knowledge bases."""
+    from . import api, paths
+
+    rows = api.list_kbs()
+    if not rows:
+        err.print(f"no knowledge bases in {paths.kbs_dir()}")
+        return
+    table = Table("name", "model", "tokens", "docs", "size", "created", "status")
+    for r in rows:
+        size = f"{r['bytes'] / 1e6:.1f} MB" if r.get("bytes") else "-"
+        table.add_row(r["name"], str(r.get("model")), str(r.get("tokens", "-")), str(r.get("documents", "-")),
+                      size, str(r.get("created", "-")), r["status"])
+    out.print(table)
+
+
+@app.command()
+def inspect(name: str = typer.Argument(...), as_json: bool = typer.Option(False, "--json")) -> None:
+    """Show a knowledge base's manifest and verify its cache file's integrity (checksum, signature)."""
+    from . import api, kvfile, paths
+
+    meta = api.read_meta(name)
+    path = paths.kb_dir(name) / api.CACHE_FILE
+    manifest = kvfile.load(path).manifest  # integrity: parse, checksum, signature when a key is set
+    info = {"name": name, "file": str(path), "bytes": path.stat().st_size, "integrity": "ok", **meta,
+            "manifest": {k: v for k, v in manifest.items() if k != "shapes"},
+            "kv_shape": manifest["shapes"]["k"][0]}
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    table = Table(show_header=False)
+    for key, value in info.items():
+        if key == "manifest":
+            for mk, mv in value.items():
+                table.add_row(f"manifest.{mk}", json.dumps(mv) if isinstance(mv, dict) else str(mv))
+        else:
+            table.add_row(key, str(value))
+    out.print(table)
+
+
+@app.command()
+def rm(name: str = typer.Argument(...)) -> None:
+    """Delete a knowledge base and its cache."""
+    from . import api
+
+    api.delete(name)
+    out.print(f"deleted {name}")
+
+
+@app.command()
+def version() -> None:
+    """Print cag's version."""
+    out.print(__version__)
+
+
+def main() -> None:
+    _quiet_transformers()
+    try:
+        app(standalone_mode=True)
+    except CagError as e:
+        err.print(f"[red]error:[/red] {e}", markup=True, highlight=False)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - a bug, but still no traceback unless asked for
+        if os.environ.get("CAG_DEBUG"):
+            raise
+        err.print(f"[red]internal error:[/red] {type(e).__name__}: {e} (set CAG_DEBUG=1 for the traceback)")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

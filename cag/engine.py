@@ -1,0 +1,126 @@
+"""The model side of CAG: prefill a prefix once, then answer by running only new tokens on top of it.
+
+One generation loop serves both modes. With a prefix, the question's tokens run after the cached
+positions; without one (`--no-cache`, the reference), the whole prompt runs from scratch. Same code,
+same dtype, same decoding: the only difference is where the prefix's keys and values come from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from . import kvcompat
+from .kvcompat import KV
+
+DEFAULT_CHUNK = 512
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Greedy unless a temperature is given; a seed makes sampling repeatable."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+def _ids(ids: Sequence[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor([list(ids)], dtype=torch.long, device=device)
+
+
+@torch.inference_mode()
+def prefill(model, ids: Sequence[int], chunk_size: int = DEFAULT_CHUNK,
+            progress: Callable[[int], None] | None = None) -> KV:
+    """Run `ids` through the model in chunks (bounded activation memory) and return the per-layer KV."""
+    device = next(model.parameters()).device
+    cache = kvcompat.empty_cache()
+    for start in range(0, len(ids), chunk_size):
+        chunk = ids[start:start + chunk_size]
+        kvcompat.forward(model, _ids(chunk, device), cache)
+        if progress:
+            progress(len(chunk))
+    return kvcompat.to_layers(cache)
+
+
+@torch.inference_mode()
+def generate(model, new_ids: Sequence[int], prefix: KV | None = None, reuse: int = 0,
+             max_new_tokens: int = 256, sampling: Sampling = Sampling(),
+             stop_ids: Sequence[int] = ()) -> Iterator[int]:
+    """Yield generated token ids. `reuse` leading positions of `prefix` stand in for the prompt's first tokens.
+
+    The prefix tensors are only read: each call wraps them in its own cache object, so after the call
+    (finished, failed or abandoned mid-stream) the prefix is exactly what it was.
+    """
+    if not new_ids:
+        raise ValueError("generate needs at least one new token to compute the next-token logits")
+    device = next(model.parameters()).device
+    if prefix is not None and reuse > 0:
+        cache = kvcompat.from_layers(prefix, length=reuse)
+    else:
+        cache = kvcompat.empty_cache()
+    generator = None
+    if not sampling.greedy and sampling.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(sampling.seed)
+    stops = set(stop_ids)
+    logits = kvcompat.forward(model, _ids(new_ids, device), cache)
+    for _ in range(max_new_tokens):
+        token = _pick(logits[0], sampling, generator)
+        if token in stops:
+            return
+        yield token
+        logits = kvcompat.forward(model, _ids([token], device), cache)
+
+
+def _pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
+    if sampling.greedy:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < sampling.top_p  # always keeps the top token
+        sorted_probs = sorted_probs * keep
+        choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
+        return int(order[choice])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def stop_ids(tokenizer, model) -> list[int]:
+    """End-of-turn and end-of-sequence ids from the tokenizer and the generation config."""
+    ids: set[int] = set()
+    for value in (getattr(tokenizer, "eos_token_id", None), getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+    vocab = tokenizer.get_vocab()
+    for marker in ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>", "<|endoftext|>", "</s>"):
+        if marker in vocab:
+            ids.add(vocab[marker])
+    return sorted(ids)
+
+
+class TextStream:
+    """Turns a growing list of token ids into text deltas without splitting multi-byte characters."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.sent = ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            return ""
+        delta, self.sent = text[len(self.sent):], text
+        return delta
+
+    def text(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)

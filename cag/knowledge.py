@@ -1,0 +1,101 @@
+"""Reading knowledge: files and folders into ordered, normalized documents with one content hash.
+
+Order and normalization are part of the cache's identity: the same files must always give the same
+text in the same order, or a cache built yesterday would silently stop matching today's prompt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from .errors import KnowledgeError
+
+TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".rst", ".csv", ".tsv", ".json", ".jsonl", ".yaml", ".yml", ".log"}
+HTML_SUFFIXES = {".html", ".htm"}
+PDF_SUFFIXES = {".pdf"}
+SUPPORTED = TEXT_SUFFIXES | HTML_SUFFIXES | PDF_SUFFIXES
+
+
+@dataclass(frozen=True)
+class Document:
+    name: str  # shown to the model as the document's title; relative to the folder it came from
+    text: str
+
+
+def load(sources: Iterable[str | Path]) -> list[Document]:
+    """Load every source (file or folder, recursively) in a stable order; refuse missing or empty input."""
+    docs: list[Document] = []
+    for source in sources:
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise KnowledgeError(f"knowledge path not found: {path}")
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and _wanted(p, path))
+            if not files:
+                raise KnowledgeError(
+                    f"folder {path} holds no readable documents (supported: {', '.join(sorted(SUPPORTED))})"
+                )
+            docs.extend(Document(p.relative_to(path).as_posix(), read_file(p)) for p in files)
+        else:
+            if path.suffix.lower() not in SUPPORTED:
+                raise KnowledgeError(
+                    f"unsupported file type {path.suffix or '(none)'} for {path} "
+                    f"(supported: {', '.join(sorted(SUPPORTED))})"
+                )
+            docs.append(Document(path.name, read_file(path)))
+    docs = [d for d in docs if d.text]
+    if not docs:
+        raise KnowledgeError("the knowledge base is empty: every document had no text")
+    return docs
+
+
+def _wanted(path: Path, root: Path) -> bool:
+    rel = path.relative_to(root)
+    return path.suffix.lower() in SUPPORTED and not any(part.startswith(".") for part in rel.parts)
+
+
+def read_file(path: Path) -> str:
+    suffix = path.suffix.lower()
+    try:
+        if suffix in PDF_SUFFIXES:
+            from pypdf import PdfReader
+
+            text = "\n\n".join(page.extract_text() or "" for page in PdfReader(str(path)).pages)
+        elif suffix in HTML_SUFFIXES:
+            import html2text
+
+            converter = html2text.HTML2Text()
+            converter.body_width = 0  # no hard wrapping: it would waste tokens
+            text = converter.handle(path.read_text(encoding="utf-8", errors="replace"))
+        else:
+            text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise KnowledgeError(f"{path} is not UTF-8 text; convert it or remove it") from None
+    except OSError as err:
+        raise KnowledgeError(f"cannot read {path}: {err.strerror or err}") from None
+    except Exception as err:  # noqa: BLE001 - PDF/HTML parsers raise many types
+        raise KnowledgeError(f"cannot parse {path}: {err}") from None
+    return normalize(text)
+
+
+def normalize(text: str) -> str:
+    """NFC, Unix newlines, no trailing spaces, no leading/trailing blank lines."""
+    text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
+    return "\n".join(line.rstrip() for line in text.split("\n")).strip("\n")
+
+
+def content_hash(docs: Iterable[Document]) -> str:
+    return hashlib.sha256(json.dumps([[d.name, d.text] for d in docs], ensure_ascii=False).encode()).hexdigest()
+
+
+def to_json(docs: Iterable[Document]) -> list[dict]:
+    return [{"name": d.name, "text": d.text} for d in docs]
+
+
+def from_json(items: list[dict]) -> list[Document]:
+    return [Document(i["name"], i["text"]) for i in items]

@@ -1,0 +1,180 @@
+"""The cache file: one safetensors file whose header carries a JSON manifest.
+
+Why one file: a single atomic rename replaces tensors and manifest together, so a crash can never pair
+new tensors with an old manifest. Why safetensors: loading it parses a JSON header and copies bytes;
+nothing is ever unpickled. The manifest pins everything the cache depends on (model, tokenizer,
+prompt template, knowledge, dtype, shapes) plus a sha256 of every tensor byte, and can be signed
+with HMAC-SHA256 (CAG_SIGNING_KEY) so that a tampered file cannot pass as genuine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import __version__, atomic
+from .errors import CacheFileError, CacheMismatchError
+from .kvcompat import KV
+
+FORMAT = "cag-kv"
+FORMAT_VERSION = 1
+MANIFEST_KEY = "cag_manifest"
+SIGNING_KEY_ENV = "CAG_SIGNING_KEY"
+
+
+@dataclass(frozen=True)
+class Expect:
+    """What a cache must have been made for; None skips a check."""
+
+    model: str | None = None
+    tokenizer: str | None = None
+    template: str | None = None
+    knowledge: str | None = None
+    dtype: str | None = None
+
+
+@dataclass
+class Loaded:
+    manifest: dict
+    layers: KV
+    prefix_ids: list[int]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def save(path: str | Path, layers: KV, prefix_ids: list[int], manifest: dict) -> dict:
+    """Write atomically (temp file in the same folder, fsync, rename): a crash leaves the old file intact."""
+    path = Path(path)
+    tensors = _tensors(layers, prefix_ids)
+    k0 = layers[0][0]
+    full = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "cag_version": __version__,
+        **manifest,
+        "tokens": len(prefix_ids),
+        "dtype": dtype_name(k0.dtype),
+        "layers": len(layers),
+        "shapes": {"k": [list(k.shape) for k, _ in layers], "v": [list(v.shape) for _, v in layers]},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "tensors_sha256": _checksum(tensors),
+    }
+    key = signing_key()
+    if key is not None:
+        full["signature"] = _sign(full, key)
+    with atomic.replacing(path) as tmp:
+        save_file(tensors, str(tmp), metadata={MANIFEST_KEY: json.dumps(full, sort_keys=True)})
+    return full
+
+
+def read_manifest(path: str | Path) -> dict:
+    """The manifest alone (header only, no tensor bytes read); still refuses files that are not ours."""
+    path = Path(path)
+    if not path.is_file():
+        raise CacheFileError(f"cache file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for broken headers
+        raise CacheFileError(f"cache file {path} is corrupt or truncated ({_first_line(err)}); rebuild it") from None
+    if MANIFEST_KEY not in meta:
+        raise CacheFileError(f"{path} is a safetensors file but not a cag cache (no manifest)")
+    try:
+        manifest = json.loads(meta[MANIFEST_KEY])
+    except ValueError:
+        raise CacheFileError(f"cache file {path} has a damaged manifest; rebuild it") from None
+    if manifest.get("format") != FORMAT:
+        raise CacheFileError(f"{path} is not a cag cache file (format {manifest.get('format')!r})")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CacheMismatchError(str(path), "format version", FORMAT_VERSION, manifest.get("format_version"))
+    return manifest
+
+
+def load(path: str | Path, expect: Expect = Expect(), device: torch.device | str = "cpu") -> Loaded:
+    """Read and verify a cache file: integrity (checksum, signature) first, then what it was made for."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    key = signing_key()
+    if key is not None:
+        sig = manifest.get("signature")
+        if not sig:
+            raise CacheFileError(f"cache file {path} is not signed, but {SIGNING_KEY_ENV} is set; rebuild it")
+        if not hmac.compare_digest(sig, _sign(manifest, key)):
+            raise CacheFileError(f"cache file {path} has a bad signature: it was tampered with or signed with another key")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as err:  # noqa: BLE001
+        raise CacheFileError(f"cache file {path} is corrupt or truncated ({_first_line(err)}); rebuild it") from None
+    if _checksum(tensors) != manifest.get("tensors_sha256"):
+        raise CacheFileError(f"cache file {path} failed its checksum: it is corrupt or was tampered with; rebuild it")
+    layers, prefix_ids = _unpack(path, tensors, manifest)
+    for field, want, have in (
+        ("model", expect.model, manifest.get("model", {}).get("fingerprint")),
+        ("tokenizer", expect.tokenizer, manifest.get("tokenizer", {}).get("fingerprint")),
+        ("prompt template", expect.template, manifest.get("template", {}).get("fingerprint")),
+        ("knowledge", expect.knowledge, manifest.get("knowledge", {}).get("sha256")),
+        ("dtype", expect.dtype, manifest.get("dtype")),
+    ):
+        if want is not None and want != have:
+            raise CacheMismatchError(str(path), field, want, have)
+    layers = [(k.to(device), v.to(device)) for k, v in layers]
+    return Loaded(manifest=manifest, layers=layers, prefix_ids=prefix_ids)
+
+
+def signing_key() -> bytes | None:
+    value = os.environ.get(SIGNING_KEY_ENV)
+    return value.encode() if value else None
+
+
+def _tensors(layers: KV, prefix_ids: list[int]) -> dict[str, torch.Tensor]:
+    out = {"prefix_ids": torch.tensor(prefix_ids, dtype=torch.int64)}
+    for i, (k, v) in enumerate(layers):
+        out[f"k.{i}"] = k.detach().to("cpu").contiguous()
+        out[f"v.{i}"] = v.detach().to("cpu").contiguous()
+    return out
+
+
+def _unpack(path: Path, tensors: dict[str, torch.Tensor], manifest: dict) -> tuple[KV, list[int]]:
+    n = manifest.get("layers")
+    expected = {"prefix_ids"} | {f"{kv}.{i}" for i in range(n or 0) for kv in "kv"}
+    if not isinstance(n, int) or set(tensors) != expected:
+        raise CacheFileError(f"cache file {path} does not hold the tensors its manifest lists; rebuild it")
+    layers = [(tensors[f"k.{i}"], tensors[f"v.{i}"]) for i in range(n)]
+    shapes = manifest.get("shapes", {})
+    if [list(k.shape) for k, _ in layers] != shapes.get("k") or [list(v.shape) for _, v in layers] != shapes.get("v"):
+        raise CacheFileError(f"cache file {path} has tensor shapes that differ from its manifest; rebuild it")
+    prefix_ids = tensors["prefix_ids"].tolist()
+    tokens = manifest.get("tokens")
+    if len(prefix_ids) != tokens or any(k.shape[-2] != tokens for k, _ in layers):
+        raise CacheFileError(f"cache file {path} holds a different number of tokens than its manifest says; rebuild it")
+    return layers, prefix_ids
+
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def _sign(manifest: dict, key: bytes) -> str:
+    body = {k: v for k, v in manifest.items() if k != "signature"}
+    return hmac.new(key, json.dumps(body, sort_keys=True).encode(), hashlib.sha256).hexdigest()
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0][:160]

@@ -1,0 +1,33 @@
+"""Where cag keeps things: one home folder, overridable with CAG_HOME (tests point it at a temp dir)."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from .errors import CagError
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def home() -> Path:
+    return Path(os.environ.get("CAG_HOME") or Path.home() / ".cache" / "cag").expanduser()
+
+
+def models_dir() -> Path:
+    return home() / "models"
+
+
+def kbs_dir() -> Path:
+    return home() / "kbs"
+
+
+def kb_dir(name: str) -> Path:
+    """The folder of one knowledge base; the name is checked so it can never escape CAG_HOME."""
+    if not _NAME.match(name):
+        raise CagError(
+            f"invalid knowledge base name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return kbs_dir() / name

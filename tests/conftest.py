@@ -1,0 +1,93 @@
+"""Fixtures: a tiny random-weight Llama with a real byte-level BPE tokenizer, and the real default model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_DOCS = ROOT / "examples" / "sample_kb" / "docs"
+SAMPLE_QUESTIONS = ROOT / "examples" / "sample_kb" / "questions.jsonl"
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def make_tiny_model(folder: Path, chat_template: str | None = CHATML, context: int = 1024, seed: int = 0) -> Path:
+    """Save a 2-layer random Llama + a BPE tokenizer trained on the sample docs into `folder`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train([str(p) for p in sorted(SAMPLE_DOCS.iterdir())], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+    if chat_template:
+        fast.chat_template = chat_template
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
+                         eos_token_id=fast.eos_token_id, bos_token_id=fast.bos_token_id,
+                         pad_token_id=fast.pad_token_id, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_plain_model_dir(tmp_path_factory) -> Path:
+    """Same shape, no chat template: exercises the plain prompt layout and its token-boundary seam."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-plain"), chat_template=None)
+
+
+@pytest.fixture
+def cag_home(tmp_path, monkeypatch) -> Path:
+    home = tmp_path / "cag-home"
+    monkeypatch.setenv("CAG_HOME", str(home))
+    monkeypatch.delenv("CAG_SIGNING_KEY", raising=False)
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tiny_model_dir):
+    from cag import models
+
+    return models.load(str(tiny_model_dir), device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def real_home(tmp_path_factory) -> Path:
+    """One CAG_HOME for the session's real-model tests, so the GGUF is converted once."""
+    home = Path(os.environ.get("CAG_TEST_HOME") or tmp_path_factory.mktemp("real-home"))
+    return home
+
+
+@pytest.fixture(scope="session")
+def real_lm(real_home):
+    from cag import models
+
+    old = os.environ.get("CAG_HOME")
+    os.environ["CAG_HOME"] = str(real_home)
+    try:
+        return models.load(None, device="cpu", dtype="float32")
+    finally:
+        if old is None:
+            os.environ.pop("CAG_HOME", None)
+        else:
+            os.environ["CAG_HOME"] = old

@@ -1,0 +1,116 @@
+"""Engine invariants on a tiny random-weight model: cached == full recompute, no contamination, no copies."""
+
+import random
+
+import pytest
+import torch
+
+from cag import engine, kvcompat
+from cag.engine import Sampling
+
+
+def _full_logits(model, ids):
+    with torch.inference_mode():
+        return kvcompat.forward(model, torch.tensor([ids]), kvcompat.empty_cache())
+
+
+def test_cached_logits_match_full_recompute_for_random_prefixes(tiny_lm):
+    rng = random.Random(1)
+    vocab = len(tiny_lm.tokenizer)
+    for trial in range(40):
+        prefix = [rng.randrange(vocab) for _ in range(rng.randint(1, 300))]
+        question = [rng.randrange(vocab) for _ in range(rng.randint(1, 40))]
+        layers = engine.prefill(tiny_lm.model, prefix, chunk_size=rng.choice([1, 7, 64, 512]))
+        with torch.inference_mode():
+            cached = kvcompat.forward(tiny_lm.model, torch.tensor([question]), kvcompat.from_layers(layers))
+        full = _full_logits(tiny_lm.model, prefix + question)
+        torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-4, msg=f"trial {trial}")
+
+
+def test_generate_from_prefix_equals_generate_from_scratch(tiny_lm):
+    rng = random.Random(2)
+    vocab = len(tiny_lm.tokenizer)
+    for _ in range(10):
+        prefix = [rng.randrange(vocab) for _ in range(rng.randint(50, 400))]
+        question = [rng.randrange(vocab) for _ in range(rng.randint(1, 20))]
+        layers = engine.prefill(tiny_lm.model, prefix, chunk_size=128)
+        cached = list(engine.generate(tiny_lm.model, question, prefix=layers, reuse=len(prefix), max_new_tokens=24))
+        scratch = list(engine.generate(tiny_lm.model, prefix + question, max_new_tokens=24))
+        assert cached == scratch
+        assert len(cached) == 24
+
+
+def test_prefix_is_never_written_and_never_copied(tiny_lm):
+    prefix = list(range(3, 200))
+    layers = engine.prefill(tiny_lm.model, prefix)
+    before = [(k.clone(), v.clone()) for k, v in layers]
+    ptrs = [(k.data_ptr(), v.data_ptr()) for k, v in layers]
+    cache = kvcompat.from_layers(layers)
+    assert [(layer_k.data_ptr(), layer_v.data_ptr()) for layer_k, layer_v in kvcompat.to_layers(cache)] == ptrs
+    for q in ([5, 6, 7], [9], list(range(10, 50))):
+        list(engine.generate(tiny_lm.model, q, prefix=layers, reuse=len(prefix), max_new_tokens=10))
+    # an abandoned stream (consumer stops early) must not leave anything behind either
+    stream = engine.generate(tiny_lm.model, [11, 12], prefix=layers, reuse=len(prefix), max_new_tokens=50)
+    next(stream)
+    stream.close()
+    for (k, v), (k0, v0), (pk, pv) in zip(layers, before, ptrs):
+        assert k.shape[-2] == len(prefix) and (k.data_ptr(), v.data_ptr()) == (pk, pv)
+        assert torch.equal(k, k0) and torch.equal(v, v0)
+
+
+def test_twenty_sequential_questions_show_no_contamination(tiny_lm):
+    rng = random.Random(3)
+    vocab = len(tiny_lm.tokenizer)
+    prefix = [rng.randrange(vocab) for _ in range(250)]
+    layers = engine.prefill(tiny_lm.model, prefix)
+    questions = [[rng.randrange(vocab) for _ in range(rng.randint(2, 15))] for _ in range(20)]
+    sequential = [list(engine.generate(tiny_lm.model, q, prefix=layers, reuse=len(prefix), max_new_tokens=12))
+                  for q in questions]
+    for q, got in zip(questions, sequential):
+        fresh = list(engine.generate(tiny_lm.model, prefix + q, max_new_tokens=12))
+        assert got == fresh
+
+
+def test_partial_reuse_matches_scratch(tiny_lm):
+    """The boundary-mismatch path: reuse only the first `reuse` cached positions, compute the rest."""
+    prefix = list(range(5, 120))
+    layers = engine.prefill(tiny_lm.model, prefix)
+    full = prefix[:-3] + [77, 78, 79, 80]
+    got = list(engine.generate(tiny_lm.model, full[len(prefix) - 3:], prefix=layers, reuse=len(prefix) - 3,
+                               max_new_tokens=16))
+    assert got == list(engine.generate(tiny_lm.model, full, max_new_tokens=16))
+
+
+def test_sampling_is_seeded_and_differs_from_greedy(tiny_lm):
+    prompt = list(range(5, 60))
+    hot = Sampling(temperature=1.5, top_p=0.95, seed=7)
+    a = list(engine.generate(tiny_lm.model, prompt, max_new_tokens=30, sampling=hot))
+    b = list(engine.generate(tiny_lm.model, prompt, max_new_tokens=30, sampling=hot))
+    c = list(engine.generate(tiny_lm.model, prompt, max_new_tokens=30, sampling=Sampling(temperature=1.5, seed=8)))
+    greedy = list(engine.generate(tiny_lm.model, prompt, max_new_tokens=30))
+    assert a == b
+    assert a != c or a != greedy
+
+
+def test_generation_stops_at_end_of_turn(tiny_lm):
+    prompt = list(range(5, 40))
+    free = list(engine.generate(tiny_lm.model, prompt, max_new_tokens=10))
+    stopped = list(engine.generate(tiny_lm.model, prompt, max_new_tokens=10, stop_ids=[free[3]]))
+    assert stopped == free[:free.index(free[3])]
+
+
+def test_crop_goes_back_to_a_length(tiny_lm):
+    layers = engine.prefill(tiny_lm.model, list(range(5, 50)))
+    cache = kvcompat.from_layers(layers)
+    with torch.inference_mode():
+        kvcompat.forward(tiny_lm.model, torch.tensor([[1, 2, 3]]), cache)
+    assert kvcompat.seq_length(cache) == 48
+    kvcompat.crop(cache, 45)
+    assert kvcompat.seq_length(cache) == 45
+    for (k, _), (k0, _) in zip(kvcompat.to_layers(cache), layers):
+        assert torch.equal(k, k0)
+
+
+def test_generate_needs_a_token(tiny_lm):
+    with pytest.raises(ValueError):
+        list(engine.generate(tiny_lm.model, [], max_new_tokens=3))

@@ -1,0 +1,224 @@
+"""The cache file: bit-exact round trip, and every kind of bad file is refused with a message naming why."""
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from cag import engine, kvfile
+from cag.errors import CacheFileError, CacheMismatchError
+from cag.kvfile import Expect
+
+IDENTITY = {
+    "model": {"name": "tiny", "fingerprint": "m" * 64},
+    "tokenizer": {"fingerprint": "t" * 64},
+    "template": {"fingerprint": "p" * 64},
+    "knowledge": {"sha256": "k" * 64, "documents": 1},
+}
+GOOD = Expect(model="m" * 64, tokenizer="t" * 64, template="p" * 64, knowledge="k" * 64, dtype="float32")
+
+
+@pytest.fixture
+def cache(tiny_lm):
+    ids = list(range(5, 105))
+    return engine.prefill(tiny_lm.model, ids), ids
+
+
+@pytest.fixture
+def saved(tmp_path, cache, monkeypatch):
+    monkeypatch.delenv("CAG_SIGNING_KEY", raising=False)
+    path = tmp_path / "c.safetensors"
+    kvfile.save(path, cache[0], cache[1], IDENTITY)
+    return path
+
+
+def _resave(path: Path, edit_manifest=None, edit_tensors=None):
+    """Rewrite a cache file the way an attacker or a buggy tool would: valid safetensors, altered content."""
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        manifest = json.loads(f.metadata()[kvfile.MANIFEST_KEY])
+    if edit_tensors:
+        edit_tensors(tensors)
+    if edit_manifest:
+        edit_manifest(manifest)
+    save_file(tensors, str(path), metadata={kvfile.MANIFEST_KEY: json.dumps(manifest)})
+
+
+def test_round_trip_is_bit_exact(saved, cache):
+    loaded = kvfile.load(saved, GOOD)
+    assert loaded.prefix_ids == cache[1]
+    for (k, v), (k2, v2) in zip(cache[0], loaded.layers):
+        assert k.dtype == k2.dtype and torch.equal(k, k2) and torch.equal(v, v2)
+    m = loaded.manifest
+    assert m["tokens"] == 100 and m["dtype"] == "float32" and m["layers"] == 2
+    assert m["format_version"] == kvfile.FORMAT_VERSION and m["cag_version"] and m["created"]
+
+
+def test_bfloat16_round_trip_is_bit_exact(tmp_path, cache):
+    layers = [(k.to(torch.bfloat16), v.to(torch.bfloat16)) for k, v in cache[0]]
+    kvfile.save(tmp_path / "b.safetensors", layers, cache[1], IDENTITY)
+    loaded = kvfile.load(tmp_path / "b.safetensors", Expect(dtype="bfloat16"))
+    assert all(torch.equal(k, k2) for (k, _), (k2, _) in zip(layers, loaded.layers))
+
+
+def test_flipped_tensor_byte_is_refused(saved):
+    data = bytearray(saved.read_bytes())
+    header = struct.unpack("<Q", data[:8])[0]
+    data[8 + header + 1000] ^= 0x01
+    saved.write_bytes(bytes(data))
+    with pytest.raises(CacheFileError, match="checksum"):
+        kvfile.load(saved, GOOD)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.99, 0.001])
+def test_truncated_file_is_refused(saved, keep):
+    data = saved.read_bytes()
+    saved.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(CacheFileError, match="corrupt or truncated"):
+        kvfile.load(saved, GOOD)
+
+
+def test_garbage_and_foreign_files_are_refused(tmp_path):
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(os.urandom(4096))
+    with pytest.raises(CacheFileError, match="corrupt"):
+        kvfile.load(junk)
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(3)}, str(foreign))
+    with pytest.raises(CacheFileError, match="not a cag cache"):
+        kvfile.load(foreign)
+    with pytest.raises(CacheFileError, match="not found"):
+        kvfile.load(tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize("field,expect", [
+    ("model", Expect(model="x" * 64)),
+    ("tokenizer", Expect(tokenizer="x" * 64)),
+    ("prompt template", Expect(template="x" * 64)),
+    ("knowledge", Expect(knowledge="x" * 64)),
+    ("dtype", Expect(dtype="bfloat16")),
+])
+def test_file_made_for_something_else_is_refused_naming_it(saved, field, expect):
+    with pytest.raises(CacheMismatchError) as info:
+        kvfile.load(saved, expect)
+    assert info.value.field == field
+    assert f"different {field}" in str(info.value)
+
+
+def test_format_version_is_checked(saved):
+    _resave(saved, edit_manifest=lambda m: m.update(format_version=99))
+    with pytest.raises(CacheMismatchError, match="format version"):
+        kvfile.load(saved)
+
+
+def test_manifest_that_lies_about_tokens_or_shapes_is_refused(saved):
+    def edit(m):
+        m["tokens"] = 99
+    _resave(saved, edit_manifest=edit)
+    with pytest.raises(CacheFileError, match="number of tokens"):
+        kvfile.load(saved)
+
+
+def test_tensor_swapped_with_recomputed_checksum_passes_only_without_a_key(saved, monkeypatch):
+    """Without a signing key the checksum only guards against corruption; with a key, tampering is caught."""
+    monkeypatch.setenv("CAG_SIGNING_KEY", "s3cret")
+    os.remove(saved)
+    # a signed file, then an attacker edits a tensor and recomputes the checksum
+    layers = [(torch.ones(1, 2, 4, 8), torch.ones(1, 2, 4, 8))]
+    kvfile.save(saved, layers, [1, 2, 3, 4], IDENTITY)
+    assert kvfile.load(saved).manifest["signature"]
+
+    def poison(t):
+        t["k.0"] = torch.full_like(t["k.0"], 7.0)
+
+    def fix_checksum(m):
+        with safe_open(str(saved), "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        poison(tensors)
+        m["tensors_sha256"] = kvfile._checksum(tensors)
+
+    _resave(saved, edit_manifest=fix_checksum, edit_tensors=poison)
+    with pytest.raises(CacheFileError, match="bad signature"):
+        kvfile.load(saved)
+    monkeypatch.setenv("CAG_SIGNING_KEY", "another-key")
+    with pytest.raises(CacheFileError, match="bad signature"):
+        kvfile.load(saved)
+
+
+def test_unsigned_file_is_refused_when_a_key_is_set(saved, monkeypatch):
+    monkeypatch.setenv("CAG_SIGNING_KEY", "s3cret")
+    with pytest.raises(CacheFileError, match="not signed"):
+        kvfile.load(saved, GOOD)
+
+
+def test_signed_file_loads_with_the_right_key(tmp_path, cache, monkeypatch):
+    monkeypatch.setenv("CAG_SIGNING_KEY", "s3cret")
+    kvfile.save(tmp_path / "s.safetensors", cache[0], cache[1], IDENTITY)
+    assert kvfile.load(tmp_path / "s.safetensors", GOOD).prefix_ids == cache[1]
+
+
+def test_failed_save_leaves_previous_file_intact_and_no_temp(saved, cache, monkeypatch):
+    before = saved.read_bytes()
+
+    def broken_save(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(kvfile, "save_file", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        kvfile.save(saved, cache[0], cache[1], IDENTITY)
+    assert saved.read_bytes() == before
+    assert [p.name for p in saved.parent.iterdir()] == [saved.name]
+
+
+def test_killed_writer_never_leaves_a_half_file(tmp_path):
+    """SIGKILL a process that keeps rewriting a cache; whatever is on disk afterwards must load."""
+    path = tmp_path / "k.safetensors"
+    script = textwrap.dedent(f"""
+        import torch, sys
+        from cag import kvfile
+        ident = {IDENTITY!r}
+        i = 0
+        while True:
+            layers = [(torch.full((1, 4, 2000, 64), float(i)), torch.full((1, 4, 2000, 64), float(i))) for _ in range(4)]
+            kvfile.save({str(path)!r}, layers, list(range(2000)), ident)
+            i += 1
+            print(i, flush=True)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    for _ in range(3):  # wait for a few complete writes, then kill mid-stream
+        proc.stdout.readline()
+    proc.kill()
+    proc.wait()
+    loaded = kvfile.load(path)
+    value = loaded.layers[0][0].flatten()[0].item()
+    assert all(torch.all(k == value) for k, _ in loaded.layers)
+
+
+def test_loading_never_unpickles(saved, monkeypatch):
+    import pickle
+
+    def refuse(*a, **k):
+        raise AssertionError("unpickling attempted")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    assert kvfile.load(saved, GOOD).prefix_ids
+
+
+def test_no_module_can_unpickle():
+    import re
+
+    banned = re.compile(r"^\s*(import|from)\s+(pickle|dill|joblib|cloudpickle)\b|pickle\.|torch\.load\(|numpy\.load\(|np\.load\(",
+                        re.MULTILINE)
+    for f in Path(kvfile.__file__).parent.rglob("*.py"):
+        assert not banned.search(f.read_text()), f"{f.name} can unpickle"
