@@ -21,7 +21,7 @@ app = typer.Typer(
     help="Cache-augmented generation: prefill a knowledge base once, answer every question from its KV cache.",
 )
 out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 MODEL_HELP = "Model: the default SmolLM2-135M-Instruct, a Hugging Face id, or a local folder."
 DEVICE_HELP = "cpu, cuda, cuda:1, … (default: cuda if present)."
@@ -29,7 +29,7 @@ DTYPE_HELP = "float32, bfloat16 or float16 (default: float32 on cpu, bfloat16 on
 
 
 def _log(msg: str) -> None:
-    err.print(f"[dim]{msg}[/dim]")
+    err.print(msg, style="dim", markup=False)
 
 
 def _quiet_transformers() -> None:
@@ -157,7 +157,7 @@ def chat(
 
     kb = api.load(name, device=device, log=_log)
     history: list[Turn] = []
-    err.print(f"[dim]chatting with {name} ({kb.tokens} cached tokens); /reset, /exit[/dim]")
+    _log(f"chatting with {name} ({kb.tokens} cached tokens); /reset clears the history, /exit quits")
     while True:
         try:
             q = input("you> ").strip()
@@ -238,14 +238,14 @@ def main() -> None:
     try:
         app(standalone_mode=True)
     except CagError as e:
-        err.print(f"[red]error:[/red] {e}", markup=True, highlight=False)
+        err.print(f"error: {e}", markup=False, style="red")
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as e:  # noqa: BLE001 - a bug, but still no traceback unless asked for
         if os.environ.get("CAG_DEBUG"):
             raise
-        err.print(f"[red]internal error:[/red] {type(e).__name__}: {e} (set CAG_DEBUG=1 for the traceback)")
+        err.print(f"internal error: {type(e).__name__}: {e} (set CAG_DEBUG=1 for the traceback)", markup=False, style="red")
         sys.exit(2)
 
 

