@@ -69,12 +69,17 @@ class KnowledgeBase:
     docs: list[knowledge.Document]
     sources: list[str]
     builder: PromptBuilder
-    layers: KV
+    workspace: engine.Workspace
     prefix_ids: list[int]
     manifest: dict
     cache_source: str
     build_stats: BuildStats | None = None
     _stops: list[int] = field(default_factory=list, repr=False)
+
+    @property
+    def layers(self) -> KV:
+        """The prefix's per-layer (key, value) tensors."""
+        return self.workspace.prefix
 
     @property
     def tokens(self) -> int:
@@ -87,7 +92,7 @@ class KnowledgeBase:
         start = time.perf_counter()
         split = self.builder.split(question, history, prefix_ids=self.prefix_ids)
         if use_cache:
-            new_ids, reuse, prefix = split.new_ids, split.reuse, self.layers
+            new_ids, reuse, prefix = split.new_ids, split.reuse, self.workspace
         else:
             new_ids, reuse, prefix = split.ids, 0, None
         stream = engine.TextStream(self.lm.tokenizer)
@@ -155,7 +160,7 @@ def _build(name, folder: Path, sources, docs, lm, model_name, instruction, reser
     atomic.write_text(folder / KB_FILE, json.dumps(meta, indent=2))
     manifest = kvfile.save(folder / CACHE_FILE, layers, prefix_ids, _identity(lm, builder, docs))
     stats = BuildStats(len(prefix_ids), seconds, (folder / CACHE_FILE).stat().st_size)
-    return KnowledgeBase(name, lm, docs, sources, builder, layers, prefix_ids, manifest, "built", stats)
+    return KnowledgeBase(name, lm, docs, sources, builder, engine.Workspace(layers), prefix_ids, manifest, "built", stats)
 
 
 def _identity(lm: models.LoadedModel, builder: PromptBuilder, docs) -> dict:
@@ -201,8 +206,8 @@ def load(name: str, *, device: str | None = None, dtype: str | None = None, rebu
     )
     loaded = kvfile.load(folder / CACHE_FILE, expect, device=lm.device)
     builder._prefix_ids = loaded.prefix_ids  # verified against the template + knowledge hashes above
-    return KnowledgeBase(name, lm, docs, meta["sources"], builder, loaded.layers, loaded.prefix_ids,
-                         loaded.manifest, "disk")
+    return KnowledgeBase(name, lm, docs, meta["sources"], builder, engine.Workspace(loaded.layers),
+                         loaded.prefix_ids, loaded.manifest, "disk")
 
 
 def _current_docs(folder: Path, meta: dict, log: Log) -> list[knowledge.Document]:

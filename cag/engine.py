@@ -7,6 +7,7 @@ same dtype, same decoding: the only difference is where the prefix's keys and va
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -49,22 +50,69 @@ def prefill(model, ids: Sequence[int], chunk_size: int = DEFAULT_CHUNK,
     return kvcompat.to_layers(cache)
 
 
-@torch.inference_mode()
-def generate(model, new_ids: Sequence[int], prefix: KV | None = None, reuse: int = 0,
+class Workspace:
+    """The prefix's KV inside preallocated buffers, with room after it for one answer at a time.
+
+    An answer writes its tokens after the prefix and is dropped by forgetting a length: nothing is
+    concatenated or copied per question, and the prefix region is never written. One answer at a time
+    holds the workspace (a lock); a concurrent one falls back to the shared, concatenating path over
+    the same prefix tensors, which is just as correct, only slower.
+    """
+
+    def __init__(self, layers: KV, room: int = 1024):
+        self.length = layers[0][0].shape[-2]
+        self.capacity = self.length + room
+        self.buffers = [(_with_room(k, self.capacity), _with_room(v, self.capacity)) for k, v in layers]
+        self.lock = threading.Lock()
+
+    @property
+    def prefix(self) -> KV:
+        return [(k[:, :, : self.length], v[:, :, : self.length]) for k, v in self.buffers]
+
+    def reserve(self, capacity: int) -> None:
+        """Grow the buffers (copying the prefix once) when an answer needs more room than they have."""
+        if capacity > self.capacity:
+            self.capacity = capacity + 256
+            self.buffers = [(_with_room(k, self.capacity), _with_room(v, self.capacity)) for k, v in self.prefix]
+
+
+def _with_room(t: torch.Tensor, capacity: int) -> torch.Tensor:
+    out = t.new_empty((*t.shape[:2], capacity, t.shape[-1]))
+    out[:, :, : t.shape[-2]].copy_(t)
+    return out
+
+
+def generate(model, new_ids: Sequence[int], prefix: "KV | Workspace | None" = None, reuse: int = 0,
              max_new_tokens: int = 256, sampling: Sampling = Sampling(),
              stop_ids: Sequence[int] = ()) -> Iterator[int]:
     """Yield generated token ids. `reuse` leading positions of `prefix` stand in for the prompt's first tokens.
 
-    The prefix tensors are only read: each call wraps them in its own cache object, so after the call
-    (finished, failed or abandoned mid-stream) the prefix is exactly what it was.
+    The prefix's positions are only ever read: after the call (finished, failed or abandoned mid-stream)
+    the prefix is exactly what it was.
     """
     if not new_ids:
         raise ValueError("generate needs at least one new token to compute the next-token logits")
-    device = next(model.parameters()).device
+    need = reuse + len(new_ids) + max_new_tokens
+    if isinstance(prefix, Workspace):
+        if reuse == prefix.length and prefix.lock.acquire(blocking=False):
+            try:
+                prefix.reserve(need)
+                cache = kvcompat.buffer_cache(prefix.capacity, prefix.buffers, reuse)
+                yield from _decode(model, new_ids, cache, max_new_tokens, sampling, stop_ids)
+            finally:
+                prefix.lock.release()
+            return
+        prefix = prefix.prefix
     if prefix is not None and reuse > 0:
-        cache = kvcompat.from_layers(prefix, length=reuse)
+        cache = kvcompat.from_layers(prefix, length=reuse)  # shared prefix tensors, concatenating cache
     else:
-        cache = kvcompat.empty_cache()
+        cache = kvcompat.buffer_cache(need)  # the reference: everything from scratch
+    yield from _decode(model, new_ids, cache, max_new_tokens, sampling, stop_ids)
+
+
+@torch.inference_mode()
+def _decode(model, new_ids, cache, max_new_tokens, sampling, stop_ids) -> Iterator[int]:
+    device = next(model.parameters()).device
     generator = None
     if not sampling.greedy and sampling.seed is not None:
         generator = torch.Generator(device=device).manual_seed(sampling.seed)

@@ -13,7 +13,7 @@ request) without a copy and is back to exactly the prefix after each one by cons
 from __future__ import annotations
 
 import inspect
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import torch
 from transformers import DynamicCache
@@ -82,3 +82,69 @@ def crop(cache: DynamicCache, length: int) -> None:
     remove = seq_length(cache) - length
     if remove > 0:
         cache.crop(-remove)
+
+
+def _buffer_layer_class():
+    """A DynamicLayer over a preallocated buffer: update() writes in place after the valid positions.
+
+    DynamicLayer concatenates on every step (copying the whole history each token); this writes one
+    position and returns a view. Defined lazily so importing cag never depends on DynamicLayer existing.
+    """
+    from transformers.cache_utils import DynamicLayer
+
+    class BufferLayer(DynamicLayer):
+        def __init__(self, capacity: int, k_buf: torch.Tensor | None = None, v_buf: torch.Tensor | None = None,
+                     length: int = 0):
+            super().__init__()
+            self.capacity, self.k_buf, self.v_buf, self.length = capacity, k_buf, v_buf, length
+            if k_buf is not None:
+                self.lazy_initialization(k_buf, v_buf)
+                self._expose()
+
+        def _expose(self) -> None:
+            self.keys = self.k_buf[:, :, : self.length]
+            self.values = self.v_buf[:, :, : self.length]
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if self.k_buf is None:
+                self.lazy_initialization(key_states, value_states)
+                shape = (*key_states.shape[:2], self.capacity, key_states.shape[-1])
+                self.k_buf = key_states.new_empty(shape)
+                self.v_buf = value_states.new_empty((*value_states.shape[:2], self.capacity, value_states.shape[-1]))
+            end = self.length + key_states.shape[-2]
+            if end > self.capacity:
+                raise ValueError(f"KV buffer of {self.capacity} positions is full")
+            self.k_buf[:, :, self.length:end].copy_(key_states)
+            self.v_buf[:, :, self.length:end].copy_(value_states)
+            self.length = end
+            self._expose()
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.length
+
+        def crop(self, tokens_to_remove: int) -> None:
+            self.length = max(0, self.length - abs(tokens_to_remove))
+            if self.k_buf is not None:
+                self._expose()
+
+    return BufferLayer
+
+
+_BUFFER_LAYER = None
+
+
+def buffer_cache(capacity: int, buffers: KV | None = None, length: int = 0) -> DynamicCache:
+    """A cache that writes into preallocated buffers (given, or allocated on first use) after `length` positions."""
+    global _BUFFER_LAYER
+    if not hasattr(DynamicCache(), "layers"):  # transformers < 4.56: no layer objects to swap in
+        return from_layers(buffers, length) if buffers is not None else empty_cache()
+    if _BUFFER_LAYER is None:
+        _BUFFER_LAYER = _buffer_layer_class()
+    cache = DynamicCache()
+    if buffers is None:  # allocated by each layer on its first update
+        cache.layer_class_to_replicate = partial(_BUFFER_LAYER, capacity)
+        cache.layers = []
+    else:
+        cache.layers = [_BUFFER_LAYER(capacity, k, v, length) for k, v in buffers]
+    return cache

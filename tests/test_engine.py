@@ -114,3 +114,44 @@ def test_crop_goes_back_to_a_length(tiny_lm):
 def test_generate_needs_a_token(tiny_lm):
     with pytest.raises(ValueError):
         list(engine.generate(tiny_lm.model, [], max_new_tokens=3))
+
+
+def test_workspace_answers_equal_shared_prefix_and_scratch_answers(tiny_lm):
+    rng = random.Random(4)
+    vocab = len(tiny_lm.tokenizer)
+    prefix = [rng.randrange(vocab) for _ in range(300)]
+    layers = engine.prefill(tiny_lm.model, prefix)
+    ws = engine.Workspace(layers, room=8)  # too little room: the first answer must grow it
+    before = [(k.clone(), v.clone()) for k, v in ws.prefix]
+    for _ in range(6):
+        q = [rng.randrange(vocab) for _ in range(rng.randint(1, 20))]
+        via_ws = list(engine.generate(tiny_lm.model, q, prefix=ws, reuse=300, max_new_tokens=16))
+        via_shared = list(engine.generate(tiny_lm.model, q, prefix=layers, reuse=300, max_new_tokens=16))
+        scratch = list(engine.generate(tiny_lm.model, prefix + q, max_new_tokens=16))
+        assert via_ws == via_shared == scratch
+    assert ws.capacity >= 300 + 20 + 16 and not ws.lock.locked()
+    for (k, v), (k0, v0) in zip(ws.prefix, before):
+        assert torch.equal(k, k0) and torch.equal(v, v0)
+
+
+def test_busy_workspace_falls_back_to_the_shared_prefix(tiny_lm):
+    prefix = list(range(5, 205))
+    ws = engine.Workspace(engine.prefill(tiny_lm.model, prefix))
+    first = engine.generate(tiny_lm.model, [7, 8], prefix=ws, reuse=200, max_new_tokens=12)
+    a0 = next(first)  # holds the workspace mid-answer
+    assert ws.lock.locked()
+    second = list(engine.generate(tiny_lm.model, [9, 10], prefix=ws, reuse=200, max_new_tokens=12))
+    rest = [a0] + list(first)
+    assert not ws.lock.locked()
+    assert rest == list(engine.generate(tiny_lm.model, prefix + [7, 8], max_new_tokens=12))
+    assert second == list(engine.generate(tiny_lm.model, prefix + [9, 10], max_new_tokens=12))
+
+
+def test_partial_reuse_on_a_workspace_never_writes_into_the_prefix(tiny_lm):
+    prefix = list(range(5, 120))
+    ws = engine.Workspace(engine.prefill(tiny_lm.model, prefix))
+    before = [k.clone() for k, _ in ws.prefix]
+    full = prefix[:-3] + [77, 78, 79]
+    got = list(engine.generate(tiny_lm.model, full[112:], prefix=ws, reuse=112, max_new_tokens=10))
+    assert got == list(engine.generate(tiny_lm.model, full, max_new_tokens=10))
+    assert all(torch.equal(k, k0) for (k, _), k0 in zip(ws.prefix, before))
