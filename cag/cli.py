@@ -227,6 +227,67 @@ def rm(name: str = typer.Argument(...)) -> None:
     out.print(f"deleted {name}")
 
 
+@app.command("eval")
+def eval_(
+    datasets: List[Path] = typer.Argument(..., help="Dataset JSON files (cag format or SQuAD-style)."),
+    systems: str = typer.Option("cag,in-context,bm25,dense", help="Comma-separated: cag, in-context, bm25, dense."),
+    top_k: str = typer.Option("1,3,5", "--top-k", help="Comma-separated chunk counts for the RAG systems."),
+    max_new_tokens: int = typer.Option(48, "--max-new-tokens", help="Most tokens to generate per answer."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N questions of each dataset."),
+    out_dir: Path = typer.Option(Path("cag-eval"), "--out", help="Folder for results.json, results.md and plots."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
+) -> None:
+    """Compare CAG, in-context and BM25/dense RAG on datasets: accuracy, time to first token, tokens, build cost."""
+    from .eval import report, runner
+
+    result = runner.run(datasets, systems=_csv(systems, str), top_k=_csv(top_k, int), max_new_tokens=max_new_tokens,
+                        limit=limit, out=out_dir, model=model, device=device, dtype=dtype, log=_log)
+    out.print(report.markdown(result["summary"]), markup=False)
+    _log("wrote " + ", ".join(result["files"]))
+
+
+@app.command("eval-generate")
+def eval_generate(
+    path: Path = typer.Argument(..., help="Dataset JSON file to write."),
+    tokens: int = typer.Option(3000, help="Knowledge size in tokens of the default model."),
+    questions: int = typer.Option(30, help="How many questions (single-fact and two-hop)."),
+    seed: int = typer.Option(0, help="Same seed, same dataset."),
+) -> None:
+    """Generate a synthetic dataset of fictional facts (the model cannot know them) for `cag eval`."""
+    from .eval import generate
+
+    generate.write(str(path), tokens, questions, seed)
+
+
+def _csv(text: str, kind):
+    try:
+        return [kind(x.strip()) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise CagError(f"expected a comma-separated list, got {text!r}") from None
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 for every interface)."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Server config file (JSON or TOML)."),
+) -> None:
+    """Serve the knowledge bases in CAG_HOME over an OpenAI-compatible HTTP API (model = knowledge base)."""
+    import logging
+
+    import uvicorn
+
+    from . import models
+    from .server import create_app, load_config
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    settings = load_config(config)
+    lm = models.load(settings.model, device=settings.device, dtype=settings.dtype, log=_log)
+    uvicorn.run(create_app(settings, lm), host=host, port=port, log_level="info")
+
+
 @app.command()
 def version() -> None:
     """Print cag's version."""

@@ -148,3 +148,32 @@ def buffer_cache(capacity: int, buffers: KV | None = None, length: int = 0) -> D
     else:
         cache.layers = [_BUFFER_LAYER(capacity, k, v, length) for k, v in buffers]
     return cache
+
+
+# -- attention plumbing for cag.batch (also version-sensitive, so it lives here too) --------------------
+
+def sdpa_attention(module, query, key, value, attention_mask, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def register_attention(name: str, fn) -> None:
+    """Register `fn` as an attention implementation that builds its masks the way sdpa does."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(name, fn)
+    AttentionMaskInterface.register(name, sdpa_mask)
+
+
+def set_attention(model, name: str) -> None:
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(name)
+    else:
+        model.config._attn_implementation = name
+
+
+def forward_positions(model, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """A forward pass with explicit positions and no transformers cache (the caller keeps the KV); all logits."""
+    return model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
