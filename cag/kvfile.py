@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import __version__, atomic
+from . import __version__, atomic, kvquant
 from .errors import CacheFileError, CacheMismatchError
 from .kvcompat import KV
 
@@ -53,10 +53,15 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def save(path: str | Path, layers: KV, prefix_ids: list[int], manifest: dict) -> dict:
-    """Write atomically (temp file in the same folder, fsync, rename): a crash leaves the old file intact."""
+def save(path: str | Path, layers: KV, prefix_ids: list[int], manifest: dict, kv_quant: str | None = None) -> dict:
+    """Write atomically (temp file in the same folder, fsync, rename): a crash leaves the old file intact.
+
+    kv_quant="int8" stores keys/values as int8 + per-vector scales (lossy, half of bf16); load restores the dtype.
+    """
     path = Path(path)
-    tensors = _tensors(layers, prefix_ids)
+    if kv_quant not in (None, *kvquant.MODES):
+        raise CacheFileError(f"unknown KV quantization {kv_quant!r}: use one of {', '.join(kvquant.MODES)}")
+    tensors = _tensors(layers, prefix_ids, kv_quant)
     k0 = layers[0][0]
     full = {
         "format": FORMAT,
@@ -70,6 +75,8 @@ def save(path: str | Path, layers: KV, prefix_ids: list[int], manifest: dict) ->
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "tensors_sha256": _checksum(tensors),
     }
+    if kv_quant:
+        full["kv_quant"] = kv_quant
     key = signing_key()
     if key is not None:
         full["signature"] = _sign(full, key)
@@ -138,20 +145,33 @@ def signing_key() -> bytes | None:
     return value.encode() if value else None
 
 
-def _tensors(layers: KV, prefix_ids: list[int]) -> dict[str, torch.Tensor]:
+def _tensors(layers: KV, prefix_ids: list[int], kv_quant: str | None = None) -> dict[str, torch.Tensor]:
     out = {"prefix_ids": torch.tensor(prefix_ids, dtype=torch.int64)}
     for i, (k, v) in enumerate(layers):
-        out[f"k.{i}"] = k.detach().to("cpu").contiguous()
-        out[f"v.{i}"] = v.detach().to("cpu").contiguous()
+        for name, t in (("k", k), ("v", v)):
+            t = t.detach().to("cpu").contiguous()
+            if kv_quant == "int8":
+                out[f"{name}.{i}"], out[f"{name}s.{i}"] = kvquant.quantize(t)
+            else:
+                out[f"{name}.{i}"] = t
     return out
 
 
 def _unpack(path: Path, tensors: dict[str, torch.Tensor], manifest: dict) -> tuple[KV, list[int]]:
     n = manifest.get("layers")
-    expected = {"prefix_ids"} | {f"{kv}.{i}" for i in range(n or 0) for kv in "kv"}
-    if not isinstance(n, int) or set(tensors) != expected:
+    quant = manifest.get("kv_quant")
+    names = ("k", "v", "ks", "vs") if quant else ("k", "v")
+    expected = {"prefix_ids"} | {f"{kv}.{i}" for i in range(n or 0) for kv in names}
+    if not isinstance(n, int) or set(tensors) != expected or quant not in (None, *kvquant.MODES):
         raise CacheFileError(f"cache file {path} does not hold the tensors its manifest lists; rebuild it")
-    layers = [(tensors[f"k.{i}"], tensors[f"v.{i}"]) for i in range(n)]
+    if quant:
+        dtype = getattr(torch, str(manifest.get("dtype")), None)
+        if not isinstance(dtype, torch.dtype):
+            raise CacheFileError(f"cache file {path} names an unknown dtype {manifest.get('dtype')!r}; rebuild it")
+        layers = [(kvquant.dequantize(tensors[f"k.{i}"], tensors[f"ks.{i}"], dtype),
+                   kvquant.dequantize(tensors[f"v.{i}"], tensors[f"vs.{i}"], dtype)) for i in range(n)]
+    else:
+        layers = [(tensors[f"k.{i}"], tensors[f"v.{i}"]) for i in range(n)]
     shapes = manifest.get("shapes", {})
     if [list(k.shape) for k, _ in layers] != shapes.get("k") or [list(v.shape) for _, v in layers] != shapes.get("v"):
         raise CacheFileError(f"cache file {path} has tensor shapes that differ from its manifest; rebuild it")

@@ -222,3 +222,30 @@ def test_no_module_can_unpickle():
                         re.MULTILINE)
     for f in Path(kvfile.__file__).parent.rglob("*.py"):
         assert not banned.search(f.read_text()), f"{f.name} can unpickle"
+
+
+def test_int8_kv_file_is_smaller_restores_dtype_and_stays_close(tmp_path):
+    torch.manual_seed(0)
+    layers = [(torch.randn(1, 4, 512, 64).to(torch.bfloat16), torch.randn(1, 4, 512, 64).to(torch.bfloat16))
+              for _ in range(3)]
+    ids = list(range(512))
+    plain, quant = tmp_path / "plain.safetensors", tmp_path / "q.safetensors"
+    kvfile.save(plain, layers, ids, IDENTITY)
+    manifest = kvfile.save(quant, layers, ids, IDENTITY, kv_quant="int8")
+    assert manifest["kv_quant"] == "int8" and manifest["dtype"] == "bfloat16"
+    assert quant.stat().st_size < 0.6 * plain.stat().st_size
+    loaded = kvfile.load(quant, Expect(dtype="bfloat16"))
+    for (k, v), (k2, v2) in zip(layers, loaded.layers):
+        assert k2.dtype == torch.bfloat16 and k2.shape == k.shape
+        err = (k2.float() - k.float()).abs().max() / k.float().abs().max()
+        assert err < 0.02
+    data = bytearray(quant.read_bytes())
+    data[-50] ^= 0x10
+    quant.write_bytes(bytes(data))
+    with pytest.raises(CacheFileError, match="checksum"):
+        kvfile.load(quant)
+
+
+def test_unknown_quantization_is_refused(tmp_path, cache):
+    with pytest.raises(CacheFileError, match="unknown KV quantization"):
+        kvfile.save(tmp_path / "x.safetensors", cache[0], cache[1], IDENTITY, kv_quant="int3")
