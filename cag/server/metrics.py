@@ -1,0 +1,50 @@
+"""Prometheus metrics, in a registry of their own (so several apps can live in one test process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self, price_per_1k_tokens: float = 0.0):
+        self.price = price_per_1k_tokens
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("cag_requests", "Chat completion requests by outcome", ["status"], registry=r)
+        self.response_cache = Counter("cag_response_cache", "Response cache lookups", ["result"], registry=r)
+        self.kb_loads = Counter("cag_kb_loads", "Knowledge base lookups by where the prefix came from",
+                                ["tier"], registry=r)
+        self.ttft = Histogram("cag_ttft_seconds", "Time to first token (model answers)", buckets=_LATENCY, registry=r)
+        self.latency = Histogram("cag_request_seconds", "Total latency of a chat completion", buckets=_LATENCY,
+                                 registry=r)
+        self.tokens = Counter("cag_tokens", "Prompt tokens (cached + computed) and generated tokens", ["kind"],
+                              registry=r)
+        self.saved = Counter("cag_tokens_saved",
+                             "Prompt tokens not computed versus sending the whole knowledge base each time",
+                             registry=r)
+        self.cost = Counter("cag_estimated_cost", "Estimated cost of the tokens computed, at the configured "
+                            "price per 1k tokens", registry=r)
+        self.cost_full = Counter("cag_estimated_cost_without_cache", "Estimated cost had every request sent "
+                                 "the whole knowledge base and no response cache", registry=r)
+        self.guard = Counter("cag_guard_flags", "Requests matching the prompt-injection heuristic", ["action"],
+                             registry=r)
+
+    def answered(self, usage: dict, ttft_s: float | None, total_s: float, cached_response: bool) -> None:
+        """Record one answer; a response-cache hit computed nothing, so all its prompt tokens are saved."""
+        prompt, cached, generated = usage["prompt_tokens"], usage["cached_tokens"], usage["completion_tokens"]
+        computed = 0 if cached_response else prompt - cached
+        produced = 0 if cached_response else generated
+        self.tokens.labels("prompt").inc(prompt)
+        self.tokens.labels("cached").inc(prompt - computed)
+        self.tokens.labels("computed").inc(computed)
+        self.tokens.labels("generated").inc(produced)
+        self.saved.inc(prompt - computed)
+        self.cost.inc((computed + produced) * self.price / 1000)
+        self.cost_full.inc((prompt + generated) * self.price / 1000)
+        self.latency.observe(total_s)
+        if ttft_s is not None:
+            self.ttft.observe(ttft_s)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

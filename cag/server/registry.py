@@ -1,0 +1,207 @@
+"""Knowledge bases as the server sees them: one shared model, KBs loaded lazily and kept, tenant ownership.
+
+Tenancy is stored on disk so every replica sharing CAG_HOME agrees: a KB created through the server lives
+in the folder `TENANT__NAME` with a `tenant.json` sidecar naming its owner, and only that tenant sees it
+(as NAME). Folders without the sidecar were built by the CLI: every tenant sees them when the server is
+open (no keys) or when `share_cli_kbs` is on, nobody otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import api, knowledge, models, paths
+from ..errors import CagError
+from .config import ServerConfig
+from .errors import ApiError, not_found
+
+log = logging.getLogger("cag.server")
+TENANT_FILE, DOCS_DIR = "tenant.json", "docs"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,45}$")
+_DOC = re.compile(r"[^A-Za-z0-9._ -]")
+
+
+@dataclass
+class Entry:
+    kb: api.KnowledgeBase
+    stamp: int  # cache file mtime_ns when loaded: a rebuild by the CLI or another replica changes it
+
+    @property
+    def content_hash(self) -> str:
+        return self.kb.manifest.get("knowledge", {}).get("sha256", "") + self.kb.manifest.get("created", "")
+
+
+class Registry:
+    def __init__(self, config: ServerConfig, lm: models.LoadedModel | None = None):
+        self.config = config
+        self._lm = lm
+        self._lock = threading.Lock()
+        self._folder_locks: dict[str, threading.Lock] = {}
+        self._loaded: dict[str, Entry] = {}
+
+    # -- the shared model --------------------------------------------------------------------------
+    @property
+    def lm(self) -> models.LoadedModel:
+        with self._lock:
+            if self._lm is None:
+                self._lm = models.load(self.config.model, device=self.config.device, dtype=self.config.dtype,
+                                       log=log.info)
+            return self._lm
+
+    def _folder_lock(self, folder: str) -> threading.Lock:
+        with self._lock:
+            return self._folder_locks.setdefault(folder, threading.Lock())
+
+    # -- visibility --------------------------------------------------------------------------------
+    def _cli_visible(self) -> bool:
+        return self.config.open or self.config.share_cli_kbs
+
+    def folder_for(self, tenant: str, name: str) -> str:
+        """The folder behind `name` for this tenant, or a 404 that is the same for 'absent' and 'not yours'."""
+        if _NAME.match(name or ""):
+            owned = f"{tenant}__{name}"
+            if _owner(owned) == tenant:
+                return owned
+            if self._cli_visible() and _is_kb(name) and _owner(name) is None:
+                return name
+        raise not_found(name)
+
+    def list(self, tenant: str) -> list[dict]:
+        rows = []
+        for row in api.list_kbs():
+            folder = row["name"]
+            owner = _owner(folder)
+            if owner == tenant:
+                rows.append({**row, "name": folder.split("__", 1)[1], "owned_by": tenant})
+            elif owner is None and self._cli_visible():
+                rows.append({**row, "owned_by": "cli"})
+        return rows
+
+    # -- loading -----------------------------------------------------------------------------------
+    def get(self, tenant: str, name: str) -> Entry:
+        """The loaded KB; loaded on first use and reloaded when its cache file was rebuilt meanwhile."""
+        folder = self.folder_for(tenant, name)
+        stamp = _stamp(folder)
+        entry = self._loaded.get(folder)
+        if entry is not None and entry.stamp == stamp:
+            return entry
+        with self._folder_lock(folder):
+            entry = self._loaded.get(folder)
+            if entry is None or entry.stamp != _stamp(folder):
+                entry = Entry(api.load(folder, lm=self.lm, log=log.info), _stamp(folder))
+                self._loaded[folder] = entry
+            return entry
+
+    def peek(self, folder: str) -> Entry | None:
+        return self._loaded.get(folder)
+
+    # -- management (server-created KBs only) ------------------------------------------------------
+    def create(self, tenant: str, name: str, docs: list[tuple[str, bytes]]) -> Entry:
+        if not _NAME.match(name or ""):
+            raise ApiError(400, f"invalid knowledge base name {name!r}: use 1-46 letters, digits, '.', '_' or '-', "
+                                "starting with a letter or digit", code="invalid_name")
+        folder = f"{tenant}__{name}"
+        with self._folder_lock(folder):
+            try:
+                self.folder_for(tenant, name)
+                raise ApiError(409, f"knowledge base {name!r} already exists; PUT /v1/kbs/{name} replaces its "
+                                    "documents", code="kb_exists")
+            except ApiError as err:
+                if err.status != 404:
+                    raise
+            target = paths.kb_dir(folder)
+            try:
+                _write_docs(target / DOCS_DIR, docs)
+                (target / TENANT_FILE).write_text(json.dumps({"tenant": tenant, "name": name}))
+                return self._build(folder, target)
+            except BaseException:
+                shutil.rmtree(target, ignore_errors=True)
+                raise
+
+    def replace(self, tenant: str, name: str, docs: list[tuple[str, bytes]]) -> Entry:
+        folder = self._owned(tenant, name)
+        target = paths.kb_dir(folder)
+        with self._folder_lock(folder):
+            staged, old = target / (DOCS_DIR + ".new"), target / (DOCS_DIR + ".old")
+            shutil.rmtree(staged, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
+            _write_docs(staged, docs)
+            (target / DOCS_DIR).rename(old)
+            staged.rename(target / DOCS_DIR)
+            try:
+                entry = self._build(folder, target)
+            except BaseException:
+                shutil.rmtree(target / DOCS_DIR, ignore_errors=True)
+                old.rename(target / DOCS_DIR)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+            return entry
+
+    def delete(self, tenant: str, name: str) -> str:
+        folder = self._owned(tenant, name)
+        with self._folder_lock(folder):
+            self._loaded.pop(folder, None)
+            api.delete(folder)
+        return folder
+
+    def _owned(self, tenant: str, name: str) -> str:
+        folder = self.folder_for(tenant, name)
+        if _owner(folder) != tenant:
+            raise ApiError(403, f"knowledge base {name!r} was built with the CLI; change it with `cag build` "
+                                "or `cag rm`", "permission_error", "read_only_kb")
+        return folder
+
+    def _build(self, folder: str, target: Path) -> Entry:
+        try:
+            kb = api.build([target / DOCS_DIR], name=folder, lm=self.lm, log=log.info)
+        except CagError as err:
+            raise ApiError(400, str(err), code="build_failed") from None
+        entry = Entry(kb, _stamp(folder))
+        self._loaded[folder] = entry
+        return entry
+
+
+def _owner(folder: str) -> str | None:
+    try:
+        return json.loads((paths.kb_dir(folder) / TENANT_FILE).read_text())["tenant"]
+    except (OSError, ValueError, KeyError, TypeError, CagError):
+        return None
+
+
+def _is_kb(folder: str) -> bool:
+    return (paths.kb_dir(folder) / api.KB_FILE).is_file()
+
+
+def _stamp(folder: str) -> int:
+    try:
+        return (paths.kb_dir(folder) / api.CACHE_FILE).stat().st_mtime_ns
+    except OSError:
+        return -1
+
+
+def safe_doc_name(name: str, default_suffix: str | None = ".txt") -> str:
+    """A flat, harmless file name; a missing suffix becomes .txt for text bodies and an error for uploads."""
+    base = _DOC.sub("_", Path(name or "").name).lstrip(".") or "document"
+    if Path(base).suffix.lower() not in knowledge.SUPPORTED:
+        if default_suffix is None:
+            raise ApiError(400, f"unsupported file type for {name!r}: use one of {', '.join(sorted(knowledge.SUPPORTED))}",
+                           code="unsupported_file")
+        base += default_suffix
+    return base
+
+
+def _write_docs(folder: Path, docs: list[tuple[str, bytes]]) -> None:
+    if not docs:
+        raise ApiError(400, "give at least one document", code="no_documents")
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in docs:
+        path = folder / name
+        if path.exists():
+            raise ApiError(400, f"two documents are named {name!r}; names must be unique", code="duplicate_document")
+        path.write_bytes(data)
