@@ -170,5 +170,11 @@ class TextStream:
         delta, self.sent = text[len(self.sent):], text
         return delta
 
+    def flush(self) -> str:
+        """Whatever push() held back (an incomplete character at the very end), so deltas add up to text()."""
+        text = self.text()
+        delta, self.sent = text[len(self.sent):], text
+        return delta
+
     def text(self) -> str:
         return self.tokenizer.decode(self.ids, skip_special_tokens=True)

@@ -155,3 +155,17 @@ def test_partial_reuse_on_a_workspace_never_writes_into_the_prefix(tiny_lm):
     got = list(engine.generate(tiny_lm.model, full[112:], prefix=ws, reuse=112, max_new_tokens=10))
     assert got == list(engine.generate(tiny_lm.model, full, max_new_tokens=10))
     assert all(torch.equal(k, k0) for (k, _), k0 in zip(ws.prefix, before))
+
+
+def test_text_stream_holds_back_split_characters_and_flushes_the_rest(tiny_lm):
+    tok = tiny_lm.tokenizer
+    first, second = tok.convert_tokens_to_ids(["Ã", "©"])  # the two bytes of "é" in byte-level BPE
+    hello = tok("Hello", add_special_tokens=False)["input_ids"]
+    stream = engine.TextStream(tok)
+    deltas = [stream.push(t) for t in hello] + [stream.push(first)]
+    assert deltas[-1] == ""  # half a character is never sent
+    deltas.append(stream.push(second))
+    assert "".join(deltas) == "Helloé"
+    stream.push(first)  # ends on half a character: flush sends what decode gives, so deltas add up
+    deltas.append(stream.flush())
+    assert "".join(deltas) == stream.text()
