@@ -2,8 +2,8 @@
 
 __version__ = "0.1.0"
 
-from .api import KnowledgeBase, build, delete, list_kbs, load  # noqa: E402
+from .api import KnowledgeBase, build, delete, invalidate, list_kbs, load, publish  # noqa: E402
 from .engine import Sampling  # noqa: E402
 from .errors import CagError  # noqa: E402
 
-__all__ = ["KnowledgeBase", "build", "load", "list_kbs", "delete", "Sampling", "CagError", "__version__"]
+__all__ = ["KnowledgeBase", "build", "load", "list_kbs", "delete", "invalidate", "publish", "Sampling", "CagError", "__version__"]

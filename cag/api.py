@@ -6,22 +6,22 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from . import atomic, engine, knowledge, kvfile, models, paths
+from . import engine, events, incremental, knowledge, kvfile, models, paths, policies, stores
 from .engine import Sampling
-from .errors import CacheFileError, KnowledgeError, KnowledgeTooLargeError, NotFoundError, StaleKnowledgeError
+from .errors import CagError, KnowledgeError, KnowledgeTooLargeError, NotFoundError, StaleKnowledgeError
+from .policies import Policy
+from .stores import Entry, TieredStore
 from .kvcompat import KV
 from .prompt import DEFAULT_INSTRUCTION, PromptBuilder, Turn
 
 DEFAULT_RESERVE = 512  # context tokens kept free for the question and the answer
-CACHE_FILE, KB_FILE, SNAPSHOT_FILE = "cache.safetensors", "kb.json", "knowledge.json"
+from .stores.disk import CACHE_FILE, KB_FILE, SNAPSHOT_FILE  # noqa: E402,F401 - re-exported names
 
 Log = Callable[[str], None]
 
@@ -35,6 +35,9 @@ class BuildStats:
     tokens: int
     seconds: float
     file_bytes: int
+    reused: int = 0  # leading tokens taken from the previous cache (incremental update)
+    prefilled: int | None = None  # tokens computed by this build (all of them unless incremental)
+    how: str = ""  # one line: full prefill, incremental, or recomputed from which token
 
     @property
     def tokens_per_s(self) -> float:
@@ -54,7 +57,8 @@ class Answer:
     new_tokens: int  # generated tokens
     boundary_ok: bool  # full-prompt tokens started with the whole cached prefix
     mode: str  # "cache" or "no-cache"
-    cache_source: str  # "built" or "disk" (where this process got the prefix from)
+    cache_source: str  # "memory", "host", "disk", "redis" or "built": where this process got the prefix from
+    shard: str | None = None  # the shard that answered, for knowledge split over several caches
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -75,6 +79,8 @@ class KnowledgeBase:
     cache_source: str
     build_stats: BuildStats | None = None
     _stops: list[int] = field(default_factory=list, repr=False)
+    _store: TieredStore | None = field(default=None, repr=False)
+    _generation: int = field(default=-1, repr=False)  # events.generation(name) when loaded; -1: never reloads
 
     @property
     def layers(self) -> KV:
@@ -89,6 +95,7 @@ class KnowledgeBase:
             max_new_tokens: int = 256, sampling: Sampling = Sampling(),
             on_text: Callable[[str], None] | None = None) -> Answer:
         """Answer from the cached prefix (or, with use_cache=False, from the full prompt: the reference)."""
+        self._refresh_if_invalidated()
         start = time.perf_counter()
         split = self.builder.split(question, history, prefix_ids=self.prefix_ids)
         if use_cache:
@@ -104,6 +111,9 @@ class KnowledgeBase:
             delta = stream.push(token)
             if on_text and delta:
                 on_text(delta)
+        tail = stream.flush()
+        if on_text and tail:
+            on_text(tail)
         total = time.perf_counter() - start
         return Answer(
             question=question.strip(), answer=stream.text().strip(), token_ids=stream.ids,
@@ -116,6 +126,14 @@ class KnowledgeBase:
     def __post_init__(self) -> None:
         self._stops = engine.stop_ids(self.lm.tokenizer, self.lm.model)
 
+    def _refresh_if_invalidated(self) -> None:
+        """After an invalidation event or a version publish, reload (or rebuild) before answering again."""
+        if self._generation >= 0 and self._generation != events.generation(self.name):
+            fresh = load(self.name, lm=self.lm, store=self._store)
+            for f in ("docs", "sources", "builder", "workspace", "prefix_ids", "manifest", "cache_source",
+                      "build_stats", "_generation"):
+                setattr(self, f, getattr(fresh, f))
+
 
 # -- building ---------------------------------------------------------------------------------------
 
@@ -123,25 +141,61 @@ def build(sources: Iterable[str | Path], name: str | None = None, *, model: str 
           device: str | None = None, dtype: str | None = None, instruction: str = DEFAULT_INSTRUCTION,
           reserve: int = DEFAULT_RESERVE, chunk_size: int = engine.DEFAULT_CHUNK,
           lm: models.LoadedModel | None = None, log: Log = _stderr,
-          progress: Callable[[int, int], None] | None = None) -> KnowledgeBase:
-    """Read the sources, prefill them once and store the cache under CAG_HOME/kbs/NAME."""
+          progress: Callable[[int, int], None] | None = None, ttl_s: float | None = None,
+          version: int | None = None, incremental_update: bool = True, shard: bool = False,
+          store: TieredStore | None = None) -> KnowledgeBase:
+    """Read the sources, prefill them (only what changed since the last build) and write the cache through.
+
+    ttl_s and version are the knowledge base's invalidation policy (see cag.policies); the cache goes
+    to every persistent tier configured (CAG_HOME/kbs/NAME on disk, Redis with CAG_REDIS_URL).
+    With shard=True, knowledge too large for one context is split into shards (a ShardedKnowledgeBase).
+    """
     sources = [str(Path(s).expanduser().resolve()) for s in sources]
     if not sources:
         raise KnowledgeError("give at least one file or folder to build from")
     name = name or Path(sources[0]).stem
-    folder = paths.kb_dir(name)
+    paths.kb_dir(name)  # refuse a bad name before any work
     docs = knowledge.load(sources)
     lm = lm or models.load(model, device=device, dtype=dtype, log=log)
-    return _build(name, folder, sources, docs, lm, model, instruction, reserve, chunk_size, progress)
+    settings = {"name": name, "sources": sources, "model": model or models.DEFAULT_MODEL,
+                "dtype": kvfile.dtype_name(lm.dtype), "instruction": instruction, "reserve": reserve}
+    store = store or stores.default()
+    try:
+        return _build(settings, docs, lm, Policy(ttl_s, version), store, chunk_size, progress, log, incremental_update)
+    except KnowledgeTooLargeError:
+        if not shard:
+            raise
+    return _build_shards(settings, docs, lm, Policy(ttl_s, version), store, chunk_size, progress, log)
 
 
-def _build(name, folder: Path, sources, docs, lm, model_name, instruction, reserve, chunk_size, progress) -> KnowledgeBase:
-    builder = PromptBuilder(lm.tokenizer, docs, instruction)
+def _build_shards(settings: dict, docs, lm, policy: Policy, store: TieredStore, chunk_size: int, progress, log: Log):
+    from . import shards
+
+    name = settings["name"]
+    groups = shards.plan(docs, lm.tokenizer, settings["instruction"], lm.context_window - settings["reserve"],
+                         lm.context_window, settings["reserve"])
+    built = []
+    for i, group in enumerate(groups):
+        sub = {**settings, "name": shards.shard_name(name, i), "documents": [d.name for d in group], "parent": name}
+        built.append(_build(sub, group, lm, policy, store, chunk_size, progress, log))
+        log(f"{name}: shard {i} holds {len(group)} documents, {built[-1].tokens} tokens")
+    store.tier("disk").put_meta(name, {**settings, "shards": [kb.name for kb in built], "built_at": time.time()},
+                                knowledge.to_json(docs))
+    return shards.ShardedKnowledgeBase.of(name, built)
+
+
+def _build(settings: dict, docs, lm, policy: Policy, store: TieredStore, chunk_size: int, progress,
+           log: Log, incremental_update: bool = True, previous: Entry | None = None) -> KnowledgeBase:
+    name = settings["name"]
+    builder = PromptBuilder(lm.tokenizer, docs, settings["instruction"])
     prefix_ids = builder.prefix_ids()
-    fits = lm.context_window - reserve
+    fits = lm.context_window - settings["reserve"]
     if len(prefix_ids) > fits:
-        raise KnowledgeTooLargeError(len(prefix_ids), max(fits, 0), lm.context_window, reserve)
-    start = time.perf_counter()
+        raise KnowledgeTooLargeError(len(prefix_ids), max(fits, 0), lm.context_window, settings["reserve"])
+    if policy.version is None:  # a build is the published version unless it says otherwise
+        policy = Policy(policy.ttl_s, policies.published_version(name, store))
+    if incremental_update and previous is None:
+        previous = _previous(name, lm, builder, store)
     done = 0
 
     def step(n: int) -> None:
@@ -150,17 +204,31 @@ def _build(name, folder: Path, sources, docs, lm, model_name, instruction, reser
         if progress:
             progress(done, len(prefix_ids))
 
-    layers = engine.prefill(lm.model, prefix_ids, chunk_size=chunk_size, progress=step)
+    start = time.perf_counter()
+    old_layers, old_ids = (previous.layers, previous.prefix_ids) if incremental_update and previous else (None, [])
+    ext = incremental.extend(lm.model, old_layers, old_ids, prefix_ids, chunk_size, step)
     seconds = time.perf_counter() - start
-    meta = {
-        "name": name, "sources": sources, "model": model_name or models.DEFAULT_MODEL,
-        "dtype": kvfile.dtype_name(lm.dtype), "instruction": instruction, "reserve": reserve,
-    }
-    atomic.write_text(folder / SNAPSHOT_FILE, json.dumps(knowledge.to_json(docs), ensure_ascii=False))
-    atomic.write_text(folder / KB_FILE, json.dumps(meta, indent=2))
-    manifest = kvfile.save(folder / CACHE_FILE, layers, prefix_ids, _identity(lm, builder, docs))
-    stats = BuildStats(len(prefix_ids), seconds, (folder / CACHE_FILE).stat().st_size)
-    return KnowledgeBase(name, lm, docs, sources, builder, engine.Workspace(layers), prefix_ids, manifest, "built", stats)
+    how = ext.describe(len(old_ids))
+    if old_layers is not None:
+        log(f"{name}: {how}")
+    meta = {**settings, "policy": policy.to_json(), "built_at": time.time()}
+    entry = Entry(name, ext.layers, prefix_ids, _identity(lm, builder, docs), meta, knowledge.to_json(docs))
+    store.drop(name, where=lambda tier: not tier.persistent)  # memory tiers may hold the previous cache
+    manifest = store.put(entry)
+    disk = paths.kb_dir(name) / CACHE_FILE
+    size = disk.stat().st_size if disk.is_file() else entry.nbytes
+    stats = BuildStats(len(prefix_ids), seconds, size, ext.reused, ext.prefilled, how)
+    return KnowledgeBase(name, lm, docs, settings["sources"], builder, engine.Workspace(ext.layers), prefix_ids,
+                         manifest, "built", stats, _store=store, _generation=events.generation(name))
+
+
+def _previous(name: str, lm, builder: PromptBuilder, store: TieredStore) -> Entry | None:
+    """The last cache of `name` made with this model, tokenizer and template, whatever its knowledge."""
+    try:
+        hit = store.get(name, _expect(lm, builder, None), lm.device)
+    except CagError:
+        return None  # a broken or foreign cache is simply not reused
+    return hit[0] if hit else None
 
 
 def _identity(lm: models.LoadedModel, builder: PromptBuilder, docs) -> dict:
@@ -172,78 +240,111 @@ def _identity(lm: models.LoadedModel, builder: PromptBuilder, docs) -> dict:
     }
 
 
+def _expect(lm: models.LoadedModel, builder: PromptBuilder, knowledge_sha: str | None) -> kvfile.Expect:
+    return kvfile.Expect(model=lm.model_fingerprint, tokenizer=lm.tokenizer_fingerprint,
+                         template=builder.fingerprint(), knowledge=knowledge_sha, dtype=kvfile.dtype_name(lm.dtype))
+
+
 # -- loading ----------------------------------------------------------------------------------------
 
-def read_meta(name: str) -> dict:
-    path = paths.kb_dir(name) / KB_FILE
-    if not path.is_file():
+def read_meta(name: str, store: TieredStore | None = None) -> dict:
+    return _settings(name, store or stores.default())[0]
+
+
+def _settings(name: str, store: TieredStore) -> tuple[dict, list[dict] | None]:
+    """kb.json and the saved knowledge text: from CAG_HOME, else from Redis (a machine that never built it)."""
+    disk = store.tier("disk")
+    meta = disk.meta(name) if disk else None
+    if meta is not None:
+        return meta, disk.snapshot(name)
+    redis = store.tier("redis")
+    found = redis.meta(name) if redis else None
+    if found is None:
         raise NotFoundError(f"no knowledge base named {name!r} in {paths.kbs_dir()}; build it with `cag build`")
-    return json.loads(path.read_text())
+    return found
 
 
 def load(name: str, *, device: str | None = None, dtype: str | None = None, rebuild: bool = True,
          lm: models.LoadedModel | None = None, log: Log = _stderr,
-         progress: Callable[[int, int], None] | None = None) -> KnowledgeBase:
-    """Load a built knowledge base; rebuild it if its knowledge files changed (or refuse, rebuild=False)."""
-    meta = read_meta(name)
-    folder = paths.kb_dir(name)
+         progress: Callable[[int, int], None] | None = None, store: TieredStore | None = None) -> KnowledgeBase:
+    """The knowledge base from the fastest tier holding a servable cache; rebuilt when its knowledge
+    changed (or refused, rebuild=False), when it expired, was invalidated, or is of another version."""
+    store = store or stores.default()
+    meta, snapshot = _settings(name, store)
     lm = lm or models.load(meta["model"], device=device, dtype=dtype or meta.get("dtype"), log=log)
-    docs = _current_docs(folder, meta, log)
-    manifest = kvfile.read_manifest(folder / CACHE_FILE)
-    if manifest.get("knowledge", {}).get("sha256") != knowledge.content_hash(docs):
-        if not rebuild:
-            raise StaleKnowledgeError(
-                f"the knowledge files of {name!r} changed since its cache was built; "
-                "run `cag build` again or drop --no-rebuild"
-            )
-        log(f"The knowledge files of {name!r} changed since the cache was built: rebuilding.")
-        return _build(name, folder, meta["sources"], docs, lm, meta["model"], meta["instruction"],
-                      meta["reserve"], engine.DEFAULT_CHUNK, progress)
+    if meta.get("shards"):
+        from .shards import ShardedKnowledgeBase
+
+        return ShardedKnowledgeBase.of(name, [load(s, rebuild=rebuild, lm=lm, log=log, progress=progress, store=store)
+                                              for s in meta["shards"]])
+    docs = _current_docs(meta, snapshot, log)
+    if "documents" in meta:  # one shard of a larger knowledge base: only its own documents
+        mine = set(meta["documents"])
+        docs = [d for d in docs if d.name in mine]
     builder = PromptBuilder(lm.tokenizer, docs, meta["instruction"])
-    expect = kvfile.Expect(
-        model=lm.model_fingerprint, tokenizer=lm.tokenizer_fingerprint, template=builder.fingerprint(),
-        knowledge=knowledge.content_hash(docs), dtype=kvfile.dtype_name(lm.dtype),
-    )
-    loaded = kvfile.load(folder / CACHE_FILE, expect, device=lm.device)
-    builder._prefix_ids = loaded.prefix_ids  # verified against the template + knowledge hashes above
-    return KnowledgeBase(name, lm, docs, meta["sources"], builder, engine.Workspace(loaded.layers),
-                         loaded.prefix_ids, loaded.manifest, "disk")
+    sha = knowledge.content_hash(docs)
+    generation = events.generation(name)
+    published = policies.published_version(name, store)
+    hit = store.get(name, _expect(lm, builder, None), lm.device,
+                    valid=lambda entry, tier: policies.servable(entry, published))
+    policy = Policy.from_meta(meta)
+    if hit is not None and hit[0].manifest.get("knowledge", {}).get("sha256") == sha:
+        entry, source = hit
+        builder._prefix_ids = entry.prefix_ids  # verified against the template + knowledge hashes
+        workspace = engine.Workspace(entry.layers)
+        store.share(name, workspace.prefix)  # its prefix region is never written: safe to share
+        return KnowledgeBase(name, lm, docs, meta["sources"], builder, workspace,
+                             entry.prefix_ids, entry.manifest, source, _store=store, _generation=generation)
+    if hit is not None:
+        why = f"the knowledge files of {name!r} changed since its cache was built"
+        if not rebuild:
+            raise StaleKnowledgeError(f"{why}; run `cag build` again or drop --no-rebuild")
+        log(f"The knowledge files of {name!r} changed since the cache was built: rebuilding.")
+    else:
+        why = f"no servable cache of {name!r} (expired, invalidated, or not version {published})" \
+            if published is not None else f"no servable cache of {name!r} (expired or invalidated)"
+        if not rebuild:
+            raise StaleKnowledgeError(f"{why}; run `cag build` again or drop --no-rebuild")
+        log(f"{why}: rebuilding.")
+    settings = {k: v for k, v in meta.items() if k not in ("policy", "built_at")}
+    return _build({**settings, "name": name}, docs, lm, Policy(policy.ttl_s, published), store,
+                  engine.DEFAULT_CHUNK, progress, log, previous=hit[0] if hit else None)
 
 
-def _current_docs(folder: Path, meta: dict, log: Log) -> list[knowledge.Document]:
+def _current_docs(meta: dict, snapshot: list[dict] | None, log: Log) -> list[knowledge.Document]:
     """Today's knowledge files; the snapshot taken at build time if they are gone (so a cache still answers)."""
     missing = [s for s in meta["sources"] if not Path(s).exists()]
     if not missing:
         return knowledge.load(meta["sources"])
     log(f"Knowledge source not found: {missing[0]}; answering from the copy saved at build time.")
-    try:
-        return knowledge.from_json(json.loads((folder / SNAPSHOT_FILE).read_text()))
-    except (OSError, ValueError, KeyError):
-        raise KnowledgeError(f"knowledge path not found: {missing[0]} (and no saved copy to fall back on)") from None
+    if not snapshot:
+        raise KnowledgeError(f"knowledge path not found: {missing[0]} (and no saved copy to fall back on)")
+    return knowledge.from_json(snapshot)
 
 
-# -- housekeeping -----------------------------------------------------------------------------------
+# -- lifecycle --------------------------------------------------------------------------------------
 
-def list_kbs() -> list[dict]:
-    """One row per knowledge base: name, model, tokens, documents, bytes, created (from headers only)."""
-    rows = []
-    root = paths.kbs_dir()
-    for folder in sorted(root.iterdir()) if root.is_dir() else []:
-        if not (folder / KB_FILE).is_file():
-            continue
-        row = {"name": folder.name, "model": json.loads((folder / KB_FILE).read_text()).get("model")}
-        try:
-            m = kvfile.read_manifest(folder / CACHE_FILE)
-            row.update(tokens=m.get("tokens"), documents=m.get("knowledge", {}).get("documents"),
-                       bytes=(folder / CACHE_FILE).stat().st_size, created=m.get("created"), status="ok")
-        except CacheFileError as err:
-            row.update(status=f"broken: {err}")
-        rows.append(row)
-    return rows
+def invalidate(name: str, store: TieredStore | None = None) -> list[str]:
+    """Drop `name`'s cache in every tier and every process (Redis pub/sub); the next use rebuilds it."""
+    return events.invalidate(name, store or stores.default())
 
 
-def delete(name: str) -> None:
-    folder = paths.kb_dir(name)
-    if not (folder / KB_FILE).is_file():
-        raise NotFoundError(f"no knowledge base named {name!r} in {paths.kbs_dir()}")
-    shutil.rmtree(folder)
+def publish(name: str, version: int, store: TieredStore | None = None) -> None:
+    """Make `version` the only servable one everywhere; replicas refuse caches of any other version."""
+    store = store or stores.default()
+    policies.publish(name, version, store)
+    events.bump(name)
+    events.announce(name, "version", store)
+
+
+def list_kbs(store: TieredStore | None = None) -> list[dict]:
+    """One row per knowledge base: name, model, tokens, documents, bytes, created, status, tiers, hits, age_s."""
+    from . import registry
+
+    return registry.rows(store or stores.default())
+
+
+def delete(name: str, store: TieredStore | None = None) -> None:
+    from . import registry
+
+    registry.delete(name, store or stores.default())

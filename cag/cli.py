@@ -26,6 +26,7 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 MODEL_HELP = "Model: the default SmolLM2-135M-Instruct, a Hugging Face id, or a local folder."
 DEVICE_HELP = "cpu, cuda, cuda:1, … (default: cuda if present)."
 DTYPE_HELP = "float32, bfloat16 or float16 (default: float32 on cpu, bfloat16 on cuda; ask uses the build's)."
+REDIS_HELP = "Redis URL (redis://host:port/db) to share caches through; default: $CAG_REDIS_URL."
 
 
 def _log(msg: str) -> None:
@@ -68,16 +69,28 @@ def build(
     dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
     reserve: int = typer.Option(512, help="Context tokens kept free for question and answer."),
     chunk_size: int = typer.Option(512, help="Prefill chunk size in tokens (bounds memory)."),
+    ttl: Optional[float] = typer.Option(None, "--ttl", help="Seconds the cache may be served; then it is rebuilt."),
+    kb_version: Optional[int] = typer.Option(None, "--kb-version", help="Version of this build (see `cag publish`)."),
+    full: bool = typer.Option(False, "--full", help="Prefill everything, even what an earlier cache still covers."),
+    shard: bool = typer.Option(False, "--shard", help="Split knowledge too large for one context into shards (BM25 routes questions)."),
+    redis: Optional[str] = typer.Option(None, "--redis", help=REDIS_HELP),
 ) -> None:
-    """Prefill a knowledge base once and store its KV cache."""
+    """Prefill a knowledge base once (only what changed, after the first time) and store its KV cache."""
     from . import api
 
+    _use_redis(redis)
     with _Bar() as bar:
         kb = api.build(paths, name, model=model, device=device, dtype=dtype, reserve=reserve,
-                       chunk_size=chunk_size, log=_log, progress=bar)
+                       chunk_size=chunk_size, log=_log, progress=bar, ttl_s=ttl, version=kb_version,
+                       incremental_update=not full, shard=shard)
     s = kb.build_stats
     out.print(f"built [bold]{kb.name}[/bold]: {len(kb.docs)} documents, {s.tokens} tokens in {s.seconds:.2f} s "
-              f"({s.tokens_per_s:.0f} tokens/s), cache {s.file_bytes / 1e6:.1f} MB")
+              f"({s.tokens_per_s:.0f} tokens/s), cache {s.file_bytes / 1e6:.1f} MB; {s.how}")
+
+
+def _use_redis(url: Optional[str]) -> None:
+    if url:
+        os.environ["CAG_REDIS_URL"] = url
 
 
 @app.command()
@@ -94,11 +107,13 @@ def ask(
     no_rebuild: bool = typer.Option(False, "--no-rebuild", help="Fail instead of rebuilding when knowledge files changed."),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
+    redis: Optional[str] = typer.Option(None, "--redis", help=REDIS_HELP),
 ) -> None:
     """Answer questions from a knowledge base's cache (streams the answer)."""
     from . import api
     from .engine import Sampling
 
+    _use_redis(redis)
     items = _questions(question, questions)
     with _Bar() as bar:
         kb = api.load(name, device=device, dtype=dtype, rebuild=not no_rebuild, log=_log, progress=bar)
@@ -178,20 +193,51 @@ def chat(
 
 
 @app.command("ls")
-def list_() -> None:
-    """List knowledge bases."""
+def list_(
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per knowledge base."),
+    redis: Optional[str] = typer.Option(None, "--redis", help=REDIS_HELP),
+) -> None:
+    """List knowledge bases: where their caches live (tiers), size, tokens, age, hits."""
     from . import api, paths
 
+    _use_redis(redis)
     rows = api.list_kbs()
+    if as_json:
+        for r in rows:
+            print(json.dumps(r), flush=True)
+        return
     if not rows:
         err.print(f"no knowledge bases in {paths.kbs_dir()}")
         return
-    table = Table("name", "model", "tokens", "docs", "size", "created", "status")
+    table = Table("name", "model", "tokens", "docs", "size", "created", "status", "tiers", "age", "hits")
     for r in rows:
         size = f"{r['bytes'] / 1e6:.1f} MB" if r.get("bytes") else "-"
+        age = f"{r['age_s'] / 60:.0f} min" if r.get("age_s") is not None else "-"
         table.add_row(r["name"], str(r.get("model")), str(r.get("tokens", "-")), str(r.get("documents", "-")),
-                      size, str(r.get("created", "-")), r["status"])
+                      size, str(r.get("created", "-")), r["status"], ",".join(r.get("tiers", [])) or "-", age,
+                      str(r.get("hits", 0)))
     out.print(table)
+
+
+@app.command()
+def invalidate(name: str = typer.Argument(...), redis: Optional[str] = typer.Option(None, "--redis", help=REDIS_HELP)) -> None:
+    """Drop a knowledge base's cache in every tier and (through Redis) every process; the next use rebuilds it."""
+    from . import api
+
+    _use_redis(redis)
+    tiers = api.invalidate(name)
+    out.print(f"invalidated {name}: dropped from {', '.join(tiers) or 'no tier (nothing was cached)'}")
+
+
+@app.command()
+def publish(name: str = typer.Argument(...), kb_version: int = typer.Argument(..., metavar="VERSION"),
+            redis: Optional[str] = typer.Option(None, "--redis", help=REDIS_HELP)) -> None:
+    """Make VERSION the only servable version of a knowledge base; every replica refuses the others."""
+    from . import api
+
+    _use_redis(redis)
+    api.publish(name, kb_version)
+    out.print(f"published {name} version {kb_version}")
 
 
 @app.command()
@@ -219,10 +265,11 @@ def inspect(name: str = typer.Argument(...), as_json: bool = typer.Option(False,
 
 
 @app.command()
-def rm(name: str = typer.Argument(...)) -> None:
+def rm(name: str = typer.Argument(...), redis: Optional[str] = typer.Option(None, "--redis", help=REDIS_HELP)) -> None:
     """Delete a knowledge base and its cache."""
     from . import api
 
+    _use_redis(redis)
     api.delete(name)
     out.print(f"deleted {name}")
 

@@ -15,4 +15,6 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ] \
   && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null 2>&1 \
   || echo "chromium not installed: the web-page test will be skipped" >&2; }
+# A real Redis server for the shared-cache tests (Debian's redis-server).
+command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
 echo "setup done: $(.venv/bin/cag version 2>/dev/null || echo '?') in .venv" >&2

@@ -1,0 +1,115 @@
+"""Knowledge too large for one context: shards on document boundaries, each with its own cache.
+
+A question goes to the one shard whose text scores best for it under BM25 (bm25s), and is answered
+from that shard's cache exactly as a single knowledge base would answer it. The answer names the shard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import bm25s
+
+from .errors import KnowledgeError
+from .knowledge import Document
+from .prompt import PromptBuilder
+
+
+def plan(docs: Sequence[Document], tokenizer, instruction: str, fits: int, context: int, reserve: int) -> list[list[Document]]:
+    """Greedy groups of consecutive documents whose prompt prefix fits; a single document too big is refused."""
+    groups: list[list[Document]] = []
+    current: list[Document] = []
+    for doc in docs:
+        if _tokens(current + [doc], tokenizer, instruction) <= fits:
+            current.append(doc)
+            continue
+        alone = _tokens([doc], tokenizer, instruction)
+        if alone > fits:
+            raise KnowledgeError(
+                f"document {doc.name!r} alone is {alone} tokens, but a shard holds at most {fits} (context window "
+                f"{context} minus {reserve} reserved); shards split only between documents: split this file, "
+                "lower --reserve or use a model with a longer context"
+            )
+        groups.append(current)
+        current = [doc]
+    return [g for g in groups + [current] if g]
+
+
+def shard_name(name: str, i: int) -> str:
+    return f"{name}.shard{i}"
+
+
+def _tokens(docs: list[Document], tokenizer, instruction: str) -> int:
+    return len(PromptBuilder(tokenizer, docs, instruction).prefix_ids())
+
+
+class Router:
+    """BM25 over each shard's text; picks the shard a question is most about."""
+
+    def __init__(self, texts: Sequence[str]):
+        self.retriever = bm25s.BM25()
+        self.retriever.index(bm25s.tokenize(list(texts), stopwords="en", show_progress=False), show_progress=False)
+
+    def scores(self, question: str) -> list[float]:
+        words = bm25s.tokenize([question], stopwords="en", return_ids=False, show_progress=False)[0]
+        words = [w for w in words if w in self.retriever.vocab_dict]
+        if not words:
+            return [0.0] * self.retriever.scores["num_docs"]
+        return [float(s) for s in self.retriever.get_scores(words)]
+
+    def best(self, question: str) -> int:
+        scores = self.scores(question)
+        return max(range(len(scores)), key=lambda i: (scores[i], -i))
+
+
+@dataclass
+class ShardedKnowledgeBase:
+    """Several knowledge bases behind one name; `ask` routes each question to one of them."""
+
+    name: str
+    shards: list  # list[api.KnowledgeBase]
+    router: Router
+
+    @classmethod
+    def of(cls, name: str, shards: list) -> "ShardedKnowledgeBase":
+        return cls(name, shards, Router(["\n\n".join(f"{d.name}\n{d.text}" for d in kb.docs) for kb in shards]))
+
+    @property
+    def lm(self):
+        return self.shards[0].lm
+
+    @property
+    def docs(self) -> list[Document]:
+        return [d for kb in self.shards for d in kb.docs]
+
+    @property
+    def tokens(self) -> int:
+        return sum(kb.tokens for kb in self.shards)
+
+    @property
+    def cache_source(self) -> str:
+        return ",".join(sorted({kb.cache_source for kb in self.shards}))
+
+    @property
+    def build_stats(self):
+        return self.shards[0].build_stats and _sum_stats([kb.build_stats for kb in self.shards])
+
+    def route(self, question: str):
+        return self.shards[self.router.best(question)]
+
+    def ask(self, question: str, **kwargs):
+        """Answer from the best shard's cache; Answer.shard says which one."""
+        kb = self.route(question)
+        answer = kb.ask(question, **kwargs)
+        answer.shard = kb.name
+        return answer
+
+
+def _sum_stats(stats: list):
+    from .api import BuildStats
+
+    if any(s is None for s in stats):
+        return None
+    return BuildStats(sum(s.tokens for s in stats), sum(s.seconds for s in stats), sum(s.file_bytes for s in stats),
+                      sum(s.reused for s in stats), sum(s.prefilled or 0 for s in stats), f"{len(stats)} shards")

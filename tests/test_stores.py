@@ -1,0 +1,133 @@
+"""Cache tiers in one process on the tiny model: LRU budgets, promotion, write-through, TTL, versions, events."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from storeutil import make_docs
+
+import cag
+from cag import kvfile, stores
+from cag.stores import BudgetError, DiskStore, Entry, HostStore, MemoryStore, TieredStore
+
+
+@pytest.fixture
+def docs(tmp_path):
+    return make_docs(tmp_path / "docs")
+
+
+def entry(name: str, tokens: int) -> Entry:
+    layers = [(torch.zeros(1, 2, tokens, 8), torch.zeros(1, 2, tokens, 8))]  # 128 bytes per token
+    return Entry(name, layers, list(range(tokens)), {"knowledge": {"sha256": name}}, {}, [])
+
+
+def test_memory_tier_evicts_least_recently_used_within_its_budget():
+    mem = MemoryStore(budget_bytes=128 * 30)
+    for name in "abc":
+        mem.put(entry(name, 10))
+    assert mem.get("a", kvfile.Expect(), "cpu") is not None  # a is now the most recently used
+    mem.put(entry("d", 10))
+    assert not mem.has("b") and all(mem.has(n) for n in "acd") and mem.used <= mem.budget
+    assert mem.get("a", kvfile.Expect(knowledge="other"), "cpu") is None  # made for other knowledge
+    with pytest.raises(BudgetError, match="needs 5120 bytes but the memory tier's budget is 3840 bytes; raise CAG_MEMORY_BYTES"):
+        mem.put(entry("huge", 40))
+
+
+def test_eviction_hands_the_only_copy_down_instead_of_losing_it():
+    mem, host = MemoryStore(128 * 10), HostStore(128 * 100)
+    tiers = TieredStore([mem, host])
+    mem.put(entry("a", 10))
+    mem.put(entry("b", 10))  # evicts a, which no other tier holds
+    assert host.has("a") and not mem.has("a")
+    got, source = tiers.get("a", kvfile.Expect(), "cpu")
+    assert source == "host" and mem.has("a") and host.has("b")  # promoted back; b went down in its turn
+
+
+def test_put_writes_through_to_persistent_tiers_only(cag_home):
+    mem = MemoryStore(1 << 20)
+    tiers = TieredStore([mem, DiskStore()])
+    manifest = tiers.put(entry("k", 4))
+    assert not mem.has("k") and DiskStore().has("k") and manifest["tokens"] == 4
+
+
+def test_load_promotes_a_disk_hit_into_memory_and_counts_hits(cag_home, tiny_lm, docs):
+    store = stores.configure(memory_bytes=1 << 30)
+    kb = cag.build([docs], name="kb", lm=tiny_lm, store=store)
+    assert kb.cache_source == "built" and not store.tier("memory").has("kb")
+    first = cag.load("kb", lm=tiny_lm, store=store)
+    second = cag.load("kb", lm=tiny_lm, store=store)
+    assert (first.cache_source, second.cache_source) == ("disk", "memory")
+    kept = store.tier("memory").entries["kb"].layers[0][0]
+    assert kept.data_ptr() == second.workspace.buffers[0][0].data_ptr()  # one copy of the KV, not two
+    q = "Who founded it?"
+    assert first.ask(q, max_new_tokens=8).token_ids == second.ask(q, max_new_tokens=8).token_ids \
+        == kb.ask(q, max_new_tokens=8, use_cache=False).token_ids
+    row = {r["name"]: r for r in cag.list_kbs(store)}["kb"]
+    assert row["tiers"] == ["memory", "disk"] and row["hits"] == 2 and row["tokens"] == kb.tokens
+    assert row["documents"] == 2 and row["status"] == "ok" and row["age_s"] >= 0
+
+
+def test_expired_cache_is_rebuilt_not_served(cag_home, tiny_lm, docs):
+    store = stores.configure(memory_bytes=1 << 30)
+    cag.build([docs], name="kb", lm=tiny_lm, store=store, ttl_s=0.5)
+    assert cag.load("kb", lm=tiny_lm, store=store).cache_source == "disk"
+    time.sleep(0.7)
+    logs = []
+    again = cag.load("kb", lm=tiny_lm, store=store, log=logs.append)
+    assert again.cache_source == "built" and any("expired" in m for m in logs)
+    assert cag.load("kb", lm=tiny_lm, store=store).cache_source == "disk"  # the rebuilt one is fresh
+    with pytest.raises(cag.CagError, match="no servable cache"):
+        time.sleep(0.7)
+        cag.load("kb", lm=tiny_lm, store=store, rebuild=False)
+
+
+def test_publishing_a_version_refuses_the_older_one(cag_home, tiny_lm, docs):
+    store = stores.configure(memory_bytes=1 << 30)
+    cag.build([docs], name="kb", lm=tiny_lm, store=store, version=1)
+    loaded = cag.load("kb", lm=tiny_lm, store=store)
+    assert loaded.cache_source == "disk"
+    cag.publish("kb", 2, store=store)
+    fresh = cag.load("kb", lm=tiny_lm, store=store)
+    assert fresh.cache_source == "built" and store.tier("disk").get("kb", kvfile.Expect(), "cpu").meta["policy"]["version"] == 2
+    loaded.ask("Who?", max_new_tokens=2)  # a KB loaded before the publish reloads before answering
+    assert loaded.cache_source in ("disk", "memory") and loaded.manifest["created"] == fresh.manifest["created"]
+
+
+def test_invalidate_drops_every_tier_and_loaded_kbs_reload(cag_home, tiny_lm, docs):
+    store = stores.configure(memory_bytes=1 << 30)
+    cag.build([docs], name="kb", lm=tiny_lm, store=store)
+    kb = cag.load("kb", lm=tiny_lm, store=store)
+    cag.load("kb", lm=tiny_lm, store=store)
+    assert sorted(cag.invalidate("kb", store=store)) == ["disk", "memory"]
+    assert {r["name"]: r for r in cag.list_kbs(store)}["kb"]["status"].startswith("not cached")
+    a = kb.ask("Who?", max_new_tokens=4)
+    assert a.cache_source == "built"  # rebuilt from the knowledge files, not served from the dropped cache
+
+
+def test_delete_removes_the_kb_from_every_tier(cag_home, tiny_lm, docs):
+    store = stores.configure(memory_bytes=1 << 30)
+    cag.build([docs], name="kb", lm=tiny_lm, store=store)
+    cag.load("kb", lm=tiny_lm, store=store)
+    cag.delete("kb", store=store)
+    assert not store.tier("memory").has("kb") and cag.list_kbs(store) == []
+
+
+def test_budget_values_parse_and_bad_ones_say_what_to_set():
+    assert stores.parse_bytes("512M", "X") == 512 << 20 and stores.parse_bytes("1073741824", "X") == 1 << 30
+    with pytest.raises(cag.CagError, match="CAG_MEMORY_BYTES must be a byte count"):
+        stores.parse_bytes("lots", "CAG_MEMORY_BYTES")
+
+
+def test_copying_a_quantized_cache_between_tiers_keeps_it_loadable(cag_home, tiny_lm, docs, tmp_path, monkeypatch):
+    kb = cag.build([docs], name="kb", lm=tiny_lm, store=stores.configure(memory_bytes=0))
+    path = cag_home / "kbs" / "kb" / "cache.safetensors"
+    identity = {k: kb.manifest[k] for k in ("model", "tokenizer", "template", "knowledge")}
+    kvfile.save(path, kb.layers, kb.prefix_ids, identity, kv_quant="int8")
+    entry = DiskStore().get("kb", kvfile.Expect(), "cpu")
+    monkeypatch.setenv("CAG_HOME", str(tmp_path / "elsewhere"))
+    DiskStore().put(entry)  # what promotion from Redis to disk does
+    again = DiskStore().get("kb", kvfile.Expect(), "cpu")
+    assert again.manifest["kv_quant"] == "int8" and again.prefix_ids == kb.prefix_ids
+    assert all(torch.equal(k1, k2) for (k1, _), (k2, _) in zip(entry.layers, again.layers))
