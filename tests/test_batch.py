@@ -57,3 +57,18 @@ def test_batched_answers_equal_one_at_a_time_answers(tiny_lm):
     # single-question generation still works (and matches) after the batch attention was installed
     assert list(engine.generate(tiny_lm.model, questions[0], prefix=layers, reuse=150, max_new_tokens=12,
                                 stop_ids=stop)) == got[0]
+
+
+def test_ask_many_equals_ask_one_by_one(cag_home, sharp_lm, tmp_path):
+    import cag
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.md").write_text("The Heron lantern costs 148 crowns and is blue. Quillfeather was founded in 1987.")
+    kb = cag.build([docs], name="many", lm=sharp_lm, log=lambda _m: None)
+    questions = ["Who founded it?", "How much is the Heron?", "What colour is the Heron lantern?", "When?"]
+    many = kb.ask_many(questions, max_new_tokens=10)
+    for q, a in zip(questions, many):
+        one = kb.ask(q, max_new_tokens=10)
+        assert a.token_ids == one.token_ids and a.cached_tokens == kb.tokens and a.mode == "cache-batch"
+    assert len({tuple(a.token_ids) for a in many}) > 1  # the model's answers depend on the question
