@@ -27,8 +27,10 @@ class Embedder:
         """Unit-length vectors, one row per text (dot product = cosine similarity)."""
         out = []
         for i in range(0, len(texts), batch_size):
-            batch = self.tokenizer(list(texts[i:i + batch_size]), padding=True, truncation=True, max_length=256,
-                                   return_tensors="pt")
+            # padding to a multiple of 64 keeps input shapes few: on the CPU each new shape costs a slow
+            # first forward (~1 s measured for one short query), which would otherwise hit every question
+            batch = self.tokenizer(list(texts[i:i + batch_size]), padding=True, pad_to_multiple_of=64,
+                                   truncation=True, max_length=256, return_tensors="pt")
             hidden = self.model(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)

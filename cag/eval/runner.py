@@ -29,16 +29,20 @@ def run(datasets: Sequence[str | Path | ds.Dataset], *, systems: Sequence[str] =
     loaded = [d if isinstance(d, ds.Dataset) else ds.load(d) for d in datasets]
     loaded = [d.limited(limit) for d in loaded]
     lm = lm or models.load(model, device=device, dtype=dtype, log=log)
-    summary, rows = [], []
-    with _progress(show_progress) as bar:
-        for data in loaded:
-            s, r = _run_one(data, lm, list(systems), list(top_k), max_new_tokens, chunk_tokens, bar)
-            summary += s
-            rows += r
     meta = {"model": lm.name, "device": str(lm.device), "dtype": str(lm.dtype).replace("torch.", ""),
             "max_new_tokens": max_new_tokens, "top_k": list(top_k), "chunk_tokens": chunk_tokens,
             "limit": limit, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    files = report.write(Path(out), summary, rows, meta) if out else []
+    summary, rows, files = [], [], []
+    with _progress(show_progress) as bar:
+        for data in loaded:
+            s, r = _run_one(data, lm, list(systems), list(top_k), max_new_tokens, chunk_tokens, bar)
+            for row in s:  # a line per system too: progress bars do not render when stderr is not a terminal
+                log(f"{row['dataset']} {row['system']}: contains {row['contains']:.2f}, "
+                    f"median {row['seconds_per_q']:.2f} s/question, build {row['build_s']:.2f} s")
+            summary += s
+            rows += r
+            if out:  # after every dataset, so an interrupted long run keeps what it finished
+                files = report.write(Path(out), summary, rows, meta)
     return {"meta": meta, "summary": summary, "questions": rows, "files": [str(f) for f in files]}
 
 
