@@ -232,7 +232,8 @@ def _usage(result: dict) -> dict:
 def _extra(plan: Plan, result: dict) -> dict:
     """cag's own numbers, beside OpenAI's fields (clients ignore unknown keys)."""
     return {"ttft_s": result["ttft_s"], "total_s": result["total_s"], "response_cache": result["response_cache"],
-            "history_turns": len(plan.history), "injection_flagged": plan.flagged}
+            "cache_source": result.get("cache_source"), "history_turns": len(plan.history),
+            "injection_flagged": plan.flagged}
 
 
 def _epoch(created: str | None) -> int:

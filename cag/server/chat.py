@@ -111,7 +111,7 @@ class ChatService:
         if hit is None:
             return None
         result = {**hit.value, "response_cache": hit.kind, "ttft_s": None,
-                  "total_s": time.perf_counter() - start}
+                  "total_s": time.perf_counter() - start, "cache_source": None}
         self._finish(plan, result)
         return result
 
@@ -132,7 +132,7 @@ class ChatService:
         usage = {"prompt_tokens": a.prompt_tokens, "completion_tokens": a.new_tokens,
                  "total_tokens": a.prompt_tokens + a.new_tokens, "cached_tokens": a.cached_tokens}
         result = {"text": a.answer, "usage": usage, "finish_reason": "length" if a.new_tokens >= plan.max_tokens else "stop",
-                  "response_cache": None, "ttft_s": a.ttft_s, "total_s": a.total_s}
+                  "response_cache": None, "ttft_s": a.ttft_s, "total_s": a.total_s, "cache_source": a.cache_source}
         if plan.key:
             self.cache.put(*plan.key, {k: result[k] for k in ("text", "usage", "finish_reason")})
         self._finish(plan, result)

@@ -171,11 +171,30 @@ def _owner(folder: str) -> str | None:
     try:
         return json.loads((paths.kb_dir(folder) / TENANT_FILE).read_text())["tenant"]
     except (OSError, ValueError, KeyError, TypeError, CagError):
-        return None
+        pass
+    # A replica that never built it sees a server-created KB only through the shared Redis tier; the
+    # folder name TENANT__NAME is then the ownership record (only the server creates such names).
+    if "__" in folder and not _on_disk(folder) and _is_kb(folder):
+        return folder.split("__", 1)[0]
+    return None
+
+
+def _on_disk(folder: str) -> bool:
+    try:
+        return (paths.kb_dir(folder) / api.KB_FILE).is_file()
+    except CagError:
+        return False
 
 
 def _is_kb(folder: str) -> bool:
-    return (paths.kb_dir(folder) / api.KB_FILE).is_file()
+    """Built here (CAG_HOME) or by another replica that shares this one's Redis (CAG_REDIS_URL)."""
+    if _on_disk(folder):
+        return True
+    try:
+        api.read_meta(folder)
+        return True
+    except CagError:
+        return False
 
 
 def _stamp(folder: str) -> int:
