@@ -76,6 +76,8 @@ def test_replica_with_an_empty_home_answers_from_the_shared_redis_cache(replicas
         assert b["usage"]["prompt_tokens_details"]["cached_tokens"] == a["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
         sources.append(b["cag"]["cache_source"])
     assert sources[0] == "redis"  # B's first answer came from the cache A built, through Redis
+    metrics = httpx.get(url_b + "/metrics").text
+    assert 'cag_kb_loads_total{tier="redis"} 1.0' in metrics and 'cag_kb_loads_total{tier="resident"} 1.0' in metrics
     # B may keep a promoted copy on its own disk: the same bytes as A's cache
     copy = home_b / "kbs" / "kb" / "cache.safetensors"
     if copy.exists():

@@ -82,7 +82,9 @@ class ChatService:
         folder = self.registry.folder_for(tenant, req.model)
         warm = self.registry.peek(folder) is not None
         entry = self.registry.get(tenant, req.model)
-        self.metrics.kb_loads.labels("memory" if warm and self.registry.peek(folder) is entry else "disk").inc()
+        # resident in this server, else the tier the prefix was loaded from (memory/host/disk/redis) or "built"
+        self.metrics.kb_loads.labels("resident" if warm and self.registry.peek(folder) is entry
+                                     else entry.kb.cache_source).inc()
         conv = (tenant, folder, req.conversation_id) if req.conversation_id else None
         if conv:
             history = self.conversations.get(conv) + history
