@@ -232,7 +232,7 @@ def _usage(result: dict) -> dict:
 def _extra(plan: Plan, result: dict) -> dict:
     """cag's own numbers, beside OpenAI's fields (clients ignore unknown keys)."""
     return {"ttft_s": result["ttft_s"], "total_s": result["total_s"], "response_cache": result["response_cache"],
-            "cache_source": result.get("cache_source"), "history_turns": len(plan.history),
+            "cache_source": result.get("cache_source"), "mode": result.get("mode"), "history_turns": len(plan.history),
             "injection_flagged": plan.flagged}
 
 

@@ -18,6 +18,7 @@ from ..errors import CagError
 from ..prompt import Turn
 from . import conversations, guard
 from .config import ServerConfig
+from .batcher import Batcher
 from .conversations import Conversations
 from .errors import ApiError
 from .metrics import Metrics
@@ -65,6 +66,7 @@ class ChatService:
     def __init__(self, config: ServerConfig, registry: Registry, metrics: Metrics):
         self.config, self.registry, self.metrics = config, registry, metrics
         self.cache = ResponseCache(config.response_cache_size, config.semantic_threshold) if config.response_cache else None
+        self.batcher = Batcher(config.batch_window_ms, config.workers) if config.batch_window_ms > 0 else None
         self.conversations = Conversations()
 
     def plan(self, tenant: str, req: ChatRequest) -> Plan:
@@ -127,14 +129,18 @@ class ChatService:
                 on_text(text)
 
         try:
-            a = plan.entry.kb.ask(plan.question, history=plan.history, max_new_tokens=plan.max_tokens,
-                                  sampling=plan.sampling, on_text=emit)
+            if self.batcher is not None and on_text is None and plan.sampling.greedy and not plan.history:
+                a = self.batcher.ask(plan.entry.kb, plan.question, plan.max_tokens)
+            else:
+                a = plan.entry.kb.ask(plan.question, history=plan.history, max_new_tokens=plan.max_tokens,
+                                      sampling=plan.sampling, on_text=emit)
         except CagError as err:
             raise ApiError(400, str(err), code="generation_failed") from None
         usage = {"prompt_tokens": a.prompt_tokens, "completion_tokens": a.new_tokens,
                  "total_tokens": a.prompt_tokens + a.new_tokens, "cached_tokens": a.cached_tokens}
         result = {"text": a.answer, "usage": usage, "finish_reason": "length" if a.new_tokens >= plan.max_tokens else "stop",
-                  "response_cache": None, "ttft_s": a.ttft_s, "total_s": a.total_s, "cache_source": a.cache_source}
+                  "response_cache": None, "ttft_s": a.ttft_s, "total_s": a.total_s, "cache_source": a.cache_source,
+                  "mode": a.mode}
         if plan.key:
             self.cache.put(*plan.key, {k: result[k] for k in ("text", "usage", "finish_reason")})
         self._finish(plan, result)

@@ -29,6 +29,7 @@ class ServerConfig:
     device: str | None = None
     dtype: str | None = None
     workers: int = 4  # generation threads
+    batch_window_ms: float = 0.0  # >0: greedy non-streaming requests arriving this close are decoded together
     max_body_bytes: int = 2_000_000  # JSON requests; uploads use max_upload_bytes
     max_upload_bytes: int = 20_000_000
     max_message_chars: int = 4000
