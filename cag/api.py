@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from . import engine, events, incremental, knowledge, kvfile, models, paths, policies, stores
+from . import engine, events, incremental, knowledge, kvfile, kvquant, models, paths, policies, stores
 from .engine import Sampling
 from .errors import CagError, KnowledgeError, KnowledgeTooLargeError, NotFoundError, StaleKnowledgeError
 from .policies import Policy
@@ -168,12 +168,13 @@ def build(sources: Iterable[str | Path], name: str | None = None, *, model: str 
           lm: models.LoadedModel | None = None, log: Log = _stderr,
           progress: Callable[[int, int], None] | None = None, ttl_s: float | None = None,
           version: int | None = None, incremental_update: bool = True, shard: bool = False,
-          store: TieredStore | None = None) -> KnowledgeBase:
+          store: TieredStore | None = None, kv_quant: str | None = None) -> KnowledgeBase:
     """Read the sources, prefill them (only what changed since the last build) and write the cache through.
 
     ttl_s and version are the knowledge base's invalidation policy (see cag.policies); the cache goes
     to every persistent tier configured (CAG_HOME/kbs/NAME on disk, Redis with CAG_REDIS_URL).
     With shard=True, knowledge too large for one context is split into shards (a ShardedKnowledgeBase).
+    kv_quant="int8" stores the KV lossily at a quarter of fp32 / half of bf16 (answers may change wording).
     """
     sources = [str(Path(s).expanduser().resolve()) for s in sources]
     if not sources:
@@ -184,6 +185,8 @@ def build(sources: Iterable[str | Path], name: str | None = None, *, model: str 
     lm = lm or models.load(model, device=device, dtype=dtype, log=log)
     settings = {"name": name, "sources": sources, "model": model or models.DEFAULT_MODEL,
                 "dtype": kvfile.dtype_name(lm.dtype), "instruction": instruction, "reserve": reserve}
+    if kv_quant:
+        settings["kv_quant"] = kv_quant
     store = store or stores.default()
     try:
         return _build(settings, docs, lm, Policy(ttl_s, version), store, chunk_size, progress, log, incremental_update)
@@ -237,13 +240,17 @@ def _build(settings: dict, docs, lm, policy: Policy, store: TieredStore, chunk_s
     if old_layers is not None:
         log(f"{name}: {how}")
     meta = {**settings, "policy": policy.to_json(), "built_at": time.time()}
-    entry = Entry(name, ext.layers, prefix_ids, _identity(lm, builder, docs), meta, knowledge.to_json(docs))
+    identity, layers = _identity(lm, builder, docs), ext.layers
+    if settings.get("kv_quant"):  # answer from what the tiers will hold, so "built" and "disk" answers agree
+        identity["kv_quant"] = settings["kv_quant"]
+        layers = [(kvquant.roundtrip(k), kvquant.roundtrip(v)) for k, v in layers]
+    entry = Entry(name, layers, prefix_ids, identity, meta, knowledge.to_json(docs))
     store.drop(name, where=lambda tier: not tier.persistent)  # memory tiers may hold the previous cache
     manifest = store.put(entry)
     disk = paths.kb_dir(name) / CACHE_FILE
     size = disk.stat().st_size if disk.is_file() else entry.nbytes
     stats = BuildStats(len(prefix_ids), seconds, size, ext.reused, ext.prefilled, how)
-    return KnowledgeBase(name, lm, docs, settings["sources"], builder, engine.Workspace(ext.layers), prefix_ids,
+    return KnowledgeBase(name, lm, docs, settings["sources"], builder, engine.Workspace(layers), prefix_ids,
                          manifest, "built", stats, _store=store, _generation=events.generation(name))
 
 

@@ -74,6 +74,7 @@ def build(
     full: bool = typer.Option(False, "--full", help="Prefill everything, even what an earlier cache still covers."),
     shard: bool = typer.Option(False, "--shard", help="Split knowledge too large for one context into shards (BM25 routes questions)."),
     redis: Optional[str] = typer.Option(None, "--redis", help=REDIS_HELP),
+    kv_int8: bool = typer.Option(False, "--kv-int8", help="Store the KV cache as int8 (half of bf16; lossy, answers may change)."),
 ) -> None:
     """Prefill a knowledge base once (only what changed, after the first time) and store its KV cache."""
     from . import api
@@ -82,7 +83,7 @@ def build(
     with _Bar() as bar:
         kb = api.build(paths, name, model=model, device=device, dtype=dtype, reserve=reserve,
                        chunk_size=chunk_size, log=_log, progress=bar, ttl_s=ttl, version=kb_version,
-                       incremental_update=not full, shard=shard)
+                       incremental_update=not full, shard=shard, kv_quant="int8" if kv_int8 else None)
     s = kb.build_stats
     out.print(f"built [bold]{kb.name}[/bold]: {len(kb.docs)} documents, {s.tokens} tokens in {s.seconds:.2f} s "
               f"({s.tokens_per_s:.0f} tokens/s), cache {s.file_bytes / 1e6:.1f} MB; {s.how}")

@@ -124,3 +124,14 @@ def test_list_and_delete(cag_home, tiny_model_dir, kb_docs):
 def test_names_cannot_escape_the_home(cag_home):
     with pytest.raises(cag.CagError, match="invalid knowledge base name"):
         paths.kb_dir("../etc")
+
+
+def test_int8_kv_build_is_smaller_and_answers_the_same_from_disk(cag_home, sharp_lm, kb_docs):
+    exact = cag.build([kb_docs], name="exact", lm=sharp_lm, log=lambda _m: None)
+    small = cag.build([kb_docs], name="small", lm=sharp_lm, log=lambda _m: None, kv_quant="int8")
+    assert small.manifest["kv_quant"] == "int8" and "kv_quant" not in exact.manifest
+    assert small.build_stats.file_bytes < 0.6 * exact.build_stats.file_bytes
+    again = cag.load("small", lm=sharp_lm, log=lambda _m: None)
+    assert again.cache_source in ("disk", "memory")
+    for q in QUESTIONS:
+        assert again.ask(q, max_new_tokens=10).token_ids == small.ask(q, max_new_tokens=10).token_ids
