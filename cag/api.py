@@ -284,13 +284,7 @@ def read_meta(name: str, store: TieredStore | None = None) -> dict:
 
 
 def _settings(name: str, store: TieredStore) -> tuple[dict, list[dict] | None]:
-    """kb.json and the saved knowledge text: from CAG_HOME, else from Redis (a machine that never built it)."""
-    disk = store.tier("disk")
-    meta = disk.meta(name) if disk else None
-    if meta is not None:
-        return meta, disk.snapshot(name)
-    redis = store.tier("redis")
-    found = redis.meta(name) if redis else None
+    found = store.settings(name)
     if found is None:
         raise NotFoundError(f"no knowledge base named {name!r} in {paths.kbs_dir()}; build it with `cag build`")
     return found

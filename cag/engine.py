@@ -61,8 +61,7 @@ class Workspace:
 
     def __init__(self, layers: KV, room: int = 1024):
         self.length = layers[0][0].shape[-2]
-        self.capacity = self.length + room
-        self.buffers = [(_with_room(k, self.capacity), _with_room(v, self.capacity)) for k, v in layers]
+        self._place(layers, self.length + room)
         self.lock = threading.Lock()
 
     @property
@@ -72,8 +71,11 @@ class Workspace:
     def reserve(self, capacity: int) -> None:
         """Grow the buffers (copying the prefix once) when an answer needs more room than they have."""
         if capacity > self.capacity:
-            self.capacity = capacity + 256
-            self.buffers = [(_with_room(k, self.capacity), _with_room(v, self.capacity)) for k, v in self.prefix]
+            self._place(self.prefix, capacity + 256)
+
+    def _place(self, layers: KV, capacity: int) -> None:
+        self.capacity = capacity
+        self.buffers = [(_with_room(k, capacity), _with_room(v, capacity)) for k, v in layers]
 
 
 def _with_room(t: torch.Tensor, capacity: int) -> torch.Tensor:

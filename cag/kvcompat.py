@@ -19,6 +19,7 @@ import torch
 from transformers import DynamicCache
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
+_HAS_LAYERS = hasattr(DynamicCache(), "layers")  # 4.56+: per-layer objects; older: key_cache/value_cache lists
 
 
 @lru_cache(maxsize=None)
@@ -61,7 +62,7 @@ def from_layers(layers: KV, length: int | None = None) -> DynamicCache:
     if length is not None:
         layers = [(k[:, :, :length], v[:, :, :length]) for k, v in layers]
     cache = DynamicCache()
-    if hasattr(cache, "layers"):
+    if _HAS_LAYERS:
         from transformers.cache_utils import DynamicLayer
 
         cache.layers = []
@@ -137,7 +138,7 @@ _BUFFER_LAYER = None
 def buffer_cache(capacity: int, buffers: KV | None = None, length: int = 0) -> DynamicCache:
     """A cache that writes into preallocated buffers (given, or allocated on first use) after `length` positions."""
     global _BUFFER_LAYER
-    if not hasattr(DynamicCache(), "layers"):  # transformers < 4.56: no layer objects to swap in
+    if not _HAS_LAYERS:  # transformers < 4.56: no layer objects to swap in
         return from_layers(buffers, length) if buffers is not None else empty_cache()
     if _BUFFER_LAYER is None:
         _BUFFER_LAYER = _buffer_layer_class()

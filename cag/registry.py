@@ -29,7 +29,7 @@ def rows(store: TieredStore) -> list[dict]:
     """name, model, tokens, documents, bytes, created, status (as before) + tiers, hits, age_s, policy."""
     out = []
     for name in names(store):
-        meta, snapshot = _settings(name, store)
+        meta, snapshot = store.settings(name) or ({}, None)
         row = {"name": name, "model": meta.get("model"), "policy": Policy.from_meta(meta).to_json()}
         try:
             tiers = store.info(name)
@@ -46,14 +46,6 @@ def rows(store: TieredStore) -> list[dict]:
                    age_s=round(time.time() - built, 1) if built else _age(where.get("created")))
         out.append(row)
     return out
-
-
-def _settings(name: str, store: TieredStore) -> tuple[dict, list | None]:
-    disk, redis = store.tier("disk"), store.tier("redis")
-    meta = disk.meta(name) if disk else None
-    if meta is not None:
-        return meta, disk.snapshot(name)
-    return (redis.meta(name) if redis else None) or ({}, None)
 
 
 def delete(name: str, store: TieredStore) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -10,16 +9,12 @@ from pathlib import Path
 
 import uvicorn
 
+from storeutil import free_port
+
 LANTERN_DOCS = {
     "a.md": "# Lanterns\nThe Heron lantern costs 148 crowns and is blue.",
     "b.txt": "Quillfeather was founded in 1987 by Odalys Renn.",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager

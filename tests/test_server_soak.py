@@ -6,6 +6,7 @@ Every answer must equal the sequential answer for that tenant's knowledge and th
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -39,7 +40,7 @@ def url(cag_home, sharp_lm):
 def test_eight_clients_for_a_minute_no_errors_no_leakage(url, sharp_lm):
     expected = {}
     for key, tenant in KEYS.items():
-        kb = next(k for k in (cag.load(f"{tenant}__notes", lm=sharp_lm, log=lambda _m: None),))
+        kb = cag.load(f"{tenant}__notes", lm=sharp_lm, log=lambda _m: None)
         for i, q in enumerate(QUESTIONS):
             for seed in range(3):
                 expected[(key, q, seed)] = kb.ask(q, max_new_tokens=MAX, sampling=Sampling(temperature=1.0, seed=seed)).answer
@@ -70,8 +71,6 @@ def test_eight_clients_for_a_minute_no_errors_no_leakage(url, sharp_lm):
                         failures.append(f"{r.status_code}: {r.text[:200]}")
                         continue
                     if stream:
-                        import json
-
                         text = "".join(
                             (json.loads(line[6:])["choices"] or [{"delta": {}}])[0]["delta"].get("content") or ""
                             for line in r.text.splitlines() if line.startswith("data: {"))

@@ -70,6 +70,14 @@ class TieredStore:
             if type(tier) is MemoryStore:
                 tier.share(name, layers)
 
+    def settings(self, name: str) -> tuple[dict, list[dict] | None] | None:
+        """kb.json and the saved knowledge text: from CAG_HOME, else from Redis (a machine that never built it)."""
+        disk, redis = self.tier("disk"), self.tier("redis")
+        meta = disk.meta(name) if disk else None
+        if meta is not None:
+            return meta, disk.snapshot(name)
+        return redis.meta(name) if redis else None
+
     def info(self, name: str) -> dict[str, dict]:
         return {t.name: i for t in self.tiers if (i := t.info(name)) is not None}
 
