@@ -3,7 +3,8 @@ file size and load time — next to plain Hugging Face transformers code measure
 
     .venv/bin/python bench/core.py [--tokens 2000] [--max-new-tokens 64] [--questions 20]
 
-Plain-transformers baselines (same model object, same dtype, greedy):
+cag runs with its defaults (packed Q4_1/Q8_0 weights on the CPU, cag.packed). The plain-transformers
+baselines load the same model files without packing (float32 matmuls everywhere), same dtype, greedy:
   hf-full    model.generate(full prompt ids)                       (in-context, no prefix cache)
   hf-prefix  deepcopy(prefix DynamicCache) + model.generate(...)    (the documented prompt-reuse recipe)
 """
@@ -77,6 +78,7 @@ def main() -> None:
     home = Path(tempfile.mkdtemp(prefix="cag-bench-"))
     os.environ.setdefault("CAG_HOME", str(Path.home() / ".cache" / "cag"))
     lm, load_model_s = common.timed(models.load, args.model, device="cpu")
+    plain = models.load(args.model, device="cpu", pack=False)  # plain transformers: float32 matmuls everywhere
     docs = common.padded_knowledge(home / "docs", lm.tokenizer, args.tokens)
     os.environ["CAG_HOME"] = str(home)  # keep benchmark knowledge bases out of the user's home
 
@@ -89,8 +91,8 @@ def main() -> None:
     # the documented HF prompt-reuse recipe: prefill the prefix once into a DynamicCache
     prefix_cache = DynamicCache()
     with torch.inference_mode():
-        lm.model(input_ids=torch.tensor([kb.prefix_ids]), **{
-            ("cache" if "cache" in inspect.signature(type(lm.model).forward).parameters else "past_key_values"): prefix_cache})
+        plain.model(input_ids=torch.tensor([kb.prefix_ids]), **{
+            ("cache" if "cache" in inspect.signature(type(plain.model).forward).parameters else "past_key_values"): prefix_cache})
 
     rows = {k: {"ttft": [], "total": []} for k in ("cag-cache", "cag-no-cache", "hf-full", "hf-prefix")}
     same_nocache = same_hf = 0
@@ -99,8 +101,8 @@ def main() -> None:
         a = kb.ask(q, max_new_tokens=args.max_new_tokens)
         b = kb.ask(q, max_new_tokens=args.max_new_tokens, use_cache=False)
         ids = kb.builder.split(q).ids
-        hf_full, ttft_f, tot_f = hf_generate(lm, ids, stops, args.max_new_tokens)
-        hf_pre, ttft_p, tot_p = hf_generate(lm, ids, stops, args.max_new_tokens, cache=copy.deepcopy(prefix_cache))
+        hf_full, ttft_f, tot_f = hf_generate(plain, ids, stops, args.max_new_tokens)
+        hf_pre, ttft_p, tot_p = hf_generate(plain, ids, stops, args.max_new_tokens, cache=copy.deepcopy(prefix_cache))
         for key, ttft, total in (("cag-cache", a.ttft_s, a.total_s), ("cag-no-cache", b.ttft_s, b.total_s),
                                  ("hf-full", ttft_f, tot_f), ("hf-prefix", ttft_p, tot_p)):
             rows[key]["ttft"].append(ttft)
@@ -118,7 +120,7 @@ def main() -> None:
     result = {
         "machine": common.machine(),
         "config": {"knowledge_tokens": kb.tokens, "questions": len(questions), "max_new_tokens": args.max_new_tokens,
-                   "dtype": str(lm.dtype), "device": str(lm.device)},
+                   "dtype": str(lm.dtype), "device": str(lm.device), "packing": str(lm.packing)},
         "build": {"prefill_s": kb.build_stats.seconds, "build_total_s": build_s,
                   "prefill_tokens_per_s": kb.build_stats.tokens_per_s, "file_bytes": cache_path.stat().st_size,
                   "load_s": load_s, "model_load_s": load_model_s},

@@ -333,13 +333,23 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     settings = load_config(config)
     lm = models.load(settings.model, device=settings.device, dtype=settings.dtype, log=_log)
+    if lm.packing is not None:
+        _log(str(lm.packing))
     uvicorn.run(create_app(settings, lm), host=host, port=port, log_level="info")
 
 
 @app.command()
-def version() -> None:
-    """Print cag's version."""
+def version(
+    native: bool = typer.Option(False, "--native", help="Also build/load the packed-weight CPU kernels and say how."),
+) -> None:
+    """Print cag's version (and, with --native, whether the fast CPU decoding kernels work here)."""
     out.print(__version__)
+    if native:
+        from . import native as kernels
+
+        found = kernels.load()
+        out.print(f"native kernels: {found.describe} ({found.path})" if found else
+                  f"native kernels unavailable: {kernels.why_not()} (decoding uses float32 matmuls)", markup=False)
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from . import kvcompat
+from . import fastdecode, kvcompat
 from .kvcompat import KV
 
 DEFAULT_CHUNK = 512
@@ -120,12 +120,16 @@ def _decode(model, new_ids, cache, max_new_tokens, sampling, stop_ids) -> Iterat
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
     stops = set(stop_ids)
     logits = kvcompat.forward(model, _ids(new_ids, device), cache)
+    fast = fastdecode.supported(model)
     for _ in range(max_new_tokens):
         token = _pick(logits[0], sampling, generator)
         if token in stops:
             return
         yield token
-        logits = kvcompat.forward(model, _ids([token], device), cache)
+        if fast:
+            logits = fastdecode.step(model, token, cache)
+        else:
+            logits = kvcompat.forward(model, _ids([token], device), cache)
 
 
 def _pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:

@@ -37,6 +37,11 @@ def forward(model, input_ids: torch.Tensor, cache: DynamicCache, last_only: bool
     return out.logits[:, -1, :] if last_only else out.logits
 
 
+def layer_update(cache: DynamicCache, layer: int, key: torch.Tensor, value: torch.Tensor) -> KV:
+    """Append one layer's new keys/values (in place for buffer caches); returns all of that layer's so far."""
+    return cache.update(key, value, layer)
+
+
 def empty_cache() -> DynamicCache:
     return DynamicCache()
 
@@ -49,7 +54,7 @@ def to_layers(cache: DynamicCache) -> KV:
     """The per-layer (key, value) tensors a cache holds, without copying."""
     if hasattr(cache, "layers"):
         for layer in cache.layers:
-            if type(layer).__name__ != "DynamicLayer":
+            if type(layer).__name__ not in ("DynamicLayer", "BufferLayer"):
                 raise NotImplementedError(
                     f"cache layer type {type(layer).__name__} (e.g. sliding-window attention) is not supported yet"
                 )

@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from . import paths
+from . import packed, paths
 from .errors import ModelError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -49,6 +49,7 @@ class LoadedModel:
     model_fingerprint: str  # sha256 of config + weight files
     tokenizer_fingerprint: str  # sha256 of the tokenizer definition + special tokens
     context_window: int
+    packing: "packed.PackReport | None" = None  # which linear layers decode from packed Q4_1/Q8_0 blocks
 
     @property
     def config(self):
@@ -147,8 +148,13 @@ def resolve(name: str | None, log: Log = _stderr) -> Path:
 
 
 def load(name: str | None = None, device: str | None = None, dtype: str | None = None,
-         log: Log = _stderr) -> LoadedModel:
-    """Load a model and its tokenizer, and fingerprint both."""
+         log: Log = _stderr, pack: bool = True) -> LoadedModel:
+    """Load a model and its tokenizer, and fingerprint both.
+
+    `pack`: on a CPU in float32, decode from packed Q4_1/Q8_0 blocks wherever the weights are exactly
+    such values (cag.packed; lossless, checked bit for bit). pack=False or CAG_PACKED_WEIGHTS=0 keeps
+    plain float32 matmuls everywhere.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve(name, log)
@@ -160,6 +166,7 @@ def load(name: str | None = None, device: str | None = None, dtype: str | None =
     except Exception as err:  # noqa: BLE001
         raise ModelError(f"could not load model from {path}: {err}") from None
     model.to(dev).eval()
+    packing = packed.pack_model(model) if pack else None
     return LoadedModel(
         name=name or DEFAULT_MODEL,
         path=path,
@@ -170,6 +177,7 @@ def load(name: str | None = None, device: str | None = None, dtype: str | None =
         model_fingerprint=model_fingerprint(path),
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
         context_window=context_window(model.config),
+        packing=packing,
     )
 
 

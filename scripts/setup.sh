@@ -15,6 +15,10 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ] \
   && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null 2>&1 \
   || echo "chromium not installed: the web-page test will be skipped" >&2; }
+# A C compiler for cag's packed-weight CPU kernel (built on first use; without one cag uses float32 matmuls).
+command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 \
+  && [ "$(id -u)" = 0 ] && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libc6-dev) \
+  || echo "no C compiler: decoding will use float32 matmuls (slower)" >&2; }
 # A real Redis server for the shared-cache tests (Debian's redis-server).
 command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
 echo "setup done: $(.venv/bin/cag version 2>/dev/null || echo '?') in .venv" >&2

@@ -119,3 +119,49 @@ def sharp_lm(sharp_model_dir):
     from cag import models
 
     return models.load(str(sharp_model_dir), device="cpu", dtype="float32")
+
+
+def ggml_q41(w: torch.Tensor) -> torch.Tensor:
+    """What a GGUF Q4_1 file holds, dequantized (ggml's quantize_row_q4_1, then d*q + m in float32)."""
+    b = w.reshape(w.shape[0], -1, 32)
+    lo, hi = b.amin(-1, keepdim=True), b.amax(-1, keepdim=True)
+    d = ((hi - lo) / 15).half().float()
+    m = lo.half().float()
+    q = torch.round((b - m) / torch.where(d > 0, d, 1.0)).clamp(0, 15)
+    return (d * q + m).reshape(w.shape)
+
+
+def ggml_q80(w: torch.Tensor) -> torch.Tensor:
+    b = w.reshape(w.shape[0], -1, 32)
+    d = (b.abs().amax(-1, keepdim=True) / 127).half().float()
+    return (d * torch.round(b / torch.where(d > 0, d, 1.0))).reshape(w.shape)
+
+
+@pytest.fixture(scope="session")
+def q4_model_dir(tmp_path_factory):
+    """The tiny model with GGUF-style weights: Q4_1 linear layers, a Q8_0 embedding tied to the LM head."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    plain = make_tiny_model(tmp_path_factory.mktemp("tiny-for-q4"), seed=3)
+    model = AutoModelForCausalLM.from_pretrained(plain)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.copy_(ggml_q80(p * 10) if "embed" in name else ggml_q41(p * 10))  # x10: sharper answers
+    folder = tmp_path_factory.mktemp("tiny-q4")
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(plain).save_pretrained(folder)
+    return folder
+
+
+def require_native(portable: bool = False):
+    """The packed-weight kernels, or skip (fail with CAG_REQUIRE_NATIVE=1, as in CI, where setup installs a compiler)."""
+    from cag import native
+
+    found = native.load(portable=portable)
+    if found is None:
+        why = f"native kernels unavailable: {native.why_not(portable)}"
+        if os.environ.get("CAG_REQUIRE_NATIVE"):
+            pytest.fail(why)
+        pytest.skip(why)
+    return found

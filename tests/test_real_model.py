@@ -73,3 +73,23 @@ def test_cli_end_to_end_on_the_default_model(real_home, real_lm, tmp_path):
     cached, reference = outs
     assert len(cached) == 5 and [r["answer"] for r in cached] == [r["answer"] for r in reference]
     assert all(r["cached_tokens"] > 1000 and r["question_tokens"] < 40 for r in cached)
+
+
+def test_packed_weights_answer_exactly_like_plain_float32(sample_kb, real_home):
+    """The default model decodes from its packed Q4_1/Q8_0 blocks; answers must equal the float32 path's."""
+    from cag import models
+    from conftest import require_native
+
+    require_native()
+    packing = sample_kb.lm.packing
+    assert packing.packed == {"q4_1": 210, "q8_0": 1} and packing.kept == 0, str(packing)
+    os.environ["CAG_HOME"] = str(real_home)
+    try:
+        exact = cag.load("sample", lm=models.load(None, device="cpu", dtype="float32", pack=False))
+    finally:
+        os.environ.pop("CAG_HOME", None)
+    assert exact.lm.packing is None
+    for row in _questions():
+        fast = sample_kb.ask(row["q"], max_new_tokens=MAX_NEW)
+        plain = exact.ask(row["q"], max_new_tokens=MAX_NEW)
+        assert fast.token_ids == plain.token_ids, f"{row['q']!r}: {fast.answer!r} != {plain.answer!r}"

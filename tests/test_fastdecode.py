@@ -1,0 +1,93 @@
+"""cag.fastdecode: the lean decoding step must give transformers' logits bit for bit, or switch itself off."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cag import engine, fastdecode, kvcompat, models, packed
+from conftest import require_native
+
+
+def _fresh(path: str, **kw):
+    return models.load(path, device="cpu", dtype="float32", **kw)
+
+
+def _logits_both_ways(model, prompt: list[int], steps: int):
+    """Decode greedily through transformers' forward and through the fast step, side by side."""
+    caches = [kvcompat.buffer_cache(len(prompt) + steps + 1) for _ in range(2)]
+    with torch.inference_mode():
+        logits = [kvcompat.forward(model, torch.tensor([prompt]), c) for c in caches]
+        out = []
+        for _ in range(steps):
+            token = int(torch.argmax(logits[0]))
+            logits = [kvcompat.forward(model, torch.tensor([[token]]), caches[0]),
+                      fastdecode.step(model, token, caches[1])]
+            out.append((logits[0].clone(), logits[1].clone()))
+    return out, caches
+
+
+@pytest.mark.parametrize("which", ["tiny", "sharp", "q4"])
+def test_fast_step_equals_transformers_bit_for_bit(which, tiny_model_dir, sharp_model_dir, request):
+    if which == "q4":
+        require_native()
+    path = {"tiny": tiny_model_dir, "sharp": sharp_model_dir}.get(which) or request.getfixturevalue("q4_model_dir")
+    lm = _fresh(str(path))
+    assert fastdecode.supported(lm.model)
+    pairs, caches = _logits_both_ways(lm.model, list(range(5, 45)), steps=12)
+    assert all(torch.equal(a, b) for a, b in pairs)
+    assert kvcompat.seq_length(caches[0]) == kvcompat.seq_length(caches[1]) == 40 + 12
+    for (k0, v0), (k1, v1) in zip(kvcompat.to_layers(caches[0]), kvcompat.to_layers(caches[1])):
+        assert torch.equal(k0, k1) and torch.equal(v0, v1)  # the cache holds the same keys and values too
+    fused = lm.model._cag_fast_decode
+    assert isinstance(fused, list) and len(fused) == lm.config.num_hidden_layers
+    assert all(f is not None for pair in fused for f in pair) == (which == "q4")  # packed layers are fused
+
+
+def test_answers_with_and_without_the_fast_step_are_identical(sharp_model_dir, monkeypatch):
+    fast = _fresh(str(sharp_model_dir))
+    assert fastdecode.supported(fast.model)  # decided once per model, on first use
+    monkeypatch.setenv("CAG_FAST_DECODE", "0")
+    slow = _fresh(str(sharp_model_dir))
+    assert not fastdecode.supported(slow.model) and fastdecode.supported(fast.model)
+    prefix = list(range(3, 200))
+    kv = engine.prefill(slow.model, prefix)
+    for q in ([7, 8, 9], [100, 3, 44, 12, 9]):
+        answers = [list(engine.generate(lm.model, q, engine.Workspace(kv), reuse=len(prefix), max_new_tokens=20))
+                   for lm in (fast, slow)]
+        assert answers[0] == answers[1] and len(answers[0]) > 0
+
+
+def test_a_disagreeing_step_switches_itself_off(tiny_model_dir, monkeypatch, capsys):
+    lm = _fresh(str(tiny_model_dir))
+    real_step = fastdecode._step
+    monkeypatch.setattr(fastdecode, "_step", lambda *a: real_step(*a) + 1e-3)  # a subtly wrong fast path
+    prompt = list(range(5, 30))
+    reference_lm = _fresh(str(tiny_model_dir))
+    reference_lm.model._cag_fast_decode = False
+    expected = list(engine.generate(reference_lm.model, prompt, max_new_tokens=8))
+    got = list(engine.generate(lm.model, prompt, max_new_tokens=8))
+    assert got == expected
+    assert lm.model._cag_fast_decode is False and not fastdecode.supported(lm.model)
+    assert "disagrees" in capsys.readouterr().err
+
+
+def test_other_architectures_use_transformers_forward():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=100, n_positions=64)).eval()
+    assert not fastdecode.supported(model)
+    assert len(list(engine.generate(model, [1, 2, 3], max_new_tokens=3))) == 3
+
+
+def test_fused_projections_share_memory_with_the_layers(q4_model_dir):
+    require_native()
+    lm = _fresh(str(q4_model_dir))
+    attn = lm.model.model.layers[0].self_attn
+    fused = packed.fuse([attn.q_proj, attn.k_proj, attn.v_proj])
+    assert fused is packed.fuse([attn.q_proj, attn.k_proj, attn.v_proj])  # fused once
+    assert attn.q_proj.blocks.data_ptr() == fused.blocks.data_ptr()
+    assert attn.k_proj.blocks.data_ptr() == fused.blocks.data_ptr() + attn.q_proj.blocks.numel()
+    x = torch.randn(1, 1, attn.q_proj.in_features)
+    with torch.inference_mode():
+        assert torch.equal(fused(x), torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], -1))
