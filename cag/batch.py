@@ -52,16 +52,11 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     sk[rows, :, state.rel] = key.transpose(1, 2)
     sv[rows, :, state.rel] = value.transpose(1, 2)
     q = query.float().view(b, hkv, g, s, d)
-    # 1) against the shared prefix: fold rows into the query dimension of one [kv_heads] batched matmul
-    qp = q.permute(1, 0, 2, 3, 4).reshape(hkv, b * g * s, d)
-    s1 = torch.matmul(qp, pk[0].float().transpose(-1, -2)) * scale  # [hkv, b*g*s, P]
-    m1 = s1.amax(-1, keepdim=True)
-    e1 = torch.exp(s1 - m1)
-    l1 = e1.sum(-1, keepdim=True)
-    o1 = torch.matmul(e1, pv[0].float())  # unnormalized, [hkv, b*g*s, d]
+    # 1) against the shared prefix: rows folded into the query dimension, so the prefix is read once
+    qp = q.permute(1, 0, 2, 3, 4).reshape(1, hkv, b * g * s, d)
+    o1, lse1 = _prefix_attention(qp, pk.float(), pv.float(), scale)  # [1, hkv, b*g*s, d], [1, hkv, b*g*s]
     o1 = o1.view(hkv, b, g, s, d).permute(1, 0, 2, 3, 4)
-    m1 = m1.view(hkv, b, g, s, 1).permute(1, 0, 2, 3, 4)
-    l1 = l1.view(hkv, b, g, s, 1).permute(1, 0, 2, 3, 4)
+    lse1 = lse1.view(hkv, b, g, s, 1).permute(1, 0, 2, 3, 4)
     # 2) against each row's own suffix, causal by relative position
     t = int(state.rel.max()) + 1
     keys, vals = sk[:, :, :t].float(), sv[:, :, :t].float()  # [b, hkv, t, d]
@@ -72,12 +67,28 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     e2 = torch.exp(s2 - m2)
     l2 = e2.sum(-1, keepdim=True)
     o2 = torch.matmul(e2.view(b, hkv, g * s, t), vals).view(b, hkv, g, s, d)
-    # 3) exact merge of the two softmax parts
-    m = torch.maximum(m1, m2)
-    w1, w2 = torch.exp(m1 - m), torch.exp(m2 - m)
-    out = (o1 * w1 + o2 * w2) / (l1 * w1 + l2 * w2)
+    # 3) exact merge of the two softmax parts (o1 is normalized: its weight is exp(lse1))
+    m = torch.maximum(lse1, m2)
+    w1, w2 = torch.exp(lse1 - m), torch.exp(m2 - m)
+    out = (o1 * w1 + o2 * w2) / (w1 + l2 * w2)
     out = out.reshape(b, hq, s, d).to(query.dtype)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _prefix_attention(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of q [1, h, n, d] over k/v [1, h, P, d]: normalized output and log-sum-exp.
+
+    On the CPU, torch's flash kernel returns both and streams the prefix once; elsewhere (and in a test
+    that forces it) plain matmuls do the same arithmetic.
+    """
+    if q.device.type == "cpu" and _CPU_FLASH:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.matmul(torch.exp(scores - lse[..., None]), v), lse
+
+
+_CPU_FLASH = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
 
 def _install(model) -> None:
@@ -129,13 +140,15 @@ def generate_batch(model, prefix: KV, questions: Sequence[Sequence[int]], max_ne
 
 
 def _batched_step(model, ids: torch.Tensor, state: _Batch, p: int, gather: torch.Tensor | None) -> torch.Tensor:
+    """Next token per row: from its last position (decoding) or from position `gather[row]` (the questions)."""
+    keep = None if gather is None else torch.unique(gather)  # sorted; logits only where some row needs them
     reset = _STATE.set(state)
     try:
-        logits = kvcompat.forward_positions(model, ids, position_ids=state.rel + p)
+        logits = kvcompat.forward_positions(model, ids, position_ids=state.rel + p, keep=keep)
     finally:
         _STATE.reset(reset)
     if gather is None:
         last = logits[:, -1]
     else:
-        last = logits[torch.arange(ids.shape[0], device=ids.device), gather]
+        last = logits[torch.arange(ids.shape[0], device=ids.device), torch.searchsorted(keep, gather)]
     return torch.argmax(last, dim=-1)

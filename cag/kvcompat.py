@@ -180,6 +180,17 @@ def set_attention(model, name: str) -> None:
         model.config._attn_implementation = name
 
 
-def forward_positions(model, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-    """A forward pass with explicit positions and no transformers cache (the caller keeps the KV); all logits."""
-    return model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+def forward_positions(model, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                      keep: torch.Tensor | None = None) -> torch.Tensor:
+    """A forward pass with explicit positions and no transformers cache (the caller keeps the KV).
+
+    Logits for every position, or only for the sequence indices in `keep` (sorted, 1-D) where the model
+    takes `logits_to_keep` as a tensor: the LM head is the biggest matmul, no need to run it on padding.
+    """
+    kwargs = {}
+    if keep is not None and "logits_to_keep" in inspect.signature(type(model).forward).parameters:
+        kwargs["logits_to_keep"] = keep
+    logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **kwargs).logits
+    if keep is not None and not kwargs:
+        logits = logits[:, keep]
+    return logits

@@ -2,6 +2,7 @@
 
 import random
 
+import pytest
 import torch
 
 from cag import batch, engine
@@ -14,7 +15,9 @@ class _Module:
         self.training = False
 
 
-def test_split_prefix_attention_equals_attention_over_the_concatenation():
+@pytest.mark.parametrize("cpu_flash", [True, False], ids=["cpu-flash-lse", "matmul (the GPU path)"])
+def test_split_prefix_attention_equals_attention_over_the_concatenation(cpu_flash, monkeypatch):
+    monkeypatch.setattr(batch, "_CPU_FLASH", cpu_flash)
     torch.manual_seed(0)
     b, hq, hkv, p, d = 3, 6, 2, 37, 16
     pk, pv = torch.randn(1, hkv, p, d), torch.randn(1, hkv, p, d)
@@ -41,7 +44,9 @@ def test_split_prefix_attention_equals_attention_over_the_concatenation():
         torch.testing.assert_close(out[i].transpose(0, 1), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_batched_answers_equal_one_at_a_time_answers(tiny_lm):
+@pytest.mark.parametrize("cpu_flash", [True, False], ids=["cpu-flash-lse", "matmul (the GPU path)"])
+def test_batched_answers_equal_one_at_a_time_answers(tiny_lm, cpu_flash, monkeypatch):
+    monkeypatch.setattr(batch, "_CPU_FLASH", cpu_flash)
     rng = random.Random(5)
     vocab = len(tiny_lm.tokenizer)
     prefix = [rng.randrange(vocab) for _ in range(150)]
