@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from . import kvcompat
+from . import fastdecode, kvcompat
 from .kvcompat import KV
 
 _IMPL = "cag_shared_prefix"
@@ -142,9 +142,15 @@ def generate_batch(model, prefix: KV, questions: Sequence[Sequence[int]], max_ne
 def _batched_step(model, ids: torch.Tensor, state: _Batch, p: int, gather: torch.Tensor | None) -> torch.Tensor:
     """Next token per row: from its last position (decoding) or from position `gather[row]` (the questions)."""
     keep = None if gather is None else torch.unique(gather)  # sorted; logits only where some row needs them
+    positions = state.rel + p
     reset = _STATE.set(state)
     try:
-        logits = kvcompat.forward_positions(model, ids, position_ids=state.rel + p, keep=keep)
+        if gather is None and fastdecode.supported(model):  # one token per row: the lean step (checked)
+            return torch.argmax(fastdecode.batch_step(
+                model, ids, positions,
+                attention=lambda attn, q, k, v: _attention(attn, q, k, v, None, scaling=attn.scaling)[0],
+                reference=lambda: kvcompat.forward_positions(model, ids, position_ids=positions)[:, -1]), dim=-1)
+        logits = kvcompat.forward_positions(model, ids, position_ids=positions, keep=keep)
     finally:
         _STATE.reset(reset)
     if gather is None:

@@ -6,9 +6,12 @@ three projections where one would do) as in the matmuls. This step calls the mod
 gate/up projections into one call each when they are packed (cag.packed computes every output row
 independently, so the fused call returns exactly the same numbers).
 
-It is an optimisation, never a second opinion: the first step on each model is also run through
-transformers' own forward and the logits must match bit for bit, or this path is switched off for
-that model (with a warning) and every step goes through transformers. CAG_FAST_DECODE=0 turns it off.
+The same step serves cag.batch (one new token per row, with its shared-prefix attention plugged in).
+
+It is an optimisation, never a second opinion: the first step of each kind (single, batch) on each model
+is also run through transformers' own forward and the logits must match bit for bit, or that kind is
+switched off for the model (with a warning) and its steps go through transformers. CAG_FAST_DECODE=0
+turns it off.
 """
 
 from __future__ import annotations
@@ -27,70 +30,100 @@ _LOCK = threading.Lock()
 
 
 def supported(model) -> bool:
-    """A causal Llama whose layers this step reproduces, and not switched off."""
-    verdict = getattr(model, "_cag_fast_decode", None)  # False: off; "pending": check on first step; list: checked
-    if verdict is not None:
-        return verdict is not False
-    ok = (os.environ.get("CAG_FAST_DECODE", "1") != "0"
-          and getattr(model.config, "model_type", None) == "llama"
-          and getattr(model.config, "_attn_implementation", None) in _ATTENTION
-          and not getattr(model.config, "pretraining_tp", 1) > 1
-          and hasattr(model, "model") and hasattr(model, "lm_head"))
-    model._cag_fast_decode = "pending" if ok else False
+    """A causal Llama whose layers this step reproduces, and not switched off (decided once per model)."""
+    ok = getattr(model, "_cag_fast_ok", None)
+    if ok is None:
+        ok = (os.environ.get("CAG_FAST_DECODE", "1") != "0"
+              and getattr(model.config, "model_type", None) == "llama"
+              and getattr(model.config, "_attn_implementation", None) in _ATTENTION
+              and not getattr(model.config, "pretraining_tp", 1) > 1
+              and hasattr(model, "model") and hasattr(model, "lm_head"))
+        model._cag_fast_ok = ok
     return ok
+
+
+def verdict(model, kind: str) -> bool | None:
+    """Whether the fast `kind` step ("single" or "batch") matched transformers on this model; None: not run yet."""
+    return getattr(model, "_cag_fast_verdicts", {}).get(kind)
 
 
 @torch.inference_mode()
 def step(model, token: int, cache) -> torch.Tensor:
     """Logits [1, vocab] for `token` placed after everything `cache` holds; the cache grows by one."""
-    verdict = model._cag_fast_decode if supported(model) else False
-    if isinstance(verdict, list):
-        return _step(model, token, cache, verdict)
-    if verdict == "pending":
-        with _LOCK:
-            if model._cag_fast_decode == "pending":
-                return _checked_step(model, token, cache)
-        return step(model, token, cache)  # another thread just decided
-    return kvcompat.forward(model, _ids(model, token), cache)
-
-
-def _ids(model, token: int) -> torch.Tensor:
-    return torch.tensor([[token]], device=model.model.embed_tokens.weight.device)
-
-
-def _checked_step(model, token: int, cache) -> torch.Tensor:
-    """First use on a model: run transformers' forward and this step on the same position, compare bits."""
     length = kvcompat.seq_length(cache)
-    reference = kvcompat.forward(model, _ids(model, token), cache)
-    kvcompat.crop(cache, length)
-    fusions = _fusions(model)
-    fast = _step(model, token, cache, fusions)
-    if torch.equal(fast, reference):
-        model._cag_fast_decode = fusions
-        return fast
-    model._cag_fast_decode = False
-    print("cag: fast decode step disagrees with transformers' forward for this model; using transformers",
-          file=sys.stderr)
-    kvcompat.crop(cache, length)
-    return kvcompat.forward(model, _ids(model, token), cache)
+    ids = _ids(model, [[token]])
+    positions = torch.tensor([[length]], device=ids.device)
+
+    def attend(i, attn, q, k, v):
+        keys, values = kvcompat.layer_update(cache, i, k, v)
+        extra = {"enable_gqa": True} if attn.num_key_value_groups > 1 else {}
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=None, dropout_p=0.0, scale=attn.scaling,
+                                           is_causal=False, **extra)
+        return o.reshape(1, -1, 1, values.shape[-1]).transpose(1, 2).contiguous()
+
+    return _checked(model, "single", reference=lambda: kvcompat.forward(model, ids, cache),
+                    fast=lambda fusions: _forward(model, ids, positions, fusions, attend),
+                    reset=lambda: kvcompat.crop(cache, length))
+
+
+@torch.inference_mode()
+def batch_step(model, ids: torch.Tensor, positions: torch.Tensor, attention, reference) -> torch.Tensor:
+    """Logits [B, vocab] for one new token per row (ids, positions: [B, 1]) of a cag.batch run.
+
+    `attention(module, q, k, v)` is the batch's shared-prefix attention (it writes each row's keys and
+    values at fixed positions, so running a step twice is harmless); `reference()` is the same step
+    through transformers' forward, used for the first-use check.
+    """
+    return _checked(model, "batch", reference=reference,
+                    fast=lambda fusions: _forward(model, ids, positions, fusions,
+                                                  lambda i, attn, q, k, v: attention(attn, q, k, v)),
+                    reset=lambda: None)
+
+
+def _ids(model, ids) -> torch.Tensor:
+    return torch.tensor(ids, device=model.model.embed_tokens.weight.device)
+
+
+def _checked(model, kind: str, reference, fast, reset) -> torch.Tensor:
+    """fast(fusions) once checked; on a model's first `kind` step, also reference() and compare bits."""
+    ok = verdict(model, kind) if supported(model) else False
+    if ok:
+        return fast(_fusions(model))
+    if ok is None:
+        with _LOCK:
+            if verdict(model, kind) is None:
+                expected = reference()
+                reset()
+                got = fast(_fusions(model))
+                same = torch.equal(got, expected)
+                model.__dict__.setdefault("_cag_fast_verdicts", {})[kind] = same
+                if same:
+                    return got
+                print(f"cag: fast {kind} decode step disagrees with transformers' forward for this model; "
+                      "using transformers", file=sys.stderr)
+                reset()
+        return _checked(model, kind, reference, fast, reset)  # decided now (here or by another thread)
+    return reference()
 
 
 def _fusions(model) -> list:
     """Per layer: one packed q/k/v projection and one packed gate/up projection, where the layers allow."""
-    out = []
-    for layer in model.model.layers:
-        a, m = layer.self_attn, layer.mlp
-        out.append((packed.fuse([a.q_proj, a.k_proj, a.v_proj]), packed.fuse([m.gate_proj, m.up_proj])))
-    return out
+    fusions = getattr(model, "_cag_fusions", None)
+    if fusions is None:
+        fusions = [(packed.fuse([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]),
+                    packed.fuse([layer.mlp.gate_proj, layer.mlp.up_proj])) for layer in model.model.layers]
+        model._cag_fusions = fusions
+    return fusions
 
 
-def _step(model, token: int, cache, fusions: list) -> torch.Tensor:
+def _forward(model, ids: torch.Tensor, positions: torch.Tensor, fusions: list, attend) -> torch.Tensor:
+    """The model on one token per row, in transformers' order of operations; attend() does the attention."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     base = model.model
-    position = kvcompat.seq_length(cache)
-    h = base.embed_tokens(_ids(model, token))
-    cos, sin = base.rotary_emb(h, torch.tensor([[position]], device=h.device))
+    rows = ids.shape[0]
+    h = base.embed_tokens(ids)
+    cos, sin = base.rotary_emb(h, positions)
     for i, layer in enumerate(base.layers):
         attn, mlp = layer.self_attn, layer.mlp
         qkv, gate_up = fusions[i]
@@ -99,14 +132,10 @@ def _step(model, token: int, cache, fusions: list) -> torch.Tensor:
             q, k, v = qkv(x).split([attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features], -1)
         else:
             q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-        shape = (1, 1, -1, attn.head_dim)
+        shape = (rows, 1, -1, attn.head_dim)
         q, k = apply_rotary_pos_emb(q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2), cos, sin)
-        keys, values = kvcompat.layer_update(cache, i, k, v.view(shape).transpose(1, 2))
-        extra = {"enable_gqa": True} if attn.num_key_value_groups > 1 else {}
-        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=None, dropout_p=0.0, scale=attn.scaling,
-                                           is_causal=False, **extra)
-        o = o.reshape(1, -1, 1, values.shape[-1]).transpose(1, 2).contiguous()
-        h = h + attn.o_proj(o.reshape(1, 1, -1).contiguous())
+        o = attend(i, attn, q, k, v.view(shape).transpose(1, 2))  # [rows, 1, heads, head_dim]
+        h = h + attn.o_proj(o.reshape(rows, 1, -1).contiguous())
         x = layer.post_attention_layernorm(h)
         if gate_up is not None:
             g, u = gate_up(x).split([mlp.gate_proj.out_features, mlp.up_proj.out_features], -1)

@@ -120,11 +120,11 @@ class FusedPacked:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if rows != 1 or x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_grad_enabled():
+        if not (0 < rows <= ROW_LIMIT) or x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_grad_enabled():
             return torch.cat([layer(x) for layer in self.layers], -1)
-        x1 = x.reshape(1, self.in_features).contiguous()
-        y = torch.empty(1, self.out_features, dtype=torch.float32)
-        self._fn(x1.data_ptr(), 1, self.in_features, self.blocks.data_ptr(), self.out_features, y.data_ptr())
+        x2 = x.reshape(rows, self.in_features).contiguous()
+        y = torch.empty(rows, self.out_features, dtype=torch.float32)
+        self._fn(x2.data_ptr(), rows, self.in_features, self.blocks.data_ptr(), self.out_features, y.data_ptr())
         return y.view(*x.shape[:-1], self.out_features)
 
 

@@ -39,8 +39,9 @@ def test_fast_step_equals_transformers_bit_for_bit(which, tiny_model_dir, sharp_
     assert kvcompat.seq_length(caches[0]) == kvcompat.seq_length(caches[1]) == 40 + 12
     for (k0, v0), (k1, v1) in zip(kvcompat.to_layers(caches[0]), kvcompat.to_layers(caches[1])):
         assert torch.equal(k0, k1) and torch.equal(v0, v1)  # the cache holds the same keys and values too
-    fused = lm.model._cag_fast_decode
-    assert isinstance(fused, list) and len(fused) == lm.config.num_hidden_layers
+    assert fastdecode.verdict(lm.model, "single") is True
+    fused = fastdecode._fusions(lm.model)
+    assert len(fused) == lm.config.num_hidden_layers
     assert all(f is not None for pair in fused for f in pair) == (which == "q4")  # packed layers are fused
 
 
@@ -60,15 +61,15 @@ def test_answers_with_and_without_the_fast_step_are_identical(sharp_model_dir, m
 
 def test_a_disagreeing_step_switches_itself_off(tiny_model_dir, monkeypatch, capsys):
     lm = _fresh(str(tiny_model_dir))
-    real_step = fastdecode._step
-    monkeypatch.setattr(fastdecode, "_step", lambda *a: real_step(*a) + 1e-3)  # a subtly wrong fast path
+    real_forward = fastdecode._forward
+    monkeypatch.setattr(fastdecode, "_forward", lambda *a: real_forward(*a) + 1e-3)  # a subtly wrong fast path
     prompt = list(range(5, 30))
     reference_lm = _fresh(str(tiny_model_dir))
-    reference_lm.model._cag_fast_decode = False
+    reference_lm.model._cag_fast_ok = False  # transformers' forward for every step
     expected = list(engine.generate(reference_lm.model, prompt, max_new_tokens=8))
     got = list(engine.generate(lm.model, prompt, max_new_tokens=8))
     assert got == expected
-    assert lm.model._cag_fast_decode is False and not fastdecode.supported(lm.model)
+    assert fastdecode.verdict(lm.model, "single") is False
     assert "disagrees" in capsys.readouterr().err
 
 
@@ -91,3 +92,22 @@ def test_fused_projections_share_memory_with_the_layers(q4_model_dir):
     x = torch.randn(1, 1, attn.q_proj.in_features)
     with torch.inference_mode():
         assert torch.equal(fused(x), torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], -1))
+
+
+def test_batched_steps_are_checked_too_and_answers_match(tiny_lm, sharp_model_dir, monkeypatch, capsys):
+    from cag import batch
+
+    lm = _fresh(str(sharp_model_dir))
+    prefix = list(range(3, 120))
+    layers = engine.prefill(lm.model, prefix)
+    questions = [[7, 8, 9], [100, 3, 44, 12], [5]]
+    got = batch.generate_batch(lm.model, layers, questions, max_new_tokens=10)
+    assert fastdecode.verdict(lm.model, "batch") is True and fastdecode.verdict(lm.model, "single") is None
+    for q, answer in zip(questions, got):
+        assert answer == list(engine.generate(lm.model, q, prefix=layers, reuse=len(prefix), max_new_tokens=10))
+
+    wrong = _fresh(str(sharp_model_dir))
+    real_forward = fastdecode._forward
+    monkeypatch.setattr(fastdecode, "_forward", lambda *a: real_forward(*a) * 1.001)
+    assert batch.generate_batch(wrong.model, layers, questions, max_new_tokens=10) == got
+    assert fastdecode.verdict(wrong.model, "batch") is False and "disagrees" in capsys.readouterr().err
