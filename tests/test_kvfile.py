@@ -249,3 +249,57 @@ def test_int8_kv_file_is_smaller_restores_dtype_and_stays_close(tmp_path):
 def test_unknown_quantization_is_refused(tmp_path, cache):
     with pytest.raises(CacheFileError, match="unknown KV quantization"):
         kvfile.save(tmp_path / "x.safetensors", cache[0], cache[1], IDENTITY, kv_quant="int3")
+
+
+def test_piecewise_checksum_covers_every_piece_of_a_large_tensor(tmp_path, monkeypatch):
+    monkeypatch.delenv("CAG_SIGNING_KEY", raising=False)
+    path = tmp_path / "big.safetensors"
+    big = torch.randn(1, 2, 3000, 512)  # 12 MiB per tensor: two 8 MiB pieces each
+    kvfile.save(path, [(big, big.clone())], list(range(3000)), IDENTITY)
+    manifest = kvfile.load(path).manifest
+    assert manifest["checksum"] == kvfile.CHECKSUM
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    assert kvfile._checksum(tensors) == manifest["tensors_sha256"] != kvfile._checksum(tensors, None)
+
+    def flip_in_second_piece(t):
+        t["v.0"].view(-1)[(kvfile.PIECE // 4) + 10] += 1.0
+    _resave(path, edit_tensors=flip_in_second_piece)
+    with pytest.raises(CacheFileError, match="checksum"):
+        kvfile.load(path)
+
+
+def test_files_with_the_original_sequential_checksum_still_load(saved):
+    def legacy(m):
+        with safe_open(str(saved), "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        del m["checksum"]
+        m["tensors_sha256"] = kvfile._checksum(tensors, None)
+
+    _resave(saved, edit_manifest=legacy)
+    assert "checksum" not in kvfile.load(saved, GOOD).manifest
+    _resave(saved, edit_tensors=lambda t: t["k.0"].view(-1)[0].add_(1.0))
+    with pytest.raises(CacheFileError, match="checksum"):
+        kvfile.load(saved)
+
+
+def test_an_unknown_checksum_method_is_refused(saved):
+    _resave(saved, edit_manifest=lambda m: m.update(checksum="crc32"))
+    with pytest.raises(CacheFileError, match="checksum"):
+        kvfile.load(saved)
+
+
+def test_bytes_in_memory_get_the_same_checks_as_files(saved, cache):
+    data = saved.read_bytes()
+    loaded = kvfile.load_bytes(data, GOOD, where="redis cache 'x'")
+    assert loaded.prefix_ids == cache[1] and all(torch.equal(a[0], b[0]) for a, b in zip(cache[0], loaded.layers))
+    with pytest.raises(CacheFileError, match="redis cache 'x'.*(corrupt|truncated)"):
+        kvfile.load_bytes(data[: len(data) // 2], where="redis cache 'x'")
+    flipped = bytearray(data)
+    flipped[-100] ^= 0xFF
+    with pytest.raises(CacheFileError, match="checksum"):
+        kvfile.load_bytes(bytes(flipped))
+    with pytest.raises(CacheFileError, match="corrupt or truncated"):
+        kvfile.load_bytes(b"\xff" * 64)
+    with pytest.raises(CacheMismatchError, match="model"):
+        kvfile.load_bytes(data, kvfile.Expect(model="another"))

@@ -67,8 +67,7 @@ class RedisStore:
         data = b"".join(chunks)
         if len(data) != head["bytes"] or meta_raw is None:
             return None
-        with _scratch(data) as path:
-            loaded = kvfile.load(path, expect, device=device)
+        loaded = kvfile.load_bytes(data, expect, device=device, where=f"redis cache {name!r} at {self.url}")
         extra = json.loads(meta_raw)
         return Entry(name, loaded.layers, loaded.prefix_ids, loaded.manifest, extra["meta"], extra["snapshot"],
                      stored_at=head.get("stored_at", time.time()))
@@ -160,14 +159,12 @@ class RedisStore:
 
 
 @contextmanager
-def _scratch(data: bytes | None = None) -> Iterator[Path]:
-    """A private temp file (in RAM where /dev/shm exists) so Redis bytes go through kvfile's own checks."""
+def _scratch() -> Iterator[Path]:
+    """A private temp file (in RAM where /dev/shm exists) for kvfile to write the bytes Redis will hold."""
     folder = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
     fd, tmp = tempfile.mkstemp(prefix="cag-redis-", suffix=".safetensors", dir=folder)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            if data is not None:
-                fh.write(data)
         yield Path(tmp)
     finally:
         Path(tmp).unlink(missing_ok=True)
