@@ -109,3 +109,14 @@ def test_help_lists_every_command():
     out = subprocess.run(CAG + ["--help"], capture_output=True, text=True).stdout
     for command in ("build", "ask", "chat", "ls", "inspect", "rm"):
         assert command in out
+
+
+def test_version_native_reports_the_kernel_build_or_why_not(tmp_path):
+    from conftest import require_native
+
+    require_native()
+    proc = run(["version", "--native"], tmp_path / "home")
+    assert "native kernels:" in proc.stdout and "qmatmul-" in proc.stdout
+    env_off = {**os.environ, "CAG_HOME": str(tmp_path / "home"), "CAG_NATIVE": "0"}
+    off = subprocess.run(CAG + ["version", "--native"], capture_output=True, text=True, env=env_off, timeout=120)
+    assert off.returncode == 0 and "unavailable: native kernels disabled by CAG_NATIVE=0" in off.stdout
