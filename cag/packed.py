@@ -87,14 +87,8 @@ class PackedLinear(torch.nn.Module):
         self._fn = kernels.q41_matmul if kind == "q4_1" else kernels.q80_matmul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features if self.in_features else 0
-        if (0 < rows <= ROW_LIMIT and x.dtype == torch.float32 and x.device.type == "cpu"
-                and not torch.is_grad_enabled()):
-            x2 = x.reshape(rows, self.in_features).contiguous()
-            y = torch.empty(rows, self.out_features, dtype=torch.float32)
-            self._fn(x2.data_ptr(), rows, self.in_features, self.blocks.data_ptr(), self.out_features, y.data_ptr())
-            return y.view(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.weight)
+        y = _kernel_matmul(self._fn, self.blocks, x, self.in_features, self.out_features)
+        return y if y is not None else F.linear(x, self.weight)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, packed={self.kind}"
@@ -119,13 +113,19 @@ class FusedPacked:
         self._fn = layers[0]._fn
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        if not (0 < rows <= ROW_LIMIT) or x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_grad_enabled():
-            return torch.cat([layer(x) for layer in self.layers], -1)
-        x2 = x.reshape(rows, self.in_features).contiguous()
-        y = torch.empty(rows, self.out_features, dtype=torch.float32)
-        self._fn(x2.data_ptr(), rows, self.in_features, self.blocks.data_ptr(), self.out_features, y.data_ptr())
-        return y.view(*x.shape[:-1], self.out_features)
+        y = _kernel_matmul(self._fn, self.blocks, x, self.in_features, self.out_features)
+        return y if y is not None else torch.cat([layer(x) for layer in self.layers], -1)
+
+
+def _kernel_matmul(fn, blocks: torch.Tensor, x: torch.Tensor, in_features: int, out_features: int) -> torch.Tensor | None:
+    """x @ W^T from packed blocks, or None where the kernels do not apply (many rows, autograd, not CPU fp32)."""
+    rows = x.numel() // in_features if in_features else 0
+    if not (0 < rows <= ROW_LIMIT) or x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_grad_enabled():
+        return None
+    x2 = x.reshape(rows, in_features).contiguous()
+    y = torch.empty(rows, out_features, dtype=torch.float32)
+    fn(x2.data_ptr(), rows, in_features, blocks.data_ptr(), out_features, y.data_ptr())
+    return y.view(*x.shape[:-1], out_features)
 
 
 def fuse(layers: list[torch.nn.Module]) -> FusedPacked | None:
@@ -135,7 +135,7 @@ def fuse(layers: list[torch.nn.Module]) -> FusedPacked | None:
     if len({(layer.kind, layer.in_features) for layer in layers}) != 1:
         return None
     if all(getattr(layer, "_fused_in", None) is not None for layer in layers):
-        return layers[0]._fused_in  # fused once per model, whichever thread asked first
+        return layers[0]._fused_in  # fused once per model (cag.fastdecode asks under its lock)
     fused = FusedPacked(layers)
     for layer in layers:
         layer._fused_in = fused
