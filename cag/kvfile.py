@@ -160,6 +160,15 @@ def _verified(where: str, manifest: dict, read_tensors, expect: Expect, device) 
     if _checksum(tensors, manifest.get("checksum")) != manifest.get("tensors_sha256"):
         raise CacheFileError(f"cache file {where} failed its checksum: it is corrupt or was tampered with; rebuild it")
     layers, prefix_ids = _unpack(where, tensors, manifest)
+    wrong = mismatch(manifest, expect)
+    if wrong is not None:
+        raise CacheMismatchError(where, *wrong)
+    layers = [(k.to(device), v.to(device)) for k, v in layers]
+    return Loaded(manifest=manifest, layers=layers, prefix_ids=prefix_ids)
+
+
+def mismatch(manifest: dict, expect: Expect) -> tuple[str, str, str | None] | None:
+    """The first thing a cache was made for that differs from `expect`: (field, wanted, found), or None."""
     for field, want, have in (
         ("model", expect.model, manifest.get("model", {}).get("fingerprint")),
         ("tokenizer", expect.tokenizer, manifest.get("tokenizer", {}).get("fingerprint")),
@@ -168,9 +177,8 @@ def _verified(where: str, manifest: dict, read_tensors, expect: Expect, device) 
         ("dtype", expect.dtype, manifest.get("dtype")),
     ):
         if want is not None and want != have:
-            raise CacheMismatchError(where, field, want, have)
-    layers = [(k.to(device), v.to(device)) for k, v in layers]
-    return Loaded(manifest=manifest, layers=layers, prefix_ids=prefix_ids)
+            return field, want, have
+    return None
 
 
 def signing_key() -> bytes | None:
@@ -229,13 +237,14 @@ def _checksum(tensors: dict[str, torch.Tensor], method: str | None = CHECKSUM) -
         return h.hexdigest()
     if method != CHECKSUM:
         return ""  # an unknown method never matches: the file is refused as failing its checksum
-    pieces = [data[i:i + PIECE] for _, data in items for i in range(0, max(len(data), 1), PIECE)]
-    with ThreadPoolExecutor(max_workers=min(len(pieces), os.cpu_count() or 1, 32)) as pool:
-        digests = iter(list(pool.map(lambda b: hashlib.sha256(b).digest(), pieces)))
-    for header, data in items:
-        h.update(header)
-        for _ in range(0, max(len(data), 1), PIECE):
-            h.update(next(digests))
+    pieces = [[data[i:i + PIECE] for i in range(0, max(len(data), 1), PIECE)] for _, data in items]
+    flat = [piece for per_tensor in pieces for piece in per_tensor]
+    with ThreadPoolExecutor(max_workers=min(len(flat), os.cpu_count() or 1, 32)) as pool:
+        digests = iter(pool.map(lambda b: hashlib.sha256(b).digest(), flat))
+        for (header, _), per_tensor in zip(items, pieces):
+            h.update(header)
+            for _ in per_tensor:
+                h.update(next(digests))
     return h.hexdigest()
 
 

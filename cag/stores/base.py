@@ -14,6 +14,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from .. import kvfile
 from ..kvcompat import KV
 from ..kvfile import Expect
 
@@ -57,14 +58,7 @@ def layers_nbytes(layers: KV) -> int:
 
 def matches(manifest: dict, expect: Expect) -> bool:
     """The same checks kvfile.load makes, for tiers that hold tensors already verified once."""
-    have = {
-        "model": manifest.get("model", {}).get("fingerprint"),
-        "tokenizer": manifest.get("tokenizer", {}).get("fingerprint"),
-        "template": manifest.get("template", {}).get("fingerprint"),
-        "knowledge": manifest.get("knowledge", {}).get("sha256"),
-        "dtype": manifest.get("dtype"),
-    }
-    return all(getattr(expect, key) in (None, value) for key, value in have.items())
+    return kvfile.mismatch(manifest, expect) is None
 
 
 IDENTITY = ("model", "tokenizer", "template", "knowledge")
@@ -73,7 +67,5 @@ IDENTITY = ("model", "tokenizer", "template", "knowledge")
 def save_file(path, entry: Entry) -> dict:
     """Write `entry` in the kvfile format. Only what the cache was made for is carried over from its
     manifest (plus its KV quantization); tokens, shapes, checksums and signature are made afresh."""
-    from .. import kvfile
-
     identity = {k: entry.manifest[k] for k in IDENTITY if k in entry.manifest}
     return kvfile.save(path, entry.layers, entry.prefix_ids, identity, kv_quant=entry.manifest.get("kv_quant"))
