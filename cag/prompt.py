@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import threading
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -71,15 +73,25 @@ class PromptBuilder:
     def knowledge_block(self) -> str:
         return "\n\n".join(f"## {d.name}\n{d.text}" for d in self.docs)
 
+    def system_text(self) -> str:
+        return f"{self.instruction}\n\n# Documents\n\n{self.knowledge_block()}"
+
     def render(self, question: str, history: Sequence[Turn] = ()) -> str:
-        system = f"{self.instruction}\n\n# Documents\n\n{self.knowledge_block()}"
+        """The full prompt as text (for people and logs; the model gets `split(...).ids`)."""
+        return _unmark(self._render(question, history, mark=False))
+
+    def _render(self, question: str, history: Sequence[Turn], mark: bool) -> str:
+        """The prompt with every piece of user-supplied text (system block, history, question) between
+        _OPEN/_CLOSE when `mark`: what lies outside the marks is the template's own text."""
+        wrap = (lambda text: f"{_OPEN}{_check(text)}{_CLOSE}") if mark else (lambda text: text)
+        system = wrap(self.system_text())
         if self.chat_template is None:
-            turns = "".join(f"Question: {t.question}\nAnswer: {t.answer}\n\n" for t in history)
-            return f"{system}\n\n{turns}Question: {question}\nAnswer:"
+            turns = "".join(f"Question: {wrap(t.question)}\nAnswer: {wrap(t.answer)}\n\n" for t in history)
+            return f"{system}\n\n{turns}Question: {wrap(question)}\nAnswer:"
         messages = [{"role": "system", "content": system}]
         for t in history:
-            messages += [{"role": "user", "content": t.question}, {"role": "assistant", "content": t.answer}]
-        messages.append({"role": "user", "content": question})
+            messages += [{"role": "user", "content": wrap(t.question)}, {"role": "assistant", "content": wrap(t.answer)}]
+        messages.append({"role": "user", "content": wrap(question)})
         try:
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception:  # noqa: BLE001 - templates without a system role raise template errors
@@ -91,31 +103,131 @@ class PromptBuilder:
 
     def prefix_text(self) -> str:
         """Everything the template puts before the first question's text."""
-        full = self.render(_SENTINEL)
+        return _unmark(self._prefix_marked())
+
+    def _prefix_marked(self) -> str:
+        full = self._render(_SENTINEL, (), mark=True)
         if full.count(_SENTINEL) != 1:
             raise PromptError("the chat template does not place the question exactly once; cannot cache a prefix")
         return full.split(_SENTINEL)[0]
 
     def tokenize(self, text: str) -> list[int]:
-        # A rendered chat template already holds its special tokens (BOS included where the model wants it).
-        add_special = self.chat_template is None
-        return list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"])
+        """Token ids of `text` as user-supplied text: special-token strings in it are plain characters."""
+        return self._encoder().encode([(text, True)], add_special=False)
 
     def prefix_ids(self) -> list[int]:
         if self._prefix_ids is None:
-            self._prefix_ids = self.tokenize(self.prefix_text())
+            self._prefix_ids = self._encode(self._prefix_marked())
         return self._prefix_ids
+
+    def _encode(self, marked: str) -> list[int]:
+        # A rendered chat template already holds its special tokens (BOS included where the model wants it).
+        return self._encoder().encode(_pieces(marked), add_special=self.chat_template is None)
+
+    def _encoder(self) -> "SafeEncoder":
+        return SafeEncoder.of(self.tokenizer)
 
     # -- the split --------------------------------------------------------------------------------
     def split(self, question: str, history: Sequence[Turn] = (), prefix_ids: Sequence[int] | None = None) -> Split:
         """Tokenize the full prompt and find how much of it the cached prefix covers, verified token by token."""
         question = clean_question(question)
         prefix = list(self.prefix_ids() if prefix_ids is None else prefix_ids)
-        ids = self.tokenize(self.render(question, history))
+        ids = self._encode(self._render(question, history, mark=True))
         reuse = common_prefix_len(prefix, ids)
         if reuse == len(ids):  # always leave at least one token to compute the next-token logits from
             reuse -= 1
         return Split(ids=ids, reuse=reuse, prefix_len=len(prefix))
+
+
+# -- user text never becomes control tokens ---------------------------------------------------------
+
+# Marks around user-supplied text while rendering (Supplementary Private Use Area-B: never in real text).
+_OPEN, _CLOSE = "\U00100000", "\U00100001"
+
+
+def _check(text: str) -> str:
+    if _OPEN in text or _CLOSE in text:
+        raise PromptError("the text contains the reserved characters U+100000/U+100001; remove them")
+    return text
+
+
+def _unmark(text: str) -> str:
+    return text.replace(_OPEN, "").replace(_CLOSE, "")
+
+
+def _pieces(marked: str) -> list[tuple[str, bool]]:
+    """(text, is_user) pieces of a marked render, in order."""
+    out, user = [], False
+    for part in re.split(f"({_OPEN}|{_CLOSE})", marked):
+        if part == _OPEN:
+            user = True
+        elif part == _CLOSE:
+            user = False
+        elif part:
+            out.append((part, user))
+    return out
+
+
+class SafeEncoder:
+    """Tokenizes a prompt whose template text may hold special tokens but whose user text may not.
+
+    A tokenizer turns `<|im_end|>` into the end-of-turn control token wherever it appears, so a question
+    (or a document, or an earlier turn) containing it could close its own turn and open a system turn.
+    Here special tokens are recognised only in the template's own text; in user text they are ordinary
+    characters. Between two of the template's special tokens the text (template and user text together)
+    is tokenized as one run, exactly as the tokenizer would, so prompts without such strings get the
+    same ids as plain tokenization of the whole prompt (tested).
+    """
+
+    _cache: "dict[int, SafeEncoder]" = {}
+    _lock = threading.Lock()
+
+    def __init__(self, tokenizer):
+        from tokenizers import Tokenizer
+
+        self.tokenizer = tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            raise PromptError(f"cag needs a fast (Rust) tokenizer; {type(tokenizer).__name__} is not one")
+        self.normal = backend
+        self.inert = Tokenizer.from_str(backend.to_str())  # a private copy: no shared flag to race on
+        self.inert.encode_special_tokens = True
+        self.inert.no_truncation()
+        self.inert.no_padding()
+        added = {t.content: i for i, t in backend.get_added_tokens_decoder().items()}
+        self.added = added
+        self.split_at = re.compile("(" + "|".join(re.escape(c) for c in sorted(added, key=len, reverse=True)) + ")") \
+            if added else None
+
+    @classmethod
+    def of(cls, tokenizer) -> "SafeEncoder":
+        with cls._lock:
+            enc = cls._cache.get(id(tokenizer))
+            if enc is None or enc.tokenizer is not tokenizer:
+                enc = cls._cache[id(tokenizer)] = cls(tokenizer)
+            return enc
+
+    def encode(self, pieces: list[tuple[str, bool]], add_special: bool) -> list[int]:
+        """Ids of the concatenated pieces; added tokens count only inside template (is_user False) pieces."""
+        runs: list[str | int] = [""]  # text runs, with the template's special-token ids between them
+        for text, user in pieces:
+            parts = [text] if user or self.split_at is None else self.split_at.split(text)
+            for j, part in enumerate(parts):
+                if j % 2:
+                    runs += [self.added[part], ""]
+                else:
+                    runs[-1] += part
+        if add_special:  # the plain layout: one run, the tokenizer's own BOS/EOS handling
+            if len(runs) != 1:
+                raise PromptError("a prompt without a chat template cannot hold special tokens")
+            return list(self.inert.encode(runs[0], add_special_tokens=True).ids)
+        ids: list[int] = []
+        for run in runs:
+            if isinstance(run, int):
+                ids.append(run)
+            elif run:
+                ids += self.inert.encode(run, add_special_tokens=False).ids
+        return ids
 
 
 def clean_question(question: str) -> str:

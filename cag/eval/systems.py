@@ -91,7 +91,7 @@ class RagSystem:
         start = time.perf_counter()
         picked = [self.chunks[i] for i in self.index.top(question, self.k)]
         builder = PromptBuilder(self.lm.tokenizer, [knowledge.Document(c.name, c.text) for c in picked], self.instruction)
-        ids = builder.tokenize(builder.render(question))
+        ids = builder.split(question).ids
         stream, ttft = engine.TextStream(self.lm.tokenizer), None
         for token in engine.generate(self.lm.model, ids, max_new_tokens=max_new_tokens, stop_ids=self.stops):
             ttft = ttft if ttft is not None else time.perf_counter() - start
