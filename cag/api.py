@@ -14,11 +14,13 @@ from typing import Callable, Iterable, Sequence
 
 from . import engine, events, incremental, knowledge, kvfile, kvquant, models, paths, policies, stores
 from .engine import Sampling
-from .errors import CagError, KnowledgeError, KnowledgeTooLargeError, NotFoundError, StaleKnowledgeError
+from .errors import (CagError, ContextLengthError, KnowledgeError, KnowledgeTooLargeError, NotFoundError,
+                     StaleKnowledgeError)
 from .policies import Policy
 from .stores import Entry, TieredStore
 from .kvcompat import KV
-from .prompt import DEFAULT_INSTRUCTION, PromptBuilder, Turn
+from .prompt import DEFAULT_INSTRUCTION, PromptBuilder, Split, Turn
+from .stoptext import StopText
 
 DEFAULT_RESERVE = 512  # context tokens kept free for the question and the answer
 from .stores.disk import CACHE_FILE, KB_FILE, SNAPSHOT_FILE  # noqa: E402,F401 - re-exported names
@@ -58,6 +60,7 @@ class Answer:
     boundary_ok: bool  # full-prompt tokens started with the whole cached prefix
     mode: str  # "cache" or "no-cache"
     cache_source: str  # "memory", "host", "disk", "redis" or "built": where this process got the prefix from
+    finish_reason: str = "stop"  # "stop": end of turn or a stop string; "length": max_new_tokens reached
     shard: str | None = None  # the shard that answered, for knowledge split over several caches
 
     def to_dict(self) -> dict:
@@ -93,35 +96,68 @@ class KnowledgeBase:
 
     def ask(self, question: str, *, history: Sequence[Turn] = (), use_cache: bool = True,
             max_new_tokens: int = 256, sampling: Sampling = Sampling(),
-            on_text: Callable[[str], None] | None = None) -> Answer:
-        """Answer from the cached prefix (or, with use_cache=False, from the full prompt: the reference)."""
+            on_text: Callable[[str], None] | None = None, stop: Sequence[str] = ()) -> Answer:
+        """Answer from the cached prefix (or, with use_cache=False, from the full prompt: the reference).
+
+        `stop` strings end the answer before the first of them (it is not part of the answer, and
+        `on_text` never receives text that a stop string later cuts off). A prompt that would not fit
+        the context window with `max_new_tokens` to spare is refused (ContextLengthError) before any work.
+        """
         self._refresh_if_invalidated()
         start = time.perf_counter()
-        split = self.builder.split(question, history, prefix_ids=self.prefix_ids)
+        split = self.fit(question, history, max_new_tokens)
         if use_cache:
             new_ids, reuse, prefix = split.new_ids, split.reuse, self.workspace
         else:
             new_ids, reuse, prefix = split.ids, 0, None
         stream = engine.TextStream(self.lm.tokenizer)
+        cut = StopText(stop)
         ttft = None
         for token in engine.generate(self.lm.model, new_ids, prefix=prefix, reuse=reuse,
                                      max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=self._stops):
             if ttft is None:
                 ttft = time.perf_counter() - start
-            delta = stream.push(token)
-            if on_text and delta:
-                on_text(delta)
-        tail = stream.flush()
+            safe = cut.push(stream.push(token))
+            if on_text and safe:
+                on_text(safe)
+            if cut.stopped:
+                break
+        tail = cut.push(stream.flush()) + cut.flush()
         if on_text and tail:
             on_text(tail)
         total = time.perf_counter() - start
+        stopped = cut.stopped or len(stream.ids) < max_new_tokens
         return Answer(
-            question=question.strip(), answer=stream.text().strip(), token_ids=stream.ids,
+            question=question.strip(), answer=cut.text.strip(), token_ids=stream.ids,
             ttft_s=ttft if ttft is not None else total, total_s=total,
             prompt_tokens=len(split.ids), cached_tokens=reuse, question_tokens=len(new_ids),
             new_tokens=len(stream.ids), boundary_ok=split.boundary_ok,
             mode="cache" if use_cache else "no-cache", cache_source=self.cache_source,
+            finish_reason="stop" if stopped else "length",
         )
+
+    def fit(self, question: str, history: Sequence[Turn] = (), max_new_tokens: int = 256) -> Split:
+        """The question's token plan, or ContextLengthError when knowledge + question + history +
+        `max_new_tokens` would run past the model's context window (positions past it give garbage)."""
+        if max_new_tokens < 1:
+            raise CagError(f"max_new_tokens must be at least 1 (got {max_new_tokens})")
+        split = self.builder.split(question, history, prefix_ids=self.prefix_ids)
+        if len(split.ids) + max_new_tokens > self.lm.context_window:
+            raise ContextLengthError(split.reuse, len(split.ids) - split.reuse, max_new_tokens, self.lm.context_window)
+        return split
+
+    def trim_history(self, question: str, history: Sequence[Turn], max_new_tokens: int = 256) -> list[Turn]:
+        """The most recent turns of `history` that fit the context window with this question and answer
+        budget (oldest dropped first); raises ContextLengthError when even the question alone does not fit."""
+        kept = list(history)
+        while True:
+            try:
+                self.fit(question, kept, max_new_tokens)
+                return kept
+            except ContextLengthError:
+                if not kept:
+                    raise
+                kept.pop(0)
 
     def ask_many(self, questions: Sequence[str], *, max_new_tokens: int = 256) -> list[Answer]:
         """Greedy answers to several questions decoded together on the one shared prefix (cag.batch).
@@ -133,7 +169,7 @@ class KnowledgeBase:
 
         self._refresh_if_invalidated()
         start = time.perf_counter()
-        splits = [self.builder.split(q, prefix_ids=self.prefix_ids) for q in questions]
+        splits = [self.fit(q, max_new_tokens=max_new_tokens) for q in questions]
         together = [i for i, sp in enumerate(splits) if sp.boundary_ok]
         outs = batch.generate_batch(self.lm.model, self.layers, [splits[i].new_ids for i in together],
                                     max_new_tokens=max_new_tokens, stop_ids=self._stops) if together else []
@@ -145,7 +181,7 @@ class KnowledgeBase:
                 question=questions[i].strip(), answer=self.lm.tokenizer.decode(ids, skip_special_tokens=True).strip(),
                 token_ids=ids, ttft_s=total, total_s=total, prompt_tokens=len(sp.ids), cached_tokens=sp.reuse,
                 question_tokens=len(sp.new_ids), new_tokens=len(ids), boundary_ok=True, mode="cache-batch",
-                cache_source=self.cache_source)
+                cache_source=self.cache_source, finish_reason="length" if len(ids) >= max_new_tokens else "stop")
         return [a if a is not None else self.ask(q, max_new_tokens=max_new_tokens) for a, q in zip(answers, questions)]
 
     def __post_init__(self) -> None:
@@ -180,7 +216,7 @@ def build(sources: Iterable[str | Path], name: str | None = None, *, model: str 
     if not sources:
         raise KnowledgeError("give at least one file or folder to build from")
     name = name or Path(sources[0]).stem
-    paths.kb_dir(name)  # refuse a bad name before any work
+    paths.writable(paths.kb_dir(name))  # refuse a bad name or a read-only CAG_HOME before any work
     docs = knowledge.load(sources)
     lm = lm or models.load(model, device=device, dtype=dtype, log=log)
     settings = {"name": name, "sources": sources, "model": model or models.DEFAULT_MODEL,
@@ -216,8 +252,11 @@ def _build(settings: dict, docs, lm, policy: Policy, store: TieredStore, chunk_s
            log: Log, incremental_update: bool = True, previous: Entry | None = None) -> KnowledgeBase:
     name = settings["name"]
     builder = PromptBuilder(lm.tokenizer, docs, settings["instruction"])
-    prefix_ids = builder.prefix_ids()
     fits = lm.context_window - settings["reserve"]
+    over = builder.exceeds(max(fits, 0))
+    if over is not None:
+        raise KnowledgeTooLargeError(over, max(fits, 0), lm.context_window, settings["reserve"], at_least=True)
+    prefix_ids = builder.prefix_ids()
     if len(prefix_ids) > fits:
         raise KnowledgeTooLargeError(len(prefix_ids), max(fits, 0), lm.context_window, settings["reserve"])
     if policy.version is None:  # a build is the published version unless it says otherwise

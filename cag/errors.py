@@ -16,12 +16,26 @@ class KnowledgeError(CagError):
 class KnowledgeTooLargeError(KnowledgeError):
     """The knowledge base does not fit the model's context window (minus the question/answer reserve)."""
 
-    def __init__(self, tokens: int, fits: int, context: int, reserve: int):
+    def __init__(self, tokens: int, fits: int, context: int, reserve: int, at_least: bool = False):
         self.tokens, self.fits, self.context, self.reserve = tokens, fits, context, reserve
         super().__init__(
-            f"knowledge base is {tokens} tokens, but at most {fits} fit "
+            f"knowledge base is {'more than ' if at_least else ''}{tokens} tokens, but at most {fits} fit "
             f"(context window {context} minus {reserve} reserved for question and answer); "
-            "remove documents or use a model with a longer context"
+            "split it into shards with `cag build --shard` (shard=True), remove documents, "
+            "or use a model with a longer context"
+        )
+
+
+class ContextLengthError(CagError):
+    """The cached knowledge + question (+ history) + the answer's token budget exceed the context window."""
+
+    def __init__(self, prefix: int, rest: int, max_new_tokens: int, context: int):
+        self.prefix, self.rest, self.max_new_tokens, self.context = prefix, rest, max_new_tokens, context
+        over = prefix + rest + max_new_tokens - context
+        super().__init__(
+            f"the prompt does not fit the model's context window: {prefix} knowledge tokens + {rest} question and "
+            f"history tokens + {max_new_tokens} answer tokens = {prefix + rest + max_new_tokens}, "
+            f"{over} more than the {context} available; shorten the question or history, or lower max_new_tokens"
         )
 
 

@@ -31,3 +31,16 @@ def kb_dir(name: str) -> Path:
             "starting with a letter or digit"
         )
     return kbs_dir() / name
+
+
+def writable(folder: Path) -> Path:
+    """`folder` after checking that it, or the folder it would be created in, can be written (before any
+    prefill, which can take minutes). Nothing is created here, so a refused build leaves nothing behind."""
+    probe = folder
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        why = "is not a folder" if probe.exists() and not probe.is_dir() else "is not writable"
+        raise CagError(f"cannot store knowledge bases under {home()}: {probe} {why}; point CAG_HOME at a "
+                       "writable folder")
+    return folder

@@ -58,6 +58,7 @@ class PromptBuilder:
     docs: Sequence[Document]
     instruction: str = DEFAULT_INSTRUCTION
     _prefix_ids: list[int] | None = field(default=None, init=False, repr=False)
+    _head: tuple[str, list[int]] | None = field(default=None, init=False, repr=False)
 
     # -- identity ---------------------------------------------------------------------------------
     @property
@@ -124,6 +125,37 @@ class PromptBuilder:
         # A rendered chat template already holds its special tokens (BOS included where the model wants it).
         return self._encoder().encode(_pieces(marked), add_special=self.chat_template is None)
 
+    def _encode_prompt(self, marked: str) -> list[int]:
+        """_encode(marked), reusing the ids of the prefix up to its last special token: text runs between
+        special tokens are tokenized independently, so that part never changes with the question, and
+        re-tokenizing the whole knowledge for every question would cost time in proportion to its size."""
+        if self._head is None:
+            head = self._encoder().head(self._prefix_marked()) if self.chat_template is not None else ""
+            self._head = (head, self._encode(head) if head else [])
+        head, ids = self._head
+        if head and marked.startswith(head):
+            return ids + self._encode(marked[len(head):])
+        return self._encode(marked)
+
+    def exceeds(self, limit: int) -> int | None:
+        """A cheap look before tokenizing the knowledge: a lower bound on its token count when that is
+        already over `limit`, else None. Tokenizing megabytes of text at once takes gigabytes of memory;
+        this reads the length and then counts in pieces, stopping as soon as the count is clearly over."""
+        text = self.system_text()
+        enc = self._encoder()
+        bound = len(text) // enc.longest_token()
+        if bound > limit:
+            return bound
+        count, start, piece = 0, 0, 1 << 15
+        while start < len(text):
+            end = len(text) if start + piece >= len(text) else max(text.rfind(" ", start, start + piece),
+                                                                    text.rfind("\n", start, start + piece), start + 1)
+            count += len(enc.inert.encode(text[start:end], add_special_tokens=False).ids)  # cut before a space:
+            start = end  # where the tokenizer's pre-tokenizer splits anyway, so the pieces add up to the whole
+            if count > limit + limit // 50 + 64:  # clearly over; near the limit the exact count decides
+                return count
+        return None
+
     def _encoder(self) -> "SafeEncoder":
         return SafeEncoder.of(self.tokenizer)
 
@@ -132,7 +164,7 @@ class PromptBuilder:
         """Tokenize the full prompt and find how much of it the cached prefix covers, verified token by token."""
         question = clean_question(question)
         prefix = list(self.prefix_ids() if prefix_ids is None else prefix_ids)
-        ids = self._encode(self._render(question, history, mark=True))
+        ids = self._encode_prompt(self._render(question, history, mark=True))
         reuse = common_prefix_len(prefix, ids)
         if reuse == len(ids):  # always leave at least one token to compute the next-token logits from
             reuse -= 1
@@ -153,6 +185,16 @@ def _check(text: str) -> str:
 
 def _unmark(text: str) -> str:
     return text.replace(_OPEN, "").replace(_CLOSE, "")
+
+
+def _prefix_of(marked: str, n: int) -> str:
+    """The shortest prefix of `marked` holding `n` characters of unmarked text (marks included, none dangling)."""
+    pos = seen = 0
+    while seen < n:
+        if marked[pos] not in (_OPEN, _CLOSE):
+            seen += 1
+        pos += 1
+    return marked[:pos]
 
 
 def _pieces(marked: str) -> list[tuple[str, bool]]:
@@ -194,6 +236,7 @@ class SafeEncoder:
         self.inert.encode_special_tokens = True
         self.inert.no_truncation()
         self.inert.no_padding()
+        self._longest: int | None = None
         added = {t.content: i for i, t in backend.get_added_tokens_decoder().items()}
         self.added = added
         self.split_at = re.compile("(" + "|".join(re.escape(c) for c in sorted(added, key=len, reverse=True)) + ")") \
@@ -206,6 +249,24 @@ class SafeEncoder:
             if enc is None or enc.tokenizer is not tokenizer:
                 enc = cls._cache[id(tokenizer)] = cls(tokenizer)
             return enc
+
+    def head(self, marked: str) -> str:
+        """`marked` up to and including its last special token outside user text ("" if none)."""
+        end, pos = 0, 0
+        for text, user in _pieces(marked):
+            if not user and self.split_at is not None:
+                for m in self.split_at.finditer(text):
+                    end = pos + m.end()
+            pos += len(text)
+        return _prefix_of(marked, end)
+
+    def longest_token(self) -> int:
+        """Characters in the longest token: a text of N characters is at least N / this many tokens."""
+        if self._longest is None:
+            vocab = self.normal.get_vocab(with_added_tokens=False)
+            decoder = self.normal.decoder
+            self._longest = max(1, max((len(decoder.decode([t])) if decoder else len(t)) for t in vocab))
+        return self._longest
 
     def encode(self, pieces: list[tuple[str, bool]], add_special: bool) -> list[int]:
         """Ids of the concatenated pieces; added tokens count only inside template (is_user False) pieces."""
