@@ -36,7 +36,8 @@ FORMAT = "cag-kv"
 FORMAT_VERSION = 1
 MANIFEST_KEY = "cag_manifest"
 SIGNING_KEY_ENV = "CAG_SIGNING_KEY"
-CHECKSUM = "sha256-pieces"  # manifest["checksum"]: how tensors_sha256 was computed (absent: one sequential sha256)
+CHECKSUM = "sha256-pieces+manifest"  # manifest["checksum"]: how tensors_sha256 was computed
+PIECES = "sha256-pieces"  # earlier files: tensor pieces only; absent: one sequential sha256 over the tensors
 PIECE = 8 << 20
 
 
@@ -49,6 +50,12 @@ class Expect:
     template: str | None = None
     knowledge: str | None = None
     dtype: str | None = None
+    kv: str | None = None  # how the KV is stored: its dtype name, or the quantization ("int8")
+
+
+def kv_storage(manifest: dict) -> str:
+    """What a cache's KV is stored as: its quantization, else its dtype ("int8", "float32", "bfloat16")."""
+    return manifest.get("kv_quant") or manifest.get("dtype")
 
 
 @dataclass
@@ -83,10 +90,10 @@ def save(path: str | Path, layers: KV, prefix_ids: list[int], manifest: dict, kv
         "shapes": {"k": [list(k.shape) for k, _ in layers], "v": [list(v.shape) for _, v in layers]},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "checksum": CHECKSUM,
-        "tensors_sha256": _checksum(tensors),
     }
     if kv_quant:
         full["kv_quant"] = kv_quant
+    full["tensors_sha256"] = _checksum(tensors, CHECKSUM, full)
     key = signing_key()
     if key is not None:
         full["signature"] = _sign(full, key)
@@ -115,11 +122,32 @@ def _manifest(where: str, meta: dict) -> dict:
         manifest = json.loads(meta[MANIFEST_KEY])
     except ValueError:
         raise CacheFileError(f"cache file {where} has a damaged manifest; rebuild it") from None
+    if not isinstance(manifest, dict):
+        raise CacheFileError(f"cache file {where} has a damaged manifest (not a JSON object); rebuild it")
     if manifest.get("format") != FORMAT:
         raise CacheFileError(f"{where} is not a cag cache file (format {manifest.get('format')!r})")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise CacheMismatchError(where, "format version", FORMAT_VERSION, manifest.get("format_version"))
+    for key, kinds in _FIELDS.items():
+        optional = key in _OPTIONAL
+        if (key not in manifest and not optional) or (key in manifest and not isinstance(manifest[key], kinds)) \
+                or isinstance(manifest.get(key), bool):
+            want = " or ".join(k.__name__.replace("str", "text").replace("int", "a whole number")
+                               .replace("dict", "an object").replace("list", "a list") for k in kinds)
+            raise CacheFileError(f"cache file {where} has a damaged manifest: field {key!r} must be {want}; rebuild it")
+    for key in IDENTITY:
+        inner = manifest.get(key, {})
+        if not all(isinstance(v, (str, int)) for v in inner.values()):
+            raise CacheFileError(f"cache file {where} has a damaged manifest: field {key!r} holds a non-text value; "
+                                 "rebuild it")
     return manifest
+
+
+IDENTITY = ("model", "tokenizer", "template", "knowledge")  # what a cache was made for (dicts of text)
+_FIELDS = {"layers": (int,), "tokens": (int,), "dtype": (str,), "shapes": (dict,), "tensors_sha256": (str,),
+           "checksum": (str,), "signature": (str,), "kv_quant": (str,), "created": (str,), "cag_version": (str,),
+           **{key: (dict,) for key in IDENTITY}}
+_OPTIONAL = {"checksum", "signature", "kv_quant", "created", "cag_version", *IDENTITY}
 
 
 def load(path: str | Path, expect: Expect = Expect(), device: torch.device | str = "cpu") -> Loaded:
@@ -157,7 +185,7 @@ def _verified(where: str, manifest: dict, read_tensors, expect: Expect, device) 
         tensors = read_tensors()
     except Exception as err:  # noqa: BLE001
         raise CacheFileError(f"cache file {where} is corrupt or truncated ({_first_line(err)}); rebuild it") from None
-    if _checksum(tensors, manifest.get("checksum")) != manifest.get("tensors_sha256"):
+    if _checksum(tensors, manifest.get("checksum"), manifest) != manifest["tensors_sha256"]:
         raise CacheFileError(f"cache file {where} failed its checksum: it is corrupt or was tampered with; rebuild it")
     layers, prefix_ids = _unpack(where, tensors, manifest)
     wrong = mismatch(manifest, expect)
@@ -175,6 +203,7 @@ def mismatch(manifest: dict, expect: Expect) -> tuple[str, str, str | None] | No
         ("prompt template", expect.template, manifest.get("template", {}).get("fingerprint")),
         ("knowledge", expect.knowledge, manifest.get("knowledge", {}).get("sha256")),
         ("dtype", expect.dtype, manifest.get("dtype")),
+        ("KV storage type", expect.kv, kv_storage(manifest)),
     ):
         if want is not None and want != have:
             return field, want, have
@@ -223,8 +252,12 @@ def _unpack(path: str, tensors: dict[str, torch.Tensor], manifest: dict) -> tupl
     return layers, prefix_ids
 
 
-def _checksum(tensors: dict[str, torch.Tensor], method: str | None = CHECKSUM) -> str:
-    """sha256 over every tensor's name, dtype, shape and bytes (see the module docstring for `method`)."""
+def _checksum(tensors: dict[str, torch.Tensor], method: str | None = CHECKSUM, manifest: dict | None = None) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes (see the module docstring for `method`).
+
+    With CHECKSUM it also covers every manifest field (but the digest and the signature): a changed
+    `created` or `model.path` fails the check like a changed byte. Without CAG_SIGNING_KEY that guards
+    against corruption, not a forger, who can recompute it; a signature guards against both."""
     items = []
     for name in sorted(tensors):
         t = tensors[name].contiguous()
@@ -235,8 +268,11 @@ def _checksum(tensors: dict[str, torch.Tensor], method: str | None = CHECKSUM) -
             h.update(header)
             h.update(data)
         return h.hexdigest()
-    if method != CHECKSUM:
+    if method not in (CHECKSUM, PIECES):
         return ""  # an unknown method never matches: the file is refused as failing its checksum
+    if method == CHECKSUM:
+        body = {k: v for k, v in (manifest or {}).items() if k not in ("tensors_sha256", "signature")}
+        h.update(json.dumps(body, sort_keys=True).encode() + b"|")
     pieces = [[data[i:i + PIECE] for i in range(0, max(len(data), 1), PIECE)] for _, data in items]
     flat = [piece for per_tensor in pieces for piece in per_tensor]
     with ThreadPoolExecutor(max_workers=min(len(flat), os.cpu_count() or 1, 32)) as pool:

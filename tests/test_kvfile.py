@@ -40,8 +40,9 @@ def saved(tmp_path, cache, monkeypatch):
     return path
 
 
-def _resave(path: Path, edit_manifest=None, edit_tensors=None):
-    """Rewrite a cache file the way an attacker or a buggy tool would: valid safetensors, altered content."""
+def _resave(path: Path, edit_manifest=None, edit_tensors=None, recompute=False):
+    """Rewrite a cache file the way an attacker or a buggy tool would: valid safetensors, altered content
+    (with `recompute`, a checksum made afresh over the altered content, as a forger would)."""
     with safe_open(str(path), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
         manifest = json.loads(f.metadata()[kvfile.MANIFEST_KEY])
@@ -49,6 +50,8 @@ def _resave(path: Path, edit_manifest=None, edit_tensors=None):
         edit_tensors(tensors)
     if edit_manifest:
         edit_manifest(manifest)
+    if recompute:
+        manifest["tensors_sha256"] = kvfile._checksum(tensors, manifest.get("checksum"), manifest)
     save_file(tensors, str(path), metadata={kvfile.MANIFEST_KEY: json.dumps(manifest)})
 
 
@@ -123,6 +126,9 @@ def test_manifest_that_lies_about_tokens_or_shapes_is_refused(saved):
     def edit(m):
         m["tokens"] = 99
     _resave(saved, edit_manifest=edit)
+    with pytest.raises(CacheFileError, match="failed its checksum"):  # the checksum covers the manifest
+        kvfile.load(saved)
+    _resave(saved, recompute=True)
     with pytest.raises(CacheFileError, match="number of tokens"):
         kvfile.load(saved)
 
@@ -143,7 +149,7 @@ def test_tensor_swapped_with_recomputed_checksum_passes_only_without_a_key(saved
         with safe_open(str(saved), "pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         poison(tensors)
-        m["tensors_sha256"] = kvfile._checksum(tensors)
+        m["tensors_sha256"] = kvfile._checksum(tensors, m["checksum"], m)
 
     _resave(saved, edit_manifest=fix_checksum, edit_tensors=poison)
     with pytest.raises(CacheFileError, match="bad signature"):
@@ -260,7 +266,8 @@ def test_piecewise_checksum_covers_every_piece_of_a_large_tensor(tmp_path, monke
     assert manifest["checksum"] == kvfile.CHECKSUM
     with safe_open(str(path), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    assert kvfile._checksum(tensors) == manifest["tensors_sha256"] != kvfile._checksum(tensors, None)
+    assert kvfile._checksum(tensors, kvfile.CHECKSUM, manifest) == manifest["tensors_sha256"] \
+        != kvfile._checksum(tensors, None)
 
     def flip_in_second_piece(t):
         t["v.0"].view(-1)[(kvfile.PIECE // 4) + 10] += 1.0
@@ -281,6 +288,61 @@ def test_files_with_the_original_sequential_checksum_still_load(saved):
     _resave(saved, edit_tensors=lambda t: t["k.0"].view(-1)[0].add_(1.0))
     with pytest.raises(CacheFileError, match="checksum"):
         kvfile.load(saved)
+
+
+def test_files_with_the_tensor_only_piecewise_checksum_still_load(saved):
+    """Files written before the checksum covered the manifest: tensor pieces only."""
+    def earlier(m):
+        with safe_open(str(saved), "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        m["checksum"] = kvfile.PIECES
+        m["tensors_sha256"] = kvfile._checksum(tensors, kvfile.PIECES)
+
+    _resave(saved, edit_manifest=earlier)
+    assert kvfile.load(saved, GOOD).manifest["checksum"] == kvfile.PIECES
+    _resave(saved, edit_tensors=lambda t: t["k.0"].view(-1)[0].add_(1.0))
+    with pytest.raises(CacheFileError, match="checksum"):
+        kvfile.load(saved)
+
+
+@pytest.mark.parametrize("field", ["created", "cag_version", "model"])
+def test_informational_manifest_fields_are_covered_by_the_checksum(saved, field):
+    edits = {"created": "1999-01-01T00:00:00Z", "cag_version": "9.9.9", "model": {**IDENTITY["model"], "path": "/x"}}
+    _resave(saved, edit_manifest=lambda m: m.update({field: edits[field]}))
+    with pytest.raises(CacheFileError, match="failed its checksum"):
+        kvfile.load(saved)
+
+
+@pytest.mark.parametrize("raw, field", [
+    ("[1, 2, 3]", "not a JSON object"), ('"text"', "not a JSON object"),
+])
+def test_a_manifest_that_is_not_an_object_is_refused_by_name(tmp_path, raw, field):
+    path = tmp_path / "hand.safetensors"
+    save_file({"prefix_ids": torch.tensor([1])}, str(path), metadata={kvfile.MANIFEST_KEY: raw})
+    with pytest.raises(CacheFileError, match=field):
+        kvfile.load(path)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("signature", 12345), ("signature", ["a"]), ("tokens", "100"), ("layers", None), ("tensors_sha256", 5),
+    ("shapes", [1]), ("model", "m"), ("kv_quant", 8), ("tokens", True),
+])
+def test_manifest_fields_of_the_wrong_type_are_refused_by_name(saved, monkeypatch, field, value):
+    monkeypatch.setenv("CAG_SIGNING_KEY", "s3cret")  # a signature check must not crash on a non-string
+    _resave(saved, edit_manifest=lambda m: m.update({field: value}))
+    with pytest.raises(CacheFileError, match=f"field '{field}'"):
+        kvfile.load(saved)
+
+
+def test_an_int8_cache_is_refused_where_a_float32_one_is_expected(tmp_path, cache):
+    quant, plain = tmp_path / "q.safetensors", tmp_path / "p.safetensors"
+    kvfile.save(quant, cache[0], cache[1], IDENTITY, kv_quant="int8")
+    kvfile.save(plain, cache[0], cache[1], IDENTITY)
+    with pytest.raises(CacheMismatchError, match="KV storage type.*file has int8, expected float32"):
+        kvfile.load(quant, Expect(kv="float32"))
+    with pytest.raises(CacheMismatchError, match="KV storage type.*file has float32, expected int8"):
+        kvfile.load(plain, Expect(kv="int8"))
+    assert kvfile.load(quant, Expect(kv="int8")).manifest["kv_quant"] == "int8"
 
 
 def test_an_unknown_checksum_method_is_refused(saved):
