@@ -14,7 +14,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from . import __version__
-from .errors import CagError
+from .errors import CagError, ContextLengthError
+from .stoptext import StopText
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -98,13 +99,15 @@ def _use_redis(url: Optional[str]) -> None:
 def ask(
     name: str = typer.Argument(..., help="Knowledge base name."),
     question: Optional[str] = typer.Argument(None, help="The question (or use --questions)."),
-    questions: Optional[Path] = typer.Option(None, "--questions", "-q", help='JSONL file, one {"q": "..."} per line.'),
+    questions: Optional[Path] = typer.Option(None, "--questions", "-q",
+                                             help='JSONL file, one {"q": "..."} (or {"question": "..."}) per line.'),
     no_cache: bool = typer.Option(False, "--no-cache", help="Reference mode: run the full prompt, no cached prefix."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per answer on stdout."),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Most tokens to generate per answer."),
-    temperature: float = typer.Option(0.0, help="0 = greedy (default)."),
-    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold (with --temperature)."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Most tokens to generate per answer."),
+    temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy (default)."),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold (with --temperature)."),
     seed: Optional[int] = typer.Option(None, help="Seed for repeatable sampling."),
+    stop: Optional[List[str]] = typer.Option(None, "--stop", help="End the answer before this text (repeatable, up to 4)."),
     no_rebuild: bool = typer.Option(False, "--no-rebuild", help="Fail instead of rebuilding when knowledge files changed."),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
@@ -116,6 +119,7 @@ def ask(
 
     _use_redis(redis)
     items = _questions(question, questions)
+    StopText(stop or ())  # refuse bad stop strings before loading anything
     with _Bar() as bar:
         kb = api.load(name, device=device, dtype=dtype, rebuild=not no_rebuild, log=_log, progress=bar)
     sampling = Sampling(temperature=temperature, top_p=top_p, seed=seed)
@@ -126,7 +130,8 @@ def ask(
             on_text = lambda t: (out.file.write(t), out.file.flush())  # noqa: E731
         else:
             on_text = None
-        a = kb.ask(q, use_cache=not no_cache, max_new_tokens=max_new_tokens, sampling=sampling, on_text=on_text)
+        a = kb.ask(q, use_cache=not no_cache, max_new_tokens=max_new_tokens, sampling=sampling, on_text=on_text,
+                   stop=stop or ())
         if as_json:
             row = a.to_dict()
             row.pop("token_ids")
@@ -141,6 +146,8 @@ def _questions(question: Optional[str], file: Optional[Path]) -> list[str]:
     if (question is None) == (file is None):
         raise CagError("give either a question or --questions FILE.jsonl (not both)")
     if file is None:
+        if not question.strip():
+            raise CagError("the question is empty")
         return [question]
     if not file.is_file():
         raise CagError(f"questions file not found: {file}")
@@ -150,11 +157,12 @@ def _questions(question: Optional[str], file: Optional[Path]) -> list[str]:
             continue
         try:
             row = json.loads(line)
-            q = row["q"] if isinstance(row, dict) else None
         except ValueError:
-            q = None
+            row = None
+        q = next((row[k] for k in ("q", "question") if k in row), None) if isinstance(row, dict) else None
         if not isinstance(q, str) or not q.strip():
-            raise CagError(f'{file}:{no}: expected a JSON object like {{"q": "question"}}')
+            raise CagError(f'{file}:{no}: expected a JSON object like {{"q": "question"}} or {{"question": "..."}} '
+                           "with a non-empty question")
         items.append(q)
     if not items:
         raise CagError(f"{file} holds no questions")
@@ -164,7 +172,7 @@ def _questions(question: Optional[str], file: Optional[Path]) -> list[str]:
 @app.command()
 def chat(
     name: str = typer.Argument(..., help="Knowledge base name."),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
 ) -> None:
     """Interactive chat; earlier turns are kept (after the cached knowledge). /reset clears them, /exit quits."""
@@ -186,6 +194,14 @@ def chat(
             continue
         if not q:
             continue
+        try:
+            kept = kb.trim_history(q, history, max_new_tokens)
+        except ContextLengthError as e:
+            _log(f"not sent: {e}")
+            continue
+        if len(kept) < len(history):
+            _log(f"(the {len(history) - len(kept)} oldest turn(s) no longer fit the context window: dropped)")
+            history[:] = kept
         out.file.write("cag> ")
         a = kb.ask(q, history=history, max_new_tokens=max_new_tokens,
                    on_text=lambda t: (out.file.write(t), out.file.flush()))
@@ -361,6 +377,10 @@ def main() -> None:
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
+    except OSError as e:  # a full disk, a read-only or missing folder: the user's to fix, not a bug
+        where = f" ({e.filename})" if e.filename else ""
+        err.print(f"error: {e.strerror or e}{where}", markup=False, style="red")
+        sys.exit(1)
     except Exception as e:  # noqa: BLE001 - a bug, but still no traceback unless asked for
         if os.environ.get("CAG_DEBUG"):
             raise

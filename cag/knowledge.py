@@ -11,7 +11,7 @@ import json
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from .errors import KnowledgeError
 
@@ -27,15 +27,23 @@ class Document:
     text: str
 
 
-def load(sources: Iterable[str | Path]) -> list[Document]:
-    """Load every source (file or folder, recursively) in a stable order; refuse missing or empty input."""
+def load(sources: Iterable[str | Path], log: Callable[[str], None] | None = None) -> list[Document]:
+    """Load every source (file or folder, recursively) in a stable order; refuse missing or empty input.
+
+    Files of an unsupported type inside a folder are left out, and `log` gets one line naming them."""
     docs: list[Document] = []
     for source in sources:
         path = Path(source).expanduser()
         if not path.exists():
             raise KnowledgeError(f"knowledge path not found: {path}")
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and _wanted(p, path))
+            visible = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p, path))
+            files = [p for p in visible if p.suffix.lower() in SUPPORTED]
+            skipped = [p.relative_to(path).as_posix() for p in visible if p.suffix.lower() not in SUPPORTED]
+            if skipped and log is not None:
+                shown = ", ".join(skipped[:10]) + (f" and {len(skipped) - 10} more" if len(skipped) > 10 else "")
+                log(f"{path}: skipped {len(skipped)} file(s) of unsupported type: {shown} "
+                    f"(supported: {', '.join(sorted(SUPPORTED))})")
             if not files:
                 raise KnowledgeError(
                     f"folder {path} holds no readable documents (supported: {', '.join(sorted(SUPPORTED))})"
@@ -54,9 +62,8 @@ def load(sources: Iterable[str | Path]) -> list[Document]:
     return docs
 
 
-def _wanted(path: Path, root: Path) -> bool:
-    rel = path.relative_to(root)
-    return path.suffix.lower() in SUPPORTED and not any(part.startswith(".") for part in rel.parts)
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
 def read_file(path: Path) -> str:

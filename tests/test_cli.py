@@ -120,3 +120,65 @@ def test_version_native_reports_the_kernel_build_or_why_not(tmp_path):
     env_off = {**os.environ, "CAG_HOME": str(tmp_path / "home"), "CAG_NATIVE": "0"}
     off = subprocess.run(CAG + ["version", "--native"], capture_output=True, text=True, env=env_off, timeout=120)
     assert off.returncode == 0 and "unavailable: native kernels disabled by CAG_NATIVE=0" in off.stdout
+
+
+def test_questions_file_takes_what_json_output_writes(setup, tmp_path):
+    """`cag ask --json` output fed back as --questions: objects with `question` work as well as `q`."""
+    home, _ = setup
+    first = tmp_path / "q.jsonl"
+    first.write_text('{"q": "Who founded it?"}\n{"question": "How much is the Heron?"}\n')
+    out = run(["ask", "kb", "-q", first, "--json", "--max-new-tokens", "3"], home).stdout
+    again = tmp_path / "again.jsonl"
+    again.write_text(out)
+    rows = [json.loads(line) for line in run(["ask", "kb", "-q", again, "--json", "--max-new-tokens", "3"], home).stdout.splitlines()]
+    assert [r["question"] for r in rows] == ["Who founded it?", "How much is the Heron?"]
+
+
+def test_bad_arguments_are_refused_before_the_model_loads(setup, tmp_path):
+    home, docs = setup
+    proc = run(["ask", "kb", "hi", "--max-new-tokens", "0"], home, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr and "--max-new-tokens" in proc.stderr
+    # an empty question is refused before anything is loaded: even for a knowledge base that does not exist
+    assert_one_line_error(run(["ask", "no-such-kb", "   "], home, check=False), "the question is empty")
+    empty = tmp_path / "empty-q.jsonl"
+    empty.write_text('{"question": "  "}\n')
+    assert_one_line_error(run(["ask", "no-such-kb", "-q", empty], home, check=False), f"{empty}:1")
+
+
+def test_a_question_past_the_context_window_is_an_error_not_garbage(setup):
+    home, _ = setup
+    proc = run(["ask", "kb", "lantern " * 1100, "--max-new-tokens", "4"], home, check=False)
+    assert_one_line_error(proc, "does not fit the model's context window", "knowledge tokens", "1024 available")
+    proc = run(["ask", "kb", "Who founded it?", "--max-new-tokens", "1000"], home, check=False)
+    assert_one_line_error(proc, "1000 answer tokens")
+
+
+def test_chat_drops_the_oldest_turns_when_the_window_runs_out(setup):
+    home, _ = setup
+    long_q = "Tell me everything about the lanterns and their prices " * 25  # ~300 tokens per turn
+    proc = run(["chat", "kb", "--max-new-tokens", "40"], home, stdin=f"{long_q}\n{long_q}\n{long_q}\nAnd who?\n/exit\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("cag> ") == 4  # every question answered
+    assert "no longer fit the context window: dropped" in proc.stderr
+    proc = run(["chat", "kb"], home, stdin="lantern " * 1100 + "\nWho?\n/exit\n")
+    assert "not sent:" in proc.stderr and proc.stdout.count("cag> ") == 1  # refused, the chat goes on
+
+
+def test_unsupported_files_in_a_folder_are_reported(tmp_path, tiny_model_dir):
+    docs = tmp_path / "mixed"
+    docs.mkdir()
+    (docs / "a.md").write_text("The Heron lantern costs 148 crowns.")
+    (docs / "diagram.xyz").write_bytes(b"\x00\x01")
+    (docs / ".hidden.bin").write_bytes(b"\x00")
+    proc = run(["build", docs, "--name", "mixed", "--model", tiny_model_dir], tmp_path / "home")
+    assert "skipped 1 file(s) of unsupported type: diagram.xyz" in proc.stderr
+
+
+def test_a_home_that_cannot_be_written_is_a_one_line_error(tmp_path, tiny_model_dir):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    docs = tmp_path / "d"
+    docs.mkdir()
+    (docs / "a.md").write_text("text")
+    proc = run(["build", docs, "--model", tiny_model_dir], blocker / "home", check=False)
+    assert_one_line_error(proc, "cannot store knowledge bases", "is not a folder")
