@@ -217,7 +217,7 @@ def build(sources: Iterable[str | Path], name: str | None = None, *, model: str 
         raise KnowledgeError("give at least one file or folder to build from")
     name = name or Path(sources[0]).stem
     paths.writable(paths.kb_dir(name))  # refuse a bad name or a read-only CAG_HOME before any work
-    docs = knowledge.load(sources)
+    docs = knowledge.load(sources, log=log)
     lm = lm or models.load(model, device=device, dtype=dtype, log=log)
     settings = {"name": name, "sources": sources, "model": model or models.DEFAULT_MODEL,
                 "dtype": kvfile.dtype_name(lm.dtype), "instruction": instruction, "reserve": reserve}
@@ -262,7 +262,7 @@ def _build(settings: dict, docs, lm, policy: Policy, store: TieredStore, chunk_s
     if policy.version is None:  # a build is the published version unless it says otherwise
         policy = Policy(policy.ttl_s, policies.published_version(name, store))
     if incremental_update and previous is None:
-        previous = _previous(name, lm, builder, store)
+        previous = _previous(name, lm, builder, store, settings)
     done = 0
 
     def step(n: int) -> None:
@@ -293,10 +293,10 @@ def _build(settings: dict, docs, lm, policy: Policy, store: TieredStore, chunk_s
                          manifest, "built", stats, _store=store, _generation=events.generation(name))
 
 
-def _previous(name: str, lm, builder: PromptBuilder, store: TieredStore) -> Entry | None:
+def _previous(name: str, lm, builder: PromptBuilder, store: TieredStore, settings: dict) -> Entry | None:
     """The last cache of `name` made with this model, tokenizer and template, whatever its knowledge."""
     try:
-        hit = store.get(name, _expect(lm, builder, None), lm.device)
+        hit = store.get(name, _expect(lm, builder, None, settings), lm.device)
     except CagError:
         return None  # a broken or foreign cache is simply not reused
     return hit[0] if hit else None
@@ -311,9 +311,11 @@ def _identity(lm: models.LoadedModel, builder: PromptBuilder, docs) -> dict:
     }
 
 
-def _expect(lm: models.LoadedModel, builder: PromptBuilder, knowledge_sha: str | None) -> kvfile.Expect:
+def _expect(lm: models.LoadedModel, builder: PromptBuilder, knowledge_sha: str | None, settings: dict) -> kvfile.Expect:
+    dtype = kvfile.dtype_name(lm.dtype)
     return kvfile.Expect(model=lm.model_fingerprint, tokenizer=lm.tokenizer_fingerprint,
-                         template=builder.fingerprint(), knowledge=knowledge_sha, dtype=kvfile.dtype_name(lm.dtype))
+                         template=builder.fingerprint(), knowledge=knowledge_sha, dtype=dtype,
+                         kv=settings.get("kv_quant") or dtype)
 
 
 # -- loading ----------------------------------------------------------------------------------------
@@ -350,7 +352,7 @@ def load(name: str, *, device: str | None = None, dtype: str | None = None, rebu
     sha = knowledge.content_hash(docs)
     generation = events.generation(name)
     published = policies.published_version(name, store)
-    hit = store.get(name, _expect(lm, builder, None), lm.device,
+    hit = store.get(name, _expect(lm, builder, None, meta), lm.device,
                     valid=lambda entry, tier: policies.servable(entry, published))
     policy = Policy.from_meta(meta)
     if hit is not None and hit[0].manifest.get("knowledge", {}).get("sha256") == sha:
@@ -380,7 +382,7 @@ def _current_docs(meta: dict, snapshot: list[dict] | None, log: Log) -> list[kno
     """Today's knowledge files; the snapshot taken at build time if they are gone (so a cache still answers)."""
     missing = [s for s in meta["sources"] if not Path(s).exists()]
     if not missing:
-        return knowledge.load(meta["sources"])
+        return knowledge.load(meta["sources"])  # unsupported files were reported by the build
     log(f"Knowledge source not found: {missing[0]}; answering from the copy saved at build time.")
     if not snapshot:
         raise KnowledgeError(f"knowledge path not found: {missing[0]} (and no saved copy to fall back on)")

@@ -6,6 +6,7 @@ from that shard's cache exactly as a single knowledge base would answer it. The 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -95,6 +96,21 @@ class ShardedKnowledgeBase:
     def build_stats(self):
         return self.shards[0].build_stats and _sum_stats([kb.build_stats for kb in self.shards])
 
+    @property
+    def builder(self):
+        """For counting tokens of user text (the same in every shard: one model, one template)."""
+        return self.shards[0].builder
+
+    @property
+    def manifest(self) -> dict:
+        """What identifies this knowledge base's content: every shard's knowledge hash and build time."""
+        parts = [kb.manifest for kb in self.shards]
+        joined = "".join(m.get("knowledge", {}).get("sha256", "") + m.get("created", "") for m in parts)
+        return {"knowledge": {"sha256": hashlib.sha256(joined.encode()).hexdigest(),
+                              "documents": sum(m.get("knowledge", {}).get("documents", 0) for m in parts)},
+                "created": max((m.get("created", "") for m in parts), default=""),
+                "tokens": self.tokens, "shards": [kb.name for kb in self.shards]}
+
     def route(self, question: str):
         return self.shards[self.router.best(question)]
 
@@ -104,6 +120,25 @@ class ShardedKnowledgeBase:
         answer = kb.ask(question, **kwargs)
         answer.shard = kb.name
         return answer
+
+    def fit(self, question: str, history=(), max_new_tokens: int = 256):
+        return self.route(question).fit(question, history, max_new_tokens)
+
+    def trim_history(self, question: str, history, max_new_tokens: int = 256):
+        return self.route(question).trim_history(question, history, max_new_tokens)
+
+    def ask_many(self, questions: Sequence[str], **kwargs) -> list:
+        """Each shard decodes its own questions together; answers come back in the order asked."""
+        groups: dict[int, list[int]] = {}
+        for i, q in enumerate(questions):
+            groups.setdefault(self.router.best(q), []).append(i)
+        answers: list = [None] * len(questions)
+        for shard, members in groups.items():
+            kb = self.shards[shard]
+            for i, answer in zip(members, kb.ask_many([questions[i] for i in members], **kwargs)):
+                answer.shard = kb.name
+                answers[i] = answer
+        return answers
 
 
 def _sum_stats(stats: list):

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..engine import Sampling
-from ..errors import CagError
+from ..errors import CagError, ContextLengthError
 from ..prompt import Turn
 from . import conversations, guard
 from .config import ServerConfig
@@ -93,12 +93,10 @@ class ChatService:
         kb = entry.kb
         count = lambda text: len(kb.builder.tokenize(text))  # noqa: E731
         history = conversations.select(history, question, self.config.history_token_budget, count)
-        room = kb.lm.context_window - kb.tokens - max_tokens - 16  # 16: the template's own tokens per turn
-        used = count(question) + sum(count(t.question) + count(t.answer) + 8 for t in history)
-        if used > room:
-            raise ApiError(400, f"the question and history are {used} tokens, but only {max(room, 0)} fit after "
-                                f"the knowledge base ({kb.tokens} tokens) and max_tokens {max_tokens}; shorten them",
-                           code="context_length_exceeded")
+        try:
+            kb.fit(question, history, max_tokens)  # the exact prompt length, as kb.ask will check it
+        except ContextLengthError as err:
+            raise ApiError(400, str(err), code="context_length_exceeded") from None
         temperature = req.temperature or 0.0
         sampling = Sampling(temperature=temperature, top_p=req.top_p or 1.0, seed=req.seed)
         plan = Plan(req.model, folder, entry, question, history, sampling, max_tokens, conv, flagged)
