@@ -24,9 +24,8 @@ KEYS = {"alpha": "key-a", "beta": "key-b"}
 VAULT = [{"name": "vault", "text": "Zephyrine the otter guards vault 7731."}]
 
 
-def _env(url: str, keys: str | None = None) -> dict:
-    env = {"CAG_REDIS_URL": url, "CAG_API_KEYS": keys or ""}
-    return env
+def _env(url: str, keys: str = "") -> dict:
+    return {"CAG_REDIS_URL": url, "CAG_API_KEYS": keys}
 
 
 def _config(tmp_path, model_dir, **extra):
@@ -155,6 +154,7 @@ def test_a_delete_reaches_every_replica_and_survives_their_restart(tenant_replic
     assert _create(a.url, "alpha", "notes").status_code == 201
     assert _chat(b.url, "notes", tenant="alpha").status_code == 200  # B now holds a copy of its own
     assert httpx.delete(a.url + "/v1/kbs/notes", headers={"Authorization": "Bearer key-a"}).status_code == 200
+    _until(lambda: not (b.home / "kbs" / "alpha__notes").exists(), 5, "the delete event removes B's copy")
     _until(lambda: _chat(b.url, "notes", tenant="alpha").status_code == 404, 5, "replica B refuses the deleted KB")
     assert "notes" not in _models(b.url, "alpha")
     b.restart()
@@ -179,7 +179,7 @@ def test_a_delete_reaches_every_replica_and_survives_their_restart(tenant_replic
 
 
 @pytest.mark.parametrize("tenant_replicas", [False], indirect=True, ids=["private-cli-kbs"])
-def test_replicas_serve_local_copies_while_redis_is_down_and_recover(tenant_replicas, redis_server, tmp_path):  # noqa: F811
+def test_replicas_serve_local_copies_while_redis_is_down_and_recover(tenant_replicas, redis_server):  # noqa: F811
     a, b = tenant_replicas
     assert _create(a.url, "alpha", "notes").status_code == 201
     assert _chat(b.url, "notes", tenant="alpha").status_code == 200

@@ -155,7 +155,9 @@ class Registry:
             try:
                 api.delete(folder)
             except RedisError as err:
-                raise ApiError(503, f"knowledge base {name!r} was not deleted: {err}; try again when Redis is back",
+                log.warning("delete of %s refused: %s", folder, err)
+                raise ApiError(503, f"knowledge base {name!r} was not deleted: the shared cache store is unreachable "
+                                    "and a delete must reach every replica; nothing changed, try again shortly",
                                "server_error", "store_unavailable") from None
             self._loaded.pop(folder, None)
         return folder

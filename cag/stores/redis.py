@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tempfile
 import threading
 import time
@@ -94,11 +95,11 @@ class RedisStore(Store):
     def __init__(self, url: str, ttl_s: float | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
         import redis as redis_py  # the redis-py package, not this module
 
-        self.url, self.ttl_s, self.chunk_bytes = url, ttl_s, int(chunk_bytes)
+        self.url, self.ttl_s, self.chunk_bytes = re.sub(r"//[^@/]*@", "//***@", url), ttl_s, int(chunk_bytes)
         self._errors = (redis_py.RedisError, OSError)
         self.client = redis_py.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=30,
                                               health_check_interval=15)
-        self.health = Health(url)
+        self.health = Health(self.url)
         self._closed = threading.Event()
 
     # -- the KV cache ------------------------------------------------------------------------------
