@@ -17,7 +17,7 @@ from .engine import Sampling
 from .errors import (CagError, ContextLengthError, KnowledgeError, KnowledgeTooLargeError, NotFoundError,
                      StaleKnowledgeError)
 from .policies import Policy
-from .stores import Entry, TieredStore
+from .stores import Entry, Record, TieredStore
 from .kvcompat import KV
 from .prompt import DEFAULT_INSTRUCTION, PromptBuilder, Split, Turn
 from .stoptext import StopText
@@ -204,13 +204,15 @@ def build(sources: Iterable[str | Path], name: str | None = None, *, model: str 
           lm: models.LoadedModel | None = None, log: Log = _stderr,
           progress: Callable[[int, int], None] | None = None, ttl_s: float | None = None,
           version: int | None = None, incremental_update: bool = True, shard: bool = False,
-          store: TieredStore | None = None, kv_quant: str | None = None) -> KnowledgeBase:
+          store: TieredStore | None = None, kv_quant: str | None = None, owner: str | None = None) -> KnowledgeBase:
     """Read the sources, prefill them (only what changed since the last build) and write the cache through.
 
     ttl_s and version are the knowledge base's invalidation policy (see cag.policies); the cache goes
     to every persistent tier configured (CAG_HOME/kbs/NAME on disk, Redis with CAG_REDIS_URL).
     With shard=True, knowledge too large for one context is split into shards (a ShardedKnowledgeBase).
     kv_quant="int8" stores the KV lossily at a quarter of fp32 / half of bf16 (answers may change wording).
+    owner is the tenant the knowledge base belongs to (the server sets it; it travels with the cache to
+    every tier and replica); a rebuild without one keeps the owner it had.
     """
     sources = [str(Path(s).expanduser().resolve()) for s in sources]
     if not sources:
@@ -224,15 +226,19 @@ def build(sources: Iterable[str | Path], name: str | None = None, *, model: str 
     if kv_quant:
         settings["kv_quant"] = kv_quant
     store = store or stores.default()
+    if owner is None:
+        owner = getattr(store.record(name), "owner", None)
     try:
-        return _build(settings, docs, lm, Policy(ttl_s, version), store, chunk_size, progress, log, incremental_update)
+        return _build(settings, docs, lm, Policy(ttl_s, version), store, chunk_size, progress, log, incremental_update,
+                      owner=owner)
     except KnowledgeTooLargeError:
         if not shard:
             raise
-    return _build_shards(settings, docs, lm, Policy(ttl_s, version), store, chunk_size, progress, log)
+    return _build_shards(settings, docs, lm, Policy(ttl_s, version), store, chunk_size, progress, log, owner)
 
 
-def _build_shards(settings: dict, docs, lm, policy: Policy, store: TieredStore, chunk_size: int, progress, log: Log):
+def _build_shards(settings: dict, docs, lm, policy: Policy, store: TieredStore, chunk_size: int, progress, log: Log,
+                  owner: str | None = None):
     from . import shards
 
     name = settings["name"]
@@ -241,15 +247,16 @@ def _build_shards(settings: dict, docs, lm, policy: Policy, store: TieredStore, 
     built = []
     for i, group in enumerate(groups):
         sub = {**settings, "name": shards.shard_name(name, i), "documents": [d.name for d in group], "parent": name}
-        built.append(_build(sub, group, lm, policy, store, chunk_size, progress, log))
+        built.append(_build(sub, group, lm, policy, store, chunk_size, progress, log, owner=owner))
         log(f"{name}: shard {i} holds {len(group)} documents, {built[-1].tokens} tokens")
-    store.tier("disk").put_meta(name, {**settings, "shards": [kb.name for kb in built], "built_at": time.time()},
-                                knowledge.to_json(docs))
+    store.put_record(Record(name, {**settings, "shards": [kb.name for kb in built], "built_at": time.time()}, owner),
+                     knowledge.to_json(docs))
     return shards.ShardedKnowledgeBase.of(name, built)
 
 
 def _build(settings: dict, docs, lm, policy: Policy, store: TieredStore, chunk_size: int, progress,
-           log: Log, incremental_update: bool = True, previous: Entry | None = None) -> KnowledgeBase:
+           log: Log, incremental_update: bool = True, previous: Entry | None = None,
+           owner: str | None = None) -> KnowledgeBase:
     name = settings["name"]
     builder = PromptBuilder(lm.tokenizer, docs, settings["instruction"])
     fits = lm.context_window - settings["reserve"]
@@ -260,7 +267,7 @@ def _build(settings: dict, docs, lm, policy: Policy, store: TieredStore, chunk_s
     if len(prefix_ids) > fits:
         raise KnowledgeTooLargeError(len(prefix_ids), max(fits, 0), lm.context_window, settings["reserve"])
     if policy.version is None:  # a build is the published version unless it says otherwise
-        policy = Policy(policy.ttl_s, policies.published_version(name, store))
+        policy = Policy(policy.ttl_s, store.published(name))
     if incremental_update and previous is None:
         previous = _previous(name, lm, builder, store, settings)
     done = 0
@@ -283,7 +290,7 @@ def _build(settings: dict, docs, lm, policy: Policy, store: TieredStore, chunk_s
     if settings.get("kv_quant"):  # answer from what the tiers will hold, so "built" and "disk" answers agree
         identity["kv_quant"] = settings["kv_quant"]
         layers = [(kvquant.roundtrip(k), kvquant.roundtrip(v)) for k, v in layers]
-    entry = Entry(name, layers, prefix_ids, identity, meta, knowledge.to_json(docs))
+    entry = Entry(name, layers, prefix_ids, identity, meta, knowledge.to_json(docs), owner=owner)
     store.drop(name, where=lambda tier: not tier.persistent)  # memory tiers may hold the previous cache
     manifest = store.put(entry)
     disk = paths.kb_dir(name) / CACHE_FILE
@@ -321,11 +328,11 @@ def _expect(lm: models.LoadedModel, builder: PromptBuilder, knowledge_sha: str |
 # -- loading ----------------------------------------------------------------------------------------
 
 def read_meta(name: str, store: TieredStore | None = None) -> dict:
-    return _settings(name, store or stores.default())[0]
+    return _record(name, store or stores.default()).meta
 
 
-def _settings(name: str, store: TieredStore) -> tuple[dict, list[dict] | None]:
-    found = store.settings(name)
+def _record(name: str, store: TieredStore) -> Record:
+    found = store.record(name)
     if found is None:
         raise NotFoundError(f"no knowledge base named {name!r} in {paths.kbs_dir()}; build it with `cag build`")
     return found
@@ -337,21 +344,22 @@ def load(name: str, *, device: str | None = None, dtype: str | None = None, rebu
     """The knowledge base from the fastest tier holding a servable cache; rebuilt when its knowledge
     changed (or refused, rebuild=False), when it expired, was invalidated, or is of another version."""
     store = store or stores.default()
-    meta, snapshot = _settings(name, store)
+    record = _record(name, store)
+    meta = record.meta
     lm = lm or models.load(meta["model"], device=device, dtype=dtype or meta.get("dtype"), log=log)
     if meta.get("shards"):
         from .shards import ShardedKnowledgeBase
 
         return ShardedKnowledgeBase.of(name, [load(s, rebuild=rebuild, lm=lm, log=log, progress=progress, store=store)
                                               for s in meta["shards"]])
-    docs = _current_docs(meta, snapshot, log)
+    docs = _current_docs(meta, lambda: store.snapshot(name), log)
     if "documents" in meta:  # one shard of a larger knowledge base: only its own documents
         mine = set(meta["documents"])
         docs = [d for d in docs if d.name in mine]
     builder = PromptBuilder(lm.tokenizer, docs, meta["instruction"])
     sha = knowledge.content_hash(docs)
     generation = events.generation(name)
-    published = policies.published_version(name, store)
+    published = store.published(name)
     hit = store.get(name, _expect(lm, builder, None, meta), lm.device,
                     valid=lambda entry, tier: policies.servable(entry, published))
     policy = Policy.from_meta(meta)
@@ -375,15 +383,16 @@ def load(name: str, *, device: str | None = None, dtype: str | None = None, rebu
         log(f"{why}: rebuilding.")
     settings = {k: v for k, v in meta.items() if k not in ("policy", "built_at")}
     return _build({**settings, "name": name}, docs, lm, Policy(policy.ttl_s, published), store,
-                  engine.DEFAULT_CHUNK, progress, log, previous=hit[0] if hit else None)
+                  engine.DEFAULT_CHUNK, progress, log, previous=hit[0] if hit else None, owner=record.owner)
 
 
-def _current_docs(meta: dict, snapshot: list[dict] | None, log: Log) -> list[knowledge.Document]:
+def _current_docs(meta: dict, snapshot: Callable[[], list[dict] | None], log: Log) -> list[knowledge.Document]:
     """Today's knowledge files; the snapshot taken at build time if they are gone (so a cache still answers)."""
     missing = [s for s in meta["sources"] if not Path(s).exists()]
     if not missing:
         return knowledge.load(meta["sources"])  # unsupported files were reported by the build
     log(f"Knowledge source not found: {missing[0]}; answering from the copy saved at build time.")
+    snapshot = snapshot()
     if not snapshot:
         raise KnowledgeError(f"knowledge path not found: {missing[0]} (and no saved copy to fall back on)")
     return knowledge.from_json(snapshot)
@@ -393,25 +402,28 @@ def _current_docs(meta: dict, snapshot: list[dict] | None, log: Log) -> list[kno
 
 def invalidate(name: str, store: TieredStore | None = None) -> list[str]:
     """Drop `name`'s cache in every tier and every process (Redis pub/sub); the next use rebuilds it."""
-    return events.invalidate(name, store or stores.default())
+    return (store or stores.default()).invalidate(name)
 
 
 def publish(name: str, version: int, store: TieredStore | None = None) -> None:
     """Make `version` the only servable one everywhere; replicas refuse caches of any other version."""
-    store = store or stores.default()
-    policies.publish(name, version, store)
-    events.bump(name)
-    events.announce(name, "version", store)
+    (store or stores.default()).publish(name, version)
+
+
+def record(name: str, store: TieredStore | None = None) -> Record | None:
+    """Settings and owner of `name` (None if there is no such knowledge base, or it was deleted)."""
+    return (store or stores.default()).record(name)
 
 
 def list_kbs(store: TieredStore | None = None) -> list[dict]:
-    """One row per knowledge base: name, model, tokens, documents, bytes, created, status, tiers, hits, age_s."""
+    """One row per knowledge base: name, owner, model, tokens, documents, bytes, created, status, tiers, hits, age_s."""
     from . import registry
 
     return registry.rows(store or stores.default())
 
 
 def delete(name: str, store: TieredStore | None = None) -> None:
+    """Remove `name` from every tier and every replica (refused while Redis, when configured, is down)."""
     from . import registry
 
     registry.delete(name, store or stores.default())

@@ -1,29 +1,53 @@
-"""Invalidation events: one call drops a knowledge base's cache in every process at once.
+"""What processes tell each other about knowledge bases, and how a loaded one notices.
 
-`invalidate(name)` removes the cache from every tier this process can reach (memory, disk, Redis)
-and publishes the name on the Redis channel `cag:events`. Every process with CAG_REDIS_URL set
-listens on that channel (a daemon thread started with its store) and drops the name from its own
-tiers (memory, host, its disk copy). Loaded KnowledgeBase objects notice through a per-name generation number and reload
-before their next answer, so no process keeps answering from the dropped cache.
+An Event ("invalidate", "version" or "delete" of one name) is announced by the process that made the
+change over the shared tier (the Redis channel `cag:events`); every other process with CAG_REDIS_URL
+set listens (see cag.stores.tiered: it drops or removes its own local copies). Loaded KnowledgeBase
+objects notice through a per-name generation number, bumped here, and reload before their next
+answer, so no process keeps answering from a dropped, deleted or superseded cache.
+
+This module is a leaf: the stores import it, it imports nothing of cag.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import defaultdict
+from dataclasses import asdict, dataclass, field
 
-from .stores import TieredStore
-from .stores.redis import EVENTS_CHANNEL
+KINDS = ("invalidate", "version", "delete")
 
 _generations: defaultdict[str, int] = defaultdict(int)
+_epoch = 0  # bumped for every name at once, after a reconnection (events may have been missed)
 _lock = threading.Lock()
-_listening: set[int] = set()
+
+
+@dataclass(frozen=True)
+class Event:
+    name: str
+    kind: str  # one of KINDS
+    at: float = field(default_factory=time.time)
+    origin: str = ""  # the store that sent it: it acted already, and does not act on its own event again
+
+    def encode(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> "Event | None":
+        """The event in a channel message, or None for anything that is not one of ours."""
+        try:
+            data = json.loads(raw)
+            return cls(str(data["name"]), str(data.get("kind", "invalidate")), float(data.get("at") or 0.0),
+                       str(data.get("origin", "")))
+        except (ValueError, KeyError, TypeError):
+            return None
 
 
 def generation(name: str) -> int:
-    """Bumped whenever `name` is invalidated or a new version is published; KBs compare it before answering."""
-    return _generations[name]
+    """Changes whenever `name` is invalidated, deleted or a new version is published; KBs compare it before answering."""
+    return _generations[name] + _epoch
 
 
 def bump(name: str) -> None:
@@ -31,42 +55,8 @@ def bump(name: str) -> None:
         _generations[name] += 1
 
 
-def invalidate(name: str, store: TieredStore) -> list[str]:
-    """Drop `name`'s cache everywhere and tell every other process; returns the tiers here that held it."""
-    dropped = store.drop(name)
-    bump(name)
-    announce(name, "invalidate", store)
-    return dropped
-
-
-def announce(name: str, kind: str, store: TieredStore) -> None:
-    redis = store.tier("redis")
-    if redis is not None:
-        with redis._talk():
-            redis.client.publish(EVENTS_CHANNEL, json.dumps({"name": name, "kind": kind}))
-
-
-def listen(store: TieredStore) -> None:
-    """Subscribe `store` to the events channel once (a daemon thread; it dies with the process)."""
-    redis = store.tier("redis")
-    if redis is None or id(store) in _listening:
-        return
-    _listening.add(id(store))
-
-    def on_message(message: dict) -> None:
-        try:
-            name = json.loads(message["data"])["name"]
-        except (ValueError, KeyError, TypeError):
-            return  # not one of ours
-        store.drop(name, where=lambda tier: tier.name != "redis")  # the sender dropped the shared copy
-        bump(name)
-
-    pubsub = redis.client.pubsub(ignore_subscribe_messages=True)
-    with redis._talk():
-        pubsub.subscribe(**{EVENTS_CHANNEL: on_message})
-    pubsub.run_in_thread(sleep_time=0.05, daemon=True, exception_handler=_stop_quietly)
-
-
-def _stop_quietly(error: Exception, pubsub, thread) -> None:
-    """Redis went away: stop listening instead of printing tracebacks from a background thread."""
-    thread.stop()
+def bump_all() -> None:
+    """Every loaded knowledge base re-checks its cache before its next answer."""
+    global _epoch
+    with _lock:
+        _epoch += 1

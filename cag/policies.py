@@ -3,21 +3,18 @@
 - TTL: a cache older than `ttl_s` seconds (since its prefill) is not served; it is rebuilt. In Redis
   the keys also expire on their own.
 - Content hash: the knowledge files' sha256 is in the cache manifest; api.load rebuilds on a change.
-- Version: `publish(name, N)` records N as the only servable version (in Redis when configured, so
-  every replica sees it, and in CAG_HOME); a cache built as any other version is refused and rebuilt.
+- Version: `cag.publish(name, N)` records N as the only servable version (in Redis when configured,
+  so every replica sees it, and in CAG_HOME: TieredStore.publish / published); a cache built as any
+  other version is refused and rebuilt.
 - Events: see cag.events (drop a knowledge base's cache in every process at once).
 """
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 
-from . import atomic, paths
-from .stores import Entry, TieredStore
-
-VERSION_FILE = "version.json"
+from .stores import Entry
 
 
 @dataclass(frozen=True)
@@ -37,29 +34,6 @@ class Policy:
 def expired(meta: dict, now: float | None = None) -> bool:
     ttl = Policy.from_meta(meta).ttl_s
     return ttl is not None and (now or time.time()) - meta.get("built_at", 0.0) > ttl
-
-
-def published_version(name: str, store: TieredStore) -> int | None:
-    """The version every replica must serve: Redis's word when Redis is configured, else CAG_HOME's."""
-    redis = store.tier("redis")
-    if redis is not None:
-        with redis._talk():
-            raw = redis.client.get(redis._key(name, "version"))
-        if raw is not None:
-            return int(raw)
-    try:
-        return int(json.loads((paths.kb_dir(name) / VERSION_FILE).read_text())["version"])
-    except (OSError, ValueError, KeyError):
-        return None
-
-
-def publish(name: str, version: int, store: TieredStore) -> None:
-    """Make `version` the only one served; caches of other versions are refused from now on."""
-    redis = store.tier("redis")
-    if redis is not None:
-        with redis._talk():
-            redis.client.set(redis._key(name, "version"), int(version))
-    atomic.write_text(paths.kb_dir(name) / VERSION_FILE, json.dumps({"version": int(version), "at": time.time()}))
 
 
 def servable(entry: Entry, published: int | None) -> bool:

@@ -1,12 +1,12 @@
 """The registry of knowledge bases: every name on disk or in Redis, where its cache lives, how big, how used.
 
-A knowledge base is registered by its settings (kb.json: model, template instruction, policies);
-its cache may live in several tiers at once, or in none (dropped: the next load rebuilds it).
+A knowledge base is registered by its record (settings in kb.json: model, template instruction,
+policies; and its owner); its cache may live in several tiers at once, or in none (dropped: the next
+load rebuilds it). A deleted one leaves a tombstone in the shared tier, so no replica lists it again.
 """
 
 from __future__ import annotations
 
-import shutil
 import time
 from datetime import datetime, timezone
 
@@ -16,21 +16,16 @@ from .policies import Policy
 from .stores import TieredStore
 
 
-def names(store: TieredStore) -> list[str]:
-    root = paths.kbs_dir()
-    found = {f.name for f in root.iterdir() if (f / "kb.json").is_file()} if root.is_dir() else set()
-    redis = store.tier("redis")
-    if redis is not None:
-        found.update(redis.names())
-    return sorted(found)
-
-
 def rows(store: TieredStore) -> list[dict]:
-    """name, model, tokens, documents, bytes, created, status (as before) + tiers, hits, age_s, policy."""
+    """name, owner, model, tokens, documents, bytes, created, status, tiers, hits, age_s, policy."""
     out = []
-    for name in names(store):
-        meta, snapshot = store.settings(name) or ({}, None)
-        row = {"name": name, "model": meta.get("model"), "policy": Policy.from_meta(meta).to_json()}
+    for name in store.names():
+        record = store.record(name)
+        if record is None:
+            continue  # deleted elsewhere since its local copy was made
+        meta, snapshot = record.meta, store.snapshot(name)
+        row = {"name": name, "owner": record.owner, "model": meta.get("model"),
+               "policy": Policy.from_meta(meta).to_json()}
         try:
             tiers = store.info(name)
             status = "ok" if tiers else "not cached (the next load rebuilds it)"
@@ -49,17 +44,11 @@ def rows(store: TieredStore) -> list[dict]:
 
 
 def delete(name: str, store: TieredStore) -> None:
-    """Remove the knowledge base everywhere: caches in every tier, its settings and its saved text."""
-    folder = paths.kb_dir(name)
-    redis = store.tier("redis")
-    in_redis = redis is not None and redis.meta(name) is not None
-    if not (folder / "kb.json").is_file() and not in_redis:
+    """Remove the knowledge base everywhere: caches in every tier, its settings, owner and saved text,
+    on every replica (a tombstone in the shared tier; refused, changing nothing, while it is down)."""
+    if store.record(name) is None:
         raise NotFoundError(f"no knowledge base named {name!r} in {paths.kbs_dir()}")
-    store.drop(name)
-    if in_redis:
-        redis.forget(name)
-    if folder.exists():
-        shutil.rmtree(folder)
+    store.delete(name)
 
 
 def _age(created: str | None) -> float | None:

@@ -42,3 +42,55 @@ def write_docs(folder: Path, docs: dict[str, str] = LANTERN_DOCS) -> Path:
         (folder / name).write_text(text)
     return folder
 
+
+
+class Replica:
+    """`python -m cag serve` in its own process with its own CAG_HOME: one replica of a deployment.
+
+    `stop()` and `start()` again keep the home (a restart); stderr goes to a file named after the home,
+    so a failing test can show what the server said.
+    """
+
+    def __init__(self, home: Path, config: Path, env: dict[str, str]):
+        self.home, self.config, self.env = home, config, env
+        self.proc, self.url = None, None
+        self.log = home.with_name(home.name + ".log")
+
+    def start(self, timeout: float = 120) -> "Replica":
+        import os
+        import subprocess
+        import sys
+
+        import httpx
+
+        port = free_port()
+        env = {**os.environ, "CAG_HOME": str(self.home), **self.env}
+        with open(self.log, "a") as err:
+            self.proc = subprocess.Popen([sys.executable, "-m", "cag", "serve", "--port", str(port), "--config",
+                                          str(self.config)], env=env, stdout=subprocess.DEVNULL, stderr=err)
+        self.url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + timeout
+        while True:
+            try:
+                if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.stop()
+                raise RuntimeError(f"cag serve did not start: {self.log.read_text()[-3000:]}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+            self.proc = None
+
+    def restart(self) -> "Replica":
+        self.stop()
+        return self.start()

@@ -6,6 +6,7 @@ import shutil
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -18,32 +19,66 @@ def make_docs(folder):
     return folder
 
 
+def tiny_entry(name: str, tokens: int, owner: str | None = None, built_at: float | None = None):
+    """A store Entry of zeros, 128 bytes per token, made for knowledge `name` (no model needed)."""
+    import torch
+
+    from cag.stores import Entry
+
+    layers = [(torch.zeros(1, 2, tokens, 8), torch.zeros(1, 2, tokens, 8))]
+    meta = {"built_at": time.time() if built_at is None else built_at}
+    return Entry(name, layers, list(range(tokens)), {"knowledge": {"sha256": name}}, meta, [], owner=owner)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def redis_url(tmp_path):
-    exe = shutil.which("redis-server")
-    if exe is None:
-        pytest.fail("redis-server is not installed; run scripts/setup.sh (it installs Debian's redis-server)")
-    port = free_port()
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    import redis
+class RedisServer:
+    """A real redis-server on one loopback port that a test can kill and start again (no persistence:
+    a restart comes back empty, as a cache-only Redis does)."""
 
-    client = redis.Redis(port=port)
-    for _ in range(100):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    else:
-        proc.kill()
+    def __init__(self, folder: Path):
+        self.exe = shutil.which("redis-server")
+        if self.exe is None:
+            pytest.fail("redis-server is not installed; run scripts/setup.sh (it installs Debian's redis-server)")
+        self.folder, self.port, self.proc = folder, free_port(), None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        import redis
+
+        self.proc = subprocess.Popen([self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--dir", str(self.folder)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port)
+        for _ in range(100):
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        self.stop()
         pytest.fail("redis-server did not start")
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()  # as a crash: no goodbye to the clients
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server):
+    """The URL of a fresh redis-server (import `redis_server` too, for pytest to find it)."""
+    return redis_server.url

@@ -1,7 +1,9 @@
-"""Horizontal scaling: two `cag serve` replicas with separate CAG_HOMEs sharing one real Redis.
+"""Horizontal scaling: `cag serve` replicas with separate CAG_HOMEs sharing one real Redis.
 
-The knowledge base is built once by the CLI on "machine A"; the replica on "machine B" has an empty
-CAG_HOME and must answer from the cache in Redis (no prefill, no rebuild), with the same answer as A.
+A knowledge base built on one machine is answered on another with an empty CAG_HOME from the cache in
+Redis (no prefill). Tenant knowledge bases keep their owner on every replica and through every tier;
+a delete on one replica is seen by the others (and survives their restart); while Redis is down each
+replica keeps serving what it holds locally, and recovers when Redis is back.
 """
 
 from __future__ import annotations
@@ -15,52 +17,57 @@ import time
 import httpx
 import pytest
 
-from storeutil import free_port, make_docs, redis_url  # noqa: F401 - redis_url is a fixture
+from serverutil import Replica
+from storeutil import make_docs, redis_server, redis_url  # noqa: F401 - fixtures
+
+KEYS = {"alpha": "key-a", "beta": "key-b"}
+VAULT = [{"name": "vault", "text": "Zephyrine the otter guards vault 7731."}]
 
 
-def _env(home, url):
-    env = {**os.environ, "CAG_HOME": str(home), "CAG_REDIS_URL": url}
-    env.pop("CAG_API_KEYS", None)
-    return env
+def _env(url: str, keys: str = "") -> dict:
+    return {"CAG_REDIS_URL": url, "CAG_API_KEYS": keys}
+
+
+def _config(tmp_path, model_dir, **extra):
+    config = tmp_path / "server.json"
+    config.write_text(json.dumps({"model": str(model_dir), "response_cache": False, **extra}))
+    return config
+
+
+def _pair(tmp_path, config, env):
+    replicas = [Replica(tmp_path / name, config, env) for name in ("machine-a", "machine-b")]
+    try:
+        for replica in replicas:
+            replica.start()
+    except BaseException:
+        for replica in replicas:
+            replica.stop()
+        raise
+    return replicas
 
 
 @pytest.fixture
 def replicas(tmp_path, redis_url, sharp_model_dir):  # noqa: F811
-    home_a, home_b = tmp_path / "machine-a", tmp_path / "machine-b"
+    home_a = tmp_path / "machine-a"
     docs = make_docs(tmp_path / "docs")
     build = subprocess.run([sys.executable, "-m", "cag", "build", str(docs), "--name", "kb", "--model", str(sharp_model_dir)],
-                           env=_env(home_a, redis_url), capture_output=True, text=True, timeout=300)
+                           env={**os.environ, "CAG_HOME": str(home_a), **_env(redis_url)},
+                           capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr
-    config = tmp_path / "server.json"
-    config.write_text(json.dumps({"model": str(sharp_model_dir), "response_cache": False}))
-    procs, urls = [], []
-    for home in (home_a, home_b):
-        port = free_port()
-        procs.append(subprocess.Popen([sys.executable, "-m", "cag", "serve", "--port", str(port), "--config", str(config)],
-                                      env=_env(home, redis_url), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
-        urls.append(f"http://127.0.0.1:{port}")
-    try:
-        deadline = time.time() + 120
-        for url, proc in zip(urls, procs):
-            while True:
-                try:
-                    if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if proc.poll() is not None or time.time() > deadline:
-                    pytest.fail(f"cag serve did not start: {proc.stderr.read() if proc.poll() is not None else 'timeout'}")
-                time.sleep(0.2)
-        yield urls, home_a, home_b
-    finally:
-        for proc in procs:
-            proc.terminate()
-            proc.wait(timeout=30)
+    pair = _pair(tmp_path, _config(tmp_path, sharp_model_dir), _env(redis_url))
+    yield pair
+    for replica in pair:
+        replica.stop()
+
+
+def _chat(url: str, model: str, q: str = "Who guards the vault?", tenant: str | None = None) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {KEYS[tenant]}"} if tenant else {}
+    return httpx.post(url + "/v1/chat/completions", timeout=120, headers=headers,
+                      json={"model": model, "max_tokens": 10, "messages": [{"role": "user", "content": q}]})
 
 
 def _ask(url: str, q: str) -> dict:
-    r = httpx.post(url + "/v1/chat/completions", timeout=120,
-                   json={"model": "kb", "max_tokens": 10, "messages": [{"role": "user", "content": q}]})
+    r = _chat(url, "kb", q)
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -68,18 +75,138 @@ def _ask(url: str, q: str) -> dict:
 def test_replica_with_an_empty_home_answers_from_the_shared_redis_cache(replicas):
     from cag import kvfile
 
-    (url_a, url_b), home_a, home_b = replicas
+    a, b = replicas
     sources = []
     for q in ("Who founded it?", "How much is the Heron?"):
-        a, b = _ask(url_a, q), _ask(url_b, q)
-        assert b["choices"][0]["message"]["content"] == a["choices"][0]["message"]["content"]
-        assert b["usage"]["prompt_tokens_details"]["cached_tokens"] == a["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
-        sources.append(b["cag"]["cache_source"])
+        from_a, from_b = _ask(a.url, q), _ask(b.url, q)
+        assert from_b["choices"][0]["message"]["content"] == from_a["choices"][0]["message"]["content"]
+        assert from_b["usage"]["prompt_tokens_details"]["cached_tokens"] == \
+            from_a["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+        sources.append(from_b["cag"]["cache_source"])
     assert sources[0] == "redis"  # B's first answer came from the cache A built, through Redis
-    metrics = httpx.get(url_b + "/metrics").text
+    metrics = httpx.get(b.url + "/metrics").text
     assert 'cag_kb_loads_total{tier="redis"} 1.0' in metrics and 'cag_kb_loads_total{tier="resident"} 1.0' in metrics
     # B may keep a promoted copy on its own disk: the same bytes as A's cache
-    copy = home_b / "kbs" / "kb" / "cache.safetensors"
+    copy = b.home / "kbs" / "kb" / "cache.safetensors"
     if copy.exists():
-        original = kvfile.read_manifest(home_a / "kbs" / "kb" / "cache.safetensors")
+        original = kvfile.read_manifest(a.home / "kbs" / "kb" / "cache.safetensors")
         assert kvfile.read_manifest(copy)["tensors_sha256"] == original["tensors_sha256"]
+
+
+# -- tenants across replicas -------------------------------------------------------------------------
+
+@pytest.fixture(params=[False, True], ids=["private-cli-kbs", "share-cli-kbs"])
+def tenant_replicas(request, tmp_path, redis_server, sharp_model_dir):  # noqa: F811
+    config = _config(tmp_path, sharp_model_dir, share_cli_kbs=request.param)
+    pair = _pair(tmp_path, config, _env(redis_server.url, "key-a=alpha,key-b=beta"))
+    yield pair
+    for replica in pair:
+        replica.stop()
+
+
+def _create(url: str, tenant: str, name: str, docs: list[dict] = VAULT) -> httpx.Response:
+    return httpx.post(url + "/v1/kbs", headers={"Authorization": f"Bearer {KEYS[tenant]}"}, timeout=120,
+                      json={"name": name, "documents": docs})
+
+
+def _models(url: str, tenant: str) -> list[str]:
+    r = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {KEYS[tenant]}"}, timeout=30)
+    assert r.status_code == 200, r.text
+    return [m["id"] for m in r.json()["data"]]
+
+
+def _until(check, seconds: float, what: str):
+    """Poll `check()` until it returns something truthy; fail naming `what` after `seconds`."""
+    deadline = time.time() + seconds
+    while True:
+        got = check()
+        if got:
+            return got
+        if time.time() > deadline:
+            pytest.fail(f"not within {seconds} s: {what}")
+        time.sleep(0.2)
+
+
+def test_a_tenants_kb_keeps_its_owner_on_every_replica(tenant_replicas):
+    a, b = tenant_replicas
+    assert _create(a.url, "alpha", "notes").status_code == 201
+    answers = []
+    for _ in range(3):  # the first from Redis, then from B's own copy: every time still alpha's
+        r = _chat(b.url, "notes", tenant="alpha")
+        assert r.status_code == 200, r.text
+        answers.append(r.json()["choices"][0]["message"]["content"])
+    assert answers[0] == answers[1] == answers[2] == _chat(a.url, "notes", tenant="alpha").json()["choices"][0]["message"]["content"]
+    owner = json.loads((b.home / "kbs" / "alpha__notes" / "tenant.json").read_text())
+    assert owner["tenant"] == "alpha"  # B's disk copy carries the owner
+    assert "notes" in _models(b.url, "alpha")
+    for replica in (a, b):  # beta: not listed, not readable, not answerable, under either name
+        assert _models(replica.url, "beta") == []
+        for name in ("notes", "alpha__notes"):
+            assert _chat(replica.url, name, tenant="beta").status_code == 404
+            assert httpx.get(f"{replica.url}/v1/kbs/{name}", headers={"Authorization": "Bearer key-b"}).status_code == 404
+            assert httpx.delete(f"{replica.url}/v1/kbs/{name}", headers={"Authorization": "Bearer key-b"}).status_code == 404
+    assert _chat(b.url, "notes", tenant="alpha").status_code == 200  # beta's attempts changed nothing
+
+
+@pytest.mark.parametrize("tenant_replicas", [False], indirect=True, ids=["private-cli-kbs"])
+def test_a_delete_reaches_every_replica_and_survives_their_restart(tenant_replicas):
+    a, b = tenant_replicas
+    assert _create(a.url, "alpha", "notes").status_code == 201
+    assert _chat(b.url, "notes", tenant="alpha").status_code == 200  # B now holds a copy of its own
+    assert httpx.delete(a.url + "/v1/kbs/notes", headers={"Authorization": "Bearer key-a"}).status_code == 200
+    _until(lambda: not (b.home / "kbs" / "alpha__notes").exists(), 5, "the delete event removes B's copy")
+    _until(lambda: _chat(b.url, "notes", tenant="alpha").status_code == 404, 5, "replica B refuses the deleted KB")
+    assert "notes" not in _models(b.url, "alpha")
+    b.restart()
+    assert _chat(b.url, "notes", tenant="alpha").status_code == 404 and "notes" not in _models(b.url, "alpha")
+
+    # created again under the same name: both replicas answer from the new one
+    other = [{"name": "hours", "text": "The lantern shop opens at nine."}]
+    assert _create(a.url, "alpha", "notes", other).status_code == 201
+    for replica in (a, b):
+        r = httpx.get(replica.url + "/v1/kbs/notes", headers={"Authorization": "Bearer key-a"}, timeout=120)
+        assert r.status_code == 200 and r.json()["documents"] == ["hours.txt"], r.text
+        assert _chat(replica.url, "notes", tenant="alpha").status_code == 200
+
+    # a replica that was down during the delete does not bring its own disk copy back
+    b.stop()
+    assert httpx.delete(a.url + "/v1/kbs/notes", headers={"Authorization": "Bearer key-a"}).status_code == 200
+    assert (b.home / "kbs" / "alpha__notes" / "kb.json").is_file()
+    b.start()
+    assert _chat(b.url, "notes", tenant="alpha").status_code == 404 and "notes" not in _models(b.url, "alpha")
+    assert _create(b.url, "alpha", "notes").status_code == 201  # and the name is free again, from either side
+    assert _chat(a.url, "notes", tenant="alpha").status_code == 200
+
+
+@pytest.mark.parametrize("tenant_replicas", [False], indirect=True, ids=["private-cli-kbs"])
+def test_replicas_serve_local_copies_while_redis_is_down_and_recover(tenant_replicas, redis_server):  # noqa: F811
+    a, b = tenant_replicas
+    assert _create(a.url, "alpha", "notes").status_code == 201
+    assert _chat(b.url, "notes", tenant="alpha").status_code == 200
+
+    redis_server.stop()
+    for replica in (a, b):
+        r = _chat(replica.url, "notes", tenant="alpha")
+        assert r.status_code == 200, r.text
+        assert _models(replica.url, "alpha") == ["notes"]
+    r = _create(a.url, "alpha", "offline", [{"name": "hours", "text": "The lantern shop opens at nine."}])
+    assert r.status_code == 201, r.text  # built and kept locally
+    assert _chat(a.url, "offline", tenant="alpha").status_code == 200
+    assert _models(a.url, "beta") == []
+    deleted = httpx.delete(a.url + "/v1/kbs/notes", headers={"Authorization": "Bearer key-a"})
+    assert deleted.status_code == 503, deleted.text  # a delete that could not reach every replica is refused
+    assert _chat(a.url, "notes", tenant="alpha").status_code == 200  # ... and lost nothing
+
+    redis_server.start()  # same port, empty
+    # what A built while Redis was down is written through once it is back
+    _until(lambda: _chat(b.url, "offline", tenant="alpha").status_code == 200, 30, "B answers the KB A built offline")
+    # events flow again: an invalidation on A makes B rebuild instead of answering from its resident copy
+    before = _chat(b.url, "notes", tenant="alpha").json()["cag"]["cache_source"]
+    assert before != "built"
+    cli = subprocess.run([sys.executable, "-m", "cag", "invalidate", "alpha__notes"], capture_output=True, text=True,
+                         env={**os.environ, "CAG_HOME": str(a.home), "CAG_REDIS_URL": redis_server.url}, timeout=120)
+    assert cli.returncode == 0, cli.stderr
+    _until(lambda: _chat(b.url, "notes", tenant="alpha").json()["cag"]["cache_source"] == "built", 10,
+           "B hears the invalidation after Redis came back")
+    assert httpx.delete(a.url + "/v1/kbs/notes", headers={"Authorization": "Bearer key-a"}).status_code == 200
+    _until(lambda: _chat(b.url, "notes", tenant="alpha").status_code == 404, 5, "B refuses the deleted KB")

@@ -6,11 +6,11 @@ import time
 
 import pytest
 import torch
-from storeutil import make_docs
+from storeutil import make_docs, tiny_entry
 
 import cag
 from cag import kvfile, stores
-from cag.stores import BudgetError, DiskStore, Entry, HostStore, MemoryStore, TieredStore
+from cag.stores import BudgetError, DiskStore, HostStore, MemoryStore, TieredStore
 
 
 @pytest.fixture
@@ -18,28 +18,23 @@ def docs(tmp_path):
     return make_docs(tmp_path / "docs")
 
 
-def entry(name: str, tokens: int) -> Entry:
-    layers = [(torch.zeros(1, 2, tokens, 8), torch.zeros(1, 2, tokens, 8))]  # 128 bytes per token
-    return Entry(name, layers, list(range(tokens)), {"knowledge": {"sha256": name}}, {}, [])
-
-
 def test_memory_tier_evicts_least_recently_used_within_its_budget():
     mem = MemoryStore(budget_bytes=128 * 30)
     for name in "abc":
-        mem.put(entry(name, 10))
+        mem.put(tiny_entry(name, 10))
     assert mem.get("a", kvfile.Expect(), "cpu") is not None  # a is now the most recently used
-    mem.put(entry("d", 10))
+    mem.put(tiny_entry("d", 10))
     assert not mem.has("b") and all(mem.has(n) for n in "acd") and mem.used <= mem.budget
     assert mem.get("a", kvfile.Expect(knowledge="other"), "cpu") is None  # made for other knowledge
     with pytest.raises(BudgetError, match="needs 5120 bytes but the memory tier's budget is 3840 bytes; raise CAG_MEMORY_BYTES"):
-        mem.put(entry("huge", 40))
+        mem.put(tiny_entry("huge", 40))
 
 
 def test_eviction_hands_the_only_copy_down_instead_of_losing_it():
     mem, host = MemoryStore(128 * 10), HostStore(128 * 100)
     tiers = TieredStore([mem, host])
-    mem.put(entry("a", 10))
-    mem.put(entry("b", 10))  # evicts a, which no other tier holds
+    mem.put(tiny_entry("a", 10))
+    mem.put(tiny_entry("b", 10))  # evicts a, which no other tier holds
     assert host.has("a") and not mem.has("a")
     got, source = tiers.get("a", kvfile.Expect(), "cpu")
     assert source == "host" and mem.has("a") and host.has("b")  # promoted back; b went down in its turn
@@ -48,7 +43,7 @@ def test_eviction_hands_the_only_copy_down_instead_of_losing_it():
 def test_put_writes_through_to_persistent_tiers_only(cag_home):
     mem = MemoryStore(1 << 20)
     tiers = TieredStore([mem, DiskStore()])
-    manifest = tiers.put(entry("k", 4))
+    manifest = tiers.put(tiny_entry("k", 4))
     assert not mem.has("k") and DiskStore().has("k") and manifest["tokens"] == 4
 
 

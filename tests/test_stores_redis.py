@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 import redis as redis_py
-from storeutil import make_docs, redis_url  # noqa: F401,F811 - redis_url is a fixture
+from storeutil import make_docs, redis_server, redis_url, tiny_entry  # noqa: F401,F811 - fixtures
 
 from cag import kvfile
 from cag.errors import CacheMismatchError
+from cag.stores import DiskStore, MemoryStore, TieredStore
 from cag.stores.base import Entry
-from cag.stores.redis import RedisStore
+from cag.stores.redis import RedisError, RedisStore
 
 PROBE = Path(__file__).with_name("stores_probe.py")
 ROOT = Path(__file__).resolve().parent.parent
@@ -156,3 +157,93 @@ def test_a_reader_never_sees_a_half_written_cache(redis_url, tiny_lm):
     store.put(entry)
     head = json.loads(client.get("cag:kb:manifest"))
     assert seen and len(seen[0]) == head["chunks"]
+
+
+# -- one store interface across machines: owner, tombstones, Redis outages --------------------------
+
+@pytest.fixture
+def machine():
+    """machine(root, url): the tiers of one machine (its own memory and disk under root, the shared
+    Redis), closed after the test (their listeners stop)."""
+    made = []
+
+    def make(root: Path, url: str) -> TieredStore:
+        made.append(TieredStore([MemoryStore(1 << 20), DiskStore(root), RedisStore(url)]))
+        return made[-1]
+
+    yield make
+    for store in made:
+        store.close()
+
+
+def test_the_owner_travels_with_an_entry_through_every_tier(tmp_path, redis_url, machine):
+    one, two = machine(tmp_path / "one", redis_url), machine(tmp_path / "two", redis_url)
+    one.put(tiny_entry("alpha__notes", 4, owner="alpha"))
+    entry, source = two.get("alpha__notes", kvfile.Expect(), "cpu")
+    assert source == "redis" and entry.owner == "alpha" and two.record("alpha__notes").owner == "alpha"
+    assert json.loads((tmp_path / "two" / "alpha__notes" / "tenant.json").read_text())["tenant"] == "alpha"
+    offline = TieredStore([MemoryStore(1 << 20), DiskStore(tmp_path / "two")])  # the promoted copy alone
+    assert offline.record("alpha__notes").owner == "alpha"
+    assert offline.get("alpha__notes", kvfile.Expect(), "cpu")[0].owner == "alpha"
+    assert two.get("alpha__notes", kvfile.Expect(), "cpu")[1] == "memory"
+
+
+def test_a_tombstone_buries_older_copies_but_not_a_newer_build(tmp_path, redis_url, machine):
+    one, two = machine(tmp_path / "one", redis_url), machine(tmp_path / "two", redis_url)
+    one.put(tiny_entry("kb", 4, owner="alpha"))
+    assert two.get("kb", kvfile.Expect(), "cpu")[1] == "redis"  # two now holds copies in memory and on disk
+    assert one.delete("kb")
+    assert one.record("kb") is None and one.names() == [] and not (tmp_path / "one" / "kb").exists()
+    assert (tmp_path / "two" / "kb" / "kb.json").is_file()  # two never heard of it (not listening) ...
+    assert two.record("kb") is None  # ... but the tombstone is newer than its copy: gone, here too
+    assert not (tmp_path / "two" / "kb").exists() and two.get("kb", kvfile.Expect(), "cpu") is None
+    assert "kb" not in two.names()
+    one.put(tiny_entry("kb", 6, owner="alpha"))  # the same name again, built after the delete
+    assert two.record("kb").owner == "alpha" and two.get("kb", kvfile.Expect(), "cpu")[0].prefix_ids == list(range(6))
+    late = tiny_entry("kb", 5, built_at=time.time() - 3600)  # a write-through of a copy older than a delete
+    one.delete("kb")
+    RedisStore(redis_url).put(late)
+    assert two.record("kb") is None and RedisStore(redis_url).names() == []
+
+
+def test_while_redis_is_down_local_tiers_serve_and_it_is_not_asked_again_at_once(tmp_path, redis_server, machine):
+    store = machine(tmp_path / "one", redis_server.url)
+    store.put(tiny_entry("kb", 4, owner="alpha"))
+    store.publish("kb", 3)
+    redis_server.stop()
+    redis = store.tier("redis")
+    calls = []
+    real = redis.client.get
+    redis.client.get = lambda *a, **k: calls.append(a) or real(*a, **k)
+    assert store.record("kb").owner == "alpha" and store.names() == ["kb"]  # the first call finds it down
+    assert len(calls) == 1 and redis.health.until > 0
+    assert store.get("kb", kvfile.Expect(), "cpu")[1] == "disk" and store.published("kb") == 3
+    store.put(tiny_entry("new", 4))  # kept locally, written through later
+    assert store.record("new") is not None and len(calls) == 1  # no further attempt within the interval
+    with pytest.raises(RedisError, match="unreachable"):
+        store.delete("kb")  # every replica must see a delete: refused, and nothing changed here
+    with pytest.raises(RedisError):
+        store.invalidate("kb")
+    assert store.record("kb") is not None and store.get("kb", kvfile.Expect(), "cpu") is not None
+
+
+def test_the_listener_survives_redis_restarts_and_writes_through_what_waited(tmp_path, redis_server, machine):
+    one, two = machine(tmp_path / "one", redis_server.url), machine(tmp_path / "two", redis_server.url)
+    two.listen()
+    one.put(tiny_entry("kb", 4))
+    two.get("kb", kvfile.Expect(), "cpu")
+    redis_server.stop()
+    two.put(tiny_entry("offline", 4, owner="beta"))  # Redis is down: only on two's disk for now
+    time.sleep(1.5)  # the listener notices
+    redis_server.start()  # same port, empty
+    deadline = time.time() + 20
+    while RedisStore(redis_server.url).record("offline") is None:
+        assert time.time() < deadline, "what two built while Redis was down was never written through"
+        time.sleep(0.2)
+    assert one.record("offline").owner == "beta"
+    assert two.get("kb", kvfile.Expect(), "cpu")[1] == "memory"
+    one.invalidate("kb")  # reaches two's listener again: its local copies go
+    deadline = time.time() + 5
+    while two.tier("memory").has("kb") or two.tier("disk").has("kb"):
+        assert time.time() < deadline, "the invalidation did not reach the listening store"
+        time.sleep(0.1)

@@ -1,14 +1,14 @@
 """Knowledge bases as the server sees them: one shared model, KBs loaded lazily and kept, tenant ownership.
 
-Tenancy is stored on disk so every replica sharing CAG_HOME agrees: a KB created through the server lives
-in the folder `TENANT__NAME` with a `tenant.json` sidecar naming its owner, and only that tenant sees it
-(as NAME). Folders without the sidecar were built by the CLI: every tenant sees them when the server is
-open (no keys) or when `share_cli_kbs` is on, nobody otherwise.
+A KB created through the server is named `TENANT__NAME` and its owner is part of its record, which
+travels with it through every tier and replica (on disk, the `tenant.json` sidecar; in Redis, beside
+its settings): only that tenant sees it (as NAME). KBs without an owner were built by the CLI: every
+tenant sees them when the server is open (no keys) or when `share_cli_kbs` is on, nobody otherwise.
+A `TENANT__NAME` KB without an owner record (one copied by an older version) counts as TENANT's.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import shutil
@@ -16,13 +16,14 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import api, knowledge, models, paths
+from .. import api, events, knowledge, models, paths
 from ..errors import CagError
+from ..stores.redis import RedisError
 from .config import ServerConfig
 from .errors import ApiError, not_found
 
 log = logging.getLogger("cag.server")
-TENANT_FILE, DOCS_DIR = "tenant.json", "docs"
+DOCS_DIR = "docs"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,45}$")
 _DOC = re.compile(r"[^A-Za-z0-9._ -]")
 
@@ -30,7 +31,8 @@ _DOC = re.compile(r"[^A-Za-z0-9._ -]")
 @dataclass
 class Entry:
     kb: api.KnowledgeBase
-    stamp: int  # cache file mtime_ns when loaded: a rebuild by the CLI or another replica changes it
+    stamp: tuple[int, int]  # (cache file mtime_ns, events generation) when loaded: a rebuild, invalidation or
+    # delete by the CLI or another replica changes it
 
     @property
     def content_hash(self) -> str:
@@ -66,9 +68,11 @@ class Registry:
         """The folder behind `name` for this tenant, or a 404 that is the same for 'absent' and 'not yours'."""
         if _NAME.match(name or ""):
             owned = f"{tenant}__{name}"
-            if _owner(owned) == tenant:
+            record = _record(owned)
+            if record is not None and owner_of(owned, record.owner) == tenant:
                 return owned
-            if self._cli_visible() and _is_kb(name) and _owner(name) is None:
+            record = _record(name) if self._cli_visible() else None
+            if record is not None and owner_of(name, record.owner) is None:
                 return name
         raise not_found(name)
 
@@ -76,7 +80,7 @@ class Registry:
         rows = []
         for row in api.list_kbs():
             folder = row["name"]
-            owner = _owner(folder)
+            owner = owner_of(folder, row.get("owner"))
             if owner == tenant:
                 rows.append({**row, "name": folder.split("__", 1)[1], "owned_by": tenant})
             elif owner is None and self._cli_visible():
@@ -118,8 +122,7 @@ class Registry:
             target = paths.kb_dir(folder)
             try:
                 _write_docs(target / DOCS_DIR, docs)
-                (target / TENANT_FILE).write_text(json.dumps({"tenant": tenant, "name": name}))
-                return self._build(folder, target)
+                return self._build(tenant, folder, target)
             except BaseException:
                 shutil.rmtree(target, ignore_errors=True)
                 raise
@@ -132,13 +135,16 @@ class Registry:
             shutil.rmtree(staged, ignore_errors=True)
             shutil.rmtree(old, ignore_errors=True)
             _write_docs(staged, docs)
-            (target / DOCS_DIR).rename(old)
+            had_docs = (target / DOCS_DIR).is_dir()  # not on a replica that only holds a copy of the cache
+            if had_docs:
+                (target / DOCS_DIR).rename(old)
             staged.rename(target / DOCS_DIR)
             try:
-                entry = self._build(folder, target)
+                entry = self._build(tenant, folder, target)
             except BaseException:
                 shutil.rmtree(target / DOCS_DIR, ignore_errors=True)
-                old.rename(target / DOCS_DIR)
+                if had_docs:
+                    old.rename(target / DOCS_DIR)
                 raise
             shutil.rmtree(old, ignore_errors=True)
             return entry
@@ -146,20 +152,26 @@ class Registry:
     def delete(self, tenant: str, name: str) -> str:
         folder = self._owned(tenant, name)
         with self._folder_lock(folder):
+            try:
+                api.delete(folder)
+            except RedisError as err:
+                log.warning("delete of %s refused: %s", folder, err)
+                raise ApiError(503, f"knowledge base {name!r} was not deleted: the shared cache store is unreachable "
+                                    "and a delete must reach every replica; nothing changed, try again shortly",
+                               "server_error", "store_unavailable") from None
             self._loaded.pop(folder, None)
-            api.delete(folder)
         return folder
 
     def _owned(self, tenant: str, name: str) -> str:
         folder = self.folder_for(tenant, name)
-        if _owner(folder) != tenant:
+        if folder != f"{tenant}__{name}":
             raise ApiError(403, f"knowledge base {name!r} was built with the CLI; change it with `cag build` "
                                 "or `cag rm`", "permission_error", "read_only_kb")
         return folder
 
-    def _build(self, folder: str, target: Path) -> Entry:
+    def _build(self, tenant: str, folder: str, target: Path) -> Entry:
         try:
-            kb = api.build([target / DOCS_DIR], name=folder, lm=self.lm, log=log.info)
+            kb = api.build([target / DOCS_DIR], name=folder, lm=self.lm, log=log.info, owner=tenant)
         except CagError as err:
             raise ApiError(400, str(err), code="build_failed") from None
         entry = Entry(kb, _stamp(folder))
@@ -167,41 +179,28 @@ class Registry:
         return entry
 
 
-def _owner(folder: str) -> str | None:
-    try:
-        return json.loads((paths.kb_dir(folder) / TENANT_FILE).read_text())["tenant"]
-    except (OSError, ValueError, KeyError, TypeError, CagError):
-        pass
-    # A replica that never built it sees a server-created KB only through the shared Redis tier; the
-    # folder name TENANT__NAME is then the ownership record (only the server creates such names).
-    if "__" in folder and not _on_disk(folder) and _is_kb(folder):
+def owner_of(folder: str, recorded: str | None) -> str | None:
+    """The tenant a knowledge base belongs to; None for one built by the CLI. A `TENANT__NAME` one without
+    an owner record is TENANT's: names of that form are the server's, and must never become shared."""
+    if recorded is None and "__" in folder:
         return folder.split("__", 1)[0]
-    return None
+    return recorded
 
 
-def _on_disk(folder: str) -> bool:
+def _record(folder: str):
+    """Settings and owner of `folder`, wherever they are (this CAG_HOME or the shared Redis tier), or None."""
     try:
-        return (paths.kb_dir(folder) / api.KB_FILE).is_file()
+        return api.record(folder)
     except CagError:
-        return False
+        return None
 
 
-def _is_kb(folder: str) -> bool:
-    """Built here (CAG_HOME) or by another replica that shares this one's Redis (CAG_REDIS_URL)."""
-    if _on_disk(folder):
-        return True
+def _stamp(folder: str) -> tuple[int, int]:
     try:
-        api.read_meta(folder)
-        return True
-    except CagError:
-        return False
-
-
-def _stamp(folder: str) -> int:
-    try:
-        return (paths.kb_dir(folder) / api.CACHE_FILE).stat().st_mtime_ns
+        mtime = (paths.kb_dir(folder) / api.CACHE_FILE).stat().st_mtime_ns
     except OSError:
-        return -1
+        mtime = -1
+    return mtime, events.generation(folder)
 
 
 def safe_doc_name(name: str, default_suffix: str | None = ".txt") -> str:

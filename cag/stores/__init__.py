@@ -14,13 +14,13 @@ import threading
 
 from .. import paths
 from ..errors import CagError
-from .base import Entry, Store, layers_nbytes, matches
+from .base import Entry, Record, Store, Tombstone, layers_nbytes, matches
 from .disk import DiskStore
 from .host import HostStore
 from .memory import BudgetError, MemoryStore
 from .tiered import TieredStore
 
-__all__ = ["Entry", "Store", "TieredStore", "MemoryStore", "HostStore", "DiskStore", "BudgetError",
+__all__ = ["Entry", "Record", "Tombstone", "Store", "TieredStore", "MemoryStore", "HostStore", "DiskStore", "BudgetError",
            "layers_nbytes", "matches", "default", "configure", "parse_bytes"]
 
 DEFAULT_MEMORY_BYTES = 2 << 30
@@ -62,10 +62,7 @@ def configure(memory_bytes: int | None = None, host_bytes: int | None = None, re
 
                 tiers.append(RedisStore(url, ttl_s=ttl))
             store = _stores[key] = TieredStore(tiers)
-            if url:
-                from .. import events
-
-                events.listen(store)
+            store.listen()  # other processes' invalidations, versions and deletes (with a shared tier)
         return store
 
 

@@ -14,16 +14,17 @@ import torch
 
 from ..errors import CagError
 from ..kvfile import Expect
-from .base import Entry, matches
+from .base import Entry, Record, Store, matches
 
 
 class BudgetError(CagError):
     """A cache does not fit a tier's byte budget."""
 
 
-class MemoryStore:
+class MemoryStore(Store):
     name = "memory"
     persistent = False
+    shared = False
 
     def __init__(self, budget_bytes: int, on_evict: Callable[[Entry], None] | None = None, env: str = "CAG_MEMORY_BYTES"):
         self.budget = int(budget_bytes)
@@ -82,6 +83,14 @@ class MemoryStore:
             return None
         return {"bytes": entry.nbytes, "tokens": len(entry.prefix_ids), "hits": self.hits.get(name, 0),
                 "stored_at": entry.stored_at}
+
+    def record(self, name: str) -> Record | None:
+        entry = self.entries.get(name)
+        return entry.record if entry is not None else None
+
+    def snapshot(self, name: str) -> list[dict] | None:
+        entry = self.entries.get(name)
+        return entry.snapshot if entry is not None else None
 
     def _keep(self, entry: Entry) -> Entry:
         return entry  # the caller's tensors, on its device: no copy
