@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -59,6 +60,7 @@ class Answer:
     mode: str  # "cache" or "no-cache"
     cache_source: str  # "memory", "host", "disk", "redis" or "built": where this process got the prefix from
     shard: str | None = None  # the shard that answered, for knowledge split over several caches
+    finish_reason: str = "length"  # "stop": ended by the model or a stop string; "length": max_new_tokens reached
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -93,8 +95,12 @@ class KnowledgeBase:
 
     def ask(self, question: str, *, history: Sequence[Turn] = (), use_cache: bool = True,
             max_new_tokens: int = 256, sampling: Sampling = Sampling(),
-            on_text: Callable[[str], None] | None = None) -> Answer:
-        """Answer from the cached prefix (or, with use_cache=False, from the full prompt: the reference)."""
+            on_text: Callable[[str], None] | None = None, stop: Sequence[str] = ()) -> Answer:
+        """Answer from the cached prefix (or, with use_cache=False, from the full prompt: the reference).
+
+        The answer ends before the first of the `stop` strings (not included); on_text never receives
+        text that a stop string later cuts (a possible stop-string beginning is held back).
+        """
         self._refresh_if_invalidated()
         start = time.perf_counter()
         split = self.builder.split(question, history, prefix_ids=self.prefix_ids)
@@ -103,24 +109,39 @@ class KnowledgeBase:
         else:
             new_ids, reuse, prefix = split.ids, 0, None
         stream = engine.TextStream(self.lm.tokenizer)
-        ttft = None
-        for token in engine.generate(self.lm.model, new_ids, prefix=prefix, reuse=reuse,
-                                     max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=self._stops):
-            if ttft is None:
-                ttft = time.perf_counter() - start
-            delta = stream.push(token)
-            if on_text and delta:
-                on_text(delta)
-        tail = stream.flush()
-        if on_text and tail:
-            on_text(tail)
+        ttft, sent, end = None, 0, None  # sent: characters given to on_text; end: where a stop string begins
+
+        def release(text: str, final: bool) -> None:
+            nonlocal sent, end
+            found = [i for i in (text.find(s, sent) for s in stop) if i >= 0]
+            end = min(found) if found else None
+            upto = end if end is not None else len(text) if final else len(text) - _stop_prefix(text, stop)
+            if on_text and upto > sent:
+                on_text(text[sent:upto])
+            sent = max(sent, upto)
+
+        with contextlib.closing(engine.generate(self.lm.model, new_ids, prefix=prefix, reuse=reuse,
+                                                max_new_tokens=max_new_tokens, sampling=sampling,
+                                                stop_ids=self._stops)) as tokens:
+            for token in tokens:
+                if ttft is None:
+                    ttft = time.perf_counter() - start
+                stream.push(token)
+                release(stream.sent, final=False)
+                if end is not None:
+                    break
+        if end is None:
+            stream.flush()
+            release(stream.text(), final=True)
+        text = stream.text() if end is None else stream.text()[:end]
         total = time.perf_counter() - start
         return Answer(
-            question=question.strip(), answer=stream.text().strip(), token_ids=stream.ids,
+            question=question.strip(), answer=text.strip(), token_ids=stream.ids,
             ttft_s=ttft if ttft is not None else total, total_s=total,
             prompt_tokens=len(split.ids), cached_tokens=reuse, question_tokens=len(new_ids),
             new_tokens=len(stream.ids), boundary_ok=split.boundary_ok,
             mode="cache" if use_cache else "no-cache", cache_source=self.cache_source,
+            finish_reason="stop" if end is not None or len(stream.ids) < max_new_tokens else "length",
         )
 
     def ask_many(self, questions: Sequence[str], *, max_new_tokens: int = 256) -> list[Answer]:
@@ -145,7 +166,7 @@ class KnowledgeBase:
                 question=questions[i].strip(), answer=self.lm.tokenizer.decode(ids, skip_special_tokens=True).strip(),
                 token_ids=ids, ttft_s=total, total_s=total, prompt_tokens=len(sp.ids), cached_tokens=sp.reuse,
                 question_tokens=len(sp.new_ids), new_tokens=len(ids), boundary_ok=True, mode="cache-batch",
-                cache_source=self.cache_source)
+                cache_source=self.cache_source, finish_reason="length" if len(ids) >= max_new_tokens else "stop")
         return [a if a is not None else self.ask(q, max_new_tokens=max_new_tokens) for a, q in zip(answers, questions)]
 
     def __post_init__(self) -> None:
@@ -158,6 +179,12 @@ class KnowledgeBase:
             for f in ("docs", "sources", "builder", "workspace", "prefix_ids", "manifest", "cache_source",
                       "build_stats", "_generation"):
                 setattr(self, f, getattr(fresh, f))
+
+
+def _stop_prefix(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest end of `text` that could still grow into one of the stop strings."""
+    return max((k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1) if s.startswith(text[-k:])),
+               default=0)
 
 
 # -- building ---------------------------------------------------------------------------------------

@@ -10,11 +10,11 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 
+from serverutil import wait_until_serving
 from storeutil import free_port, make_docs, redis_url  # noqa: F401 - redis_url is a fixture
 
 
@@ -40,17 +40,8 @@ def replicas(tmp_path, redis_url, sharp_model_dir):  # noqa: F811
                                       env=_env(home, redis_url), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
         urls.append(f"http://127.0.0.1:{port}")
     try:
-        deadline = time.time() + 120
         for url, proc in zip(urls, procs):
-            while True:
-                try:
-                    if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if proc.poll() is not None or time.time() > deadline:
-                    pytest.fail(f"cag serve did not start: {proc.stderr.read() if proc.poll() is not None else 'timeout'}")
-                time.sleep(0.2)
+            wait_until_serving(url, proc, 120)
         yield urls, home_a, home_b
     finally:
         for proc in procs:
