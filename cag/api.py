@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -113,15 +114,17 @@ class KnowledgeBase:
         stream = engine.TextStream(self.lm.tokenizer)
         cut = StopText(stop)
         ttft = None
-        for token in engine.generate(self.lm.model, new_ids, prefix=prefix, reuse=reuse,
-                                     max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=self._stops):
-            if ttft is None:
-                ttft = time.perf_counter() - start
-            safe = cut.push(stream.push(token))
-            if on_text and safe:
-                on_text(safe)
-            if cut.stopped:
-                break
+        tokens = engine.generate(self.lm.model, new_ids, prefix=prefix, reuse=reuse,
+                                 max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=self._stops)
+        with contextlib.closing(tokens):  # a stop string ends it early: give the workspace back at once
+            for token in tokens:
+                if ttft is None:
+                    ttft = time.perf_counter() - start
+                safe = cut.push(stream.push(token))
+                if on_text and safe:
+                    on_text(safe)
+                if cut.stopped:
+                    break
         tail = cut.push(stream.flush()) + cut.flush()
         if on_text and tail:
             on_text(tail)

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
+import subprocess
+import sys
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +22,14 @@ TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".rst", ".csv", ".tsv", ".json", ".
 HTML_SUFFIXES = {".html", ".htm"}
 PDF_SUFFIXES = {".pdf"}
 SUPPORTED = TEXT_SUFFIXES | HTML_SUFFIXES | PDF_SUFFIXES
+
+# What one PDF may cost to read (cag/pdftext.py enforces them in a child process): a hostile PDF can be
+# tiny on disk and still inflate to gigabytes or take minutes to parse.
+PDF_MAX_PAGES = 2000
+PDF_MAX_STREAM_BYTES = 8_000_000  # any one stream, decompressed
+PDF_MAX_BYTES = 64_000_000  # all page content of one file, decompressed
+PDF_MAX_SECONDS = 30  # CPU time of the parse (and, with some slack, its wall time)
+PDF_MAX_MEMORY = 2 << 30  # address space of the parsing process
 
 
 @dataclass(frozen=True)
@@ -70,9 +81,7 @@ def read_file(path: Path) -> str:
     suffix = path.suffix.lower()
     try:
         if suffix in PDF_SUFFIXES:
-            from pypdf import PdfReader
-
-            text = "\n\n".join(page.extract_text() or "" for page in PdfReader(str(path)).pages)
+            text = read_pdf(path)
         elif suffix in HTML_SUFFIXES:
             import html2text
 
@@ -81,6 +90,8 @@ def read_file(path: Path) -> str:
             text = converter.handle(path.read_text(encoding="utf-8", errors="replace"))
         else:
             text = path.read_text(encoding="utf-8")
+    except KnowledgeError:
+        raise
     except UnicodeDecodeError:
         raise KnowledgeError(f"{path} is not UTF-8 text; convert it or remove it") from None
     except OSError as err:
@@ -88,6 +99,28 @@ def read_file(path: Path) -> str:
     except Exception as err:  # noqa: BLE001 - PDF/HTML parsers raise many types
         raise KnowledgeError(f"cannot parse {path}: {err}") from None
     return normalize(text)
+
+
+def read_pdf(path: Path) -> str:
+    """The PDF's text, parsed in a child process held to the PDF_MAX_* limits; KnowledgeError names the limit."""
+    from . import pdftext
+
+    limits = [PDF_MAX_PAGES, PDF_MAX_BYTES, PDF_MAX_STREAM_BYTES, PDF_MAX_MEMORY, PDF_MAX_SECONDS]
+    slow = KnowledgeError(f"refused to read {path}: parsing it took more than {PDF_MAX_SECONDS} s (the limit per "
+                          "PDF); it may be malformed or built to be slow")
+    try:
+        done = subprocess.run([sys.executable, "-I", pdftext.__file__, str(path), *map(str, limits)],
+                              capture_output=True, timeout=2 * PDF_MAX_SECONDS + 10, check=False)
+    except subprocess.TimeoutExpired:
+        raise slow from None
+    reason = (done.stderr.decode("utf-8", errors="replace").strip().splitlines() or ["no reason given"])[-1]
+    if done.returncode == pdftext.REFUSED:
+        raise KnowledgeError(f"refused to read {path}: {reason}")
+    if done.returncode in (-getattr(signal, "SIGXCPU", 24), -getattr(signal, "SIGKILL", 9)):
+        raise slow
+    if done.returncode != 0:
+        raise KnowledgeError(f"cannot parse {path}: {reason}")
+    return done.stdout.decode("utf-8")
 
 
 def normalize(text: str) -> str:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
+import pytest
 import uvicorn
 
 from storeutil import free_port
@@ -94,3 +97,18 @@ class Replica:
     def restart(self) -> "Replica":
         self.stop()
         return self.start()
+
+
+def wait_until_serving(url: str, proc: subprocess.Popen, seconds: float = 180) -> None:
+    """Block until the `cag serve` process at `url` answers /healthz; fail if it exits or takes too long."""
+    deadline = time.time() + seconds
+    while True:
+        try:
+            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            why = proc.stderr.read() if proc.poll() is not None and proc.stderr else "timeout"
+            pytest.fail(f"cag serve did not start: {why}")
+        time.sleep(0.2)

@@ -10,30 +10,35 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Optional
+from typing import BinaryIO, Optional
 
 from fastapi import FastAPI, File, Form, Header, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
 from .. import __version__, models
 from ..errors import CagError
-from . import auth
+from . import auth, guard
 from .chat import ChatService, Plan
 from .config import ServerConfig
-from .errors import ApiError, error_body
+from .errors import ApiError, error_body, not_found
 from .metrics import Metrics
+from .middleware import BodyLimit, CatchAll, server_error
 from .registry import Registry, safe_doc_name
 from .schemas import ChatRequest, KBCreate, KBReplace
 
 log = logging.getLogger("cag.server")
+# pydantic names the member of a union it tried in an error's location ("stop.str"); a param has no such part
+_TYPE_TAG = re.compile(r"^(str|int|float|bool|none|(list|dict|union|literal|function-\w+)\[.*\])$")
 STATIC = Path(__file__).parent / "static"
 
 
@@ -55,14 +60,10 @@ def create_app(config: ServerConfig | None = None, lm: models.LoadedModel | None
     if config.open:
         log.warning("no API keys configured: the server is open to anyone who can reach it (keep it on loopback)")
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        limit = config.max_upload_bytes if request.url.path.endswith("/upload") else config.max_body_bytes
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > limit:
-            return JSONResponse(error_body(f"request body is {size} bytes; at most {limit} are accepted",
-                                           "invalid_request_error", "request_too_large"), status_code=413)
-        return await call_next(request)
+    # Every error leaves in OpenAI's shape {"error": {"message", "type", "param", "code"}}, paths removed.
+    app.add_middleware(BodyLimit, limit_for=lambda path: config.max_upload_bytes if path.endswith("/upload")
+                       else config.max_body_bytes)
+    app.add_middleware(CatchAll)  # added last, so outermost: whatever no handler took becomes a generic 500
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, err: ApiError):
@@ -75,9 +76,28 @@ def create_app(config: ServerConfig | None = None, lm: models.LoadedModel | None
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, err: RequestValidationError):
         first = err.errors()[0] if err.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return JSONResponse(error_body(f"invalid request: {where}: {first.get('msg', 'malformed')}",
-                                       "invalid_request_error", "invalid_request", where or None), status_code=400)
+        if first.get("type") == "json_invalid":
+            why = (first.get("ctx") or {}).get("error", "malformed")
+            return JSONResponse(error_body(f"the request body is not valid JSON: {why}", "invalid_request_error",
+                                           "invalid_json"), status_code=400)
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body" and not _TYPE_TAG.match(str(p)))
+        msg = str(first.get("msg", "malformed")).removeprefix("Value error, ")
+        return JSONResponse(error_body(f"invalid request: {where}: {msg}", "invalid_request_error", "invalid_request",
+                                       where or None), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, err: HTTPException):
+        if err.status_code == 404:
+            body = error_body(f"Invalid URL ({request.method} {request.url.path})", "invalid_request_error",
+                              "unknown_url")
+        elif err.status_code == 405:
+            body = error_body(f"method {request.method} is not allowed for {request.url.path}",
+                              "invalid_request_error", "method_not_allowed")
+        elif err.status_code == 413:
+            body = error_body(str(err.detail), "invalid_request_error", "request_too_large")
+        else:
+            body = error_body(str(err.detail), "invalid_request_error" if err.status_code < 500 else "server_error")
+        return JSONResponse(body, status_code=err.status_code, headers=err.headers)
 
     def tenant(authorization: Optional[str]) -> str:
         return auth.tenant_for(config, authorization)
@@ -98,15 +118,20 @@ def create_app(config: ServerConfig | None = None, lm: models.LoadedModel | None
     # -- OpenAI-compatible -------------------------------------------------------------------------
     @app.get("/v1/models")
     def list_models(authorization: Optional[str] = Header(None)):
-        rows = registry.list(tenant(authorization))
-        return {"object": "list", "data": [
-            {"id": r["name"], "object": "model", "created": _epoch(r.get("created")), "owned_by": r["owned_by"],
-             "tokens": r.get("tokens"), "documents": r.get("documents")} for r in rows]}
+        return {"object": "list", "data": [_model(r) for r in registry.list(tenant(authorization))]}
+
+    @app.get("/v1/models/{model_id}")
+    def retrieve_model(model_id: str, authorization: Optional[str] = Header(None)):
+        row = next((r for r in registry.list(tenant(authorization)) if r["name"] == model_id), None)
+        if row is None:
+            raise not_found(model_id)
+        return _model(row)
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, authorization: Optional[str] = Header(None)):
         who = tenant(authorization)
         try:
+            guard.check_parameters(req)
             plan = await run_in_threadpool(service.plan, who, req)
             hit = await run_in_threadpool(service.cached, plan)
         except ApiError as err:
@@ -121,6 +146,9 @@ def create_app(config: ServerConfig | None = None, lm: models.LoadedModel | None
             result = hit or await asyncio.get_running_loop().run_in_executor(pool, service.answer, plan)
         except ApiError as err:
             metrics.requests.labels(str(err.status)).inc()
+            raise
+        except Exception:
+            metrics.requests.labels("500").inc()
             raise
         metrics.requests.labels("200").inc()
         return JSONResponse({
@@ -151,9 +179,14 @@ def create_app(config: ServerConfig | None = None, lm: models.LoadedModel | None
             else:
                 result = hit
                 yield chunk({"content": hit["text"]})
-        except ApiError as err:
-            metrics.requests.labels(str(err.status)).inc()
-            yield f"data: {json.dumps(err.body())}\n\n"
+        except Exception as err:  # noqa: BLE001 - a stream that fails still ends with an error event and [DONE]
+            if isinstance(err, ApiError):
+                status, body = err.status, err.body()
+            else:
+                log.error("generation failed on %r", plan.name, exc_info=err)
+                status, body = 500, server_error()
+            metrics.requests.labels(str(status)).inc()
+            yield f"data: {json.dumps(body)}\n\n"
             yield "data: [DONE]\n\n"
             return
         finally:
@@ -172,8 +205,9 @@ def create_app(config: ServerConfig | None = None, lm: models.LoadedModel | None
         return {"id": name, "object": "knowledge_base", "tokens": kb.tokens, "documents": [d.name for d in kb.docs],
                 "build_seconds": kb.build_stats.seconds if kb.build_stats else None}
 
-    async def _files(files: list[UploadFile]) -> list[tuple[str, bytes]]:
-        return [(safe_doc_name(f.filename or "", default_suffix=None), await f.read()) for f in files]
+    def _files(files: list[UploadFile]) -> list[tuple[str, BinaryIO]]:
+        """The uploads as the files the multipart parser spooled them to (to disk past 1 MB), not bytes in memory."""
+        return [(safe_doc_name(f.filename or "", default_suffix=None), f.file) for f in files]
 
     @app.get("/v1/kbs")
     def list_kbs(authorization: Optional[str] = Header(None)):
@@ -194,10 +228,10 @@ def create_app(config: ServerConfig | None = None, lm: models.LoadedModel | None
     async def upload_kb(name: str = Form(...), files: list[UploadFile] = File(...),
                         authorization: Optional[str] = Header(None)):
         who = tenant(authorization)
-        entry = await run_in_threadpool(registry.create, who, name, await _files(files))
+        entry = await run_in_threadpool(registry.create, who, name, _files(files))
         return JSONResponse(_kb_body(name, entry), status_code=201)
 
-    async def _replace(who: str, name: str, docs: list[tuple[str, bytes]]) -> dict:
+    async def _replace(who: str, name: str, docs: list[tuple[str, bytes | BinaryIO]]) -> dict:
         folder = registry.folder_for(who, name)
         entry = await run_in_threadpool(registry.replace, who, name, docs)
         service.forget(who, folder)
@@ -211,7 +245,7 @@ def create_app(config: ServerConfig | None = None, lm: models.LoadedModel | None
     @app.put("/v1/kbs/{name}/upload")
     async def replace_kb_upload(name: str, files: list[UploadFile] = File(...),
                                 authorization: Optional[str] = Header(None)):
-        return await _replace(tenant(authorization), name, await _files(files))
+        return await _replace(tenant(authorization), name, _files(files))
 
     @app.delete("/v1/kbs/{name}")
     async def delete_kb(name: str, authorization: Optional[str] = Header(None)):
@@ -221,6 +255,11 @@ def create_app(config: ServerConfig | None = None, lm: models.LoadedModel | None
         return {"id": name, "object": "knowledge_base", "deleted": True}
 
     return app
+
+
+def _model(row: dict) -> dict:
+    return {"id": row["name"], "object": "model", "created": _epoch(row.get("created")), "owned_by": row["owned_by"],
+            "tokens": row.get("tokens"), "documents": row.get("documents")}
 
 
 def _usage(result: dict) -> dict:

@@ -73,4 +73,4 @@ def _truncate(kb: KnowledgeBase, a: Answer, n: int) -> Answer:
         return a
     ids = a.token_ids[:n]
     text = kb.lm.tokenizer.decode(ids, skip_special_tokens=True).strip()
-    return Answer(**{**a.to_dict(), "token_ids": ids, "answer": text, "new_tokens": n})
+    return Answer(**{**a.to_dict(), "token_ids": ids, "answer": text, "new_tokens": n, "finish_reason": "length"})

@@ -43,6 +43,7 @@ class Plan:
     conversation: tuple | None
     flagged: bool
     key: tuple = field(default=())  # response-cache key, empty when not cacheable
+    stop: tuple[str, ...] = ()  # the answer ends before the first of these strings
 
 
 def split_messages(req: ChatRequest) -> tuple[str, list[Turn]]:
@@ -99,8 +100,9 @@ class ChatService:
             raise ApiError(400, str(err), code="context_length_exceeded") from None
         temperature = req.temperature or 0.0
         sampling = Sampling(temperature=temperature, top_p=req.top_p or 1.0, seed=req.seed)
-        plan = Plan(req.model, folder, entry, question, history, sampling, max_tokens, conv, flagged)
-        if self.cache is not None and sampling.greedy:
+        plan = Plan(req.model, folder, entry, question, history, sampling, max_tokens, conv, flagged,
+                    stop=req.stop_sequences)
+        if self.cache is not None and sampling.greedy and not plan.stop:
             plan.key = (folder, entry.content_hash, question, tuple((t.question, t.answer) for t in history), max_tokens)
         return plan
 
@@ -127,16 +129,17 @@ class ChatService:
                 on_text(text)
 
         try:
-            if self.batcher is not None and on_text is None and plan.sampling.greedy and not plan.history:
+            if self.batcher is not None and on_text is None and plan.sampling.greedy and not plan.history \
+                    and not plan.stop:
                 a = self.batcher.ask(plan.entry.kb, plan.question, plan.max_tokens)
             else:
                 a = plan.entry.kb.ask(plan.question, history=plan.history, max_new_tokens=plan.max_tokens,
-                                      sampling=plan.sampling, on_text=emit)
+                                      sampling=plan.sampling, on_text=emit, stop=plan.stop)
         except CagError as err:
             raise ApiError(400, str(err), code="generation_failed") from None
         usage = {"prompt_tokens": a.prompt_tokens, "completion_tokens": a.new_tokens,
                  "total_tokens": a.prompt_tokens + a.new_tokens, "cached_tokens": a.cached_tokens}
-        result = {"text": a.answer, "usage": usage, "finish_reason": "length" if a.new_tokens >= plan.max_tokens else "stop",
+        result = {"text": a.answer, "usage": usage, "finish_reason": a.finish_reason,
                   "response_cache": None, "ttft_s": a.ttft_s, "total_s": a.total_s, "cache_source": a.cache_source,
                   "mode": a.mode}
         if plan.key:

@@ -1,4 +1,5 @@
-"""Input limits and a prompt-injection heuristic, applied before anything reaches the model.
+"""Input limits, the OpenAI parameters cag refuses, and a prompt-injection heuristic, applied before
+anything reaches the model.
 
 The heuristic is a short list of phrasings typical of attempts to override the instructions or extract
 the prompt. It is a tripwire, not a defence: `flag` counts and logs matches, `refuse` rejects them.
@@ -7,9 +8,48 @@ the prompt. It is a tripwire, not a defence: `flag` counts and logs matches, `re
 from __future__ import annotations
 
 import re
+from typing import Any, Callable
 
 from .config import ServerConfig
 from .errors import ApiError
+from .schemas import ChatRequest
+
+# OpenAI parameters cag cannot honour: name -> (the values that ask for nothing, why). Any other value is
+# refused with a 400 naming the parameter, rather than silently answering something else than was asked.
+_NEUTRAL: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "n": (lambda v: v == 1, "cag returns one choice per request; send n=1 or leave it out"),
+    "best_of": (lambda v: v == 1, "cag returns one choice per request; send best_of=1 or leave it out"),
+    "logprobs": (lambda v: v is False, "cag does not return log probabilities"),
+    "top_logprobs": (lambda v: v == 0, "cag does not return log probabilities"),
+    "logit_bias": (lambda v: not v, "cag does not bias tokens"),
+    "presence_penalty": (lambda v: v == 0, "cag applies no repetition penalties; send 0 or leave it out"),
+    "frequency_penalty": (lambda v: v == 0, "cag applies no repetition penalties; send 0 or leave it out"),
+    "tools": (lambda v: not v, "cag does not call tools or functions"),
+    "functions": (lambda v: not v, "cag does not call tools or functions"),
+    "tool_choice": (lambda v: v in ("none", "auto"), "cag does not call tools or functions"),
+    "function_call": (lambda v: v in ("none", "auto"), "cag does not call tools or functions"),
+    "response_format": (lambda v: v.get("type") == "text", 'cag answers in plain text; use {"type": "text"}'),
+    "modalities": (lambda v: list(v) == ["text"], "cag answers with text only"),
+    "audio": (lambda v: False, "cag answers with text only"),
+    "prediction": (lambda v: False, "predicted outputs are not supported"),
+    "reasoning_effort": (lambda v: False, "cag's models have no reasoning-effort setting"),
+    "verbosity": (lambda v: False, "cag's models have no verbosity setting"),
+    "web_search_options": (lambda v: False, "cag answers from its knowledge base only, without web search"),
+}
+
+
+def check_parameters(req: ChatRequest) -> None:
+    """Refuse a request that asks for something cag cannot do (harmless values such as n=1 pass)."""
+    for name, (neutral, why) in _NEUTRAL.items():
+        value = getattr(req, name)
+        if value is not None and not neutral(value):
+            raise ApiError(400, f"{name}={_show(value)} is not supported: {why}", code="unsupported_parameter",
+                           param=name)
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 _INJECTION = re.compile(
     r"ignore (all |any )?(the |your )?(previous|prior|above|earlier) (instructions|prompts?|rules)"

@@ -15,6 +15,7 @@ import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from .. import api, events, knowledge, models, paths
 from ..errors import CagError
@@ -106,7 +107,7 @@ class Registry:
         return self._loaded.get(folder)
 
     # -- management (server-created KBs only) ------------------------------------------------------
-    def create(self, tenant: str, name: str, docs: list[tuple[str, bytes]]) -> Entry:
+    def create(self, tenant: str, name: str, docs: list[tuple[str, bytes | BinaryIO]]) -> Entry:
         if not _NAME.match(name or ""):
             raise ApiError(400, f"invalid knowledge base name {name!r}: use 1-46 letters, digits, '.', '_' or '-', "
                                 "starting with a letter or digit", code="invalid_name")
@@ -120,6 +121,10 @@ class Registry:
                 if err.status != 404:
                     raise
             target = paths.kb_dir(folder)
+            if target.exists():
+                if _record(folder) is not None:  # a knowledge base of that folder name exists: not ours to overwrite
+                    raise ApiError(409, f"knowledge base {name!r} already exists", code="kb_exists")
+                shutil.rmtree(target)  # left by a create that never finished (the server stopped mid-build)
             try:
                 _write_docs(target / DOCS_DIR, docs)
                 return self._build(tenant, folder, target)
@@ -127,7 +132,7 @@ class Registry:
                 shutil.rmtree(target, ignore_errors=True)
                 raise
 
-    def replace(self, tenant: str, name: str, docs: list[tuple[str, bytes]]) -> Entry:
+    def replace(self, tenant: str, name: str, docs: list[tuple[str, bytes | BinaryIO]]) -> Entry:
         folder = self._owned(tenant, name)
         target = paths.kb_dir(folder)
         with self._folder_lock(folder):
@@ -214,7 +219,8 @@ def safe_doc_name(name: str, default_suffix: str | None = ".txt") -> str:
     return base
 
 
-def _write_docs(folder: Path, docs: list[tuple[str, bytes]]) -> None:
+def _write_docs(folder: Path, docs: list[tuple[str, bytes | BinaryIO]]) -> None:
+    """Write each document; an upload (a file object) is copied in pieces, never held whole in memory."""
     if not docs:
         raise ApiError(400, "give at least one document", code="no_documents")
     folder.mkdir(parents=True, exist_ok=True)
@@ -222,4 +228,8 @@ def _write_docs(folder: Path, docs: list[tuple[str, bytes]]) -> None:
         path = folder / name
         if path.exists():
             raise ApiError(400, f"two documents are named {name!r}; names must be unique", code="duplicate_document")
-        path.write_bytes(data)
+        if isinstance(data, bytes):
+            path.write_bytes(data)
+        else:
+            with path.open("wb") as out:
+                shutil.copyfileobj(data, out)
