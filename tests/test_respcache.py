@@ -228,3 +228,15 @@ def test_server_never_answers_a_near_miss_from_the_cache(mill, sharp_lm, setting
     assert m.get(("cag_response_cache_total", "semantic"), 0) == (1 if semantic_on else 0)
     assert m[("cag_response_cache_total", "exact")] == 2
     assert m[("cag_response_cache_total", "miss")] == 4 + (0 if semantic_on else 1)
+
+
+def test_the_exact_level_needs_the_exact_question_and_the_same_tenant():
+    """Other case or spacing gives other tokens, so possibly another answer: no hit. Nor across tenants."""
+    cache = ResponseCache(semantic_threshold=None)
+    cache.put("kb", "h", "Who founded the Zephyr Guild?", (), 8, {"text": "Ada"}, tenant="alpha")
+    assert cache.get("kb", "h", "  Who founded the Zephyr Guild?\n", (), 8, tenant="alpha").kind == "exact"
+    for other in ("who founded the Zephyr Guild?", "Who founded the  Zephyr Guild?", "Who founded the Zephyr Guild ?"):
+        assert cache.get("kb", "h", other, (), 8, tenant="alpha") is None, other
+    assert cache.get("kb", "h", "Who founded the Zephyr Guild?", (), 8, tenant="beta") is None
+    cache.drop("kb")
+    assert cache.get("kb", "h", "Who founded the Zephyr Guild?", (), 8, tenant="alpha") is None

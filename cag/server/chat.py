@@ -43,6 +43,7 @@ class Plan:
     conversation: tuple | None
     flagged: bool
     key: tuple = field(default=())  # response-cache key, empty when not cacheable
+    tenant: str = ""  # who asked: part of the response-cache key (no tenant learns what another asked)
     stop: tuple[str, ...] = ()  # the answer ends before the first of these strings
 
 
@@ -104,13 +105,14 @@ class ChatService:
                     stop=req.stop_sequences)
         if self.cache is not None and sampling.greedy and not plan.stop:
             plan.key = (folder, entry.content_hash, question, tuple((t.question, t.answer) for t in history), max_tokens)
+            plan.tenant = tenant
         return plan
 
     def cached(self, plan: Plan) -> dict | None:
         if not plan.key:
             return None
         start = time.perf_counter()
-        hit = self.cache.get(*plan.key)
+        hit = self.cache.get(*plan.key, tenant=plan.tenant)
         self.metrics.response_cache.labels(hit.kind if hit else "miss").inc()
         if hit is None:
             return None
@@ -143,7 +145,7 @@ class ChatService:
                   "response_cache": None, "ttft_s": a.ttft_s, "total_s": a.total_s, "cache_source": a.cache_source,
                   "mode": a.mode}
         if plan.key:
-            self.cache.put(*plan.key, {k: result[k] for k in ("text", "usage", "finish_reason")})
+            self.cache.put(*plan.key, {k: result[k] for k in ("text", "usage", "finish_reason")}, tenant=plan.tenant)
         self._finish(plan, result)
         return result
 

@@ -1,7 +1,8 @@
 """Response cache: a repeated question on an unchanged knowledge base is answered without the model.
 
-Two levels. Exact (always on): the normalized question (case and whitespace folded), the conversation so
-far and the generation limit. Semantic (off unless `semantic_threshold` is set): a question without history
+Two levels. Exact (always on): the same question text (only leading and trailing whitespace ignored, as the
+prompt ignores it: other case or spacing gives other tokens and may give another answer), the same
+conversation so far, generation limit and asking tenant (a hit must not tell one tenant what another asked). Semantic (off unless `semantic_threshold` is set): a question without history
 may take the answer of an earlier one of the same knowledge base and limit when both have the same
 canonical form (cag.server.canonical: same words, numbers, units, question word, negation and tense, up to
 case, punctuation, articles, politeness and spelling) AND their MiniLM sentence embeddings (cag.embed) reach
@@ -13,7 +14,6 @@ the knowledge base's folder and content hash + build time, so a rebuilt KB never
 
 from __future__ import annotations
 
-import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -41,7 +41,8 @@ class _Stored:
 
 
 def normalize(text: str) -> str:
-    return re.sub(r"\s+", " ", text).strip().lower()
+    """What the prompt makes of a question: cag.prompt strips it, and nothing else."""
+    return text.strip()
 
 
 class ResponseCache:
@@ -53,9 +54,10 @@ class ResponseCache:
         self._forms: dict[tuple, dict[tuple, None]] = {}  # semantic index key -> exact keys (ordered set)
         self._lock = threading.Lock()
 
-    def get(self, kb: str, content_hash: str, question: str, history: tuple, limit: int) -> Hit | None:
-        key = (kb, content_hash, normalize(question), history, limit)
-        form = self._form(kb, content_hash, question, history, limit)
+    def get(self, kb: str, content_hash: str, question: str, history: tuple, limit: int,
+            tenant: str = "") -> Hit | None:
+        key = (kb, content_hash, normalize(question), history, limit, tenant)
+        form = self._form(kb, content_hash, question, history, limit, tenant)
         with self._lock:
             stored = self._exact.get(key)
             if stored is not None:
@@ -74,9 +76,10 @@ class ResponseCache:
         best = max(range(len(scores)), key=scores.__getitem__)
         return Hit("semantic", candidates[best].value) if scores[best] >= self.threshold else None
 
-    def put(self, kb: str, content_hash: str, question: str, history: tuple, limit: int, value: dict) -> None:
-        key = (kb, content_hash, normalize(question), history, limit)
-        stored = _Stored(value, question, self._form(kb, content_hash, question, history, limit))
+    def put(self, kb: str, content_hash: str, question: str, history: tuple, limit: int, value: dict,
+            tenant: str = "") -> None:
+        key = (kb, content_hash, normalize(question), history, limit, tenant)
+        stored = _Stored(value, question, self._form(kb, content_hash, question, history, limit, tenant))
         with self._lock:
             self._unlink(key)
             self._exact[key] = stored
@@ -90,12 +93,13 @@ class ResponseCache:
             for key in [k for k in self._exact if k[0] == kb]:
                 self._unlink(key)
 
-    def _form(self, kb: str, content_hash: str, question: str, history: tuple, limit: int) -> tuple | None:
+    def _form(self, kb: str, content_hash: str, question: str, history: tuple, limit: int,
+              tenant: str) -> tuple | None:
         """The semantic index key, or None when the semantic level does not apply."""
         if self.threshold is None or history:
             return None
         form = question_form(question)
-        return (kb, content_hash, limit, form) if form else None
+        return (kb, content_hash, limit, tenant, form) if form else None
 
     def _unlink(self, key: tuple) -> None:
         stored = self._exact.pop(key, None)
