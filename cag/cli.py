@@ -212,13 +212,14 @@ def chat(
 @app.command("ls")
 def list_(
     as_json: bool = typer.Option(False, "--json", help="One JSON object per knowledge base."),
+    show_all: bool = typer.Option(False, "--all", "-a", help="Also list the shards of sharded knowledge bases."),
     redis: Optional[str] = typer.Option(None, "--redis", help=REDIS_HELP),
 ) -> None:
     """List knowledge bases: where their caches live (tiers), size, tokens, age, hits."""
     from . import api, paths
 
     _use_redis(redis)
-    rows = api.list_kbs()
+    rows = [r for r in api.list_kbs() if show_all or not r.get("parent")]
     if as_json:
         for r in rows:
             print(json.dumps(r), flush=True)

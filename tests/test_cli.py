@@ -182,3 +182,16 @@ def test_a_home_that_cannot_be_written_is_a_one_line_error(tmp_path, tiny_model_
     (docs / "a.md").write_text("text")
     proc = run(["build", docs, "--model", tiny_model_dir], blocker / "home", check=False)
     assert_one_line_error(proc, "cannot store knowledge bases", "is not a folder")
+
+
+def test_rm_of_a_sharded_knowledge_base_removes_its_shards(tmp_path, tiny_model_dir):
+    from conftest import SAMPLE_DOCS
+
+    home = tmp_path / "home"
+    run(["build", SAMPLE_DOCS, "--name", "big", "--shard", "--reserve", "256", "--model", tiny_model_dir], home)
+    listed = run(["ls", "--json"], home).stdout.splitlines()
+    assert [json.loads(r)["name"] for r in listed] == ["big"]  # shards only with --all
+    assert len(run(["ls", "--json", "--all"], home).stdout.splitlines()) > 2
+    assert_one_line_error(run(["rm", "big.shard0"], home, check=False), "one shard of the knowledge base 'big'")
+    run(["rm", "big"], home)
+    assert run(["ls", "--json", "--all"], home).stdout.strip() == ""

@@ -80,6 +80,8 @@ class Registry:
     def list(self, tenant: str) -> list[dict]:
         rows = []
         for row in api.list_kbs():
+            if row.get("parent"):
+                continue  # one shard of a larger knowledge base: asked through its parent
             folder = row["name"]
             owner = owner_of(folder, row.get("owner"))
             if owner == tenant:
