@@ -1,9 +1,26 @@
-"""cag: cache-augmented generation. Run knowledge through a model once, keep its KV cache, answer from it."""
+"""cag: cache-augmented generation. Run knowledge through a model once, keep its KV cache, answer from it.
+
+The public names load on first use, so `import cag` (and `cag --help`, `cag version`) does not pay for
+torch and transformers until something needs them.
+"""
 
 __version__ = "0.1.0"
 
-from .api import KnowledgeBase, build, delete, invalidate, list_kbs, load, publish  # noqa: E402
-from .engine import Sampling  # noqa: E402
-from .errors import CagError  # noqa: E402
+__all__ = ["KnowledgeBase", "build", "load", "list_kbs", "delete", "invalidate", "publish", "Sampling", "CagError",
+           "__version__"]
+_WHERE = {"KnowledgeBase": "api", "build": "api", "load": "api", "list_kbs": "api", "delete": "api",
+          "invalidate": "api", "publish": "api", "Sampling": "engine", "CagError": "errors"}
 
-__all__ = ["KnowledgeBase", "build", "load", "list_kbs", "delete", "invalidate", "publish", "Sampling", "CagError", "__version__"]
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        from importlib import import_module
+
+        value = getattr(import_module(f".{_WHERE[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'cag' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

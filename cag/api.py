@@ -181,7 +181,7 @@ class KnowledgeBase:
         for i, ids in zip(together, outs):
             sp = splits[i]
             answers[i] = Answer(
-                question=questions[i].strip(), answer=self.lm.tokenizer.decode(ids, skip_special_tokens=True).strip(),
+                question=questions[i].strip(), answer=engine.detokenize(self.lm.tokenizer, ids).strip(),
                 token_ids=ids, ttft_s=total, total_s=total, prompt_tokens=len(sp.ids), cached_tokens=sp.reuse,
                 question_tokens=len(sp.new_ids), new_tokens=len(ids), boundary_ok=True, mode="cache-batch",
                 cache_source=self.cache_source, finish_reason="length" if len(ids) >= max_new_tokens else "stop")
@@ -204,7 +204,7 @@ class KnowledgeBase:
 def build(sources: Iterable[str | Path], name: str | None = None, *, model: str | None = None,
           device: str | None = None, dtype: str | None = None, instruction: str = DEFAULT_INSTRUCTION,
           reserve: int = DEFAULT_RESERVE, chunk_size: int = engine.DEFAULT_CHUNK,
-          lm: models.LoadedModel | None = None, log: Log = _stderr,
+          lm: models.LoadedModel | Callable[[], models.LoadedModel] | None = None, log: Log = _stderr,
           progress: Callable[[int, int], None] | None = None, ttl_s: float | None = None,
           version: int | None = None, incremental_update: bool = True, shard: bool = False,
           store: TieredStore | None = None, kv_quant: str | None = None, owner: str | None = None) -> KnowledgeBase:
@@ -223,7 +223,7 @@ def build(sources: Iterable[str | Path], name: str | None = None, *, model: str 
     name = name or Path(sources[0]).stem
     paths.writable(paths.kb_dir(name))  # refuse a bad name or a read-only CAG_HOME before any work
     docs = knowledge.load(sources, log=log)
-    lm = lm or models.load(model, device=device, dtype=dtype, log=log)
+    lm = lm() if callable(lm) else lm or models.load(model, device=device, dtype=dtype, log=log)
     settings = {"name": name, "sources": sources, "model": model or models.DEFAULT_MODEL,
                 "dtype": kvfile.dtype_name(lm.dtype), "instruction": instruction, "reserve": reserve}
     if kv_quant:

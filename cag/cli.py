@@ -8,9 +8,12 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from . import __version__
@@ -35,30 +38,88 @@ def _log(msg: str) -> None:
 
 
 def _quiet_transformers() -> None:
+    """Through the environment, read when transformers is first imported: importing it here would cost
+    every command (`cag --help` included) a second or more."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as hf_logging
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+
+def _hide_flag_types() -> None:
+    """typer prints `<bool>` after flags such as --json, which take no value: show nothing there."""
+    try:
+        from typer.core import TyperOption
+    except ImportError:  # older typer: no type column to fix
+        return
+    show = getattr(TyperOption, "display_type_rich", None)
+    if show is None or getattr(show, "_cag", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if getattr(self, "is_flag", False) else show(self, ctx)
+
+    display_type_rich._cag = True
+    TyperOption.display_type_rich = display_type_rich
+
+
+_hide_flag_types()
+
+
+@contextmanager
+def _status(what: str) -> Iterator[None]:
+    """A spinner while `what` runs (on a terminal); elsewhere a line when it starts and when it is done, so
+    logs and CI output show where the time goes."""
+    start = time.perf_counter()
+    if err.is_terminal:
+        with err.status(f"[dim]{what}…", spinner="dots"):
+            yield
+    else:
+        err.print(f"{what}…", style="dim", markup=False)
+        yield
+        err.print(f"{what}: done in {time.perf_counter() - start:.1f} s", style="dim", markup=False)
 
 
 class _Bar:
-    """A rich progress bar fed by the API's (done, total) callback."""
+    """Prefill progress from the API's (done, total) callback: a bar on a terminal, else a plain line every
+    10% and at the end (a pipe or a log file still shows that a long build is moving)."""
+
+    def __init__(self, what: str = "prefill"):
+        self.what, self.progress, self.task = what, None, None
+        self.total, self.step, self.start = 0, -1, time.perf_counter()
 
     def __enter__(self):
-        self.progress = Progress(TextColumn("[dim]prefill"), BarColumn(), TextColumn("{task.completed}/{task.total} tokens"),
-                                 TimeElapsedColumn(), console=err, transient=True)
-        self.progress.__enter__()
-        self.task = None
         return self
 
     def __call__(self, done: int, total: int) -> None:
-        if self.task is None:
-            self.task = self.progress.add_task("prefill", total=total)
-        self.progress.update(self.task, completed=done)
+        if total != self.total or done < 0:  # a new prefill (the next shard of a sharded build)
+            self.total, self.step, self.start, self.task = total, -1, time.perf_counter(), None
+        if self.progress is None and err.is_terminal:  # started here, not on entry: the model loads first,
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn  # under its own spinner
+
+            self.progress = Progress(TextColumn(f"[dim]{self.what}"), BarColumn(),
+                                     TextColumn("{task.completed}/{task.total} tokens"), TimeElapsedColumn(),
+                                     console=err, transient=True)
+            self.progress.__enter__()
+        if self.progress is not None:
+            if self.task is None:
+                self.task = self.progress.add_task(self.what, total=total)
+            self.progress.update(self.task, completed=done)
+            return
+        step = 10 * done // max(total, 1)
+        if step > self.step:
+            self.step = step
+            took = time.perf_counter() - self.start
+            err.print(f"{self.what}: {10 * step}% ({done}/{total} tokens, {took:.1f} s)", style="dim", markup=False)
 
     def __exit__(self, *exc):
-        return self.progress.__exit__(*exc)
+        return self.progress.__exit__(*exc) if self.progress is not None else False
+
+
+def _load_model(name: str | None, **kwargs):
+    from . import models
+
+    with _status(f"loading model {name or models.DEFAULT_MODEL}"):
+        return models.load(name, log=_log, **kwargs)
 
 
 @app.command()
@@ -84,10 +145,21 @@ def build(
     with _Bar() as bar:
         kb = api.build(paths, name, model=model, device=device, dtype=dtype, reserve=reserve,
                        chunk_size=chunk_size, log=_log, progress=bar, ttl_s=ttl, version=kb_version,
-                       incremental_update=not full, shard=shard, kv_quant="int8" if kv_int8 else None)
+                       incremental_update=not full, shard=shard, kv_quant="int8" if kv_int8 else None,
+                       lm=lambda: _load_model(model, device=device, dtype=dtype))
     s = kb.build_stats
     out.print(f"built [bold]{kb.name}[/bold]: {len(kb.docs)} documents, {s.tokens} tokens in {s.seconds:.2f} s "
               f"({s.tokens_per_s:.0f} tokens/s), cache {s.file_bytes / 1e6:.1f} MB; {s.how}")
+
+
+def _load_kb(name: str, device, dtype, rebuild: bool = True):
+    """A knowledge base with its model loaded under a status line (the slow part of starting up)."""
+    from . import api
+
+    meta = api.read_meta(name)
+    lm = _load_model(meta.get("model"), device=device, dtype=dtype or meta.get("dtype"))
+    with _Bar() as bar:
+        return api.load(name, rebuild=rebuild, lm=lm, log=_log, progress=bar)
 
 
 def _use_redis(url: Optional[str]) -> None:
@@ -114,14 +186,12 @@ def ask(
     redis: Optional[str] = typer.Option(None, "--redis", help=REDIS_HELP),
 ) -> None:
     """Answer questions from a knowledge base's cache (streams the answer)."""
-    from . import api
     from .engine import Sampling
 
     _use_redis(redis)
     items = _questions(question, questions)
     StopText(stop or ())  # refuse bad stop strings before loading anything
-    with _Bar() as bar:
-        kb = api.load(name, device=device, dtype=dtype, rebuild=not no_rebuild, log=_log, progress=bar)
+    kb = _load_kb(name, device, dtype, rebuild=not no_rebuild)
     sampling = Sampling(temperature=temperature, top_p=top_p, seed=seed)
     for q in items:
         if not as_json:
@@ -172,24 +242,40 @@ def _questions(question: Optional[str], file: Optional[Path]) -> list[str]:
 @app.command()
 def chat(
     name: str = typer.Argument(..., help="Knowledge base name."),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Most tokens to generate per answer."),
+    temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy (default)."),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold (with --temperature)."),
+    seed: Optional[int] = typer.Option(None, help="Seed for repeatable sampling."),
+    stop: Optional[List[str]] = typer.Option(None, "--stop", help="End each answer before this text (repeatable, up to 4)."),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
 ) -> None:
-    """Interactive chat; earlier turns are kept (after the cached knowledge). /reset clears them, /exit quits."""
-    from . import api
+    """Interactive chat; earlier turns are kept (after the cached knowledge) as long as they fit the context.
+
+    Ctrl-C stops the answer being written and keeps the chat; /reset clears the history; /exit or Ctrl-D quits.
+    """
+    from .engine import Sampling
     from .prompt import Turn
 
-    kb = api.load(name, device=device, log=_log)
+    StopText(stop or ())
+    kb = _load_kb(name, device, dtype)
+    sampling = Sampling(temperature=temperature, top_p=top_p, seed=seed)
     history: list[Turn] = []
-    _log(f"chatting with {name} ({kb.tokens} cached tokens); /reset clears the history, /exit quits")
+    _log(f"chatting with {name} ({kb.tokens} cached tokens); Ctrl-C stops an answer, /reset clears the history, "
+         "/exit quits")
     while True:
         try:
             q = input("you> ").strip()
         except EOFError:
             break
+        except KeyboardInterrupt:
+            out.file.write("\n")
+            _log("(/exit or Ctrl-D quits)")
+            continue
         if q in ("/exit", "/quit"):
             break
         if q == "/reset":
+            _log(f"history cleared ({len(history)} turn{'s' if len(history) != 1 else ''} forgotten)")
             history.clear()
             continue
         if not q:
@@ -203,10 +289,23 @@ def chat(
             _log(f"(the {len(history) - len(kept)} oldest turn(s) no longer fit the context window: dropped)")
             history[:] = kept
         out.file.write("cag> ")
-        a = kb.ask(q, history=history, max_new_tokens=max_new_tokens,
-                   on_text=lambda t: (out.file.write(t), out.file.flush()))
+        pieces: list[str] = []
+
+        def show(text: str) -> None:
+            pieces.append(text)
+            out.file.write(text)
+            out.file.flush()
+
+        try:
+            answer = kb.ask(q, history=history, max_new_tokens=max_new_tokens, sampling=sampling, on_text=show,
+                            stop=stop or ()).answer
+        except KeyboardInterrupt:
+            answer = "".join(pieces).strip()
+            out.file.write("\n")
+            _log("(stopped)")
         out.file.write("\n")
-        history.append(Turn(q, a.answer))
+        if answer:
+            history.append(Turn(q, answer))
 
 
 @app.command("ls")
@@ -227,14 +326,43 @@ def list_(
     if not rows:
         err.print(f"no knowledge bases in {paths.kbs_dir()}")
         return
-    table = Table("name", "model", "tokens", "docs", "size", "created", "status", "tiers", "age", "hits")
+    out.print(_kb_table(rows))
+
+
+def _kb_table(rows: list[dict]) -> Table:
+    """Fits 80 columns: the model goes in the title when every row shares it; --json has everything."""
+    models = {r.get("model") for r in rows}
+    title = f"model: {models.pop()}" if len(models) == 1 else None
+    table = Table("name", "tokens", "docs", "size", "cached in", "age", "hits", "status", title=title,
+                  title_justify="left", title_style="dim", box=None, pad_edge=False)
+    table.columns[0].no_wrap = True
+    for column in table.columns[1:4] + table.columns[5:7]:
+        column.justify = "right"
     for r in rows:
         size = f"{r['bytes'] / 1e6:.1f} MB" if r.get("bytes") else "-"
-        age = f"{r['age_s'] / 60:.0f} min" if r.get("age_s") is not None else "-"
-        table.add_row(r["name"], str(r.get("model")), str(r.get("tokens", "-")), str(r.get("documents", "-")),
-                      size, str(r.get("created", "-")), r["status"], ",".join(r.get("tiers", [])) or "-", age,
-                      str(r.get("hits", 0)))
-    out.print(table)
+        name = r["name"] if title else f"{r['name']} ({r.get('model')})"
+        table.add_row(name, _num(r.get("tokens")), _num(r.get("documents")), size,
+                      ",".join(r.get("tiers", [])) or "-", _age_text(r.get("age_s")), str(r.get("hits", 0)),
+                      _short_status(r["status"]))
+    return table
+
+
+def _num(value) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
+def _age_text(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def _short_status(status: str) -> str:
+    """The first clause: details (which shards, why broken) are in `cag ls --json` and `cag inspect`."""
+    return status.split(":", 1)[0] if status.startswith("broken") else status.split(" (", 1)[0]
 
 
 @app.command()
@@ -260,26 +388,40 @@ def publish(name: str = typer.Argument(...), kb_version: int = typer.Argument(..
 
 @app.command()
 def inspect(name: str = typer.Argument(...), as_json: bool = typer.Option(False, "--json")) -> None:
-    """Show a knowledge base's manifest and verify its cache file's integrity (checksum, signature)."""
+    """Show a knowledge base's settings and manifest, and verify its cache file (checksum, signature)."""
     from . import api, kvfile, paths
 
     meta = api.read_meta(name)
-    path = paths.kb_dir(name) / api.CACHE_FILE
-    manifest = kvfile.load(path).manifest  # integrity: parse, checksum, signature when a key is set
-    info = {"name": name, "file": str(path), "bytes": path.stat().st_size, "integrity": "ok", **meta,
-            "manifest": {k: v for k, v in manifest.items() if k != "shapes"},
-            "kv_shape": manifest["shapes"]["k"][0]}
+    infos = []
+    for part in meta.get("shards") or [name]:  # a sharded knowledge base: every shard's cache
+        path = paths.kb_dir(part) / api.CACHE_FILE
+        manifest = kvfile.load(path).manifest  # integrity: parse, checksum, signature when a key is set
+        infos.append({"name": part, "file": str(path), "bytes": path.stat().st_size, "integrity": "ok",
+                      **({} if part == name else {"shard_of": name}),
+                      **{k: _iso(v) if k == "built_at" else v for k, v in api.read_meta(part).items()},
+                      "manifest": {k: v for k, v in manifest.items() if k != "shapes"},
+                      "kv_shape": manifest["shapes"]["k"][0]})
     if as_json:
-        print(json.dumps(info, indent=2))
+        print(json.dumps(infos[0] if len(infos) == 1 else {"name": name, "shards": infos}, indent=2))
         return
-    table = Table(show_header=False)
-    for key, value in info.items():
-        if key == "manifest":
-            for mk, mv in value.items():
-                table.add_row(f"manifest.{mk}", json.dumps(mv) if isinstance(mv, dict) else str(mv))
-        else:
-            table.add_row(key, str(value))
-    out.print(table)
+    for info in infos:
+        table = Table(show_header=False, title=info["name"] if len(infos) > 1 else None, title_justify="left")
+        for key, value in info.items():
+            if key == "manifest":
+                for mk, mv in value.items():
+                    table.add_row(f"manifest.{mk}", json.dumps(mv) if isinstance(mv, dict) else str(mv))
+            else:
+                table.add_row(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
+        out.print(table)
+
+
+def _iso(epoch: float | None) -> str | None:
+    """ISO 8601 in UTC, like the manifest's `created`."""
+    from datetime import datetime, timezone
+
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 @app.command()

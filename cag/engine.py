@@ -161,26 +161,51 @@ def stop_ids(tokenizer, model) -> list[int]:
 
 
 class TextStream:
-    """Turns a growing list of token ids into text deltas without splitting multi-byte characters."""
+    """Token ids -> text deltas, incrementally: each token costs the same however long the answer is.
+
+    tokenizers' DecodeStream keeps only the few ids a character may still need, so a multi-byte character
+    split over tokens is held back until it is complete (decoding the whole answer at every token, as before,
+    made streaming quadratic in the answer's length). The deltas concatenated are `text()`: what a client
+    streams is exactly the final answer.
+    """
 
     def __init__(self, tokenizer):
+        from tokenizers.decoders import DecodeStream
+
         self.tokenizer = tokenizer
+        self.backend = tokenizer.backend_tokenizer
         self.ids: list[int] = []
-        self.sent = ""
+        self._decoder = DecodeStream(skip_special_tokens=True)
+        self._pieces: list[str] = []
+        self._sent = 0
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+        piece = self._decoder.step(self.backend, token)
+        if not piece:
             return ""
-        delta, self.sent = text[len(self.sent):], text
-        return delta
+        self._pieces.append(piece)
+        self._sent += len(piece)
+        return piece
 
     def flush(self) -> str:
-        """Whatever push() held back (an incomplete character at the very end), so deltas add up to text()."""
-        text = self.text()
-        delta, self.sent = text[len(self.sent):], text
-        return delta
+        """At the end: what is still held back (an incomplete character, as a full decode renders it), so
+        that the deltas add up to text() and to decoding all ids at once."""
+        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        tail = full[self._sent:] if full.startswith(self.text()) else ""
+        if tail:
+            self._pieces.append(tail)
+            self._sent += len(tail)
+        return tail
 
     def text(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        return "".join(self._pieces)
+
+
+def detokenize(tokenizer, ids: Sequence[int]) -> str:
+    """The text of `ids` exactly as a TextStream streams it (answers read the same streamed or not)."""
+    stream = TextStream(tokenizer)
+    for token in ids:
+        stream.push(token)
+    stream.flush()
+    return stream.text()

@@ -195,3 +195,72 @@ def test_rm_of_a_sharded_knowledge_base_removes_its_shards(tmp_path, tiny_model_
     assert_one_line_error(run(["rm", "big.shard0"], home, check=False), "one shard of the knowledge base 'big'")
     run(["rm", "big"], home)
     assert run(["ls", "--json", "--all"], home).stdout.strip() == ""
+
+
+def test_help_shows_no_type_after_flags_and_needs_no_torch():
+    for args in (["--help"], ["ask", "--help"], ["chat", "--help"], ["ls", "--help"]):
+        proc = subprocess.run(CAG + args, capture_output=True, text=True, env={**os.environ, "COLUMNS": "120"})
+        assert proc.returncode == 0 and "<bool>" not in proc.stdout, proc.stdout
+    # `cag --help` and `cag version` start fast because nothing imports torch or transformers on the way
+    code = ("import sys; from cag import cli; cli.app(['version'], standalone_mode=False); "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout + proc.stderr
+
+
+def test_progress_shows_as_plain_lines_when_stderr_is_not_a_terminal(tmp_path, tiny_model_dir):
+    from conftest import SAMPLE_DOCS
+
+    proc = run(["build", SAMPLE_DOCS, "--name", "big", "--shard", "--reserve", "256", "--model", tiny_model_dir],
+               tmp_path / "home")
+    lines = proc.stderr.splitlines()
+    assert any(line.startswith("loading model ") and ": done in " in line for line in lines), proc.stderr
+    percents = [line for line in lines if line.startswith("prefill: ")]
+    assert sum("prefill: 100% (" in line for line in percents) >= 2, proc.stderr  # every shard's prefill reports
+    assert len(percents) > sum("100%" in line for line in percents)  # and before it ends, not only at the end
+
+
+def test_ls_fits_80_columns_and_inspect_uses_iso_times(setup):
+    import re
+
+    home, _ = setup
+    proc = subprocess.run(CAG + ["ls"], capture_output=True, text=True,
+                          env={**os.environ, "CAG_HOME": str(home), "COLUMNS": "80"})
+    lines = proc.stdout.splitlines()
+    assert lines and max(len(line) for line in lines) <= 80, proc.stdout
+    assert any(line.split()[0] == "kb" for line in lines if line.strip())
+    info = json.loads(run(["inspect", "kb", "--json"], home).stdout)
+    iso = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
+    assert re.fullmatch(iso, info["built_at"]) and re.fullmatch(iso, info["manifest"]["created"])
+
+
+def test_chat_ctrl_c_stops_the_answer_and_keeps_the_chat(tmp_path, sharp_model_dir):
+    import signal
+    import threading
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.md").write_text("The Heron lantern costs 148 crowns.")
+    home = tmp_path / "home"
+    run(["build", docs, "--name", "kb", "--model", sharp_model_dir], home)
+    env = {**os.environ, "CAG_HOME": str(home)}
+    proc = subprocess.Popen(CAG + ["chat", "kb", "--max-new-tokens", "800"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True, bufsize=0)
+    seen, errors = [], []
+    threading.Thread(target=lambda: errors.append(proc.stderr.read()), daemon=True).start()
+    proc.stdin.write("Tell me about the Heron.\n")
+    proc.stdin.flush()
+    while sum(len(s) for s in seen) < 40:  # the answer is being written
+        chunk = proc.stdout.read(1)
+        assert chunk, "chat ended before answering"
+        seen.append(chunk)
+    proc.send_signal(signal.SIGINT)
+    proc.stdin.write("/reset\nWho?\n/exit\n")
+    proc.stdin.flush()
+    rest, _ = proc.communicate(timeout=300)
+    stdout = "".join(seen) + rest
+    assert proc.returncode == 0, errors
+    assert stdout.count("cag> ") == 2  # the second question was still answered
+    stderr = errors[0] if errors else ""
+    assert "(stopped)" in stderr and "history cleared (1 turn forgotten)" in stderr
+    assert "Traceback" not in stderr

@@ -169,3 +169,27 @@ def test_text_stream_holds_back_split_characters_and_flushes_the_rest(tiny_lm):
     stream.push(first)  # ends on half a character: flush sends what decode gives, so deltas add up
     deltas.append(stream.flush())
     assert "".join(deltas) == stream.text()
+
+
+def test_text_stream_is_incremental_and_exact_for_multibyte_text(tiny_lm):
+    """Deltas add up to decoding all ids at once, for text full of multi-byte characters, however it is
+    cut; each push decodes only the few ids a character still needs (no re-decoding of the whole answer)."""
+    tok = tiny_lm.tokenizer
+    text = "Größe: 148 crowns 🏮 — “naïve” café 中文 ok"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    for cut in range(1, len(ids) + 1):  # every length: many end inside a character
+        stream = engine.TextStream(tok)
+        deltas = [stream.push(t) for t in ids[:cut]] + [stream.flush()]
+        assert "".join(deltas) == stream.text() == tok.decode(ids[:cut]), cut
+        assert "\ufffd" not in "".join(deltas[:-1])  # a half character is never streamed
+    assert engine.detokenize(tok, ids) == text
+    calls = []
+    stream = engine.TextStream(tok)
+    original = tok.decode
+    tok.decode = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        for t in ids * 20:
+            stream.push(t)
+    finally:
+        del tok.decode
+    assert calls == []  # pushing never decodes the answer so far

@@ -12,6 +12,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from .. import engine
 from ..api import Answer, KnowledgeBase
 
 
@@ -72,5 +73,5 @@ def _truncate(kb: KnowledgeBase, a: Answer, n: int) -> Answer:
     if a.new_tokens <= n:
         return a
     ids = a.token_ids[:n]
-    text = kb.lm.tokenizer.decode(ids, skip_special_tokens=True).strip()
+    text = engine.detokenize(kb.lm.tokenizer, ids).strip()
     return Answer(**{**a.to_dict(), "token_ids": ids, "answer": text, "new_tokens": n, "finish_reason": "length"})
