@@ -64,9 +64,11 @@ CONTAINER = ('<?xml version="1.0"?><container version="1.0" xmlns="urn:oasis:nam
              "</rootfiles></container>")
 
 
-def chapter(body: str, title: str = "The Heron Book") -> str:
+def chapter(body: str, title: str | None = "The Heron Book") -> str:
+    """An XHTML chapter; title None writes an empty <title/> (XML's self-closed form, which HTML has not)."""
+    head = f"<title>{title}</title>" if title is not None else "<title/>"
     return ('<?xml version="1.0" encoding="utf-8"?>\n<!DOCTYPE html>\n<html xmlns="http://www.w3.org/1999/xhtml" '
-            f'xmlns:epub="http://www.idpf.org/2007/ops"><head><title>{title}</title>'
+            f'xmlns:epub="http://www.idpf.org/2007/ops"><head>{head}'
             f'<script>var reader = "tracking";</script></head><body>{body}</body></html>')
 
 
@@ -76,7 +78,7 @@ CHAPTERS = {  # file name -> XHTML; the spine reads intro first although its nam
     "text/care.xhtml": chapter('<h1>Caring for it</h1><ol><li>Wipe the glass.</li><li>Dry the seal.</li></ol>'
                                '<table><tr><th>Part</th><th>Interval</th></tr><tr><td>Seal</td><td>6 months</td></tr>'
                                '</table><p>Never submerge it.<a epub:type="noteref" href="#n1">1</a></p>'
-                               '<aside epub:type="footnote" id="n1"><p>It is rated IPX4.</p></aside>'),
+                               '<aside epub:type="footnote" id="n1"><p>It is rated IPX4.</p></aside>', title=None),
     "text/a-nav.xhtml": chapter('<nav epub:type="toc"><ol><li><a href="intro.xhtml">Introduction</a></li></ol></nav>'),
 }
 

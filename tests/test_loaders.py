@@ -159,8 +159,9 @@ def test_a_plain_document_page_loses_no_heading_list_or_table(tmp_path):
     sections = "".join(f"<h2>Step {i}</h2><p>Clean part {i} with a dry cloth.</p><ul><li>Check seal {i}</li></ul>"
                        f"<table><tr><th>Part</th><th>Interval</th></tr><tr><td>Seal {i}</td><td>{i} months</td></tr>"
                        "</table>" for i in range(1, 4))
-    (tmp_path / "doc.html").write_text('<html><head><title>Lantern care</title></head><body><header id="title-block-'
-                                       'header"><h1 class="title">Lantern care</h1></header>' + sections + "</body></html>")
+    title = '<header id="title-block-header"><h1 class="title">Lantern care</h1></header>'
+    page = f"<html><head><title>Lantern care</title></head><body>{title}{sections}</body></html>"
+    (tmp_path / "doc.html").write_text(page)
     text = knowledge.read_file(tmp_path / "doc.html")
     _in_order(text, "# Lantern care", *[piece for i in range(1, 4) for piece in
                                         (f"## Step {i}", f"Clean part {i}", f"* Check seal {i}", f"Seal {i}")])
@@ -184,8 +185,8 @@ def test_a_page_about_cookies_keeps_its_content(tmp_path):
 
 
 def test_html_charset_is_honoured(tmp_path):
-    (tmp_path / "latin.html").write_bytes('<html><head><meta charset="iso-8859-1"><title>Café</title></head>'
-                                          "<body><p>Crème brûlée costs 7 crowns.</p></body></html>".encode("latin-1"))
+    (tmp_path / "latin.html").write_bytes('<html><head><meta charset="iso-8859-1"><title>Café</title></head><body>'
+                                          "<p>Crème brûlée costs 7 crowns.</p></body></html>".encode("latin-1"))
     (tmp_path / "utf8.htm").write_bytes("<p>Crème brûlée costs 7 crowns.</p>".encode())
     assert knowledge.read_file(tmp_path / "latin.html") == "# Café\n\nCrème brûlée costs 7 crowns."
     assert knowledge.read_file(tmp_path / "utf8.htm") == "Crème brûlée costs 7 crowns."

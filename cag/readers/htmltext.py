@@ -71,8 +71,10 @@ def _drop(elements) -> None:
 
 
 def _banners(root, total: int) -> list:
-    """Blocks named like a banner or sidebar, unless one holds most of the text (then it is the content)."""
-    named = [e for e in root.iter() if isinstance(e.tag, str) and _BANNER.search(f"{e.get('id', '')} {e.get('class', '')}")]
+    """Blocks named like a banner or sidebar, unless one holds half the text or more (then it is the content:
+    a recipe page may well wrap its article in class="cookie-recipe")."""
+    named = [e for e in root.iter()
+             if isinstance(e.tag, str) and _BANNER.search(f"{e.get('id', '')} {e.get('class', '')}")]
     return [e for e in named if len(e.text_content()) * 2 < total]
 
 
@@ -101,13 +103,15 @@ def page_text(raw: bytes, with_title: bool = True, site_chrome: bool = True) -> 
 
     `site_chrome=False` keeps <header>, <footer> and <aside> (an e-book chapter has no site around it, and
     its footnotes are asides)."""
+    import lxml.etree
     import lxml.html
 
     source = _XML_DECLARATION.sub("", decode(raw), count=1)
-    if not source.strip():
+    try:
+        tree = lxml.html.document_fromstring(source)
+    except lxml.etree.ParserError:  # no element at all: nothing to read
         return ""
-    tree = lxml.html.document_fromstring(source)
-    title = " ".join((tree.findtext(".//title") or "").split()) if with_title else ""
+    title = " ".join((tree.findtext("head/title") or "").split()) if with_title else ""
     content = markdown(lxml.html.tostring(main_content(tree, site_chrome), encoding="unicode")).strip()
     if not content:  # nothing but chrome: the whole page, so no page loses all its text
         content = markdown(source).strip()
