@@ -8,28 +8,36 @@ from __future__ import annotations
 
 import hashlib
 import json
-import signal
-import subprocess
-import sys
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
 from .errors import KnowledgeError
+from .readers import sandbox
 
 TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".rst", ".csv", ".tsv", ".json", ".jsonl", ".yaml", ".yml", ".log"}
 HTML_SUFFIXES = {".html", ".htm"}
 PDF_SUFFIXES = {".pdf"}
-SUPPORTED = TEXT_SUFFIXES | HTML_SUFFIXES | PDF_SUFFIXES
+DOCX_SUFFIXES = {".docx"}
+EPUB_SUFFIXES = {".epub"}
+SUPPORTED = TEXT_SUFFIXES | HTML_SUFFIXES | PDF_SUFFIXES | DOCX_SUFFIXES | EPUB_SUFFIXES
 
-# What one PDF may cost to read (cag/pdftext.py enforces them in a child process): a hostile PDF can be
+# What one PDF may cost to read (cag/readers enforce them in a child process): a hostile PDF can be
 # tiny on disk and still inflate to gigabytes or take minutes to parse.
 PDF_MAX_PAGES = 2000
 PDF_MAX_STREAM_BYTES = 8_000_000  # any one stream, decompressed
 PDF_MAX_BYTES = 64_000_000  # all page content of one file, decompressed
 PDF_MAX_SECONDS = 30  # CPU time of the parse (and, with some slack, its wall time)
 PDF_MAX_MEMORY = 2 << 30  # address space of the parsing process
+
+# What one HTML, .docx or .epub file may cost to read (enforced the same way): a .docx or .epub is a zip,
+# and a few KB of zip can claim gigabytes; markup can be built to be slow.
+HTML_MAX_BYTES = 10_000_000  # one HTML file (converting it runs at about 0.5 MB/s)
+ZIP_MAX_ENTRIES = 10_000  # files inside one .docx/.epub
+ZIP_MAX_BYTES = 256_000_000  # all of them together, uncompressed, as their entries declare
+DOC_MAX_SECONDS = 30  # CPU time of the parse (and, with some slack, its wall time)
+DOC_MAX_MEMORY = 2 << 30  # address space of the parsing process
 
 
 @dataclass(frozen=True)
@@ -78,49 +86,24 @@ def _hidden(path: Path, root: Path) -> bool:
 
 
 def read_file(path: Path) -> str:
+    """One file's normalized text; PDF, HTML, .docx and .epub are parsed in a child process held to limits."""
     suffix = path.suffix.lower()
-    try:
-        if suffix in PDF_SUFFIXES:
-            text = read_pdf(path)
-        elif suffix in HTML_SUFFIXES:
-            import html2text
-
-            converter = html2text.HTML2Text()
-            converter.body_width = 0  # no hard wrapping: it would waste tokens
-            text = converter.handle(path.read_text(encoding="utf-8", errors="replace"))
-        else:
+    if suffix in PDF_SUFFIXES:
+        text = sandbox.read("pdf", path, [PDF_MAX_PAGES, PDF_MAX_BYTES, PDF_MAX_STREAM_BYTES], PDF_MAX_MEMORY,
+                            PDF_MAX_SECONDS, "PDF")
+    elif suffix in HTML_SUFFIXES:
+        text = sandbox.read("html", path, [HTML_MAX_BYTES], DOC_MAX_MEMORY, DOC_MAX_SECONDS, "HTML file")
+    elif suffix in DOCX_SUFFIXES | EPUB_SUFFIXES:
+        text = sandbox.read(suffix[1:], path, [ZIP_MAX_ENTRIES, ZIP_MAX_BYTES], DOC_MAX_MEMORY, DOC_MAX_SECONDS,
+                            f"{suffix} file")
+    else:
+        try:
             text = path.read_text(encoding="utf-8")
-    except KnowledgeError:
-        raise
-    except UnicodeDecodeError:
-        raise KnowledgeError(f"{path} is not UTF-8 text; convert it or remove it") from None
-    except OSError as err:
-        raise KnowledgeError(f"cannot read {path}: {err.strerror or err}") from None
-    except Exception as err:  # noqa: BLE001 - PDF/HTML parsers raise many types
-        raise KnowledgeError(f"cannot parse {path}: {err}") from None
+        except UnicodeDecodeError:
+            raise KnowledgeError(f"{path} is not UTF-8 text; convert it or remove it") from None
+        except OSError as err:
+            raise KnowledgeError(f"cannot read {path}: {err.strerror or err}") from None
     return normalize(text)
-
-
-def read_pdf(path: Path) -> str:
-    """The PDF's text, parsed in a child process held to the PDF_MAX_* limits; KnowledgeError names the limit."""
-    from . import pdftext
-
-    limits = [PDF_MAX_PAGES, PDF_MAX_BYTES, PDF_MAX_STREAM_BYTES, PDF_MAX_MEMORY, PDF_MAX_SECONDS]
-    slow = KnowledgeError(f"refused to read {path}: parsing it took more than {PDF_MAX_SECONDS} s (the limit per "
-                          "PDF); it may be malformed or built to be slow")
-    try:
-        done = subprocess.run([sys.executable, "-I", pdftext.__file__, str(path), *map(str, limits)],
-                              capture_output=True, timeout=2 * PDF_MAX_SECONDS + 10, check=False)
-    except subprocess.TimeoutExpired:
-        raise slow from None
-    reason = (done.stderr.decode("utf-8", errors="replace").strip().splitlines() or ["no reason given"])[-1]
-    if done.returncode == pdftext.REFUSED:
-        raise KnowledgeError(f"refused to read {path}: {reason}")
-    if done.returncode in (-getattr(signal, "SIGXCPU", 24), -getattr(signal, "SIGKILL", 9)):
-        raise slow
-    if done.returncode != 0:
-        raise KnowledgeError(f"cannot parse {path}: {reason}")
-    return done.stdout.decode("utf-8")
 
 
 def normalize(text: str) -> str:
