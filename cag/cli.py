@@ -477,24 +477,36 @@ def _csv(text: str, kind):
 
 @app.command()
 def serve(
-    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 for every interface)."),
-    port: int = typer.Option(8000, help="Port to listen on."),
+    host: str = typer.Option("127.0.0.1", envvar="CAG_HOST",
+                             help="Address to listen on (0.0.0.0 for every interface)."),
+    port: int = typer.Option(8000, envvar="CAG_PORT", min=1, max=65535, help="Port to listen on."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="Server config file (JSON or TOML)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="CAG_API_KEY", show_default=False,
+                                          help="Require 'Authorization: Bearer KEY' on every API request (one "
+                                               "tenant; for several, use api_keys in the config or CAG_API_KEYS)."),
+    batch_window_ms: Optional[float] = typer.Option(None, "--batch-window-ms", min=0, show_default=False,
+                                                    help="Decode greedy requests arriving this close together in "
+                                                         "one batch (overrides the config's batch_window_ms; 0 = off)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, show_default=False,
+                                          help="Generation threads (overrides the config's workers, default 4)."),
+    log_level: str = typer.Option("info", "--log-level", metavar="[debug|info|warning|error]",
+                                  help="Least severe log lines shown (JSON access lines go to stdout at info)."),
 ) -> None:
     """Serve the knowledge bases in CAG_HOME over an OpenAI-compatible HTTP API (model = knowledge base)."""
-    import logging
-
     import uvicorn
 
     from . import models
-    from .server import create_app, load_config
+    from .server import configure_logging, create_app, load_config, with_flags
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    settings = load_config(config)
+    log_level = log_level.lower()
+    if log_level not in ("debug", "info", "warning", "error"):
+        raise typer.BadParameter(f"{log_level!r} is not one of debug, info, warning, error", param_hint="'--log-level'")
+    configure_logging(log_level)
+    settings = with_flags(load_config(config), api_key=api_key, batch_window_ms=batch_window_ms, workers=workers)
     lm = models.load(settings.model, device=settings.device, dtype=settings.dtype, log=_log)
     if lm.packing is not None:
         _log(str(lm.packing))
-    uvicorn.run(create_app(settings, lm), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(settings, lm), host=host, port=port, log_level=log_level, access_log=False)
 
 
 @app.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import threading
 import time
@@ -112,3 +113,17 @@ def wait_until_serving(url: str, proc: subprocess.Popen, seconds: float = 180) -
             why = proc.stderr.read() if proc.poll() is not None and proc.stderr else "timeout"
             pytest.fail(f"cag serve did not start: {why}")
         time.sleep(0.2)
+
+
+def openai_error(r: httpx.Response, status: int, code: str | None = None, param: str | None = None) -> dict:
+    """The error of an OpenAI-shaped error response, after checking its status, shape, code and param."""
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"], error
+    assert (code is None or error["code"] == code) and error["param"] == param, error
+    return error
+
+
+def sse_events(r: httpx.Response) -> list:
+    """The events of a server-sent-events body: JSON objects, and "[DONE]" for the end marker."""
+    return [json.loads(line[6:]) if line != "data: [DONE]" else "[DONE]" for line in r.text.splitlines() if line]

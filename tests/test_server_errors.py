@@ -3,7 +3,6 @@ OpenAI parameters cag refuses, unexpected exceptions (streaming or not), and GET
 
 from __future__ import annotations
 
-import json
 import logging
 
 import httpx
@@ -13,7 +12,9 @@ import pytest
 import cag
 from cag.api import KnowledgeBase
 from cag.server import ServerConfig, create_app
+from serverutil import openai_error as _error
 from serverutil import serving, write_docs
+from serverutil import sse_events as _events
 
 ASK = {"model": "lanterns", "max_tokens": 4, "messages": [{"role": "user", "content": "How much is the Heron?"}]}
 
@@ -23,18 +24,6 @@ def url(cag_home, sharp_lm, tmp_path):
     cag.build([write_docs(tmp_path / "docs")], name="lanterns", lm=sharp_lm, log=lambda _m: None)
     with serving(create_app(ServerConfig(response_cache=False), sharp_lm)) as base:
         yield base
-
-
-def _error(r: httpx.Response, status: int, code: str | None = None, param: str | None = None) -> dict:
-    assert r.status_code == status, r.text
-    error = r.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"], error
-    assert (code is None or error["code"] == code) and error["param"] == param, error
-    return error
-
-
-def _events(r: httpx.Response) -> list:
-    return [json.loads(line[6:]) if line != "data: [DONE]" else "[DONE]" for line in r.text.splitlines() if line]
 
 
 def test_routes_methods_and_malformed_bodies_answer_in_openai_shape(url):

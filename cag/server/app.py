@@ -1,6 +1,7 @@
-"""The FastAPI app: OpenAI-compatible chat completions over cag knowledge bases, KB management, metrics.
+"""The FastAPI app: OpenAI-compatible chat and prompt completions over cag knowledge bases, KB management,
+metrics, health, and one JSON access-log line per request.
 
-`model` in a chat request names the knowledge base. Generation runs in a thread pool (config.workers)
+`model` in a request names the knowledge base. Generation runs in a thread pool (config.workers)
 so the event loop stays free; concurrent requests on one KB share its cached prefix (the engine gives
 one the preallocated workspace and the others a shared, non-copying path over the same tensors).
 """
@@ -17,7 +18,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import BinaryIO, Optional
+from typing import BinaryIO, Callable, Optional
 
 from fastapi import FastAPI, File, Form, Header, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -28,13 +29,13 @@ from starlette.exceptions import HTTPException
 from .. import __version__, models
 from ..errors import CagError
 from . import auth, guard
-from .chat import ChatService, Plan
+from .chat import ChatService, Plan, Query, chat_query, prompt_query
 from .config import ServerConfig
 from .errors import ApiError, error_body, not_found
 from .metrics import Metrics
-from .middleware import BodyLimit, CatchAll, server_error
+from .middleware import AccessLog, BodyLimit, CatchAll, note, server_error
 from .registry import Registry, safe_doc_name
-from .schemas import ChatRequest, KBCreate, KBReplace
+from .schemas import CHAT, TEXT, ChatRequest, CompletionRequest, GenerationRequest, KBCreate, KBReplace, Shape
 
 log = logging.getLogger("cag.server")
 # pydantic names the member of a union it tried in an error's location ("stop.str"); a param has no such part
@@ -49,6 +50,7 @@ def create_app(config: ServerConfig | None = None, lm: models.LoadedModel | None
     metrics = Metrics(config.price_per_1k_tokens)
     service = ChatService(config, registry, metrics)
     pool = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="cag-gen")
+    served_by = _public_model_name(lm.name if lm is not None else config.model or models.DEFAULT_MODEL)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -63,27 +65,32 @@ def create_app(config: ServerConfig | None = None, lm: models.LoadedModel | None
     # Every error leaves in OpenAI's shape {"error": {"message", "type", "param", "code"}}, paths removed.
     app.add_middleware(BodyLimit, limit_for=lambda path: config.max_upload_bytes if path.endswith("/upload")
                        else config.max_body_bytes)
-    app.add_middleware(CatchAll)  # added last, so outermost: whatever no handler took becomes a generic 500
+    app.add_middleware(CatchAll)  # whatever no handler took becomes a generic 500
+    app.add_middleware(AccessLog)  # added last, so outermost: sees every status, 413s and 500s included
+
+    def refuse(body: dict, status: int, headers: dict | None = None) -> JSONResponse:
+        note(error=body["error"]["code"] or body["error"]["type"])
+        return JSONResponse(body, status_code=status, headers=headers)
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, err: ApiError):
-        return JSONResponse(err.body(), status_code=err.status)
+        return refuse(err.body(), err.status)
 
     @app.exception_handler(CagError)
     async def cag_error(_request: Request, err: CagError):
-        return JSONResponse(error_body(str(err), "invalid_request_error"), status_code=400)
+        return refuse(error_body(str(err), "invalid_request_error"), 400)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, err: RequestValidationError):
         first = err.errors()[0] if err.errors() else {}
         if first.get("type") == "json_invalid":
             why = (first.get("ctx") or {}).get("error", "malformed")
-            return JSONResponse(error_body(f"the request body is not valid JSON: {why}", "invalid_request_error",
-                                           "invalid_json"), status_code=400)
+            return refuse(error_body(f"the request body is not valid JSON: {why}", "invalid_request_error",
+                                     "invalid_json"), 400)
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body" and not _TYPE_TAG.match(str(p)))
         msg = str(first.get("msg", "malformed")).removeprefix("Value error, ")
-        return JSONResponse(error_body(f"invalid request: {where}: {msg}", "invalid_request_error", "invalid_request",
-                                       where or None), status_code=400)
+        return refuse(error_body(f"invalid request: {where}: {msg}", "invalid_request_error", "invalid_request",
+                                 where or None), 400)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, err: HTTPException):
@@ -97,13 +104,16 @@ def create_app(config: ServerConfig | None = None, lm: models.LoadedModel | None
             body = error_body(str(err.detail), "invalid_request_error", "request_too_large")
         else:
             body = error_body(str(err.detail), "invalid_request_error" if err.status_code < 500 else "server_error")
-        return JSONResponse(body, status_code=err.status_code, headers=err.headers)
+        return refuse(body, err.status_code, err.headers)
 
     def tenant(authorization: Optional[str]) -> str:
-        return auth.tenant_for(config, authorization)
+        who = auth.tenant_for(config, authorization)
+        note(tenant=who)
+        return who
 
     # -- health, metrics, page --------------------------------------------------------------------
     @app.get("/healthz")
+    @app.get("/health", include_in_schema=False)  # llama-server's and vLLM's name for it
     def healthz():
         return {"status": "ok", "version": __version__, "open": config.open}
 
@@ -118,29 +128,40 @@ def create_app(config: ServerConfig | None = None, lm: models.LoadedModel | None
     # -- OpenAI-compatible -------------------------------------------------------------------------
     @app.get("/v1/models")
     def list_models(authorization: Optional[str] = Header(None)):
-        return {"object": "list", "data": [_model(r) for r in registry.list(tenant(authorization))]}
+        return {"object": "list", "data": [_model(r, served_by) for r in registry.list(tenant(authorization))]}
 
     @app.get("/v1/models/{model_id}")
     def retrieve_model(model_id: str, authorization: Optional[str] = Header(None)):
+        note(model=model_id)
         row = next((r for r in registry.list(tenant(authorization)) if r["name"] == model_id), None)
         if row is None:
             raise not_found(model_id)
-        return _model(row)
+        return _model(row, served_by)
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, authorization: Optional[str] = Header(None)):
-        who = tenant(authorization)
+        return await _complete(tenant(authorization), req, lambda: chat_query(config, req), CHAT)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, authorization: Optional[str] = Header(None)):
+        return await _complete(tenant(authorization), req, lambda: prompt_query(config, req), TEXT)
+
+    async def _complete(who: str, req: GenerationRequest, query: Callable[[], Query], shape: Shape):
+        """The one path of both completion endpoints: checks, plan, response cache or the model, then the
+        answer in the endpoint's shape (streamed or whole)."""
+        note(model=req.model)
         try:
             guard.check_parameters(req)
-            plan = await run_in_threadpool(service.plan, who, req)
+            plan = await run_in_threadpool(service.plan, who, query())
             hit = await run_in_threadpool(service.cached, plan)
         except ApiError as err:
             metrics.requests.labels(str(err.status)).inc()
             raise
-        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        cid, created = f"{shape.id_prefix}-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_stream(plan, hit, cid, created, include_usage), media_type="text/event-stream",
+            return StreamingResponse(_stream(plan, hit, cid, created, include_usage, shape),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
             result = hit or await asyncio.get_running_loop().run_in_executor(pool, service.answer, plan)
@@ -151,34 +172,35 @@ def create_app(config: ServerConfig | None = None, lm: models.LoadedModel | None
             metrics.requests.labels("500").inc()
             raise
         metrics.requests.labels("200").inc()
+        _note_usage(result)
         return JSONResponse({
-            "id": cid, "object": "chat.completion", "created": created, "model": plan.name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": result["text"]},
-                         "finish_reason": result["finish_reason"], "logprobs": None}],
+            "id": cid, "object": shape.object, "created": created, "model": plan.name,
+            "choices": [shape.choice(result["text"], result["finish_reason"])],
             "usage": _usage(result), "cag": _extra(plan, result)})
 
-    async def _stream(plan: Plan, hit: dict | None, cid: str, created: int, include_usage: bool):
-        def chunk(delta: dict, finish: str | None = None, **extra) -> str:
-            body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": plan.name,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}
+    async def _stream(plan: Plan, hit: dict | None, cid: str, created: int, include_usage: bool, shape: Shape):
+        def chunk(choice: dict) -> str:
+            body = {"id": cid, "object": shape.chunk_object, "created": created, "model": plan.name,
+                    "choices": [choice]}
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
         future = None
-        yield chunk({"role": "assistant", "content": ""})
+        if shape.opening is not None:
+            yield chunk(shape.opening)
         try:
             if hit is None:
                 future = loop.run_in_executor(
                     pool, service.answer, plan, lambda t: loop.call_soon_threadsafe(queue.put_nowait, t), cancel)
                 future.add_done_callback(lambda _f: queue.put_nowait(None))
                 while (text := await queue.get()) is not None:
-                    yield chunk({"content": text})
+                    yield chunk(shape.piece(text, None))
                 result = future.result()
             else:
                 result = hit
-                yield chunk({"content": hit["text"]})
+                yield chunk(shape.piece(hit["text"], None))
         except Exception as err:  # noqa: BLE001 - a stream that fails still ends with an error event and [DONE]
             if isinstance(err, ApiError):
                 status, body = err.status, err.body()
@@ -186,15 +208,17 @@ def create_app(config: ServerConfig | None = None, lm: models.LoadedModel | None
                 log.error("generation failed on %r", plan.name, exc_info=err)
                 status, body = 500, server_error()
             metrics.requests.labels(str(status)).inc()
+            note(error=body["error"]["code"])
             yield f"data: {json.dumps(body)}\n\n"
             yield "data: [DONE]\n\n"
             return
         finally:
             cancel.set()  # a client that went away stops the generation at its next token
         metrics.requests.labels("200").inc()
-        yield chunk({}, result["finish_reason"])
+        _note_usage(result)
+        yield chunk(shape.piece(None, result["finish_reason"]))
         if include_usage:
-            body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": plan.name,
+            body = {"id": cid, "object": shape.chunk_object, "created": created, "model": plan.name,
                     "choices": [], "usage": _usage(result), "cag": _extra(plan, result)}
             yield f"data: {json.dumps(body)}\n\n"
         yield "data: [DONE]\n\n"
@@ -215,11 +239,13 @@ def create_app(config: ServerConfig | None = None, lm: models.LoadedModel | None
 
     @app.get("/v1/kbs/{name}")
     def get_kb(name: str, authorization: Optional[str] = Header(None)):
+        note(model=name)
         return _kb_body(name, registry.get(tenant(authorization), name))
 
     @app.post("/v1/kbs", status_code=201)
     async def create_kb(body: KBCreate, authorization: Optional[str] = Header(None)):
         who = tenant(authorization)
+        note(model=body.name)
         docs = [(safe_doc_name(d.name), d.text.encode()) for d in body.documents]
         entry = await run_in_threadpool(registry.create, who, body.name, docs)
         return JSONResponse(_kb_body(body.name, entry), status_code=201)
@@ -228,10 +254,12 @@ def create_app(config: ServerConfig | None = None, lm: models.LoadedModel | None
     async def upload_kb(name: str = Form(...), files: list[UploadFile] = File(...),
                         authorization: Optional[str] = Header(None)):
         who = tenant(authorization)
+        note(model=name)
         entry = await run_in_threadpool(registry.create, who, name, _files(files))
         return JSONResponse(_kb_body(name, entry), status_code=201)
 
     async def _replace(who: str, name: str, docs: list[tuple[str, bytes | BinaryIO]]) -> dict:
+        note(model=name)
         folder = registry.folder_for(who, name)
         entry = await run_in_threadpool(registry.replace, who, name, docs)
         service.forget(who, folder)
@@ -250,6 +278,7 @@ def create_app(config: ServerConfig | None = None, lm: models.LoadedModel | None
     @app.delete("/v1/kbs/{name}")
     async def delete_kb(name: str, authorization: Optional[str] = Header(None)):
         who = tenant(authorization)
+        note(model=name)
         folder = await run_in_threadpool(registry.delete, who, name)
         service.forget(who, folder)
         return {"id": name, "object": "knowledge_base", "deleted": True}
@@ -257,9 +286,26 @@ def create_app(config: ServerConfig | None = None, lm: models.LoadedModel | None
     return app
 
 
-def _model(row: dict) -> dict:
+def _model(row: dict, served_by: str) -> dict:
+    """A knowledge base as an OpenAI model row; `root` names the language model that answers (as vLLM's rows
+    do), and `cag` carries cag's own numbers (tokens and documents also stay at the top level)."""
     return {"id": row["name"], "object": "model", "created": _epoch(row.get("created")), "owned_by": row["owned_by"],
-            "tokens": row.get("tokens"), "documents": row.get("documents")}
+            "root": served_by, "tokens": row.get("tokens"), "documents": row.get("documents"),
+            "cag": {"model": served_by, "tokens": row.get("tokens"), "documents": row.get("documents"),
+                    "created": row.get("created")}}
+
+
+def _public_model_name(name: str) -> str:
+    """The model's name as clients may see it: a hub id or alias as given, a local folder by its last part only
+    (the server's file system stays private)."""
+    path = Path(name).expanduser()
+    return path.name if path.is_absolute() or path.exists() else name
+
+
+def _note_usage(result: dict) -> None:
+    u = result["usage"]
+    note(prompt_tokens=u["prompt_tokens"], completion_tokens=u["completion_tokens"], cached_tokens=u["cached_tokens"],
+         response_cache=result.get("response_cache"))
 
 
 def _usage(result: dict) -> dict:

@@ -1,9 +1,11 @@
-"""One chat completion, transport-free: messages -> (question, history) -> response cache or the model.
+"""One completion, transport-free: a request -> Query (question, history, limits) -> response cache or the model.
 
-Mapping from OpenAI messages: system/developer messages are ignored (the knowledge base's own instruction
-is the system prompt, and it is part of the cached prefix); earlier user/assistant pairs become history
-turns after the cached knowledge; the last message must be the user's question. With a conversation_id,
-turns stored server-side come first, and everything is trimmed to the history token budget.
+Both OpenAI endpoints become the same Query, so they share one plan/answer path (limits, context-window
+check, response cache, batching, tenant checks). Mapping from chat messages: system/developer messages are
+ignored (the knowledge base's own instruction is the system prompt, and it is part of the cached prefix);
+earlier user/assistant pairs become history turns after the cached knowledge; the last message must be the
+user's question. With a conversation_id, turns stored server-side come first, and everything is trimmed to
+the history token budget. A prompt completion's prompt is the question, with no history.
 """
 
 from __future__ import annotations
@@ -24,11 +26,26 @@ from .errors import ApiError
 from .metrics import Metrics
 from .registry import Entry, Registry
 from .respcache import ResponseCache
-from .schemas import ChatRequest
+from .schemas import ChatRequest, CompletionRequest
 
 
 class Cancelled(Exception):
     """The client went away mid-stream: stop generating (the engine leaves the prefix intact)."""
+
+
+@dataclass
+class Query:
+    """What one request asks, whichever endpoint it came through."""
+
+    model: str  # the knowledge base's name as the caller knows it
+    question: str
+    history: list[Turn]
+    max_tokens: int | None  # None: the server's default
+    temperature: float | None
+    top_p: float | None
+    seed: int | None
+    stop: tuple[str, ...] = ()
+    conversation_id: str | None = None
 
 
 @dataclass
@@ -45,6 +62,21 @@ class Plan:
     key: tuple = field(default=())  # response-cache key, empty when not cacheable
     tenant: str = ""  # who asked: part of the response-cache key (no tenant learns what another asked)
     stop: tuple[str, ...] = ()  # the answer ends before the first of these strings
+
+
+def chat_query(config: ServerConfig, req: ChatRequest) -> Query:
+    guard.check_messages(config, req.messages)
+    question, history = split_messages(req)
+    return Query(req.model, question, history, req.max_completion_tokens or req.max_tokens, req.temperature,
+                 req.top_p, req.seed, req.stop_sequences, req.conversation_id)
+
+
+def prompt_query(config: ServerConfig, req: CompletionRequest) -> Query:
+    guard.check_prompt(config, req.prompt)
+    question = req.prompt.strip()
+    if not question:
+        raise ApiError(400, "the prompt is empty", code="empty_question", param="prompt")
+    return Query(req.model, question, [], req.max_tokens, req.temperature, req.top_p, req.seed, req.stop_sequences)
 
 
 def split_messages(req: ChatRequest) -> tuple[str, list[Turn]]:
@@ -71,25 +103,23 @@ class ChatService:
         self.batcher = Batcher(config.batch_window_ms, config.workers) if config.batch_window_ms > 0 else None
         self.conversations = Conversations()
 
-    def plan(self, tenant: str, req: ChatRequest) -> Plan:
-        """Validate and resolve a request (blocking: may load the knowledge base)."""
-        guard.check_messages(self.config, req.messages)
-        max_tokens = req.max_completion_tokens or req.max_tokens or min(self.config.default_max_tokens,
-                                                                         self.config.max_tokens_limit)
+    def plan(self, tenant: str, query: Query) -> Plan:
+        """Check and resolve a request (blocking: may load the knowledge base)."""
+        max_tokens = query.max_tokens or min(self.config.default_max_tokens, self.config.max_tokens_limit)
         if max_tokens > self.config.max_tokens_limit:
             raise ApiError(400, f"max_tokens {max_tokens} is over this server's limit of "
                                 f"{self.config.max_tokens_limit}", code="max_tokens_too_large")
-        question, history = split_messages(req)
+        question, history = query.question, query.history
         flagged = guard.injection(self.config, question)
         if flagged:
             self.metrics.guard.labels("flagged").inc()
-        folder = self.registry.folder_for(tenant, req.model)
+        folder = self.registry.folder_for(tenant, query.model)
         warm = self.registry.peek(folder) is not None
-        entry = self.registry.get(tenant, req.model)
+        entry = self.registry.get(tenant, query.model)
         # resident in this server, else the tier the prefix was loaded from (memory/host/disk/redis) or "built"
         self.metrics.kb_loads.labels("resident" if warm and self.registry.peek(folder) is entry
                                      else entry.kb.cache_source).inc()
-        conv = (tenant, folder, req.conversation_id) if req.conversation_id else None
+        conv = (tenant, folder, query.conversation_id) if query.conversation_id else None
         if conv:
             history = self.conversations.get(conv) + history
         kb = entry.kb
@@ -99,10 +129,10 @@ class ChatService:
             kb.fit(question, history, max_tokens)  # the exact prompt length, as kb.ask will check it
         except ContextLengthError as err:
             raise ApiError(400, str(err), code="context_length_exceeded") from None
-        temperature = req.temperature or 0.0
-        sampling = Sampling(temperature=temperature, top_p=req.top_p or 1.0, seed=req.seed)
-        plan = Plan(req.model, folder, entry, question, history, sampling, max_tokens, conv, flagged,
-                    stop=req.stop_sequences)
+        temperature = query.temperature or 0.0
+        sampling = Sampling(temperature=temperature, top_p=query.top_p or 1.0, seed=query.seed)
+        plan = Plan(query.model, folder, entry, question, history, sampling, max_tokens, conv, flagged,
+                    stop=query.stop)
         if self.cache is not None and sampling.greedy and not plan.stop:
             plan.key = (folder, entry.content_hash, question, tuple((t.question, t.answer) for t in history), max_tokens)
             plan.tenant = tenant

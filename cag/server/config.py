@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from ..errors import CagError
@@ -47,6 +47,11 @@ class ServerConfig:
         for key, tenant in self.api_keys.items():
             if not key or not _TENANT.match(str(tenant)):
                 raise ConfigError(f"API key for tenant {tenant!r} is invalid: tenants are 1-16 letters or digits")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise ConfigError(f"workers must be a whole number of at least 1, not {self.workers!r}")
+        if isinstance(self.batch_window_ms, bool) or not isinstance(self.batch_window_ms, (int, float)) \
+                or self.batch_window_ms < 0:
+            raise ConfigError(f"batch_window_ms must be a number of milliseconds, 0 or more, not {self.batch_window_ms!r}")
         if self.injection not in ("off", "flag", "refuse"):
             raise ConfigError(f"injection must be off, flag or refuse, not {self.injection!r}")
         if self.semantic_threshold is not None:
@@ -95,6 +100,29 @@ def load_config(path: str | Path | None = None) -> ServerConfig:
         raise ConfigError(f"unknown server config setting(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
     data["api_keys"] = {**data.get("api_keys", {}), **parse_keys(os.environ.get("CAG_API_KEYS", ""))}
     return ServerConfig(**data)
+
+
+def with_flags(config: ServerConfig, *, api_key: str | None = None, batch_window_ms: float | None = None,
+               workers: int | None = None) -> ServerConfig:
+    """`cag serve`'s flags on top of the config file and environment (a flag wins over both).
+
+    `api_key` is the single-tenant shortcut (as vLLM's and llama-server's --api-key): every request must
+    carry it, and the server then shows what an open one shows (the CLI's knowledge bases and those created
+    through it), only behind the key. With tenants configured already, the key belongs in their table."""
+    changes: dict = {}
+    if batch_window_ms is not None:
+        changes["batch_window_ms"] = batch_window_ms
+    if workers is not None:
+        changes["workers"] = workers
+    if api_key is not None:
+        if not api_key.strip():
+            raise ConfigError("--api-key (or CAG_API_KEY) is empty: give the key clients must send")
+        if config.api_keys:
+            raise ConfigError("--api-key is the single-tenant shortcut, but API keys are already configured (config "
+                              "file api_keys or CAG_API_KEYS): add this key there as key=tenant instead")
+        changes["api_keys"] = {api_key.strip(): OPEN_TENANT}
+        changes["share_cli_kbs"] = True
+    return replace(config, **changes)
 
 
 def _parse(path: Path, text: str) -> dict:

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from .config import ServerConfig
 from .errors import ApiError
-from .schemas import ChatRequest
+from .schemas import GenerationRequest
 
 # OpenAI parameters cag cannot honour: name -> (the values that ask for nothing, why). Any other value is
 # refused with a 400 naming the parameter, rather than silently answering something else than was asked.
@@ -35,13 +35,16 @@ _NEUTRAL: dict[str, tuple[Callable[[Any], bool], str]] = {
     "reasoning_effort": (lambda v: False, "cag's models have no reasoning-effort setting"),
     "verbosity": (lambda v: False, "cag's models have no verbosity setting"),
     "web_search_options": (lambda v: False, "cag answers from its knowledge base only, without web search"),
+    "echo": (lambda v: v is False, "cag answers the prompt as a question and does not repeat it"),
+    "suffix": (lambda v: v == "", "cag does not insert text between a prompt and a suffix"),
 }
 
 
-def check_parameters(req: ChatRequest) -> None:
-    """Refuse a request that asks for something cag cannot do (harmless values such as n=1 pass)."""
+def check_parameters(req: GenerationRequest) -> None:
+    """Refuse a request that asks for something cag cannot do (harmless values such as n=1 pass). A chat
+    request and a prompt completion each have their own subset of these parameters."""
     for name, (neutral, why) in _NEUTRAL.items():
-        value = getattr(req, name)
+        value = getattr(req, name, None)
         if value is not None and not neutral(value):
             raise ApiError(400, f"{name}={_show(value)} is not supported: {why}", code="unsupported_parameter",
                            param=name)
@@ -59,6 +62,12 @@ _INJECTION = re.compile(
     r"|</?(system|im_start|im_end)\b|<\|im_(start|end)\|>",
     re.IGNORECASE,
 )
+
+
+def check_prompt(config: ServerConfig, prompt: str) -> None:
+    if len(prompt) > config.max_message_chars:
+        raise ApiError(400, f"the prompt is {len(prompt)} characters; at most {config.max_message_chars} are accepted",
+                       code="prompt_too_long", param="prompt")
 
 
 def check_messages(config: ServerConfig, messages: list) -> None:

@@ -2,13 +2,14 @@
 
 Every field cag reads, and every OpenAI field it does not support, is typed here, so a malformed value is
 a 400 naming the field rather than an exception later. Whether a supported-in-shape field asks for
-something cag cannot do (n > 1, tools, logprobs…) is decided by guard.check_parameters; fields nobody
-declared are accepted and ignored.
+something cag cannot do (n > 1, tools, logprobs, echo…) is decided by guard.check_parameters; fields nobody
+declared are accepted and ignored. Chat completions and (legacy, prompt-style) completions share one base.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -48,45 +49,27 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatRequest(BaseModel):
+class GenerationRequest(BaseModel):
+    """What chat and prompt completions share: the knowledge base, sampling, limits, stop strings, streaming,
+    and the OpenAI parameters of both that cag cannot honour (guard.check_parameters refuses any value
+    that asks for something: n > 1, best_of > 1, non-zero penalties, a logit bias)."""
+
     model_config = ConfigDict(extra="allow")
     model: str = Field(description="The knowledge base to answer from.")
-    messages: list[Message]
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     temperature: Optional[float] = Field(None, ge=0, le=2)
     top_p: Optional[float] = Field(None, gt=0, le=1)
     seed: Optional[int] = Field(None, ge=-(2**63), le=2**64 - 1, description="A 64-bit integer.")
     max_tokens: Optional[int] = Field(None, ge=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
     stop: Union[str, list[str], None] = Field(None, description=f"Up to {MAX_STOP} strings; the answer ends "
                                                                 "before the first one and does not include it.")
     user: Optional[str] = None
-    metadata: Optional[dict[str, Any]] = None
-    store: Optional[bool] = None
-    conversation_id: Optional[str] = Field(None, max_length=128,
-                                           description="Keep turns server-side under this id (cag extension).")
-    # OpenAI parameters cag cannot honour: typed so their shape is checked; guard.check_parameters
-    # refuses any value that asks for something (n > 1, tools, logprobs, non-zero penalties…).
     n: Optional[int] = Field(None, ge=1)
     best_of: Optional[int] = Field(None, ge=1)
-    logprobs: Optional[bool] = None
-    top_logprobs: Optional[int] = Field(None, ge=0)
     logit_bias: Optional[dict[str, float]] = None
     presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
     frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
-    tools: Optional[list[dict[str, Any]]] = None
-    tool_choice: Union[str, dict[str, Any], None] = None
-    functions: Optional[list[dict[str, Any]]] = None
-    function_call: Union[str, dict[str, Any], None] = None
-    parallel_tool_calls: Optional[bool] = None
-    response_format: Optional[dict[str, Any]] = None
-    modalities: Optional[list[str]] = None
-    audio: Optional[dict[str, Any]] = None
-    prediction: Optional[dict[str, Any]] = None
-    reasoning_effort: Optional[str] = None
-    verbosity: Optional[str] = None
-    web_search_options: Optional[dict[str, Any]] = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -103,6 +86,78 @@ class ChatRequest(BaseModel):
     @property
     def stop_sequences(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+
+class ChatRequest(GenerationRequest):
+    messages: list[Message]
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    metadata: Optional[dict[str, Any]] = None
+    store: Optional[bool] = None
+    conversation_id: Optional[str] = Field(None, max_length=128,
+                                           description="Keep turns server-side under this id (cag extension).")
+    # OpenAI chat parameters cag cannot honour: typed so their shape is checked; guard.check_parameters
+    # refuses any value that asks for something (tools, logprobs…).
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(None, ge=0)
+    tools: Optional[list[dict[str, Any]]] = None
+    tool_choice: Union[str, dict[str, Any], None] = None
+    functions: Optional[list[dict[str, Any]]] = None
+    function_call: Union[str, dict[str, Any], None] = None
+    parallel_tool_calls: Optional[bool] = None
+    response_format: Optional[dict[str, Any]] = None
+    modalities: Optional[list[str]] = None
+    audio: Optional[dict[str, Any]] = None
+    prediction: Optional[dict[str, Any]] = None
+    reasoning_effort: Optional[str] = None
+    verbosity: Optional[str] = None
+    web_search_options: Optional[dict[str, Any]] = None
+
+
+class CompletionRequest(GenerationRequest):
+    """OpenAI's legacy completions body. The prompt is the user's question to the knowledge base."""
+
+    prompt: str = Field(description="The question: a string, or a list of exactly one string.")
+    # OpenAI completion parameters cag cannot honour (refused by guard.check_parameters unless neutral).
+    echo: Optional[bool] = None
+    suffix: Optional[str] = None
+    logprobs: Optional[int] = Field(None, ge=0, le=5)
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            if not all(isinstance(v, str) for v in value):
+                raise ValueError("the prompt must be text (token-id prompts are not accepted)")
+            if len(value) != 1:
+                raise ValueError(f"send one prompt per request (a string, or a list of one string), not {len(value)}")
+            value = value[0]
+        if not isinstance(value, str):
+            raise ValueError("the prompt must be text (token-id prompts are not accepted)")
+        return value
+
+
+@dataclass(frozen=True)
+class Shape:
+    """How one endpoint words an answer: a chat message (streamed as deltas) or legacy completion text."""
+
+    id_prefix: str
+    object: str
+    chunk_object: str
+    choice: Callable[[str, str], dict]  # (whole answer, finish reason) -> the response's one choice
+    piece: Callable[[Optional[str], Optional[str]], dict]  # (streamed text or None, finish reason) -> a chunk's choice
+    opening: Optional[dict] = None  # the choice of the chunk sent before any text (chat: the role)
+
+
+CHAT = Shape("chatcmpl", "chat.completion", "chat.completion.chunk",
+             choice=lambda text, finish: {"index": 0, "message": {"role": "assistant", "content": text},
+                                          "finish_reason": finish, "logprobs": None},
+             piece=lambda text, finish: {"index": 0, "delta": {} if text is None else {"content": text},
+                                         "finish_reason": finish, "logprobs": None},
+             opening={"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
+                      "logprobs": None})
+TEXT = Shape("cmpl", "text_completion", "text_completion",
+             choice=lambda text, finish: {"index": 0, "text": text, "finish_reason": finish, "logprobs": None},
+             piece=lambda text, finish: {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None})
 
 
 class Document(BaseModel):
