@@ -495,7 +495,6 @@ def serve(
     """Serve the knowledge bases in CAG_HOME over an OpenAI-compatible HTTP API (model = knowledge base)."""
     import uvicorn
 
-    from . import models
     from .server import configure_logging, create_app, load_config, with_flags
 
     log_level = log_level.lower()
@@ -503,7 +502,7 @@ def serve(
         raise typer.BadParameter(f"{log_level!r} is not one of debug, info, warning, error", param_hint="'--log-level'")
     configure_logging(log_level)
     settings = with_flags(load_config(config), api_key=api_key, batch_window_ms=batch_window_ms, workers=workers)
-    lm = models.load(settings.model, device=settings.device, dtype=settings.dtype, log=_log)
+    lm = _load_model(settings.model, device=settings.device, dtype=settings.dtype)
     if lm.packing is not None:
         _log(str(lm.packing))
     uvicorn.run(create_app(settings, lm), host=host, port=port, log_level=log_level, access_log=False)
