@@ -224,7 +224,7 @@ def build(sources: Iterable[str | Path], name: str | None = None, *, model: str 
     paths.writable(paths.kb_dir(name))  # refuse a bad name or a read-only CAG_HOME before any work
     docs = knowledge.load(sources, log=log)
     lm = lm() if callable(lm) else lm or models.load(model, device=device, dtype=dtype, log=log)
-    settings = {"name": name, "sources": sources, "model": model or models.DEFAULT_MODEL,
+    settings = {"name": name, "sources": sources, "model": model or lm.name,
                 "dtype": kvfile.dtype_name(lm.dtype), "instruction": instruction, "reserve": reserve}
     if kv_quant:
         settings["kv_quant"] = kv_quant
