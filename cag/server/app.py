@@ -23,13 +23,14 @@ from typing import BinaryIO, Callable, Optional
 from fastapi import FastAPI, File, Form, Header, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from .. import __version__, models
 from ..errors import CagError
 from . import auth, guard
-from .chat import ChatService, Plan, Query, chat_query, prompt_query
+from .chat import Cancelled, ChatService, Plan, Query, chat_query, prompt_query
 from .config import ServerConfig
 from .errors import ApiError, error_body, not_found
 from .metrics import Metrics
@@ -125,6 +126,8 @@ def create_app(config: ServerConfig | None = None, lm: models.LoadedModel | None
     def page():
         return FileResponse(STATIC / "index.html")
 
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")  # the page's script, style and libraries
+
     # -- OpenAI-compatible -------------------------------------------------------------------------
     @app.get("/v1/models")
     def list_models(authorization: Optional[str] = Header(None)):
@@ -195,6 +198,7 @@ def create_app(config: ServerConfig | None = None, lm: models.LoadedModel | None
                 future = loop.run_in_executor(
                     pool, service.answer, plan, lambda t: loop.call_soon_threadsafe(queue.put_nowait, t), cancel)
                 future.add_done_callback(lambda _f: queue.put_nowait(None))
+                future.add_done_callback(lambda f: _stopped(plan, f))
                 while (text := await queue.get()) is not None:
                     yield chunk(shape.piece(text, None))
                 result = future.result()
@@ -222,6 +226,12 @@ def create_app(config: ServerConfig | None = None, lm: models.LoadedModel | None
                     "choices": [], "usage": _usage(result), "cag": _extra(plan, result)}
             yield f"data: {json.dumps(body)}\n\n"
         yield "data: [DONE]\n\n"
+
+    def _stopped(plan: Plan, future: asyncio.Future) -> None:
+        """Count a generation that ended because its client went away (the cancel event stopped it early)."""
+        if not future.cancelled() and isinstance(future.exception(), Cancelled):
+            metrics.requests.labels("cancelled").inc()
+            log.info("stopped generating on %r: the client went away", plan.name)
 
     # -- knowledge-base management ----------------------------------------------------------------
     def _kb_body(name: str, entry) -> dict:
