@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
+from . import atomic, paths
 from .errors import KnowledgeError
 from .readers import sandbox
 
@@ -86,16 +87,17 @@ def _hidden(path: Path, root: Path) -> bool:
 
 
 def read_file(path: Path) -> str:
-    """One file's normalized text; PDF, HTML, .docx and .epub are parsed in a child process held to limits."""
+    """One file's normalized text; PDF, HTML, .docx and .epub are parsed in a child process held to limits
+    (once per distinct file content: see _parsed)."""
     suffix = path.suffix.lower()
     if suffix in PDF_SUFFIXES:
-        text = sandbox.read("pdf", path, [PDF_MAX_PAGES, PDF_MAX_BYTES, PDF_MAX_STREAM_BYTES], PDF_MAX_MEMORY,
-                            PDF_MAX_SECONDS, "PDF")
+        text = _parsed("pdf", path, [PDF_MAX_PAGES, PDF_MAX_BYTES, PDF_MAX_STREAM_BYTES], PDF_MAX_MEMORY,
+                       PDF_MAX_SECONDS, "PDF")
     elif suffix in HTML_SUFFIXES:
-        text = sandbox.read("html", path, [HTML_MAX_BYTES], DOC_MAX_MEMORY, DOC_MAX_SECONDS, "HTML file")
+        text = _parsed("html", path, [HTML_MAX_BYTES], DOC_MAX_MEMORY, DOC_MAX_SECONDS, "HTML file")
     elif suffix in DOCX_SUFFIXES | EPUB_SUFFIXES:
-        text = sandbox.read(suffix[1:], path, [ZIP_MAX_ENTRIES, ZIP_MAX_BYTES], DOC_MAX_MEMORY, DOC_MAX_SECONDS,
-                            f"{suffix} file")
+        text = _parsed(suffix[1:], path, [ZIP_MAX_ENTRIES, ZIP_MAX_BYTES], DOC_MAX_MEMORY, DOC_MAX_SECONDS,
+                       f"{suffix} file")
     else:
         try:
             text = path.read_text(encoding="utf-8")
@@ -104,6 +106,32 @@ def read_file(path: Path) -> str:
         except OSError as err:
             raise KnowledgeError(f"cannot read {path}: {err.strerror or err}") from None
     return normalize(text)
+
+
+EXTRACTED_VERSION = 1  # bump when a reader's output changes: earlier extractions are then ignored
+
+
+def _parsed(fmt: str, path: Path, limits: list[int], memory: int, seconds: int, label: str) -> str:
+    """The reader's text for this file's bytes, parsed once: every load of a knowledge base re-reads its
+    sources to notice changes, and a child process per PDF, page or document on every `cag ask` would make
+    a folder of hundreds of them slow. Extractions are kept in CAG_HOME/extracted by the sha256 of the
+    file's bytes, reader and limits (a changed file, reader or limit parses afresh)."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise KnowledgeError(f"cannot read {path}: {err.strerror or err}") from None
+    key = hashlib.sha256(data + json.dumps([fmt, limits, memory, seconds, EXTRACTED_VERSION]).encode()).hexdigest()
+    stored = paths.home() / "extracted" / key[:2] / f"{key}.txt"
+    try:
+        return stored.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        pass
+    text = sandbox.read(fmt, path, limits, memory, seconds, label)
+    try:
+        atomic.write_text(stored, text)
+    except OSError:
+        pass  # a read-only home still reads its knowledge, only more slowly
+    return text
 
 
 def normalize(text: str) -> str:

@@ -243,3 +243,22 @@ def test_docx_and_epub_are_uploadable(cag_home, sharp_lm, tmp_path, bomb_docx):
     uploaded = cag.load("public__manual", lm=sharp_lm, log=lambda _m: None)  # the knowledge base it built
     assert uploaded.docs == knowledge.load([manual])
     assert uploaded.docs[0].text.startswith("# Heron Lantern Manual\n")
+
+
+def test_a_parsed_document_is_not_parsed_again_until_its_bytes_change(tmp_path, monkeypatch):
+    """Every load re-reads a knowledge base's sources; documents that need a child process to parse are
+    parsed once per distinct content (extractions kept under CAG_HOME)."""
+    from cag import knowledge
+    from cag.readers import sandbox
+
+    monkeypatch.setenv("CAG_HOME", str(tmp_path / "home"))
+    page = tmp_path / "page.html"
+    page.write_text("<html><head><title>Lanterns</title></head><body><main><p>The Heron costs 148 crowns.</p>"
+                    "</main></body></html>")
+    calls = []
+    real = sandbox.read
+    monkeypatch.setattr(sandbox, "read", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    first = knowledge.read_file(page)
+    assert "148 crowns" in first and knowledge.read_file(page) == first and len(calls) == 1
+    page.write_text(page.read_text().replace("148", "150"))
+    assert "150 crowns" in knowledge.read_file(page) and len(calls) == 2
