@@ -536,7 +536,9 @@ def main() -> None:
         err.print(f"error: {e.strerror or e}{where}", markup=False, style="red")
         sys.exit(1)
     except Exception as e:  # noqa: BLE001 - a bug, but still no traceback unless asked for
-        if os.environ.get("CAG_DEBUG"):
+        from .settings import current
+
+        if current().debug:
             raise
         err.print(f"internal error: {type(e).__name__}: {e} (set CAG_DEBUG=1 for the traceback)", markup=False, style="red")
         sys.exit(2)

@@ -16,14 +16,13 @@ turns it off.
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 
 import torch
 import torch.nn.functional as F
 
-from . import kvcompat, packed
+from . import kvcompat, packed, settings
 
 _ATTENTION = {"sdpa", "cag_shared_prefix"}  # the latter is plain sdpa outside a cag.batch run
 _LOCK = threading.Lock()
@@ -33,7 +32,7 @@ def supported(model) -> bool:
     """A causal Llama whose layers this step reproduces, and not switched off (decided once per model)."""
     ok = getattr(model, "_cag_fast_ok", None)
     if ok is None:
-        ok = (os.environ.get("CAG_FAST_DECODE", "1") != "0"
+        ok = (settings.current().fast_decode
               and getattr(model.config, "model_type", None) == "llama"
               and getattr(model.config, "_attn_implementation", None) in _ATTENTION
               and not getattr(model.config, "pretraining_tp", 1) > 1

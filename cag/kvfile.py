@@ -211,8 +211,9 @@ def mismatch(manifest: dict, expect: Expect) -> tuple[str, str, str | None] | No
 
 
 def signing_key() -> bytes | None:
-    value = os.environ.get(SIGNING_KEY_ENV)
-    return value.encode() if value else None
+    from .settings import current
+
+    return current().signing_key
 
 
 def _tensors(layers: KV, prefix_ids: list[int], kv_quant: str | None = None) -> dict[str, torch.Tensor]:

@@ -14,13 +14,12 @@ compute-bound. Everything else in the model is untouched transformers code.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from . import native
+from . import native, settings
 
 ROW_LIMIT = 48  # rows per call up to which the packed kernels beat float32 BLAS (measured on a 2-core EPYC)
 Q41_BLOCK_BYTES, Q80_BLOCK_BYTES = 20, 34
@@ -165,7 +164,7 @@ class PackReport:
 def pack_model(model: torch.nn.Module, portable: bool = False) -> PackReport:
     """Swap every exactly-representable float32 CPU linear layer for a PackedLinear, in place."""
     report = PackReport()
-    if os.environ.get("CAG_PACKED_WEIGHTS", "1") == "0":
+    if not settings.current().packed_weights:
         report.reason = "disabled by CAG_PACKED_WEIGHTS=0"
         return report
     first = next(model.parameters(), None)

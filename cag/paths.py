@@ -12,7 +12,9 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 def home() -> Path:
-    return Path(os.environ.get("CAG_HOME") or Path.home() / ".cache" / "cag").expanduser()
+    from .settings import current
+
+    return current().home
 
 
 def models_dir() -> Path:

@@ -135,3 +135,20 @@ def test_int8_kv_build_is_smaller_and_answers_the_same_from_disk(cag_home, sharp
     assert again.cache_source in ("disk", "memory")
     for q in QUESTIONS:
         assert again.ask(q, max_new_tokens=10).token_ids == small.ask(q, max_new_tokens=10).token_ids
+
+
+def test_settings_are_read_in_one_place_and_bad_values_name_their_variable(monkeypatch, tmp_path):
+    from cag import settings, stores
+
+    monkeypatch.setenv("CAG_HOME", str(tmp_path / "h1"))
+    first = settings.current()
+    assert first.home == tmp_path / "h1" and settings.current() is first  # parsed once for the same environment
+    monkeypatch.setenv("CAG_HOME", str(tmp_path / "h2"))
+    assert settings.current().home == tmp_path / "h2" == paths.home()
+    monkeypatch.setenv("CAG_MEMORY_BYTES", "lots")
+    with pytest.raises(cag.CagError, match="CAG_MEMORY_BYTES must be a byte count"):
+        stores.default()
+    monkeypatch.setenv("CAG_MEMORY_BYTES", "512M")
+    monkeypatch.setenv("CAG_REDIS_TTL", "soon")
+    with pytest.raises(cag.CagError, match="CAG_REDIS_TTL must be a number"):
+        settings.current()

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest

@@ -16,7 +16,6 @@ import ctypes
 import hashlib
 import os
 import platform
-import shutil
 import subprocess
 import tempfile
 import threading
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import torch  # noqa: F401 - see the module docstring (shared OpenMP runtime)
 
-from .. import paths
+from .. import paths, settings
 
 SOURCE = Path(__file__).with_name("qmatmul.c")
 _BASE_FLAGS = ("-O3", "-fPIC", "-shared", "-std=c11")
@@ -74,9 +73,10 @@ class _Unavailable(Exception):
 
 
 def _load(portable: bool) -> Kernels:
-    if os.environ.get("CAG_NATIVE", "1") == "0":
+    env = settings.current()
+    if not env.native:
         raise _Unavailable("native kernels disabled by CAG_NATIVE=0")
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    compiler = env.compiler
     if not compiler:
         raise _Unavailable("no C compiler found (install gcc, or set CC)")
     errors = []

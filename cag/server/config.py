@@ -6,11 +6,11 @@ Everything a deployment tunes lives here so that routes never read the environme
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+from .. import settings
 from ..errors import CagError
 
 _TENANT = re.compile(r"^[A-Za-z0-9]{1,16}$")
@@ -98,7 +98,7 @@ def load_config(path: str | Path | None = None) -> ServerConfig:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"unknown server config setting(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-    data["api_keys"] = {**data.get("api_keys", {}), **parse_keys(os.environ.get("CAG_API_KEYS", ""))}
+    data["api_keys"] = {**data.get("api_keys", {}), **parse_keys(settings.current().api_keys)}
     return ServerConfig(**data)
 
 

@@ -1,19 +1,12 @@
-"""Cache tiers (memory, host, disk, redis) and the process-wide tiered store configured from the environment.
-
-    CAG_MEMORY_BYTES   budget of the in-process, on-device tier (default 2G; 0 turns it off)
-    CAG_HOST_BYTES     budget of the CPU-RAM tier, pinned under CUDA (default 0: off)
-    CAG_REDIS_URL      redis://host:port/db — share caches between processes and machines
-    CAG_REDIS_TTL      seconds a cache lives in Redis unless a knowledge base sets its own TTL
-"""
+"""Cache tiers (memory, host, disk, redis) and the process-wide tiered store configured from the environment
+(CAG_MEMORY_BYTES, CAG_HOST_BYTES, CAG_REDIS_URL, CAG_REDIS_TTL: see cag.settings)."""
 
 from __future__ import annotations
 
-import os
-import re
 import threading
 
-from .. import paths
-from ..errors import CagError
+from .. import paths, settings
+from ..settings import parse_bytes
 from .base import Entry, Record, Store, Tombstone, layers_nbytes, matches
 from .disk import DiskStore
 from .host import HostStore
@@ -23,30 +16,19 @@ from .tiered import TieredStore
 __all__ = ["Entry", "Record", "Tombstone", "Store", "TieredStore", "MemoryStore", "HostStore", "DiskStore", "BudgetError",
            "layers_nbytes", "matches", "default", "configure", "parse_bytes"]
 
-DEFAULT_MEMORY_BYTES = 2 << 30
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+DEFAULT_MEMORY_BYTES = settings.DEFAULT_MEMORY_BYTES
 _stores: dict[tuple, TieredStore] = {}
 _lock = threading.Lock()
-
-
-def parse_bytes(value: str | int, what: str) -> int:
-    """'2G', '512M', '1048576' -> bytes; anything else is a one-line error naming the setting."""
-    if isinstance(value, int):
-        return value
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*", str(value).lower())
-    if not m:
-        raise CagError(f"{what} must be a byte count like 1073741824, 512M or 2G (got {value!r})")
-    return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
 def configure(memory_bytes: int | None = None, host_bytes: int | None = None, redis_url: str | None = None,
               redis_ttl_s: float | None = None) -> TieredStore:
     """The tiered store for this CAG_HOME and settings (one per process and setting, so memory tiers are shared)."""
-    env = os.environ
-    memory = memory_bytes if memory_bytes is not None else parse_bytes(env.get("CAG_MEMORY_BYTES", DEFAULT_MEMORY_BYTES), "CAG_MEMORY_BYTES")
-    host = host_bytes if host_bytes is not None else parse_bytes(env.get("CAG_HOST_BYTES", 0), "CAG_HOST_BYTES")
-    url = redis_url if redis_url is not None else env.get("CAG_REDIS_URL") or None
-    ttl = redis_ttl_s if redis_ttl_s is not None else float(env["CAG_REDIS_TTL"]) if env.get("CAG_REDIS_TTL") else None
+    env = settings.current()
+    memory = memory_bytes if memory_bytes is not None else env.memory_bytes
+    host = host_bytes if host_bytes is not None else env.host_bytes
+    url = redis_url if redis_url is not None else env.redis_url
+    ttl = redis_ttl_s if redis_ttl_s is not None else env.redis_ttl_s
     key = (str(paths.home()), memory, host, url, ttl)
     with _lock:
         store = _stores.get(key)
