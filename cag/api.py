@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -18,6 +18,7 @@ from .engine import Sampling
 from .errors import (CagError, ContextLengthError, KnowledgeError, KnowledgeTooLargeError, NotFoundError,
                      StaleKnowledgeError)
 from .policies import Policy
+from .results import Answer, BuildStats
 from .stores import Entry, Record, TieredStore
 from .kvcompat import KV
 from .prompt import DEFAULT_INSTRUCTION, PromptBuilder, Split, Turn
@@ -31,41 +32,6 @@ Log = Callable[[str], None]
 
 def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-@dataclass
-class BuildStats:
-    tokens: int
-    seconds: float
-    file_bytes: int
-    reused: int = 0  # leading tokens taken from the previous cache (incremental update)
-    prefilled: int | None = None  # tokens computed by this build (all of them unless incremental)
-    how: str = ""  # one line: full prefill, incremental, or recomputed from which token
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.seconds if self.seconds > 0 else float("inf")
-
-
-@dataclass
-class Answer:
-    question: str
-    answer: str
-    token_ids: list[int]
-    ttft_s: float  # time to first generated token, tokenization included
-    total_s: float
-    prompt_tokens: int  # tokens of the full prompt the model conditions on
-    cached_tokens: int  # of those, taken from the cache
-    question_tokens: int  # of those, computed for this question
-    new_tokens: int  # generated tokens
-    boundary_ok: bool  # full-prompt tokens started with the whole cached prefix
-    mode: str  # "cache" or "no-cache"
-    cache_source: str  # "memory", "host", "disk", "redis" or "built": where this process got the prefix from
-    finish_reason: str = "stop"  # "stop": end of turn or a stop string; "length": max_new_tokens reached
-    shard: str | None = None  # the shard that answered, for knowledge split over several caches
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass

@@ -15,6 +15,7 @@ import bm25s
 from .errors import KnowledgeError
 from .knowledge import Document
 from .prompt import PromptBuilder
+from .results import BuildStats
 
 
 def plan(docs: Sequence[Document], tokenizer, instruction: str, fits: int, context: int, reserve: int) -> list[list[Document]]:
@@ -142,8 +143,6 @@ class ShardedKnowledgeBase:
 
 
 def _sum_stats(stats: list):
-    from .api import BuildStats
-
     if any(s is None for s in stats):
         return None
     return BuildStats(sum(s.tokens for s in stats), sum(s.seconds for s in stats), sum(s.file_bytes for s in stats),

@@ -1,0 +1,41 @@
+"""What building a knowledge base and asking it a question return: plain records, shared by cag.api and
+cag.shards (a leaf module, so neither has to import the other for them)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class BuildStats:
+    tokens: int
+    seconds: float
+    file_bytes: int
+    reused: int = 0  # leading tokens taken from the previous cache (incremental update)
+    prefilled: int | None = None  # tokens computed by this build (all of them unless incremental)
+    how: str = ""  # one line: full prefill, incremental, or recomputed from which token
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else float("inf")
+
+
+@dataclass
+class Answer:
+    question: str
+    answer: str
+    token_ids: list[int]
+    ttft_s: float  # time to first generated token, tokenization included
+    total_s: float
+    prompt_tokens: int  # tokens of the full prompt the model conditions on
+    cached_tokens: int  # of those, taken from the cache
+    question_tokens: int  # of those, computed for this question
+    new_tokens: int  # generated tokens
+    boundary_ok: bool  # full-prompt tokens started with the whole cached prefix
+    mode: str  # "cache" or "no-cache"
+    cache_source: str  # "memory", "host", "disk", "redis" or "built": where this process got the prefix from
+    finish_reason: str = "stop"  # "stop": end of turn or a stop string; "length": max_new_tokens reached
+    shard: str | None = None  # the shard that answered, for knowledge split over several caches
+
+    def to_dict(self) -> dict:
+        return asdict(self)
