@@ -156,6 +156,30 @@ def buffer_cache(capacity: int, buffers: KV | None = None, length: int = 0) -> D
     return cache
 
 
+def buffers(cache: DynamicCache) -> tuple[KV, int, int] | None:
+    """A buffer cache's preallocated per-layer (key, value) buffers, its length and capacity; else None.
+
+    For code that writes the next position itself (cag.fastdecode's native step) and then calls advance().
+    """
+    layers = getattr(cache, "layers", None)
+    if not layers or _BUFFER_LAYER is None or not all(type(layer) is _BUFFER_LAYER and layer.k_buf is not None
+                                                      for layer in layers):
+        return None
+    lengths = {layer.length for layer in layers}
+    if len(lengths) != 1:
+        return None
+    return [(layer.k_buf, layer.v_buf) for layer in layers], lengths.pop(), layers[0].capacity
+
+
+def advance(cache: DynamicCache, count: int = 1) -> None:
+    """Count `count` more positions of a buffer cache as written (their keys/values are in its buffers)."""
+    for layer in cache.layers:
+        if layer.length + count > layer.capacity:
+            raise ValueError(f"KV buffer of {layer.capacity} positions is full")
+        layer.length += count
+        layer._expose()
+
+
 # -- attention plumbing for cag.batch (also version-sensitive, so it lives here too) --------------------
 
 def sdpa_attention(module, query, key, value, attention_mask, **kwargs):
