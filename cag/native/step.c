@@ -129,12 +129,64 @@ static inline float exp_sum(float* s, int64_t n) {
 
 /* ---- the pieces of a layer ----------------------------------------------------------------------- */
 
+#ifdef CAG_AVX512
+/* One Q4_1 row times x. Per block the 16 weight values d*i + m (i = 0..15) are made once and looked up
+ * by the 4-bit codes (vpermps reads only the low 4 bits of each index), two blocks per iteration with
+ * four accumulators. Exact weights; only the order of the float32 sums is this kernel's own. */
+static inline float q41_dot(const float* x, const q41_block* w, int64_t nb) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  const __m512 iota = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  int64_t b = 0;
+#define CAG_Q41_LUT(blk) ({ int32_t dm_; memcpy(&dm_, &(blk), 4); \
+    const __m512 f_ = _mm512_cvtph_ps(_mm256_set1_epi32(dm_)); /* d, m, d, m, ... */ \
+    _mm512_fmadd_ps(_mm512_moveldup_ps(f_), iota, _mm512_movehdup_ps(f_)); })
+  for (; b + 2 <= nb; b += 2) {
+    const __m512 lut0 = CAG_Q41_LUT(w[b]), lut1 = CAG_Q41_LUT(w[b + 1]);
+    const __m512i q0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)w[b].q));
+    const __m512i q1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)w[b + 1].q));
+    a0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(q0, lut0), _mm512_loadu_ps(x + b * 32), a0);
+    a1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(q0, 4), lut0), _mm512_loadu_ps(x + b * 32 + 16), a1);
+    a2 = _mm512_fmadd_ps(_mm512_permutexvar_ps(q1, lut1), _mm512_loadu_ps(x + b * 32 + 32), a2);
+    a3 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(q1, 4), lut1), _mm512_loadu_ps(x + b * 32 + 48), a3);
+  }
+  if (b < nb) {
+    const __m512 lut = CAG_Q41_LUT(w[b]);
+    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)w[b].q));
+    a0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(q, lut), _mm512_loadu_ps(x + b * 32), a0);
+    a1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), lut), _mm512_loadu_ps(x + b * 32 + 16), a1);
+  }
+#undef CAG_Q41_LUT
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a2), _mm512_add_ps(a1, a3)));
+}
+
+/* One Q8_0 row times x: d * (q . x) per block, two blocks per iteration. */
+static inline float q80_dot(const float* x, const q80_block* w, int64_t nb) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+  int64_t b = 0;
+#define CAG_Q80_PART(blk, xb) _mm512_fmadd_ps( \
+    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)((blk).q + 16)))), _mm512_loadu_ps((xb) + 16), \
+    _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(blk).q))), _mm512_loadu_ps(xb)))
+  for (; b + 2 <= nb; b += 2) {
+    a0 = _mm512_fmadd_ps(_mm512_set1_ps(half_to_float(w[b].d)), CAG_Q80_PART(w[b], x + b * 32), a0);
+    a1 = _mm512_fmadd_ps(_mm512_set1_ps(half_to_float(w[b + 1].d)), CAG_Q80_PART(w[b + 1], x + b * 32 + 32), a1);
+  }
+  if (b < nb) a0 = _mm512_fmadd_ps(_mm512_set1_ps(half_to_float(w[b].d)), CAG_Q80_PART(w[b], x + b * 32), a0);
+#undef CAG_Q80_PART
+  return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+}
+#endif
+
 static inline float row_dot(const cag_mat* m, int64_t n, const float* x) {
   const int64_t K = m->cols, nb = K / 32;
   float y;
   switch (m->kind) {
+#ifdef CAG_AVX512
+    case CAG_Q41: y = q41_dot(x, (const q41_block*)m->data + n * nb, nb); break;
+    case CAG_Q80: y = q80_dot(x, (const q80_block*)m->data + n * nb, nb); break;
+#else
     case CAG_Q41: q41_rows(x, K, 1, nb, (const q41_block*)m->data + n * nb, &y, 1); break;
     case CAG_Q80: q80_rows(x, K, 1, nb, (const q80_block*)m->data + n * nb, &y, 1); break;
+#endif
     default: y = dot_f32((const float*)m->data + n * K, x, K);
   }
   return y;
@@ -199,15 +251,30 @@ static void attend_chunk(const float* q, int64_t G, const float* K, const float*
     out[0] = m;
     out[1] = exp_sum(s, n);
     float* o = out + 2;
+#ifdef CAG_AVX512
+    if (hd % 64 == 0) { /* 64 output dims at a time in registers */
+      for (int64_t i = 0; i < hd; i += 64) {
+        __m512 o0 = _mm512_setzero_ps(), o1 = o0, o2 = o0, o3 = o0;
+        for (t = 0; t < n; t++) {
+          const __m512 p = _mm512_set1_ps(s[t]);
+          const float* v = V + t * hd + i;
+          o0 = _mm512_fmadd_ps(p, _mm512_loadu_ps(v), o0);
+          o1 = _mm512_fmadd_ps(p, _mm512_loadu_ps(v + 16), o1);
+          o2 = _mm512_fmadd_ps(p, _mm512_loadu_ps(v + 32), o2);
+          o3 = _mm512_fmadd_ps(p, _mm512_loadu_ps(v + 48), o3);
+        }
+        _mm512_storeu_ps(o + i, o0);
+        _mm512_storeu_ps(o + i + 16, o1);
+        _mm512_storeu_ps(o + i + 32, o2);
+        _mm512_storeu_ps(o + i + 48, o3);
+      }
+      continue;
+    }
+#endif
     memset(o, 0, (size_t)hd * sizeof(float));
     for (t = 0; t < n; t++) {
       const float p = s[t], *v = V + t * hd;
-      int64_t i = 0;
-#ifdef CAG_AVX512
-      const __m512 pv = _mm512_set1_ps(p);
-      for (; i + 16 <= hd; i += 16) _mm512_storeu_ps(o + i, _mm512_fmadd_ps(pv, _mm512_loadu_ps(v + i), _mm512_loadu_ps(o + i)));
-#endif
-      for (; i < hd; i++) o[i] += p * v[i];
+      for (int64_t i = 0; i < hd; i++) o[i] += p * v[i];
     }
   }
 }
