@@ -100,31 +100,47 @@ static inline __m512 hsum16(const __m512 v[16]) {
 }
 #endif
 
-/* s[i] = e^s[i] in place; returns their sum. */
-static inline float exp_sum(float* s, int64_t n) {
+/* s[i] = e^(s[i] - shift) in place; returns their sum. */
+static inline float exp_sum(float* s, int64_t n, float shift) {
   int64_t i = 0;
   float sum = 0.f;
 #ifdef CAG_AVX512
+  const __m512 sh = _mm512_set1_ps(shift);
   __m512 acc = _mm512_setzero_ps();
   for (; i + 16 <= n; i += 16) {
-    const __m512 e = exp512(_mm512_loadu_ps(s + i));
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + i), sh));
     _mm512_storeu_ps(s + i, e);
     acc = _mm512_add_ps(acc, e);
   }
   sum = _mm512_reduce_add_ps(acc);
   if (i < n) {
     const __mmask16 k = (__mmask16)((1u << (n - i)) - 1);
-    const __m512 e = exp512(_mm512_maskz_loadu_ps(k, s + i));
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + i), sh));
     _mm512_mask_storeu_ps(s + i, k, e);
     sum += _mm512_mask_reduce_add_ps(k, e);
     i = n;
   }
 #endif
   for (; i < n; i++) {
-    s[i] = expf(s[i]);
+    s[i] = expf(s[i] - shift);
     sum += s[i];
   }
   return sum;
+}
+
+/* The largest of s[0..n), n >= 1. */
+static inline float max_of(const float* s, int64_t n) {
+  int64_t i = 0;
+  float m = s[0];
+#ifdef CAG_AVX512
+  if (n >= 16) {
+    __m512 v = _mm512_loadu_ps(s);
+    for (i = 16; i + 16 <= n; i += 16) v = _mm512_max_ps(v, _mm512_loadu_ps(s + i));
+    m = _mm512_reduce_max_ps(v);
+  }
+#endif
+  for (; i < n; i++) m = s[i] > m ? s[i] : m;
+  return m;
 }
 
 /* ---- the pieces of a layer ----------------------------------------------------------------------- */
@@ -244,12 +260,10 @@ static void attend_chunk(const float* q, int64_t G, const float* K, const float*
     }
 #endif
     for (; t < n; t++) s[t] = dot_f32(qg, K + t * hd, hd) * scale;
-    float m = s[0];
-    for (t = 1; t < n; t++) m = s[t] > m ? s[t] : m;
-    for (t = 0; t < n; t++) s[t] -= m;
+    const float m = max_of(s, n);
     float* out = part + g * pstride;
     out[0] = m;
-    out[1] = exp_sum(s, n);
+    out[1] = exp_sum(s, n, m);
     float* o = out + 2;
 #ifdef CAG_AVX512
     if (hd % 64 == 0) { /* 64 output dims at a time in registers */
@@ -367,7 +381,7 @@ int cag_step(const cag_model* m, float* const* k_cache, float* const* v_cache, i
           u[j] = row_dot(&L->up, r0 + j, x);
           e[j] = -g[j];
         }
-        exp_sum(e, n);
+        exp_sum(e, n, 0.f);
         for (int64_t j = 0; j < n; j++) act[r0 + j] = g[j] / (1.f + e[j]) * u[j];
       }
       const cag_mat* down[1] = {&L->down};
