@@ -137,6 +137,7 @@ def test_reused_workspace_never_leaks_one_answer_into_the_next(sharp_model_dir):
         alone = engine.Workspace(engine.prefill(fresh.model, prefix))
         assert answer == list(engine.generate(fresh.model, q, alone, reuse=len(prefix), max_new_tokens=n))
     assert len({tuple(a) for a in answers}) > 10
+    assert fastdecode.verdict(lm.model, "native") is fastdecode.verdict(fresh.model, "native") is True  # C step ran
 
 
 def test_a_disagreeing_c_step_hands_over_to_the_lean_step(sharp_model_dir, monkeypatch, capsys):
