@@ -212,6 +212,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("CAG_HOME", str(Path.home() / ".cache" / "cag"))
     lm = models.load(None, device="cpu", dtype="float32")
+    # plain float32 transformers (no packing; generate() never uses cag's steps), loaded before CAG_HOME moves
+    plain = None if args.no_hf else models.load(None, device="cpu", dtype="float32", pack=False)
     gguf = models.default_gguf_path()
     work = Path(tempfile.mkdtemp(prefix="cag-peer-"))
     os.environ["CAG_HOME"] = str(work / "home")
@@ -252,8 +254,7 @@ def main() -> None:
     peer.close()
 
     plain_same = None
-    if not args.no_hf:  # plain float32 transformers generate, no cag code in the path
-        plain = models.load(None, device="cpu", dtype="float32", pack=False)
+    if plain is not None:  # plain float32 transformers generate, no cag code in the path
         plain_same = 0
         for i, s in enumerate(splits):
             out = plain.model.generate(torch.tensor([s.ids]), max_new_tokens=args.steps, do_sample=False,
