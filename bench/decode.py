@@ -5,8 +5,10 @@
 Systems (all greedy, float32, default model):
   hf-loop      plain transformers: model(...) once per token with a DynamicCache (deep-copied prefix),
                argmax in Python: what a user writes without cag
-  cag-float32  cag's decoder with plain float32 matmuls (CAG_PACKED_WEIGHTS=0)
-  cag          cag's default: preallocated KV workspace + packed Q4_1/Q8_0 weights (cag.packed)
+  cag-float32  cag's decoder with plain float32 matmuls (CAG_PACKED_WEIGHTS=0), C step
+  cag-lean     packed Q4_1/Q8_0 weights (cag.packed), the lean Python step (CAG_NATIVE_STEP=0)
+  cag          cag's default: packed weights and the C decoding step (cag.nativestep) over the
+               preallocated KV workspace
 
 Each question decodes exactly --steps tokens (end-of-turn ignored) on top of a cached prefix of
 ~--tokens knowledge tokens, and once with no prefix at all (short context). Time per token excludes the
@@ -76,6 +78,10 @@ def main() -> None:
     os.environ.setdefault("CAG_HOME", str(Path.home() / ".cache" / "cag"))
     fast = models.load(None, device="cpu", dtype="float32")
     plain = models.load(None, device="cpu", dtype="float32", pack=False)
+    lean = models.load(None, device="cpu", dtype="float32")
+    os.environ["CAG_NATIVE_STEP"] = "0"  # decided on a model's first step: this one never uses the C step
+    list(engine.generate(lean.model, [1, 2, 3], max_new_tokens=2))
+    del os.environ["CAG_NATIVE_STEP"]
     home = Path(tempfile.mkdtemp(prefix="cag-bench-"))
     docs = common.padded_knowledge(home / "docs", plain.tokenizer, args.tokens)
     os.environ["CAG_HOME"] = str(home)
@@ -94,12 +100,13 @@ def main() -> None:
             jobs = [plain.tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
                     for q in questions]
             jobs = [j["input_ids"] if isinstance(j, dict) or hasattr(j, "keys") else j for j in jobs]
-        per = {"hf-loop": [], "cag-float32": [], "cag": []}
+        per = {"hf-loop": [], "cag-float32": [], "cag-lean": [], "cag": []}
         tokens = {k: [] for k in per}
         for ids in jobs:
             ws = engine.Workspace(prefix_layers) if prefix_layers is not None else None
             for name, run in (("hf-loop", lambda: hf_loop(plain.model, prefix_cache, ids, args.steps)),
                               ("cag-float32", lambda: cag_decode(plain.model, ws, reuse, ids, args.steps)),
+                              ("cag-lean", lambda: cag_decode(lean.model, ws, reuse, ids, args.steps)),
                               ("cag", lambda: cag_decode(fast.model, ws, reuse, ids, args.steps))):
                 out, s = run()
                 per[name].append(s)
@@ -122,7 +129,7 @@ def main() -> None:
     print(f"\n{fast.packing}")
     rows = []
     for context, r in results.items():
-        for k in ("hf-loop", "cag-float32", "cag"):
+        for k in per:
             rows.append((f"{context} ({r['prefix_tokens']} cached)", k, f"{r['ms_per_token'][k]:.1f}",
                          f"{r['tokens_per_s'][k]:.1f}", f"{r['speedup_vs_hf_loop'][k]:.2f}x",
                          f"{r['identical_to_hf_loop'][k]}/{r['questions']}"))

@@ -106,7 +106,10 @@ def generate(model, new_ids: Sequence[int], prefix: "KV | Workspace | None" = No
             return
         prefix = prefix.prefix
     if prefix is not None and reuse > 0:
-        cache = kvcompat.from_layers(prefix, length=reuse)  # shared prefix tensors, concatenating cache
+        # A private copy of the prefix in buffers with room (one copy per answer, where a concatenating
+        # cache would copy every token), so this path decodes with the same step as the others.
+        own = Workspace([(k[:, :, :reuse], v[:, :, :reuse]) for k, v in prefix], room=need - reuse)
+        cache = kvcompat.buffer_cache(own.capacity, own.buffers, reuse)
     else:
         cache = kvcompat.buffer_cache(need)  # the reference: everything from scratch
     yield from _decode(model, new_ids, cache, max_new_tokens, sampling, stop_ids)
@@ -121,11 +124,13 @@ def _decode(model, new_ids, cache, max_new_tokens, sampling, stop_ids) -> Iterat
     stops = set(stop_ids)
     logits = kvcompat.forward(model, _ids(new_ids, device), cache)
     fast = fastdecode.supported(model)
-    for _ in range(max_new_tokens):
+    for i in range(max_new_tokens):
         token = _pick(logits[0], sampling, generator)
         if token in stops:
             return
         yield token
+        if i + 1 == max_new_tokens:
+            return  # no step for a token nobody will read
         if fast:
             logits = fastdecode.step(model, token, cache)
         else:

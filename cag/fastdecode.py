@@ -1,28 +1,33 @@
 """One decoding step for Llama-family models without transformers' per-call machinery.
 
 Why: decoding SmolLM2 on a CPU spends as long in Python (module hooks, mask building, output objects,
-three projections where one would do) as in the matmuls. This step calls the model's own modules
-(norms, rotary embedding, projections, MLP pieces) in transformers' order, and fuses the q/k/v and
-gate/up projections into one call each when they are packed (cag.packed computes every output row
-independently, so the fused call returns exactly the same numbers).
+three projections where one would do) as in the matmuls. Two steps replace transformers' forward here:
 
-The same step serves cag.batch (one new token per row, with its shared-prefix attention plugged in).
+- The C step (cag.nativestep, cag/native/step.c): the whole token in one call, for float32 models on
+  the CPU decoding into a preallocated buffer cache (every mode of cag.engine does). It adds in its own
+  order, so it is checked against transformers within TOLERANCE (see _checked_native); since every
+  generated token of every mode goes through it, cached and no-cache answers run the same arithmetic.
+- The lean Python step: the model's own modules (norms, rotary embedding, projections, MLP pieces) in
+  transformers' order, with q/k/v and gate/up fused into one call each when packed (cag.packed computes
+  every output row independently, so the fused call returns exactly the same numbers). Bit for bit with
+  transformers; it serves everything the C step does not (bf16, GPUs, other caches) and cag.batch.
 
-It is an optimisation, never a second opinion: the first step of each kind (single, batch) on each model
-is also run through transformers' own forward and the logits must match bit for bit, or that kind is
-switched off for the model (with a warning) and its steps go through transformers. CAG_FAST_DECODE=0
-turns it off.
+Either is an optimisation, never a second opinion: the first step of each kind (native, single, batch)
+on each model is also run through transformers' own forward and compared, or that kind is switched off
+for the model (with a warning): a failed C step hands over to the lean step, a failed lean step to
+transformers. CAG_FAST_DECODE=0 turns both off; CAG_NATIVE_STEP=0 only the C step.
 """
 
 from __future__ import annotations
 
+import contextvars
 import sys
 import threading
 
 import torch
 import torch.nn.functional as F
 
-from . import kvcompat, packed, settings
+from . import kvcompat, nativestep, packed, settings
 
 _ATTENTION = {"sdpa", "cag_shared_prefix"}  # the latter is plain sdpa outside a cag.batch run
 _LOCK = threading.Lock()
@@ -51,6 +56,10 @@ def step(model, token: int, cache) -> torch.Tensor:
     """Logits [1, vocab] for `token` placed after everything `cache` holds; the cache grows by one."""
     length = kvcompat.seq_length(cache)
     ids = _ids(model, [[token]])
+    if supported(model) and verdict(model, "native") is not False:
+        plan = nativestep.plan(model)
+        if plan is not None and nativestep.writable(cache, plan):
+            return _checked_native(model, plan, token, ids, cache, length)
     positions = torch.tensor([[length]], device=ids.device)
 
     def attend(i, attn, q, k, v):
@@ -63,6 +72,48 @@ def step(model, token: int, cache) -> torch.Tensor:
     return _checked(model, "single", reference=lambda: kvcompat.forward(model, ids, cache),
                     fast=lambda fusions: _forward(model, ids, positions, fusions, attend),
                     reset=lambda: kvcompat.crop(cache, length))
+
+
+def _checked_native(model, plan, token: int, ids: torch.Tensor, cache, length: int) -> torch.Tensor:
+    """The C step; on the model's first one, also transformers' forward, compared within TOLERANCE.
+
+    The C step adds its float32 sums in another order than transformers (and has its own exp), so the
+    bits differ; what is checked is that logits and the new keys/values agree to within TOLERANCE of
+    their largest magnitude (float32 rounding over a whole model is ~1e-6 of it; a real mistake such as a
+    wrong position or weight is orders of magnitude more). Every generated token of every mode (cached
+    or not) goes through this same step, so cached and no-cache answers still run the same arithmetic.
+    """
+    def rows():
+        return [(k[:, :, length].clone(), v[:, :, length].clone()) for k, v in kvcompat.buffers(cache)[0]]
+
+    def reference():
+        logits = kvcompat.forward(model, ids, cache)
+        return logits, rows()
+
+    def fast(_fusions):
+        logits = plan.run(token, cache)
+        return logits if _checking.get() is None else (logits, rows())
+
+    def same(got, expected):
+        pairs = [(got[0], expected[0])] + [pair for a, b in zip(got[1], expected[1]) for pair in zip(a, b)]
+        return all(close(x, y) for x, y in pairs)
+
+    def unwrap(result):
+        return result[0] if isinstance(result, tuple) else result
+
+    return unwrap(_checked(model, "native", reference=reference, fast=fast,
+                           reset=lambda: kvcompat.crop(cache, length), same=same))
+
+
+TOLERANCE = 1e-4
+
+
+def close(got: torch.Tensor, expected: torch.Tensor, tolerance: float = TOLERANCE) -> bool:
+    """Equal up to `tolerance` times the larger of 1 and expected's largest magnitude (and same shape)."""
+    if got.shape != expected.shape or not torch.isfinite(got).all():
+        return False
+    scale = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
+    return float((got - expected).abs().max()) <= tolerance * scale if got.numel() else True
 
 
 @torch.inference_mode()
@@ -83,8 +134,8 @@ def _ids(model, ids) -> torch.Tensor:
     return torch.tensor(ids, device=model.model.embed_tokens.weight.device)
 
 
-def _checked(model, kind: str, reference, fast, reset) -> torch.Tensor:
-    """fast(fusions) once checked; on a model's first `kind` step, also reference() and compare bits."""
+def _checked(model, kind: str, reference, fast, reset, same=torch.equal) -> torch.Tensor:
+    """fast(fusions) once checked; on a model's first `kind` step, also reference() and compare (`same`)."""
     ok = verdict(model, kind) if supported(model) else False
     if ok:
         return fast(_fusions(model))
@@ -93,16 +144,23 @@ def _checked(model, kind: str, reference, fast, reset) -> torch.Tensor:
             if verdict(model, kind) is None:
                 expected = reference()
                 reset()
-                got = fast(_fusions(model))
-                same = torch.equal(got, expected)
-                model.__dict__.setdefault("_cag_fast_verdicts", {})[kind] = same
-                if same:
+                token = _checking.set(kind)
+                try:
+                    got = fast(_fusions(model))
+                finally:
+                    _checking.reset(token)
+                agree = bool(same(got, expected))
+                model.__dict__.setdefault("_cag_fast_verdicts", {})[kind] = agree
+                if agree:
                     return got
                 print(f"cag: fast {kind} decode step disagrees with transformers' forward for this model; "
-                      "using transformers", file=sys.stderr)
+                      f"using {'the lean Python step' if kind == 'native' else 'transformers'}", file=sys.stderr)
                 reset()
-        return _checked(model, kind, reference, fast, reset)  # decided now (here or by another thread)
+        return _checked(model, kind, reference, fast, reset, same)  # decided now (here or by another thread)
     return reference()
+
+
+_checking: contextvars.ContextVar[str | None] = contextvars.ContextVar("cag_fast_checking", default=None)
 
 
 def _fusions(model) -> list:

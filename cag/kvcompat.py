@@ -101,15 +101,37 @@ def _buffer_layer_class():
     class BufferLayer(DynamicLayer):
         def __init__(self, capacity: int, k_buf: torch.Tensor | None = None, v_buf: torch.Tensor | None = None,
                      length: int = 0):
+            self.k_buf = self.v_buf = None
             super().__init__()
-            self.capacity, self.k_buf, self.v_buf, self.length = capacity, k_buf, v_buf, length
+            self.capacity, self.length = capacity, length
             if k_buf is not None:
                 self.lazy_initialization(k_buf, v_buf)
-                self._expose()
+                self.k_buf, self.v_buf = k_buf, v_buf
 
-        def _expose(self) -> None:
-            self.keys = self.k_buf[:, :, : self.length]
-            self.values = self.v_buf[:, :, : self.length]
+        # keys/values are views of the valid positions, made when read: advancing the length is free.
+        @property
+        def keys(self):
+            return self._keys if self.k_buf is None else self.k_buf[:, :, : self.length]
+
+        @keys.setter
+        def keys(self, value):
+            self._set("_keys", value)
+
+        @property
+        def values(self):
+            return self._values if self.v_buf is None else self.v_buf[:, :, : self.length]
+
+        @values.setter
+        def values(self, value):
+            self._set("_values", value)
+
+        def _set(self, name: str, value) -> None:
+            if self.k_buf is None:  # before the buffers exist (DynamicLayer's own initialization)
+                object.__setattr__(self, name, value)
+            elif value is None:  # DynamicLayer.reset(): drop the contents
+                self.length = 0
+            else:
+                raise NotImplementedError("a BufferLayer is written through update() only")
 
         def update(self, key_states, value_states, *args, **kwargs):
             if self.k_buf is None:
@@ -123,7 +145,6 @@ def _buffer_layer_class():
             self.k_buf[:, :, self.length:end].copy_(key_states)
             self.v_buf[:, :, self.length:end].copy_(value_states)
             self.length = end
-            self._expose()
             return self.keys, self.values
 
         def get_seq_length(self) -> int:
@@ -131,8 +152,6 @@ def _buffer_layer_class():
 
         def crop(self, tokens_to_remove: int) -> None:
             self.length = max(0, self.length - abs(tokens_to_remove))
-            if self.k_buf is not None:
-                self._expose()
 
     return BufferLayer
 
@@ -154,6 +173,29 @@ def buffer_cache(capacity: int, buffers: KV | None = None, length: int = 0) -> D
     else:
         cache.layers = [_BUFFER_LAYER(capacity, k, v, length) for k, v in buffers]
     return cache
+
+
+def buffers(cache: DynamicCache) -> tuple[KV, int, int] | None:
+    """A buffer cache's preallocated per-layer (key, value) buffers, its length and capacity; else None.
+
+    For code that writes the next position itself (cag.fastdecode's native step) and then calls advance().
+    """
+    layers = getattr(cache, "layers", None)
+    if not layers or _BUFFER_LAYER is None or not all(type(layer) is _BUFFER_LAYER and layer.k_buf is not None
+                                                      for layer in layers):
+        return None
+    lengths = {layer.length for layer in layers}
+    if len(lengths) != 1:
+        return None
+    return [(layer.k_buf, layer.v_buf) for layer in layers], lengths.pop(), layers[0].capacity
+
+
+def advance(cache: DynamicCache, count: int = 1) -> None:
+    """Count `count` more positions of a buffer cache as written (their keys/values are in its buffers)."""
+    for layer in cache.layers:
+        if layer.length + count > layer.capacity:
+            raise ValueError(f"KV buffer of {layer.capacity} positions is full")
+        layer.length += count
 
 
 # -- attention plumbing for cag.batch (also version-sensitive, so it lives here too) --------------------

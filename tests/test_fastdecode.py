@@ -1,4 +1,8 @@
-"""cag.fastdecode: the lean decoding step must give transformers' logits bit for bit, or switch itself off."""
+"""cag.fastdecode: the decoding steps must agree with transformers' forward, or switch themselves off.
+
+Two steps: the lean Python step (bit for bit with transformers) and the C step (cag/native/step.c, float32
+in its own order: within fastdecode.TOLERANCE, and the same step for every generated token of every mode).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,12 @@ from conftest import require_native
 
 def _fresh(path: str, **kw):
     return models.load(path, device="cpu", dtype="float32", **kw)
+
+
+@pytest.fixture
+def lean_only(monkeypatch):
+    """Models loaded under this fixture decode with the lean Python step (no C step)."""
+    monkeypatch.setenv("CAG_NATIVE_STEP", "0")
 
 
 def _logits_both_ways(model, prompt: list[int], steps: int):
@@ -28,7 +38,7 @@ def _logits_both_ways(model, prompt: list[int], steps: int):
 
 
 @pytest.mark.parametrize("which", ["tiny", "sharp", "q4"])
-def test_fast_step_equals_transformers_bit_for_bit(which, tiny_model_dir, sharp_model_dir, request):
+def test_lean_step_equals_transformers_bit_for_bit(which, tiny_model_dir, sharp_model_dir, request, lean_only):
     if which == "q4":
         require_native()
     path = {"tiny": tiny_model_dir, "sharp": sharp_model_dir}.get(which) or request.getfixturevalue("q4_model_dir")
@@ -59,7 +69,7 @@ def test_answers_with_and_without_the_fast_step_are_identical(sharp_model_dir, m
         assert answers[0] == answers[1] and len(answers[0]) > 0
 
 
-def test_a_disagreeing_step_switches_itself_off(tiny_model_dir, monkeypatch, capsys):
+def test_a_disagreeing_step_switches_itself_off(tiny_model_dir, monkeypatch, capsys, lean_only):
     lm = _fresh(str(tiny_model_dir))
     real_forward = fastdecode._forward
     monkeypatch.setattr(fastdecode, "_forward", lambda *a: real_forward(*a) + 1e-3)  # a subtly wrong fast path

@@ -26,8 +26,12 @@ import torch  # noqa: F401 - see the module docstring (shared OpenMP runtime)
 
 from .. import paths, settings
 
-SOURCE = Path(__file__).with_name("qmatmul.c")
-_BASE_FLAGS = ("-O3", "-fPIC", "-shared", "-std=c11")
+_HERE = Path(__file__).parent
+SOURCES = (_HERE / "qmatmul.c", _HERE / "step.c")  # compiled together into one library
+HEADERS = (_HERE / "qblocks.h",)
+# -ffp-contract=off: the C arithmetic is exactly what is written (no silent fused multiply-adds), so
+# elementwise pieces such as the rotary embedding round like torch's.
+_BASE_FLAGS = ("-O3", "-fPIC", "-shared", "-std=gnu11", "-ffp-contract=off")
 _LOCK = threading.Lock()
 _CACHE: dict[bool, "Kernels | str"] = {}
 
@@ -41,6 +45,7 @@ class Kernels:
     avx512: bool
     q41_matmul: ctypes._CFuncPtr
     q80_matmul: ctypes._CFuncPtr
+    step: ctypes._CFuncPtr  # cag_step (step.c): one decoding step of a whole Llama model
 
     @property
     def describe(self) -> str:
@@ -72,6 +77,27 @@ class _Unavailable(Exception):
     pass
 
 
+# The structures step.c's cag_step reads (same field order and types as its C typedefs).
+MAT_F32, MAT_Q41, MAT_Q80 = 0, 1, 2
+
+
+class Mat(ctypes.Structure):
+    _fields_ = [("kind", ctypes.c_int64), ("rows", ctypes.c_int64), ("cols", ctypes.c_int64),
+                ("data", ctypes.c_void_p)]
+
+
+class Layer(ctypes.Structure):
+    _fields_ = [("in_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p)] + [
+        (name, Mat) for name in ("q", "k", "v", "o", "gate", "up", "down")]
+
+
+class Model(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int64) for name in
+                ("n_layers", "hidden", "inter", "heads", "kv_heads", "head_dim", "vocab")] + [
+        ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("layers", ctypes.POINTER(Layer)),
+        ("final_norm", ctypes.c_void_p), ("lm_head", Mat)]
+
+
 def _load(portable: bool) -> Kernels:
     env = settings.current()
     if not env.native:
@@ -101,7 +127,8 @@ def _flag_sets(portable: bool) -> list[tuple[str, ...]]:
 
 def _library_path(compiler: str, flags: tuple[str, ...]) -> Path:
     h = hashlib.sha256()
-    h.update(SOURCE.read_bytes())
+    for source in (*SOURCES, *HEADERS):
+        h.update(source.read_bytes())
     h.update(" ".join((compiler, *flags)).encode())
     h.update(_cpu_identity().encode())
     return paths.home() / "native" / f"qmatmul-{h.hexdigest()[:16]}.so"
@@ -123,7 +150,7 @@ def _compile(compiler: str, flags: tuple[str, ...], target: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True,
+        done = subprocess.run([compiler, *flags, *map(str, SOURCES), "-o", tmp, "-lm"], capture_output=True, text=True,
                               timeout=120)
         if done.returncode != 0:
             first = (done.stderr.strip().splitlines() or ["no output"])[0]
@@ -147,5 +174,7 @@ def _bind(path: Path, flags: tuple[str, ...]) -> Kernels:
         fn.argtypes = [p, i64, i64, p, i64, p]
         fn.restype = None
     lib.cag_qmatmul_avx512.restype = ctypes.c_int
+    lib.cag_step.argtypes = [ctypes.POINTER(Model), p, p, i64, p, i64, p, p, p]
+    lib.cag_step.restype = ctypes.c_int
     return Kernels(path=path, flags=flags, avx512=bool(lib.cag_qmatmul_avx512()),
-                   q41_matmul=lib.cag_q41_matmul, q80_matmul=lib.cag_q80_matmul)
+                   q41_matmul=lib.cag_q41_matmul, q80_matmul=lib.cag_q80_matmul, step=lib.cag_step)
