@@ -25,8 +25,10 @@ def assert_one_line_error(proc, *needles):
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    error = " ".join(lines)
-    assert lines and lines[0].startswith("error:"), proc.stderr
+    errors = [line for line in lines if line.startswith("error:")]
+    # one error line, last; status lines ("loading model …") may come before it
+    assert len(errors) == 1 and lines[-1] == errors[0], proc.stderr
+    error = errors[0]
     for needle in needles:
         assert needle in error, error
 
