@@ -299,13 +299,12 @@ def chat(
         try:
             answer = kb.ask(q, history=history, max_new_tokens=max_new_tokens, sampling=sampling, on_text=show,
                             stop=stop or ()).answer
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # the turn keeps what was shown of its answer
             answer = "".join(pieces).strip()
             out.file.write("\n")
             _log("(stopped)")
         out.file.write("\n")
-        if answer:
-            history.append(Turn(q, answer))
+        history.append(Turn(q, answer))
 
 
 @app.command("ls")
