@@ -45,14 +45,15 @@ def default_method() -> str:
     return BLAKE3 if _blake3 is not None else SHA256
 
 
-def piece_hash(method: str) -> Callable[[object], bytes]:
-    """The function that hashes one piece (any buffer) for a piecewise `method`."""
+def piece_hasher(method: str) -> Callable:
+    """A new hasher (`update`, `digest`) for one piece, for a piecewise `method`; called with bytes, it
+    hashes them at once. Feeding a piece in parts gives the same digest (cag.restore hashes as it reads)."""
     if method == BLAKE3:
         if _blake3 is None:
             raise CacheFileError("this cache file has a BLAKE3 checksum and the blake3 package is not installed: "
                                  "`pip install blake3`, or rebuild the cache here")
-        return lambda data: _blake3.blake3(data).digest()
-    return lambda data: hashlib.sha256(data).digest()
+        return _blake3.blake3
+    return hashlib.sha256
 
 
 def pieces(nbytes: int) -> list[tuple[int, int]]:
@@ -96,10 +97,10 @@ def of_buffers(method: str | None, manifest: dict | None, tensors: Sequence[tupl
         return sequential(tensors)
     if method not in PIECEWISE:
         return ""
-    hash_one = piece_hash(method)
+    new = piece_hasher(method)
     flat = [data[s:s + n] for _, data in tensors for s, n in pieces(len(data))]
     with ThreadPoolExecutor(max_workers=max(1, min(len(flat), threads or default_threads()))) as pool:
-        digests = iter(pool.map(hash_one, flat))
+        digests = iter(pool.map(lambda data: new(data).digest(), flat))
         return combine(method, manifest, [(head, [next(digests) for _ in pieces(len(data))])
                                           for head, data in tensors])
 

@@ -42,6 +42,7 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool}
 MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
+SUB = 1 << 20  # bytes read and hashed at a time: small enough to stay in a core's cache in between
 
 
 class Source:
@@ -202,7 +203,7 @@ def restore(source: Source, lay: Layout, where: str, method: str | None, manifes
         if not hmac.compare_digest(checksum.sequential(items), expected):
             raise failed(where)
         return {k: t if k in host else t.to(device) for k, t in tensors.items()}
-    tensors, digests = _fill(source, lay, where, checksum.piece_hash(method), device, host, threads)
+    tensors, digests = _fill(source, lay, where, checksum.piece_hasher(method), device, host, threads)
     digest = checksum.combine(method, manifest, [(s.header, digests[s.name]) for s in lay.tensors])
     if not hmac.compare_digest(digest, expected):
         raise failed(where)
@@ -221,9 +222,10 @@ class _Piece:
     length: int
 
 
-def _fill(source: Source, lay: Layout, where: str, hash_one, device: torch.device, host: frozenset[str],
+def _fill(source: Source, lay: Layout, where: str, hasher, device: torch.device, host: frozenset[str],
           threads: int | None):
-    """Allocate every tensor, read each piece once into it (through pinned buffers for CUDA), hash it."""
+    """Allocate every tensor, read each piece once into it (through pinned buffers for CUDA) and hash it
+    as it comes in, a part of SUB bytes at a time, while that part is still in the CPU's cache."""
     tensors, flat = {}, {}
     for spec in lay.tensors:
         at = torch.device("cpu") if spec.name in host else device
@@ -233,10 +235,15 @@ def _fill(source: Source, lay: Layout, where: str, hash_one, device: torch.devic
             for i, (start, length) in enumerate(checksum.pieces(spec.nbytes))]
     digests = {spec.name: [b""] * len(checksum.pieces(spec.nbytes)) for spec in lay.tensors}
     taken, stop = itertools.count(), threading.Event()
+    cuda = device.type == "cuda" and any(t.device.type == "cuda" for t in tensors.values())
+    if cuda:  # the side streams write only once whatever the current stream queued on this memory is done
+        allocated = torch.cuda.Event()
+        allocated.record(torch.cuda.current_stream(device))
 
     def worker() -> None:
-        cuda = device.type == "cuda" and any(t.device.type == "cuda" for t in tensors.values())
         stream = torch.cuda.Stream(device) if cuda else None
+        if stream is not None:
+            stream.wait_event(allocated)
         buffers = _PINNED.take(2) if cuda else []
         pending: list = [None, None]  # the copy still reading each buffer
         turn = 0
@@ -247,21 +254,24 @@ def _fill(source: Source, lay: Layout, where: str, hash_one, device: torch.devic
                     return
                 p = work[i]
                 out = flat[p.spec.name][p.start:p.start + p.length]
-                if out.device.type == "cpu":
-                    source.readinto(p.spec.offset + p.start, out)
-                    staged = out
-                else:
-                    if pending[turn] is not None:
-                        pending[turn].synchronize()
-                    staged = buffers[turn][:p.length]
-                    source.readinto(p.spec.offset + p.start, staged)
+                on_host = out.device.type == "cpu"
+                if not on_host and pending[turn] is not None:
+                    pending[turn].synchronize()  # the copy that last read this buffer is done
+                staged = out if on_host else buffers[turn][:p.length]
+                h = hasher() if hasher is not None else None
+                for at in range(0, p.length, SUB):
+                    part = staged[at:at + SUB]
+                    source.readinto(p.spec.offset + p.start + at, part)
+                    if h is not None:
+                        h.update(part.numpy())
+                if h is not None:
+                    digests[p.spec.name][p.index] = h.digest()
+                if not on_host:
                     with torch.cuda.stream(stream):
                         out.copy_(staged, non_blocking=True)
                         pending[turn] = torch.cuda.Event()
                         pending[turn].record(stream)
                     turn ^= 1
-                if hash_one is not None:
-                    digests[p.spec.name][p.index] = hash_one(staged.numpy())
         except BaseException:
             stop.set()
             raise
