@@ -99,6 +99,16 @@ def best_of(fn, repeats: int):
     return best
 
 
+def guarded(device: torch.device, fn) -> dict:
+    """fn()'s dict, or {"error": ...} when it fails (out of memory at 64k, say): one measurement lost, not the run."""
+    try:
+        return fn()
+    except Exception as err:  # noqa: BLE001 - recorded in the results
+        traceback.print_exc(file=sys.stderr)
+        free(device)
+        return {"error": f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"}
+
+
 def random_ids(model, n: int, rng: torch.Generator) -> list[int]:
     return torch.randint(2, model.config.vocab_size, (n,), generator=rng).tolist()
 
@@ -164,19 +174,28 @@ def ttft_size(model, device, n: int, args, rng) -> dict:
     del layers
     row = {"tokens": n, "prefill_s": prefill_s, "prefill_tok_s": n / prefill_s,
            "kv_bytes": sum(k.numel() * k.element_size() * 2 for k, _ in ws.prefix)}
-    runs = {"cag-cache": best_of(lambda: cag_run(model, device, ids[n:], ws, n, args.new_tokens), args.repeats),
-            "cag-recompute": best_of(lambda: cag_run(model, device, ids, None, 0, args.new_tokens), args.repeats),
-            "hf-full": best_of(lambda: hf_run(model, device, [ids], args.new_tokens), args.repeats)}
-    hf_cache = hf_prefill(model, [prefix_ids], device)
-    runs["hf-prefix"] = best_of(lambda: hf_run(model, device, [ids], args.new_tokens, copy.deepcopy(hf_cache)),
-                                args.repeats)
-    del hf_cache, ws
-    for name, (ttft, total, tokens) in runs.items():
-        tokens = tokens[0] if name.startswith("hf") else tokens
-        row[name] = {"ttft_s": ttft, "total_s": total, "decode_tok_s": decode_rate(ttft, total, len(tokens)),
-                     "tokens": tokens}
-    row["same_tokens_cache_vs_recompute"] = row["cag-cache"]["tokens"] == row["cag-recompute"]["tokens"]
-    row["same_tokens_cag_vs_hf"] = row["cag-recompute"]["tokens"] == row["hf-full"]["tokens"]
+
+    def measured(run) -> dict:
+        ttft, total, tokens = best_of(run, args.repeats)
+        tokens = tokens[0] if tokens and isinstance(tokens[0], list) else tokens  # hf_run: one row
+        return {"ttft_s": ttft, "total_s": total, "decode_tok_s": decode_rate(ttft, total, len(tokens)),
+                "tokens": tokens}
+
+    row["cag-cache"] = guarded(device, lambda: measured(lambda: cag_run(model, device, ids[n:], ws, n, args.new_tokens)))
+    del ws
+    free(device)
+    row["cag-recompute"] = guarded(device, lambda: measured(lambda: cag_run(model, device, ids, None, 0, args.new_tokens)))
+    row["hf-full"] = guarded(device, lambda: measured(lambda: hf_run(model, device, [ids], args.new_tokens)))
+
+    def hf_prefix() -> dict:
+        hf_cache = hf_prefill(model, [prefix_ids], device)
+        return measured(lambda: hf_run(model, device, [ids], args.new_tokens, copy.deepcopy(hf_cache)))
+
+    row["hf-prefix"] = guarded(device, hf_prefix)
+    same = lambda a, b: row[a].get("tokens") == row[b].get("tokens") if "error" not in row[a] and "error" not in row[b] \
+        else None  # noqa: E731
+    row["same_tokens_cache_vs_recompute"] = same("cag-cache", "cag-recompute")
+    row["same_tokens_cag_vs_hf"] = same("cag-recompute", "hf-full")
     return row
 
 
@@ -192,21 +211,24 @@ def batch_section(model, device, args, rng) -> dict:
     try:
         for b in args.batches:
             questions = [random_ids(model, q, rng) for _ in range(b)]
-            outs, cag_s = best_of(lambda: timed(device, lambda: batch.generate_batch(model, layers, questions,
-                                                                                    max_new_tokens=new)), args.repeats)
 
-            def plain():
-                def run():  # the prefix copied per row is part of what this recipe costs
-                    cache = kvcompat.from_layers([(k.expand(b, -1, -1, -1).contiguous(),
-                                                   v.expand(b, -1, -1, -1).contiguous()) for k, v in layers])
-                    return hf_run(model, device, [prefix_ids + qs for qs in questions], new, cache)
-                (_, _, tokens), seconds = timed(device, run)
-                return tokens, seconds
+            def one(b=b, questions=questions) -> dict:
+                outs, cag_s = best_of(lambda: timed(device, lambda: batch.generate_batch(
+                    model, layers, questions, max_new_tokens=new)), args.repeats)
 
-            hf_tokens, hf_s = best_of(plain, args.repeats)
-            rows.append({"questions": b, "prefix_tokens": n, "new_tokens": new, "cag_s": cag_s, "hf_s": hf_s,
-                         "cag_tok_s": b * new / cag_s, "hf_tok_s": b * new / hf_s,
-                         "same_tokens": sum(a == h for a, h in zip(outs, hf_tokens))})
+                def plain():
+                    def run():  # the prefix copied per row is part of what this recipe costs
+                        cache = kvcompat.from_layers([(k.expand(b, -1, -1, -1).contiguous(),
+                                                       v.expand(b, -1, -1, -1).contiguous()) for k, v in layers])
+                        return hf_run(model, device, [prefix_ids + qs for qs in questions], new, cache)
+                    (_, _, tokens), seconds = timed(device, run)
+                    return tokens, seconds
+
+                hf_tokens, hf_s = best_of(plain, args.repeats)
+                return {"cag_s": cag_s, "hf_s": hf_s, "cag_tok_s": b * new / cag_s, "hf_tok_s": b * new / hf_s,
+                        "same_tokens": sum(a == h for a, h in zip(outs, hf_tokens))}
+
+            rows.append({"questions": b, "prefix_tokens": n, "new_tokens": new, **guarded(device, one)})
             free(device)
     finally:
         if attention is not None:  # cag.batch installs its own attention; later sections measure the model's
@@ -371,11 +393,10 @@ def main(argv=None) -> None:
     small = args.small
     args.sizes = [int(s) for s in (args.sizes or ("256,512,1024" if small else "2048,8192,32768,65536")).split(",")]
     args.batches = [int(b) for b in args.batches.split(",")]
-    args.new_tokens = args.new_tokens or (16 if small else 32)
-    args.chunk = args.chunk or (128 if small else 4096)
-    args.batch_tokens = args.batch_tokens or (256 if small else 2048)
-    args.restore_tokens = args.restore_tokens or (4096 if small else 32768)
-    args.exact_tokens = args.exact_tokens or (384 if small else 2048)
+    for name, default_small, default_gpu in (("new_tokens", 16, 32), ("chunk", 128, 4096), ("batch_tokens", 256, 2048),
+                                             ("restore_tokens", 4096, 32768), ("exact_tokens", 384, 2048)):
+        if getattr(args, name) is None:
+            setattr(args, name, default_small if small else default_gpu)
     budget = args.budget_s if args.budget_s is not None else (float("inf") if small else 270.0)
     if small:
         device, dtype, shape = torch.device("cpu"), torch.float32, SMALL
@@ -442,22 +463,31 @@ def table_rows(result: dict, args) -> list[tuple]:
                              f"{cases[c]['GB_s'] / load['GB_s']:.2f}x load_file" if load else "-"))
         elif key == "batch":
             for r in got["rows"]:
-                rows.append(("batch tok/s", f"{r['questions']} q on {r['prefix_tokens']} tok", f"{r['cag_tok_s']:.1f}",
+                case = f"{r['questions']} q on {r['prefix_tokens']} tok"
+                if "error" in r:
+                    rows.append(("batch tok/s", case, "ERROR: " + r["error"], "-", "-"))
+                    continue
+                rows.append(("batch tok/s", case, f"{r['cag_tok_s']:.1f}",
                              f"{r['hf_tok_s']:.1f} (prefix copied per row); same tokens {r['same_tokens']}/{r['questions']}",
                              f"{r['cag_tok_s'] / r['hf_tok_s']:.2f}x"))
         elif key.startswith("ttft-"):
             n = got["tokens"]
             cache, full, pre, rec = (got[k] for k in ("cag-cache", "hf-full", "hf-prefix", "cag-recompute"))
-            rows.append(("TTFT ms", f"{n} tok", f"{cache['ttft_s'] * 1000:.1f} (cache)",
-                         f"full {full['ttft_s'] * 1000:.1f}, prefix reuse {pre['ttft_s'] * 1000:.1f}; "
-                         f"cag full prompt {rec['ttft_s'] * 1000:.1f}",
-                         f"{full['ttft_s'] / cache['ttft_s']:.1f}x, {pre['ttft_s'] / cache['ttft_s']:.1f}x"))
-            rows.append(("decode tok/s", f"{n} tok", f"{cache['decode_tok_s']:.1f}",
-                         f"{full['decode_tok_s']:.1f} (full), {pre['decode_tok_s']:.1f} (prefix reuse)",
-                         f"{cache['decode_tok_s'] / full['decode_tok_s']:.2f}x"))
+            ms = lambda r: f"{r['ttft_s'] * 1000:.1f}" if "error" not in r else "ERROR"  # noqa: E731
+            tps = lambda r: f"{r['decode_tok_s']:.1f}" if "error" not in r else "ERROR"  # noqa: E731
+            ratio = lambda a, b, key: f"{a[key] / b[key]:.2f}x" if "error" not in a and "error" not in b else "-"  # noqa: E731
+            rows.append(("TTFT ms", f"{n} tok", f"{ms(cache)} (cache)",
+                         f"full {ms(full)}, prefix reuse {ms(pre)}; cag full prompt {ms(rec)}",
+                         f"{ratio(full, cache, 'ttft_s')}, {ratio(pre, cache, 'ttft_s')}"))
+            rows.append(("decode tok/s", f"{n} tok", tps(cache), f"{tps(full)} (full), {tps(pre)} (prefix reuse)",
+                         ratio(cache, full, "decode_tok_s")))
+            same = {True: "yes", False: "NO", None: "-"}[got["same_tokens_cache_vs_recompute"]]
             rows.append(("prefill", f"{n} tok", f"{got['prefill_s']:.2f} s ({got['prefill_tok_s']:.0f} tok/s)",
-                         f"KV {got['kv_bytes'] / 1e6:.0f} MB; same tokens cache/full prompt: "
-                         f"{'yes' if got['same_tokens_cache_vs_recompute'] else 'NO'}", "-"))
+                         f"KV {got['kv_bytes'] / 1e6:.0f} MB; same tokens cache/full prompt: {same}", "-"))
+            errors = [f"{k}: {got[k]['error']}" for k in ("cag-cache", "cag-recompute", "hf-full", "hf-prefix")
+                      if "error" in got[k]]
+            if errors:
+                rows.append(("TTFT ms", f"{n} tok", "ERROR: " + "; ".join(errors), "-", "-"))
     return rows
 
 

@@ -53,15 +53,20 @@ def test_gpu_bench_small_runs_on_cpu_from_a_bare_checkout(tmp_path):
 
 
 def test_a_failing_section_is_recorded_and_the_run_goes_on(tmp_path):
-    """A section that fails (here: a batch of 0 questions) is an error row, not the end of the run."""
+    """A failing section (an empty prefix) and a failing measurement (a batch of no questions) are error
+    rows in the table and the JSON, not the end of the run: a GPU session cannot afford a crash halfway."""
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--small", "--sizes", "64",
-                           "--repeats", "1", "--new-tokens", "2", "--batches", "0", "--batch-tokens", "64",
-                           "--sections", "batch,ttft"],
+                           "--repeats", "1", "--new-tokens", "2", "--exact-tokens", "0", "--batches", "0,2",
+                           "--batch-tokens", "64", "--sections", "exact,batch,ttft"],
                           capture_output=True, text=True, env=bare_env(OUT=str(tmp_path)), cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr
     sections = json.loads((tmp_path / "gpu.json").read_text())["sections"]
-    assert "error" in sections["batch"] and "ttft_s" in sections["ttft-64"]["cag-cache"]
-    assert any(line.startswith("batch ") and "ERROR" in line for line in proc.stdout.splitlines())
+    assert "error" in sections["exact"]
+    assert "error" in sections["batch"]["rows"][0] and sections["batch"]["rows"][1]["cag_tok_s"] > 0
+    assert "ttft_s" in sections["ttft-64"]["cag-cache"]
+    table = proc.stdout.splitlines()
+    assert any(line.startswith("exact ") and "ERROR" in line for line in table)
+    assert any(line.startswith("batch tok/s") and "ERROR" in line for line in table)
 
 
 def test_every_bench_script_imports_the_checkouts_cag(tmp_path):
