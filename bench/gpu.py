@@ -321,7 +321,7 @@ def exact_section(model, device, args, rng) -> dict:
         kvfile.save(path, engine.prefill_pieces(model, prefix_ids, bounds), prefix_ids, {"prefill_bounds": bounds})
         loaded = kvfile.load(path, device=device)
     ws = engine.Workspace(loaded.layers, room=room)
-    same_tokens = same_logits = same_hf = 0
+    same_tokens = same_logits = same_hf = same_hf_logits = 0
     for _ in range(args.exact_questions):
         question = random_ids(model, args.question_tokens, rng)
         with FirstLogits(model, question) as cached:
@@ -330,13 +330,20 @@ def exact_section(model, device, args, rng) -> dict:
         with FirstLogits(model, question) as ref:
             ref_ids = cag_run(model, device, question, reference, n, args.new_tokens)[2]
         del reference
-        hf_ids = hf_run(model, device, [prefix_ids + question], args.new_tokens)[2][0]
+        with FirstLogits(model, question) as one_shot:
+            hf_ids = hf_run(model, device, [prefix_ids + question], args.new_tokens)[2][0]
         same_tokens += cached_ids == ref_ids
-        same_logits += cached.logits is not None and ref.logits is not None and torch.equal(cached.logits, ref.logits)
+        same_logits += _equal(cached.logits, ref.logits)
         same_hf += cached_ids == hf_ids
+        same_hf_logits += _equal(cached.logits, one_shot.logits)
     return {"prefix_tokens": n, "pieces": len(bounds), "questions": args.exact_questions,
             "new_tokens": args.new_tokens, "cached_eq_reference_tokens": same_tokens,
-            "cached_eq_reference_logits_bits": same_logits, "cached_eq_hf_one_shot_tokens": same_hf}
+            "cached_eq_reference_logits_bits": same_logits, "cached_eq_hf_one_shot_tokens": same_hf,
+            "cached_eq_hf_one_shot_logits_bits": same_hf_logits}
+
+
+def _equal(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return a is not None and b is not None and torch.equal(a, b)
 
 
 # -- the run ----------------------------------------------------------------------------------------------
@@ -374,6 +381,8 @@ def _brief(got: dict) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true", help="tiny Llama config on the CPU (float32), for CI")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                    help="weights and KV (default: float32 small, bfloat16 on CUDA)")
     ap.add_argument("--sizes", default=None, help="knowledge sizes in tokens (default 2048,8192,32768,65536; small: 256,512,1024)")
     ap.add_argument("--new-tokens", type=int, default=None, help="tokens to decode per question (default 32; small 16)")
     ap.add_argument("--question-tokens", type=int, default=32)
@@ -404,6 +413,7 @@ def main(argv=None) -> None:
         if not torch.cuda.is_available():
             sys.exit("error: no CUDA device; run with --small for the CPU configuration")
         device, dtype, shape = torch.device("cuda"), torch.bfloat16, LLAMA_8B
+    dtype = getattr(torch, args.dtype) if args.dtype else dtype
     from transformers.utils import logging as hf_logging
 
     import cag
@@ -451,7 +461,8 @@ def table_rows(result: dict, args) -> list[tuple]:
             rows.append(("exact", f"{q} q on {got['prefix_tokens']} tok, {got['pieces']} pieces",
                          f"cached == reference: tokens {got['cached_eq_reference_tokens']}/{q}, "
                          f"first logits bits {got['cached_eq_reference_logits_bits']}/{q}",
-                         f"one-shot generate, same tokens {got['cached_eq_hf_one_shot_tokens']}/{q}", "-"))
+                         f"one-shot generate: same tokens {got['cached_eq_hf_one_shot_tokens']}/{q}, first logits "
+                         f"bits {got['cached_eq_hf_one_shot_logits_bits']}/{q}", "-"))
         elif key == "restore":
             cases = got["cases"]
             verified = [c for c in cases if c.startswith("cag verified")]
