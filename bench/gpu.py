@@ -6,7 +6,7 @@
 Runs from a bare checkout (cag need not be installed: bench/common.py puts the repo root on sys.path)
 and builds its models itself, so nothing but the checkout travels to the GPU machine. Weights are
 random, so only speed and bit-exactness mean anything. Sections, each guarded: an error is recorded
-in the JSON and the table and the run goes on; a section that would start after --budget-s is skipped:
+in the JSON and the table and the run goes on; a section that would end after --budget-s is skipped:
 
   exact    N random questions on one prefix restored from its cache file: the cached answer vs the
            piecewise reference (the prefix recomputed in the cache's pieces, then the question, as
@@ -351,14 +351,14 @@ def _equal(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
 class Run:
     """Sections that cannot take the run down: each error is recorded; past the budget, sections are skipped."""
 
-    def __init__(self, device: torch.device, budget_s: float, result: dict, out: Path | None, name: str):
-        self.device, self.deadline, self.result, self.out, self.name = device, time.perf_counter() + budget_s, \
-            result, out, name
+    def __init__(self, device: torch.device, deadline: float, result: dict, out: Path | None, name: str):
+        self.device, self.deadline, self.result, self.out, self.name = device, deadline, result, out, name
         self.path: Path | None = None
 
-    def section(self, key: str, fn, *args):
-        if time.perf_counter() > self.deadline:
-            got = {"skipped": "time budget (--budget-s) spent"}
+    def section(self, key: str, fn, *args, estimate_s: float = 0.0):
+        if time.perf_counter() + estimate_s > self.deadline:
+            got = {"skipped": f"time budget (--budget-s): would end after it (estimate {estimate_s:.0f} s)"
+                   if estimate_s else "time budget (--budget-s) spent"}
         else:
             start = time.perf_counter()
             try:
@@ -379,6 +379,7 @@ def _brief(got: dict) -> str:
 
 
 def main(argv=None) -> None:
+    started = time.perf_counter()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true", help="tiny Llama config on the CPU (float32), for CI")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
@@ -396,7 +397,8 @@ def main(argv=None) -> None:
     ap.add_argument("--exact-tokens", type=int, default=None, help="prefix of the exactness section (default 2048; small 384)")
     ap.add_argument("--exact-questions", type=int, default=8)
     ap.add_argument("--budget-s", type=float, default=None,
-                    help="start no section after this many seconds (default 270 on CUDA, unlimited small)")
+                    help="skip a section that would end after this many seconds from the start (a knowledge size "
+                         "is estimated from the one before; default 270 on CUDA, unlimited small)")
     ap.add_argument("--sections", default="exact,restore,batch,ttft", help="which sections to run, in this order")
     args = ap.parse_args(argv)
     small = args.small
@@ -427,7 +429,7 @@ def main(argv=None) -> None:
               "device": str(device), "dtype": str(dtype), "shape": shape,
               "params": sum(p.numel() for p in model.parameters()), "build_model_s": build_model_s,
               "args": {k: v for k, v in vars(args).items()}}
-    run = Run(device, budget, result, out, "gpu-small" if small else "gpu")
+    run = Run(device, started + budget, result, out, "gpu-small" if small else "gpu")
     rng = torch.Generator().manual_seed(0)
     warm = argparse.Namespace(**{**vars(args), "repeats": 1})
     run.section("warm-up", ttft_size, model, device, min(args.sizes), warm, rng)  # first-call costs, not measured
@@ -439,8 +441,11 @@ def main(argv=None) -> None:
         elif key == "batch":
             run.section("batch", batch_section, model, device, args, rng)
         elif key == "ttft":
+            last = None  # (tokens, seconds) of the size before: the next one costs about (ratio)^1.5 as much
             for n in args.sizes:
-                run.section(f"ttft-{n}", ttft_size, model, device, n, args, rng)
+                estimate = last[1] * (n / last[0]) ** 1.5 if last else 0.0
+                got = run.section(f"ttft-{n}", ttft_size, model, device, n, args, rng, estimate_s=estimate)
+                last = (n, got["section_s"]) if "section_s" in got else last
     print(f"results: {run.path}")
     print(f"\n{result['device']} {result['dtype']}, {result['params'] / 1e6:.1f}M params "
           f"({'small CPU config' if small else 'Llama-3.1-8B shape'}), random weights, {args.question_tokens} "
