@@ -2,13 +2,13 @@
 
 Reading a cache used to be three passes over its bytes: parse the tensors out of the file, hash them,
 copy them to the device. Here several threads each take an 8 MiB piece at a time (the checksum's own
-pieces, cag.checksum), read it from the file (`os.preadv`) or from bytes already in memory (Redis),
-hash it while it is hot in the CPU's cache, and move on:
+pieces, cag.checksum), read it from the file (`os.preadv`) or from bytes already in memory (Redis)
+1 MiB at a time, hashing each part while it is still in the core's cache, and move on:
 
 * on the CPU the piece is read straight into the final tensor, so there is nothing left to copy;
-* on CUDA it is read into a pinned host buffer, its host-to-device copy is queued on the thread's own
-  stream and runs while the thread hashes the same buffer; each thread alternates two buffers, so
-  reading the next piece overlaps the copy of the last.
+* on CUDA it is read into a pinned host buffer and its host-to-device copy is queued on the thread's
+  own stream; each thread alternates two buffers, so the copy of one piece runs while the thread reads
+  and hashes the next.
 
 The copies to the device run ahead of verification, but nothing is handed out before it: `restore`
 returns only after every piece was hashed, every copy finished and the file's digest matched;
