@@ -15,7 +15,8 @@ in the JSON and the table and the run goes on; a section that would end after --
   restore  a cache file of --restore-tokens tokens of the model's KV shape (4 GiB for the 8B shape at
            32k), read from a warm page cache: cag's verified restore (kvfile.load, BLAKE3 and SHA-256
            files) vs safetensors load_file (no verification) vs pinned host->device vs the same
-           parallel read with no hashing and no device copy
+           parallel read with no hashing and no device copy (on the CPU: load_file plus a copy, since
+           it only maps the file, and a memory copy)
   batch    1/8/32 questions decoded together on one shared prefix: cag.batch vs plain transformers
            `generate` on a batch with the prefix's DynamicCache copied per row
   ttft     per knowledge size: cached TTFT (cag.engine.generate on the prefilled Workspace) vs plain
