@@ -1,4 +1,9 @@
-"""Shared bits for the benchmarks: a knowledge base of a chosen size, timing, tables, result files."""
+"""Shared bits for the benchmarks: a knowledge base of a chosen size, timing, tables, result files.
+
+Every bench script imports this module first: it puts the repository root on sys.path, so the scripts
+run from a bare checkout (a GPU machine gets the checkout, not an installed cag) and always measure the
+checkout's own cag, even where another copy is installed.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +12,13 @@ import platform
 import random
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+if sys.path[:1] != [str(ROOT)]:
+    sys.path.insert(0, str(ROOT))
 SAMPLE_DOCS = ROOT / "examples" / "sample_kb" / "docs"
 SAMPLE_QUESTIONS = ROOT / "examples" / "sample_kb" / "questions.jsonl"
 RESULTS = ROOT / "bench" / "results"

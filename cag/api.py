@@ -48,6 +48,7 @@ class KnowledgeBase:
     manifest: dict
     cache_source: str
     build_stats: BuildStats | None = None
+    chunk_size: int = engine.DEFAULT_CHUNK  # the build's prefill chunk (pieces of caches that do not record theirs)
     _stops: list[int] = field(default_factory=list, repr=False)
     _store: TieredStore | None = field(default=None, repr=False)
     _generation: int = field(default=-1, repr=False)  # events.generation(name) when loaded; -1: never reloads
@@ -66,6 +67,9 @@ class KnowledgeBase:
             on_text: Callable[[str], None] | None = None, stop: Sequence[str] = ()) -> Answer:
         """Answer from the cached prefix (or, with use_cache=False, from the full prompt: the reference).
 
+        The reference computes the whole prompt from its tokens, the prefix in the pieces the cache was
+        computed in (prefill_bounds) and then the question, so that it runs the very same forwards as the
+        cached path and a cached answer equals it bit for bit, bf16 on a GPU included.
         `stop` strings end the answer before the first of them (it is not part of the answer, and
         `on_text` never receives text that a stop string later cuts off). A prompt that would not fit
         the context window with `max_new_tokens` to spare is refused (ContextLengthError) before any work.
@@ -73,14 +77,11 @@ class KnowledgeBase:
         self._refresh_if_invalidated()
         start = time.perf_counter()
         split = self.fit(question, history, max_new_tokens)
-        if use_cache:
-            new_ids, reuse, prefix = split.new_ids, split.reuse, self.workspace
-        else:
-            new_ids, reuse, prefix = split.ids, 0, None
+        prefix = self.workspace if use_cache else self._recomputed_prefix()
         stream = engine.TextStream(self.lm.tokenizer)
         cut = StopText(stop)
         ttft = None
-        tokens = engine.generate(self.lm.model, new_ids, prefix=prefix, reuse=reuse,
+        tokens = engine.generate(self.lm.model, split.new_ids, prefix=prefix, reuse=split.reuse,
                                  max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=self._stops)
         with contextlib.closing(tokens):  # a stop string ends it early: give the workspace back at once
             for token in tokens:
@@ -99,11 +100,23 @@ class KnowledgeBase:
         return Answer(
             question=question.strip(), answer=cut.text.strip(), token_ids=stream.ids,
             ttft_s=ttft if ttft is not None else total, total_s=total,
-            prompt_tokens=len(split.ids), cached_tokens=reuse, question_tokens=len(new_ids),
+            prompt_tokens=len(split.ids), cached_tokens=split.reuse if use_cache else 0,
+            question_tokens=len(split.new_ids) if use_cache else len(split.ids),
             new_tokens=len(stream.ids), boundary_ok=split.boundary_ok,
             mode="cache" if use_cache else "no-cache", cache_source=self.cache_source,
             finish_reason="stop" if stopped else "length",
         )
+
+    def prefill_bounds(self) -> list[int]:
+        """Where each piece the cached prefix was computed in ends: from the cache's manifest; for caches
+        written before manifests recorded them, chunks of the build's chunk size (kb.json's chunk_size,
+        else 512), which is how full builds computed them (an incremental build of such a cache may have
+        used other pieces: its reference can then differ from the cached answer in the last bits)."""
+        return list(self.manifest.get("prefill_bounds") or engine.chunk_ends(0, self.tokens, self.chunk_size))
+
+    def _recomputed_prefix(self) -> engine.Workspace:
+        """The prefix's KV computed afresh from its tokens, in the cache's pieces: the reference's prefix."""
+        return engine.Workspace(engine.prefill_pieces(self.lm.model, self.prefix_ids, self.prefill_bounds()))
 
     def fit(self, question: str, history: Sequence[Turn] = (), max_new_tokens: int = 256) -> Split:
         """The question's token plan, or ContextLengthError when knowledge + question + history +
@@ -161,7 +174,7 @@ class KnowledgeBase:
         if self._generation >= 0 and self._generation != events.generation(self.name):
             fresh = load(self.name, lm=self.lm, store=self._store)
             for f in ("docs", "sources", "builder", "workspace", "prefix_ids", "manifest", "cache_source",
-                      "build_stats", "_generation"):
+                      "build_stats", "chunk_size", "_generation"):
                 setattr(self, f, getattr(fresh, f))
 
 
@@ -191,7 +204,8 @@ def build(sources: Iterable[str | Path], name: str | None = None, *, model: str 
     docs = knowledge.load(sources, log=log)
     lm = lm() if callable(lm) else lm or models.load(model, device=device, dtype=dtype, log=log)
     settings = {"name": name, "sources": sources, "model": model or lm.name,
-                "dtype": kvfile.dtype_name(lm.dtype), "instruction": instruction, "reserve": reserve}
+                "dtype": kvfile.dtype_name(lm.dtype), "instruction": instruction, "reserve": reserve,
+                "chunk_size": chunk_size}
     if kv_quant:
         settings["kv_quant"] = kv_quant
     store = store or stores.default()
@@ -249,13 +263,14 @@ def _build(settings: dict, docs, lm, policy: Policy, store: TieredStore, chunk_s
 
     start = time.perf_counter()
     old_layers, old_ids = (previous.layers, previous.prefix_ids) if incremental_update and previous else (None, [])
-    ext = incremental.extend(lm.model, old_layers, old_ids, prefix_ids, chunk_size, step)
+    old_bounds = previous.manifest.get("prefill_bounds") if old_layers is not None else None
+    ext = incremental.extend(lm.model, old_layers, old_ids, prefix_ids, chunk_size, step, old_bounds)
     seconds = time.perf_counter() - start
     how = ext.describe(len(old_ids))
     if old_layers is not None:
         log(f"{name}: {how}")
     meta = {**settings, "policy": policy.to_json(), "built_at": time.time()}
-    identity, layers = _identity(lm, builder, docs), ext.layers
+    identity, layers = {**_identity(lm, builder, docs), "prefill_bounds": ext.bounds}, ext.layers
     if settings.get("kv_quant"):  # answer from what the tiers will hold, so "built" and "disk" answers agree
         identity["kv_quant"] = settings["kv_quant"]
         layers = [(kvquant.roundtrip(k), kvquant.roundtrip(v)) for k, v in layers]
@@ -266,7 +281,8 @@ def _build(settings: dict, docs, lm, policy: Policy, store: TieredStore, chunk_s
     size = disk.stat().st_size if disk.is_file() else entry.nbytes
     stats = BuildStats(len(prefix_ids), seconds, size, ext.reused, ext.prefilled, how)
     return KnowledgeBase(name, lm, docs, settings["sources"], builder, engine.Workspace(layers), prefix_ids,
-                         manifest, "built", stats, _store=store, _generation=events.generation(name))
+                         manifest, "built", stats, chunk_size=chunk_size, _store=store,
+                         _generation=events.generation(name))
 
 
 def _previous(name: str, lm, builder: PromptBuilder, store: TieredStore, settings: dict) -> Entry | None:
@@ -337,8 +353,8 @@ def load(name: str, *, device: str | None = None, dtype: str | None = None, rebu
         builder._prefix_ids = entry.prefix_ids  # verified against the template + knowledge hashes
         workspace = engine.Workspace(entry.layers)
         store.share(name, workspace.prefix)  # its prefix region is never written: safe to share
-        return KnowledgeBase(name, lm, docs, meta["sources"], builder, workspace,
-                             entry.prefix_ids, entry.manifest, source, _store=store, _generation=generation)
+        return KnowledgeBase(name, lm, docs, meta["sources"], builder, workspace, entry.prefix_ids, entry.manifest,
+                             source, chunk_size=_chunk_size(meta), _store=store, _generation=generation)
     if hit is not None:
         why = f"the knowledge files of {name!r} changed since its cache was built"
         if not rebuild:
@@ -352,7 +368,13 @@ def load(name: str, *, device: str | None = None, dtype: str | None = None, rebu
         log(f"{why}: rebuilding.")
     settings = {k: v for k, v in meta.items() if k not in ("policy", "built_at")}
     return _build({**settings, "name": name}, docs, lm, Policy(policy.ttl_s, published), store,
-                  engine.DEFAULT_CHUNK, progress, log, previous=hit[0] if hit else None, owner=record.owner)
+                  _chunk_size(meta), progress, log, previous=hit[0] if hit else None, owner=record.owner)
+
+
+def _chunk_size(meta: dict) -> int:
+    """The prefill chunk a knowledge base was built with (kb.json; 512 for those built before it was kept)."""
+    value = meta.get("chunk_size")
+    return value if type(value) is int and value > 0 else engine.DEFAULT_CHUNK
 
 
 def _current_docs(meta: dict, snapshot: Callable[[], list[dict] | None], log: Log) -> list[knowledge.Document]:

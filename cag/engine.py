@@ -40,13 +40,36 @@ def _ids(ids: Sequence[int], device: torch.device) -> torch.Tensor:
 def prefill(model, ids: Sequence[int], chunk_size: int = DEFAULT_CHUNK,
             progress: Callable[[int], None] | None = None) -> KV:
     """Run `ids` through the model in chunks (bounded activation memory) and return the per-layer KV."""
+    return prefill_pieces(model, ids, chunk_ends(0, len(ids), chunk_size), progress)
+
+
+def chunk_ends(start: int, end: int, chunk_size: int) -> list[int]:
+    """Where each piece of a prefill of positions [start, end) in chunks of `chunk_size` ends."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1 (got {chunk_size})")
+    return [*range(start + chunk_size, end, chunk_size), end] if end > start else []
+
+
+@torch.inference_mode()
+def prefill_pieces(model, ids: Sequence[int], ends: Sequence[int], progress: Callable[[int], None] | None = None,
+                   past: KV | None = None) -> KV:
+    """The KV of `ids`, computed one forward per piece, piece i ending at position ends[i].
+
+    `past` is the KV of the first positions, taken as is; the pieces start after it. Why pieces matter:
+    kernels round differently for different shapes (bf16 on a GPU above all), so a prefix's KV is
+    reproducible bit for bit only when it is computed in the same pieces again. A cache records its
+    pieces (the manifest's prefill_bounds) and the no-cache reference recomputes in them.
+    """
     device = next(model.parameters()).device
-    cache = kvcompat.empty_cache()
-    for start in range(0, len(ids), chunk_size):
-        chunk = ids[start:start + chunk_size]
-        kvcompat.forward(model, _ids(chunk, device), cache)
+    start = past[0][0].shape[-2] if past else 0
+    cache = kvcompat.from_layers([(k.to(device), v.to(device)) for k, v in past]) if past else kvcompat.empty_cache()
+    for end in ends:
+        if not start < end <= len(ids):
+            raise ValueError(f"prefill pieces must rise within the {len(ids)} ids (piece {start}..{end})")
+        kvcompat.forward(model, _ids(ids[start:end], device), cache)
         if progress:
-            progress(len(chunk))
+            progress(end - start)
+        start = end
     return kvcompat.to_layers(cache)
 
 

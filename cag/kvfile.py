@@ -3,13 +3,12 @@
 Why one file: a single atomic rename replaces tensors and manifest together, so a crash can never pair
 new tensors with an old manifest. Why safetensors: loading it parses a JSON header and copies bytes;
 nothing is ever unpickled. The manifest pins everything the cache depends on (model, tokenizer,
-prompt template, knowledge, dtype, shapes) plus a sha256 of every tensor byte, and can be signed
-with HMAC-SHA256 (CAG_SIGNING_KEY) so that a tampered file cannot pass as genuine.
+prompt template, knowledge, dtype, shapes, the pieces its prefix was computed in) plus a digest of every
+tensor byte and of the manifest itself (cag.checksum: BLAKE3 or SHA-256 over 8 MiB pieces), and can be
+signed with HMAC-SHA256 (CAG_SIGNING_KEY) so that a tampered file cannot pass as genuine.
 
-The checksum hashes 8 MiB pieces in parallel threads (hashlib releases the GIL) and then the list of
-their digests: one sequential sha256 runs at ~1.5 GB/s, which would make verification the slowest part
-of restoring a large cache on a many-core machine. Files written before that ("checksum" absent from
-the manifest) are still verified with the original single sequential digest.
+Loading goes through cag.restore: the bytes are read, hashed and copied to the device in one pipeline,
+and handed out only once the digest matched. Files with any earlier checksum method still verify.
 """
 
 from __future__ import annotations
@@ -19,16 +18,15 @@ import hmac
 import json
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_file
 
-from . import __version__, atomic, kvquant
+from . import __version__, atomic, checksum, kvquant, restore
 from .errors import CacheFileError, CacheMismatchError
 from .kvcompat import KV
 
@@ -36,9 +34,11 @@ FORMAT = "cag-kv"
 FORMAT_VERSION = 1
 MANIFEST_KEY = "cag_manifest"
 SIGNING_KEY_ENV = "CAG_SIGNING_KEY"
-CHECKSUM = "sha256-pieces+manifest"  # manifest["checksum"]: how tensors_sha256 was computed
-PIECES = "sha256-pieces"  # earlier files: tensor pieces only; absent: one sequential sha256 over the tensors
-PIECE = 8 << 20
+CHECKSUM = checksum.default_method()  # manifest["checksum"] of new files: how tensors_sha256 was computed
+BLAKE3, SHA256 = checksum.BLAKE3, checksum.SHA256
+PIECES = checksum.SHA256_TENSORS  # earlier files: tensor pieces only; absent: one sequential sha256 over the tensors
+PIECE = checksum.PIECE
+HOST_TENSORS = frozenset({"prefix_ids"})  # read into CPU memory whatever the device: the ids are used there
 
 
 @dataclass(frozen=True)
@@ -69,11 +69,16 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def save(path: str | Path, layers: KV, prefix_ids: list[int], manifest: dict, kv_quant: str | None = None) -> dict:
+def save(path: str | Path, layers: KV, prefix_ids: list[int], manifest: dict, kv_quant: str | None = None,
+         method: str | None = None) -> dict:
     """Write atomically (temp file in the same folder, fsync, rename): a crash leaves the old file intact.
 
     kv_quant="int8" stores keys/values as int8 + per-vector scales (lossy, half of bf16); load restores the dtype.
+    `method` is the checksum method (default CHECKSUM: BLAKE3 where installed, else SHA-256 pieces).
     """
+    method = method or CHECKSUM
+    if method not in (BLAKE3, SHA256):
+        raise CacheFileError(f"unknown checksum method {method!r}: use {BLAKE3} or {SHA256}")
     path = Path(path)
     if kv_quant not in (None, *kvquant.MODES):
         raise CacheFileError(f"unknown KV quantization {kv_quant!r}: use one of {', '.join(kvquant.MODES)}")
@@ -89,11 +94,13 @@ def save(path: str | Path, layers: KV, prefix_ids: list[int], manifest: dict, kv
         "layers": len(layers),
         "shapes": {"k": [list(k.shape) for k, _ in layers], "v": [list(v.shape) for _, v in layers]},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "checksum": CHECKSUM,
+        "checksum": method,
     }
     if kv_quant:
         full["kv_quant"] = kv_quant
-    full["tensors_sha256"] = _checksum(tensors, CHECKSUM, full)
+    if "prefill_bounds" in full and not _valid_bounds(full["prefill_bounds"], len(prefix_ids)):
+        raise ValueError(f"prefill_bounds {full['prefill_bounds']} do not split {len(prefix_ids)} tokens")
+    full["tensors_sha256"] = _checksum(tensors, method, full)
     key = signing_key()
     if key is not None:
         full["signature"] = _sign(full, key)
@@ -104,15 +111,24 @@ def save(path: str | Path, layers: KV, prefix_ids: list[int], manifest: dict, kv
 
 def read_manifest(path: str | Path) -> dict:
     """The manifest alone (header only, no tensor bytes read); still refuses files that are not ours."""
+    with _open(path) as source:
+        return _manifest(str(path), restore.layout(source, str(path)).metadata)
+
+
+@contextmanager
+def _open(path: str | Path) -> Iterator[restore.FileSource]:
     path = Path(path)
     if not path.is_file():
         raise CacheFileError(f"cache file not found: {path}")
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for broken headers
-        raise CacheFileError(f"cache file {path} is corrupt or truncated ({_first_line(err)}); rebuild it") from None
-    return _manifest(str(path), meta)
+        opened = restore.open_file(path)
+        source = opened.__enter__()
+    except OSError as err:
+        raise CacheFileError(f"cache file {path} cannot be read ({err.strerror or err}); check its permissions") from None
+    try:
+        yield source
+    finally:
+        opened.__exit__(None, None, None)
 
 
 def _manifest(where: str, meta: dict) -> dict:
@@ -140,40 +156,47 @@ def _manifest(where: str, meta: dict) -> dict:
         if not all(isinstance(v, (str, int)) for v in inner.values()):
             raise CacheFileError(f"cache file {where} has a damaged manifest: field {key!r} holds a non-text value; "
                                  "rebuild it")
+    bounds = manifest.get("prefill_bounds")
+    if bounds is not None and not _valid_bounds(bounds, manifest["tokens"]):
+        raise CacheFileError(f"cache file {where} has a damaged manifest: field 'prefill_bounds' must be rising "
+                             "positions ending at the token count; rebuild it")
     return manifest
 
 
+def _valid_bounds(bounds: list, tokens: int) -> bool:
+    if not all(type(b) is int for b in bounds):
+        return False
+    return (not bounds and tokens == 0) or (bool(bounds) and bounds[-1] == tokens
+                                            and all(a < b for a, b in zip([0, *bounds], bounds)))
+
+
 IDENTITY = ("model", "tokenizer", "template", "knowledge")  # what a cache was made for (dicts of text)
+CARRIED = (*IDENTITY, "prefill_bounds")  # what a copy of a cache into another tier keeps from its manifest
 _FIELDS = {"layers": (int,), "tokens": (int,), "dtype": (str,), "shapes": (dict,), "tensors_sha256": (str,),
            "checksum": (str,), "signature": (str,), "kv_quant": (str,), "created": (str,), "cag_version": (str,),
-           **{key: (dict,) for key in IDENTITY}}
-_OPTIONAL = {"checksum", "signature", "kv_quant", "created", "cag_version", *IDENTITY}
+           "prefill_bounds": (list,), **{key: (dict,) for key in IDENTITY}}
+_OPTIONAL = {"checksum", "signature", "kv_quant", "created", "cag_version", "prefill_bounds", *IDENTITY}
 
 
-def load(path: str | Path, expect: Expect = Expect(), device: torch.device | str = "cpu") -> Loaded:
-    """Read and verify a cache file: integrity (checksum, signature) first, then what it was made for."""
-    path = Path(path)
-    manifest = read_manifest(path)
+def load(path: str | Path, expect: Expect = Expect(), device: torch.device | str = "cpu",
+         threads: int | None = None) -> Loaded:
+    """Read and verify a cache file: integrity (checksum, signature) first, then what it was made for.
 
-    def tensors() -> dict[str, torch.Tensor]:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {name: f.get_tensor(name) for name in f.keys()}
-
-    return _verified(str(path), manifest, tensors, expect, device)
+    The tensors land on `device` through cag.restore's pipeline (read, hash and copy in one pass, on
+    `threads` threads; default: one per core up to 32) and are returned only once the digest matched."""
+    with _open(path) as source:
+        return _verified(str(path), source, expect, device, threads)
 
 
 def load_bytes(data: bytes, expect: Expect = Expect(), device: torch.device | str = "cpu",
-               where: str = "cache bytes") -> Loaded:
+               where: str = "cache bytes", threads: int | None = None) -> Loaded:
     """The same checks as load(), on a cache file's bytes already in memory (e.g. fetched from Redis)."""
-    try:
-        size = int.from_bytes(data[:8], "little")
-        meta = json.loads(data[8:8 + size]).get("__metadata__") or {}
-    except (ValueError, AttributeError) as err:
-        raise CacheFileError(f"{where} are corrupt or truncated ({_first_line(err)}); rebuild it") from None
-    return _verified(where, _manifest(where, meta), lambda: safetensors_load(data), expect, device)
+    return _verified(where, restore.BytesSource(data), expect, device, threads)
 
 
-def _verified(where: str, manifest: dict, read_tensors, expect: Expect, device) -> Loaded:
+def _verified(where: str, source: restore.Source, expect: Expect, device, threads: int | None) -> Loaded:
+    lay = restore.layout(source, where)
+    manifest = _manifest(where, lay.metadata)
     key = signing_key()
     if key is not None:
         sig = manifest.get("signature")
@@ -181,17 +204,12 @@ def _verified(where: str, manifest: dict, read_tensors, expect: Expect, device) 
             raise CacheFileError(f"cache file {where} is not signed, but {SIGNING_KEY_ENV} is set; rebuild it")
         if not hmac.compare_digest(sig, _sign(manifest, key)):
             raise CacheFileError(f"cache file {where} has a bad signature: it was tampered with or signed with another key")
-    try:
-        tensors = read_tensors()
-    except Exception as err:  # noqa: BLE001
-        raise CacheFileError(f"cache file {where} is corrupt or truncated ({_first_line(err)}); rebuild it") from None
-    if _checksum(tensors, manifest.get("checksum"), manifest) != manifest["tensors_sha256"]:
-        raise CacheFileError(f"cache file {where} failed its checksum: it is corrupt or was tampered with; rebuild it")
+    tensors = restore.restore(source, lay, where, manifest.get("checksum"), manifest, manifest["tensors_sha256"],
+                              device=device, host=HOST_TENSORS, threads=threads)
     layers, prefix_ids = _unpack(where, tensors, manifest)
     wrong = mismatch(manifest, expect)
     if wrong is not None:
         raise CacheMismatchError(where, *wrong)
-    layers = [(k.to(device), v.to(device)) for k, v in layers]
     return Loaded(manifest=manifest, layers=layers, prefix_ids=prefix_ids)
 
 
@@ -254,41 +272,19 @@ def _unpack(path: str, tensors: dict[str, torch.Tensor], manifest: dict) -> tupl
 
 
 def _checksum(tensors: dict[str, torch.Tensor], method: str | None = CHECKSUM, manifest: dict | None = None) -> str:
-    """sha256 over every tensor's name, dtype, shape and bytes (see the module docstring for `method`).
+    """The digest of tensors in memory by `method` (cag.checksum): every tensor's name, dtype, shape and bytes.
 
-    With CHECKSUM it also covers every manifest field (but the digest and the signature): a changed
+    The "+manifest" methods also cover every manifest field (but the digest and the signature): a changed
     `created` or `model.path` fails the check like a changed byte. Without CAG_SIGNING_KEY that guards
     against corruption, not a forger, who can recompute it; a signature guards against both."""
     items = []
     for name in sorted(tensors):
-        t = tensors[name].contiguous()
-        items.append((f"{name}|{t.dtype}|{list(t.shape)}|".encode(), t.reshape(-1).view(torch.uint8).numpy().data))
-    h = hashlib.sha256()
-    if method is None:  # files from before the piecewise checksum
-        for header, data in items:
-            h.update(header)
-            h.update(data)
-        return h.hexdigest()
-    if method not in (CHECKSUM, PIECES):
-        return ""  # an unknown method never matches: the file is refused as failing its checksum
-    if method == CHECKSUM:
-        body = {k: v for k, v in (manifest or {}).items() if k not in ("tensors_sha256", "signature")}
-        h.update(json.dumps(body, sort_keys=True).encode() + b"|")
-    pieces = [[data[i:i + PIECE] for i in range(0, max(len(data), 1), PIECE)] for _, data in items]
-    flat = [piece for per_tensor in pieces for piece in per_tensor]
-    with ThreadPoolExecutor(max_workers=min(len(flat), os.cpu_count() or 1, 32)) as pool:
-        digests = iter(pool.map(lambda b: hashlib.sha256(b).digest(), flat))
-        for (header, _), per_tensor in zip(items, pieces):
-            h.update(header)
-            for _ in per_tensor:
-                h.update(next(digests))
-    return h.hexdigest()
+        t = tensors[name].detach().to("cpu").contiguous()
+        items.append((checksum.header(name, t.dtype, t.shape), t.reshape(-1).view(torch.uint8).numpy().data))
+    return checksum.of_buffers(method, manifest, items)
 
 
 def _sign(manifest: dict, key: bytes) -> str:
     body = {k: v for k, v in manifest.items() if k != "signature"}
     return hmac.new(key, json.dumps(body, sort_keys=True).encode(), hashlib.sha256).hexdigest()
 
-
-def _first_line(err: Exception) -> str:
-    return (str(err).splitlines() or [type(err).__name__])[0][:160]

@@ -1,4 +1,8 @@
-"""The cache file: bit-exact round trip, and every kind of bad file is refused with a message naming why."""
+"""The cache file: bit-exact round trip, and every kind of bad file is refused with a message naming why.
+
+Every check runs through both entry points of the restore pipeline: kvfile.load on the file and
+kvfile.load_bytes on its bytes (what the Redis tier calls).
+"""
 
 import json
 import os
@@ -13,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from cag import engine, kvfile
+from cag import engine, kvfile, kvquant
 from cag.errors import CacheFileError, CacheMismatchError
 from cag.kvfile import Expect
 
@@ -24,6 +28,14 @@ IDENTITY = {
     "knowledge": {"sha256": "k" * 64, "documents": 1},
 }
 GOOD = Expect(model="m" * 64, tokenizer="t" * 64, template="p" * 64, knowledge="k" * 64, dtype="float32")
+
+
+@pytest.fixture(params=["file", "bytes"])
+def load(request):
+    """kvfile.load on a path, or kvfile.load_bytes on the same file's bytes."""
+    if request.param == "file":
+        return lambda path, expect=Expect(), **kw: kvfile.load(path, expect, **kw)
+    return lambda path, expect=Expect(), **kw: kvfile.load_bytes(Path(path).read_bytes(), expect, where=str(path), **kw)
 
 
 @pytest.fixture
@@ -55,8 +67,8 @@ def _resave(path: Path, edit_manifest=None, edit_tensors=None, recompute=False):
     save_file(tensors, str(path), metadata={kvfile.MANIFEST_KEY: json.dumps(manifest)})
 
 
-def test_round_trip_is_bit_exact(saved, cache):
-    loaded = kvfile.load(saved, GOOD)
+def test_round_trip_is_bit_exact(saved, cache, load):
+    loaded = load(saved, GOOD)
     assert loaded.prefix_ids == cache[1]
     for (k, v), (k2, v2) in zip(cache[0], loaded.layers):
         assert k.dtype == k2.dtype and torch.equal(k, k2) and torch.equal(v, v2)
@@ -65,39 +77,39 @@ def test_round_trip_is_bit_exact(saved, cache):
     assert m["format_version"] == kvfile.FORMAT_VERSION and m["cag_version"] and m["created"]
 
 
-def test_bfloat16_round_trip_is_bit_exact(tmp_path, cache):
+def test_bfloat16_round_trip_is_bit_exact(tmp_path, cache, load):
     layers = [(k.to(torch.bfloat16), v.to(torch.bfloat16)) for k, v in cache[0]]
     kvfile.save(tmp_path / "b.safetensors", layers, cache[1], IDENTITY)
-    loaded = kvfile.load(tmp_path / "b.safetensors", Expect(dtype="bfloat16"))
+    loaded = load(tmp_path / "b.safetensors", Expect(dtype="bfloat16"))
     assert all(torch.equal(k, k2) for (k, _), (k2, _) in zip(layers, loaded.layers))
 
 
-def test_flipped_tensor_byte_is_refused(saved):
+def test_flipped_tensor_byte_is_refused(saved, load):
     data = bytearray(saved.read_bytes())
     header = struct.unpack("<Q", data[:8])[0]
     data[8 + header + 1000] ^= 0x01
     saved.write_bytes(bytes(data))
     with pytest.raises(CacheFileError, match="checksum"):
-        kvfile.load(saved, GOOD)
+        load(saved, GOOD)
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.99, 0.001])
-def test_truncated_file_is_refused(saved, keep):
+def test_truncated_file_is_refused(saved, keep, load):
     data = saved.read_bytes()
     saved.write_bytes(data[: int(len(data) * keep)])
     with pytest.raises(CacheFileError, match="corrupt or truncated"):
-        kvfile.load(saved, GOOD)
+        load(saved, GOOD)
 
 
-def test_garbage_and_foreign_files_are_refused(tmp_path):
+def test_garbage_and_foreign_files_are_refused(tmp_path, load):
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(os.urandom(4096))
     with pytest.raises(CacheFileError, match="corrupt"):
-        kvfile.load(junk)
+        load(junk)
     foreign = tmp_path / "foreign.safetensors"
     save_file({"w": torch.zeros(3)}, str(foreign))
     with pytest.raises(CacheFileError, match="not a cag cache"):
-        kvfile.load(foreign)
+        load(foreign)
     with pytest.raises(CacheFileError, match="not found"):
         kvfile.load(tmp_path / "missing.safetensors")
 
@@ -109,38 +121,38 @@ def test_garbage_and_foreign_files_are_refused(tmp_path):
     ("knowledge", Expect(knowledge="x" * 64)),
     ("dtype", Expect(dtype="bfloat16")),
 ])
-def test_file_made_for_something_else_is_refused_naming_it(saved, field, expect):
+def test_file_made_for_something_else_is_refused_naming_it(saved, field, expect, load):
     with pytest.raises(CacheMismatchError) as info:
-        kvfile.load(saved, expect)
+        load(saved, expect)
     assert info.value.field == field
     assert f"different {field}" in str(info.value)
 
 
-def test_format_version_is_checked(saved):
+def test_format_version_is_checked(saved, load):
     _resave(saved, edit_manifest=lambda m: m.update(format_version=99))
     with pytest.raises(CacheMismatchError, match="format version"):
-        kvfile.load(saved)
+        load(saved)
 
 
-def test_manifest_that_lies_about_tokens_or_shapes_is_refused(saved):
+def test_manifest_that_lies_about_tokens_or_shapes_is_refused(saved, load):
     def edit(m):
         m["tokens"] = 99
     _resave(saved, edit_manifest=edit)
     with pytest.raises(CacheFileError, match="failed its checksum"):  # the checksum covers the manifest
-        kvfile.load(saved)
+        load(saved)
     _resave(saved, recompute=True)
     with pytest.raises(CacheFileError, match="number of tokens"):
-        kvfile.load(saved)
+        load(saved)
 
 
-def test_tensor_swapped_with_recomputed_checksum_passes_only_without_a_key(saved, monkeypatch):
+def test_tensor_swapped_with_recomputed_checksum_passes_only_without_a_key(saved, monkeypatch, load):
     """Without a signing key the checksum only guards against corruption; with a key, tampering is caught."""
     monkeypatch.setenv("CAG_SIGNING_KEY", "s3cret")
     os.remove(saved)
     # a signed file, then an attacker edits a tensor and recomputes the checksum
     layers = [(torch.ones(1, 2, 4, 8), torch.ones(1, 2, 4, 8))]
     kvfile.save(saved, layers, [1, 2, 3, 4], IDENTITY)
-    assert kvfile.load(saved).manifest["signature"]
+    assert load(saved).manifest["signature"]
 
     def poison(t):
         t["k.0"] = torch.full_like(t["k.0"], 7.0)
@@ -153,22 +165,22 @@ def test_tensor_swapped_with_recomputed_checksum_passes_only_without_a_key(saved
 
     _resave(saved, edit_manifest=fix_checksum, edit_tensors=poison)
     with pytest.raises(CacheFileError, match="bad signature"):
-        kvfile.load(saved)
+        load(saved)
     monkeypatch.setenv("CAG_SIGNING_KEY", "another-key")
     with pytest.raises(CacheFileError, match="bad signature"):
-        kvfile.load(saved)
+        load(saved)
 
 
-def test_unsigned_file_is_refused_when_a_key_is_set(saved, monkeypatch):
+def test_unsigned_file_is_refused_when_a_key_is_set(saved, monkeypatch, load):
     monkeypatch.setenv("CAG_SIGNING_KEY", "s3cret")
     with pytest.raises(CacheFileError, match="not signed"):
-        kvfile.load(saved, GOOD)
+        load(saved, GOOD)
 
 
-def test_signed_file_loads_with_the_right_key(tmp_path, cache, monkeypatch):
+def test_signed_file_loads_with_the_right_key(tmp_path, cache, monkeypatch, load):
     monkeypatch.setenv("CAG_SIGNING_KEY", "s3cret")
     kvfile.save(tmp_path / "s.safetensors", cache[0], cache[1], IDENTITY)
-    assert kvfile.load(tmp_path / "s.safetensors", GOOD).prefix_ids == cache[1]
+    assert load(tmp_path / "s.safetensors", GOOD).prefix_ids == cache[1]
 
 
 def test_failed_save_leaves_previous_file_intact_and_no_temp(saved, cache, monkeypatch):
@@ -209,7 +221,7 @@ def test_killed_writer_never_leaves_a_half_file(tmp_path):
     assert all(torch.all(k == value) for k, _ in loaded.layers)
 
 
-def test_loading_never_unpickles(saved, monkeypatch):
+def test_loading_never_unpickles(saved, monkeypatch, load):
     import pickle
 
     def refuse(*a, **k):
@@ -218,7 +230,7 @@ def test_loading_never_unpickles(saved, monkeypatch):
     monkeypatch.setattr(pickle, "load", refuse)
     monkeypatch.setattr(pickle, "loads", refuse)
     monkeypatch.setattr(torch, "load", refuse)
-    assert kvfile.load(saved, GOOD).prefix_ids
+    assert load(saved, GOOD).prefix_ids
 
 
 def test_no_module_can_unpickle():
@@ -230,7 +242,7 @@ def test_no_module_can_unpickle():
         assert not banned.search(f.read_text()), f"{f.name} can unpickle"
 
 
-def test_int8_kv_file_is_smaller_restores_dtype_and_stays_close(tmp_path):
+def test_int8_kv_file_is_smaller_restores_dtype_and_stays_close(tmp_path, load):
     torch.manual_seed(0)
     layers = [(torch.randn(1, 4, 512, 64).to(torch.bfloat16), torch.randn(1, 4, 512, 64).to(torch.bfloat16))
               for _ in range(3)]
@@ -240,7 +252,7 @@ def test_int8_kv_file_is_smaller_restores_dtype_and_stays_close(tmp_path):
     manifest = kvfile.save(quant, layers, ids, IDENTITY, kv_quant="int8")
     assert manifest["kv_quant"] == "int8" and manifest["dtype"] == "bfloat16"
     assert quant.stat().st_size < 0.6 * plain.stat().st_size
-    loaded = kvfile.load(quant, Expect(dtype="bfloat16"))
+    loaded = load(quant, Expect(dtype="bfloat16"))
     for (k, v), (k2, v2) in zip(layers, loaded.layers):
         assert k2.dtype == torch.bfloat16 and k2.shape == k.shape
         err = (k2.float() - k.float()).abs().max() / k.float().abs().max()
@@ -249,7 +261,7 @@ def test_int8_kv_file_is_smaller_restores_dtype_and_stays_close(tmp_path):
     data[-50] ^= 0x10
     quant.write_bytes(bytes(data))
     with pytest.raises(CacheFileError, match="checksum"):
-        kvfile.load(quant)
+        load(quant)
 
 
 def test_unknown_quantization_is_refused(tmp_path, cache):
@@ -257,12 +269,12 @@ def test_unknown_quantization_is_refused(tmp_path, cache):
         kvfile.save(tmp_path / "x.safetensors", cache[0], cache[1], IDENTITY, kv_quant="int3")
 
 
-def test_piecewise_checksum_covers_every_piece_of_a_large_tensor(tmp_path, monkeypatch):
+def test_piecewise_checksum_covers_every_piece_of_a_large_tensor(tmp_path, monkeypatch, load):
     monkeypatch.delenv("CAG_SIGNING_KEY", raising=False)
     path = tmp_path / "big.safetensors"
     big = torch.randn(1, 2, 3000, 512)  # 12 MiB per tensor: two 8 MiB pieces each
     kvfile.save(path, [(big, big.clone())], list(range(3000)), IDENTITY)
-    manifest = kvfile.load(path).manifest
+    manifest = load(path).manifest
     assert manifest["checksum"] == kvfile.CHECKSUM
     with safe_open(str(path), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -273,10 +285,10 @@ def test_piecewise_checksum_covers_every_piece_of_a_large_tensor(tmp_path, monke
         t["v.0"].view(-1)[(kvfile.PIECE // 4) + 10] += 1.0
     _resave(path, edit_tensors=flip_in_second_piece)
     with pytest.raises(CacheFileError, match="checksum"):
-        kvfile.load(path)
+        load(path)
 
 
-def test_files_with_the_original_sequential_checksum_still_load(saved):
+def test_files_with_the_original_sequential_checksum_still_load(saved, load):
     def legacy(m):
         with safe_open(str(saved), "pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -284,13 +296,13 @@ def test_files_with_the_original_sequential_checksum_still_load(saved):
         m["tensors_sha256"] = kvfile._checksum(tensors, None)
 
     _resave(saved, edit_manifest=legacy)
-    assert "checksum" not in kvfile.load(saved, GOOD).manifest
+    assert "checksum" not in load(saved, GOOD).manifest
     _resave(saved, edit_tensors=lambda t: t["k.0"].view(-1)[0].add_(1.0))
     with pytest.raises(CacheFileError, match="checksum"):
-        kvfile.load(saved)
+        load(saved)
 
 
-def test_files_with_the_tensor_only_piecewise_checksum_still_load(saved):
+def test_files_with_the_tensor_only_piecewise_checksum_still_load(saved, load):
     """Files written before the checksum covered the manifest: tensor pieces only."""
     def earlier(m):
         with safe_open(str(saved), "pt") as f:
@@ -299,56 +311,56 @@ def test_files_with_the_tensor_only_piecewise_checksum_still_load(saved):
         m["tensors_sha256"] = kvfile._checksum(tensors, kvfile.PIECES)
 
     _resave(saved, edit_manifest=earlier)
-    assert kvfile.load(saved, GOOD).manifest["checksum"] == kvfile.PIECES
+    assert load(saved, GOOD).manifest["checksum"] == kvfile.PIECES
     _resave(saved, edit_tensors=lambda t: t["k.0"].view(-1)[0].add_(1.0))
     with pytest.raises(CacheFileError, match="checksum"):
-        kvfile.load(saved)
+        load(saved)
 
 
 @pytest.mark.parametrize("field", ["created", "cag_version", "model"])
-def test_informational_manifest_fields_are_covered_by_the_checksum(saved, field):
+def test_informational_manifest_fields_are_covered_by_the_checksum(saved, field, load):
     edits = {"created": "1999-01-01T00:00:00Z", "cag_version": "9.9.9", "model": {**IDENTITY["model"], "path": "/x"}}
     _resave(saved, edit_manifest=lambda m: m.update({field: edits[field]}))
     with pytest.raises(CacheFileError, match="failed its checksum"):
-        kvfile.load(saved)
+        load(saved)
 
 
 @pytest.mark.parametrize("raw, field", [
     ("[1, 2, 3]", "not a JSON object"), ('"text"', "not a JSON object"),
 ])
-def test_a_manifest_that_is_not_an_object_is_refused_by_name(tmp_path, raw, field):
+def test_a_manifest_that_is_not_an_object_is_refused_by_name(tmp_path, raw, field, load):
     path = tmp_path / "hand.safetensors"
     save_file({"prefix_ids": torch.tensor([1])}, str(path), metadata={kvfile.MANIFEST_KEY: raw})
     with pytest.raises(CacheFileError, match=field):
-        kvfile.load(path)
+        load(path)
 
 
 @pytest.mark.parametrize("field, value", [
     ("signature", 12345), ("signature", ["a"]), ("tokens", "100"), ("layers", None), ("tensors_sha256", 5),
     ("shapes", [1]), ("model", "m"), ("kv_quant", 8), ("tokens", True),
 ])
-def test_manifest_fields_of_the_wrong_type_are_refused_by_name(saved, monkeypatch, field, value):
+def test_manifest_fields_of_the_wrong_type_are_refused_by_name(saved, monkeypatch, field, value, load):
     monkeypatch.setenv("CAG_SIGNING_KEY", "s3cret")  # a signature check must not crash on a non-string
     _resave(saved, edit_manifest=lambda m: m.update({field: value}))
     with pytest.raises(CacheFileError, match=f"field '{field}'"):
-        kvfile.load(saved)
+        load(saved)
 
 
-def test_an_int8_cache_is_refused_where_a_float32_one_is_expected(tmp_path, cache):
+def test_an_int8_cache_is_refused_where_a_float32_one_is_expected(tmp_path, cache, load):
     quant, plain = tmp_path / "q.safetensors", tmp_path / "p.safetensors"
     kvfile.save(quant, cache[0], cache[1], IDENTITY, kv_quant="int8")
     kvfile.save(plain, cache[0], cache[1], IDENTITY)
     with pytest.raises(CacheMismatchError, match="KV storage type.*file has int8, expected float32"):
-        kvfile.load(quant, Expect(kv="float32"))
+        load(quant, Expect(kv="float32"))
     with pytest.raises(CacheMismatchError, match="KV storage type.*file has float32, expected int8"):
-        kvfile.load(plain, Expect(kv="int8"))
-    assert kvfile.load(quant, Expect(kv="int8")).manifest["kv_quant"] == "int8"
+        load(plain, Expect(kv="int8"))
+    assert load(quant, Expect(kv="int8")).manifest["kv_quant"] == "int8"
 
 
-def test_an_unknown_checksum_method_is_refused(saved):
+def test_an_unknown_checksum_method_is_refused(saved, load):
     _resave(saved, edit_manifest=lambda m: m.update(checksum="crc32"))
     with pytest.raises(CacheFileError, match="checksum"):
-        kvfile.load(saved)
+        load(saved)
 
 
 def test_bytes_in_memory_get_the_same_checks_as_files(saved, cache):
@@ -365,3 +377,116 @@ def test_bytes_in_memory_get_the_same_checks_as_files(saved, cache):
         kvfile.load_bytes(b"\xff" * 64)
     with pytest.raises(CacheMismatchError, match="model"):
         kvfile.load_bytes(data, kvfile.Expect(model="another"))
+
+
+def test_int8_round_trip_is_bit_exact_to_what_was_stored(tmp_path, load):
+    """An int8 file restores exactly the dequantized values of what it holds (the answer-time KV)."""
+    torch.manual_seed(1)
+    layers = [(torch.randn(1, 2, 64, 32).to(torch.bfloat16), torch.randn(1, 2, 64, 32).to(torch.bfloat16))
+              for _ in range(2)]
+    kvfile.save(tmp_path / "q.safetensors", layers, list(range(64)), IDENTITY, kv_quant="int8")
+    loaded = load(tmp_path / "q.safetensors", Expect(kv="int8"))
+    for (k, v), (k2, v2) in zip(layers, loaded.layers):
+        assert torch.equal(kvquant.roundtrip(k), k2) and torch.equal(kvquant.roundtrip(v), v2)
+
+
+@pytest.mark.parametrize("method", [kvfile.BLAKE3, kvfile.SHA256])
+def test_blake3_and_sha256_files_both_verify_and_catch_a_flipped_bit(tmp_path, cache, method, load):
+    path = tmp_path / "m.safetensors"
+    manifest = kvfile.save(path, cache[0], cache[1], IDENTITY, method=method)
+    assert manifest["checksum"] == method
+    assert load(path, GOOD).prefix_ids == cache[1]
+    data = bytearray(path.read_bytes())
+    data[-7] ^= 0x04
+    path.write_bytes(bytes(data))
+    with pytest.raises(CacheFileError, match="failed its checksum"):
+        load(path, GOOD)
+
+
+def test_new_files_use_blake3_and_fall_back_to_sha256_without_it(tmp_path, cache, monkeypatch, load):
+    from cag import checksum
+
+    assert kvfile.CHECKSUM == kvfile.BLAKE3  # blake3 is a dependency: new files get it
+    kvfile.save(tmp_path / "b3.safetensors", cache[0], cache[1], IDENTITY)
+    monkeypatch.setattr(checksum, "_blake3", None)
+    assert checksum.default_method() == kvfile.SHA256
+    with pytest.raises(CacheFileError, match="blake3 package is not installed"):
+        load(tmp_path / "b3.safetensors", GOOD)
+    kvfile.save(tmp_path / "sha.safetensors", cache[0], cache[1], IDENTITY, method=checksum.default_method())
+    assert load(tmp_path / "sha.safetensors", GOOD).manifest["checksum"] == kvfile.SHA256
+
+
+def test_the_digest_does_not_depend_on_the_thread_count(tmp_path, monkeypatch, load):
+    from cag import checksum
+
+    monkeypatch.delenv("CAG_SIGNING_KEY", raising=False)
+    big = torch.randn(1, 2, 5000, 512)  # 20 MiB per tensor: three pieces each, the last one short
+    path = tmp_path / "big.safetensors"
+    kvfile.save(path, [(big, big * 2)], list(range(5000)), IDENTITY)
+    items = [(b"x|", memoryview(bytes(range(256)) * 100_000)), (b"y|", memoryview(b""))]
+    for method in (kvfile.BLAKE3, kvfile.SHA256):
+        assert len({checksum.of_buffers(method, {"a": 1}, items, threads=n) for n in (1, 2, 3, 7)}) == 1
+    for threads in (1, 2, 5):
+        k, v = load(path, threads=threads).layers[0]
+        assert torch.equal(k, big) and torch.equal(v, big * 2)
+
+
+def test_a_file_is_read_once(saved, monkeypatch):
+    """The pipeline reads every byte of the file one time (no parse-then-hash second pass)."""
+    from cag import restore
+
+    read = []
+    real = os.preadv
+
+    def counting(fd, buffers, offset):
+        n = real(fd, buffers, offset)
+        read.append(n)
+        return n
+
+    monkeypatch.setattr(restore.os, "preadv", counting)
+    kvfile.load(saved, GOOD)
+    assert sum(read) == saved.stat().st_size
+
+
+def _edit_header(path: Path, edit) -> None:
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    head = json.loads(data[8:8 + n])
+    raw = edit(head) if edit else None
+    raw = raw if isinstance(raw, bytes) else json.dumps(head).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+
+
+def _shift(head, name, by):
+    head[name]["data_offsets"] = [o + by for o in head[name]["data_offsets"]]
+
+
+@pytest.mark.parametrize("edit", [
+    lambda h: h["k.0"].update(dtype="F8_E9"),
+    lambda h: h["k.0"].update(shape=[1, 2, 3]),
+    lambda h: h["k.0"].update(shape=[-1] + h["k.0"]["shape"][1:]),
+    lambda h: h["k.0"].update(data_offsets=[0]),
+    lambda h: _shift(h, "k.0", 4),
+    lambda h: _shift(h, "prefix_ids", -4),
+    lambda h: h.update({"extra": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}),
+    lambda h: h.update({"__metadata__": {"cag_manifest": 5}}),
+    lambda h: (json.dumps(h)[:-1] + ', "k.0": ' + json.dumps(h["k.0"]) + "}").encode(),  # a key twice
+    lambda h: b"[1, 2]",
+], ids=["dtype", "shape-size", "negative-dim", "offsets", "gap", "overlap", "extra-tensor", "metadata-type",
+        "duplicate-key", "not-an-object"])
+def test_a_header_that_safetensors_would_refuse_is_refused(saved, edit, load):
+    _edit_header(saved, edit)
+    with pytest.raises(CacheFileError, match="corrupt or truncated"):
+        load(saved)
+
+
+def test_prefill_bounds_travel_in_the_manifest_and_are_checked(tmp_path, cache, load):
+    path = tmp_path / "b.safetensors"
+    kvfile.save(path, cache[0], cache[1], {**IDENTITY, "prefill_bounds": [64, 100]})
+    assert load(path).manifest["prefill_bounds"] == [64, 100]
+    for bad in ([64, 99], [64, 64, 100], [0, 100], ["64", 100], [True, 100], [], 100):
+        _resave(path, edit_manifest=lambda m: m.update(prefill_bounds=bad), recompute=True)
+        with pytest.raises(CacheFileError, match="field 'prefill_bounds'"):
+            load(path)
+    with pytest.raises(ValueError, match="do not split"):
+        kvfile.save(path, cache[0], cache[1], {**IDENTITY, "prefill_bounds": [50, 99]})

@@ -148,7 +148,8 @@ def matches(manifest: dict, expect: Expect) -> bool:
 
 
 def save_file(path, entry: Entry) -> dict:
-    """Write `entry` in the kvfile format. Only what the cache was made for is carried over from its
-    manifest (plus its KV quantization); tokens, shapes, checksums and signature are made afresh."""
-    identity = {k: entry.manifest[k] for k in kvfile.IDENTITY if k in entry.manifest}
+    """Write `entry` in the kvfile format. Only what the cache was made for and the pieces its prefix was
+    computed in are carried over from its manifest (plus its KV quantization); tokens, shapes, checksums
+    and signature are made afresh."""
+    identity = {k: entry.manifest[k] for k in kvfile.CARRIED if k in entry.manifest}
     return kvfile.save(path, entry.layers, entry.prefix_ids, identity, kv_quant=entry.manifest.get("kv_quant"))
