@@ -115,8 +115,13 @@ class KnowledgeBase:
         return list(self.manifest.get("prefill_bounds") or engine.chunk_ends(0, self.tokens, self.chunk_size))
 
     def _recomputed_prefix(self) -> engine.Workspace:
-        """The prefix's KV computed afresh from its tokens, in the cache's pieces: the reference's prefix."""
-        return engine.Workspace(engine.prefill_pieces(self.lm.model, self.prefix_ids, self.prefill_bounds()))
+        """The prefix's KV computed afresh from its tokens, in the cache's pieces: the reference's prefix.
+        Stored as the cache stores it (an int8 cache: through the same int8 round trip), so the reference
+        differs from the cached answer in nothing but where the prefix's KV came from."""
+        layers = engine.prefill_pieces(self.lm.model, self.prefix_ids, self.prefill_bounds())
+        if self.manifest.get("kv_quant"):
+            layers = [(kvquant.roundtrip(k), kvquant.roundtrip(v)) for k, v in layers]
+        return engine.Workspace(layers)
 
     def fit(self, question: str, history: Sequence[Turn] = (), max_new_tokens: int = 256) -> Split:
         """The question's token plan, or ContextLengthError when knowledge + question + history +
