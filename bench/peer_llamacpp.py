@@ -71,7 +71,7 @@ def worker(job_path: str) -> None:
     ctx = llm._ctx.ctx
     mem = llama_cpp.llama_get_memory(ctx)
     n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(llm._model.model))
-    prefix, stops = job["prefix"], set(job["stops"])
+    prefix = job["prefix"]
 
     def decode(ids: list[int]) -> None:
         for start in range(0, len(ids), 512):

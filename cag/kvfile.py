@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 import uvicorn
 
@@ -127,3 +128,24 @@ def openai_error(r: httpx.Response, status: int, code: str | None = None, param:
 def sse_events(r: httpx.Response) -> list:
     """The events of a server-sent-events body: JSON objects, and "[DONE]" for the end marker."""
     return [json.loads(line[6:]) if line != "data: [DONE]" else "[DONE]" for line in r.text.splitlines() if line]
+
+
+# -- fixtures: the lantern knowledge base on the sharp tiny model, served with the response cache off ----------
+@pytest.fixture
+def kb(cag_home, sharp_lm, tmp_path):
+    import cag
+
+    return cag.build([write_docs(tmp_path / "docs")], name="lanterns", lm=sharp_lm, log=lambda _m: None)
+
+
+@pytest.fixture
+def url(kb, sharp_lm):
+    from cag.server import ServerConfig, create_app
+
+    with serving(create_app(ServerConfig(response_cache=False), sharp_lm)) as base:
+        yield base
+
+
+@pytest.fixture
+def client(url):
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)

@@ -8,11 +8,10 @@ import httpx
 import openai
 import pytest
 
-import cag
 from cag.engine import Sampling
 from cag.prompt import Turn
 from cag.server import ServerConfig, create_app
-from serverutil import serving, write_docs
+from serverutil import client, kb, serving, url, write_docs  # noqa: F401 - fixtures
 
 QUESTIONS = ["Who founded the company?", "How much is the Heron?", "What colour is it?", "When was it founded?",
              "Where are the lanterns made?", "Is there a warranty?", "How do I return a lantern?",
@@ -23,22 +22,6 @@ HOT = 1.0  # sampled requests carry their own seed: an answer equal to kb.ask's 
 
 def sampled(i: int) -> Sampling:
     return Sampling(temperature=HOT, seed=i)
-
-
-@pytest.fixture
-def kb(cag_home, sharp_lm, tmp_path):
-    return cag.build([write_docs(tmp_path / "docs")], name="lanterns", lm=sharp_lm, log=lambda _m: None)
-
-
-@pytest.fixture
-def url(kb, sharp_lm):
-    with serving(create_app(ServerConfig(response_cache=False), sharp_lm)) as base:
-        yield base
-
-
-@pytest.fixture
-def client(url):
-    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
 
 
 def test_health_and_models(url, client, kb):

@@ -24,7 +24,7 @@ from cag.api import KnowledgeBase
 from cag.engine import Sampling
 from cag.server import ServerConfig, create_app, with_flags
 from cag.server.config import OPEN_TENANT, ConfigError
-from serverutil import free_port, serving, wait_until_serving, write_docs
+from serverutil import client, free_port, kb, serving, url, wait_until_serving, write_docs  # noqa: F401 - fixtures
 from serverutil import openai_error as _error
 from serverutil import sse_events as _events
 
@@ -32,22 +32,6 @@ QUESTION = "Who founded the company?"
 MAX = 12
 HOT = 1.0
 PROMPT = {"model": "lanterns", "max_tokens": 4, "prompt": "How much is the Heron?"}
-
-
-@pytest.fixture
-def kb(cag_home, sharp_lm, tmp_path):
-    return cag.build([write_docs(tmp_path / "docs")], name="lanterns", lm=sharp_lm, log=lambda _m: None)
-
-
-@pytest.fixture
-def url(kb, sharp_lm):
-    with serving(create_app(ServerConfig(response_cache=False), sharp_lm)) as base:
-        yield base
-
-
-@pytest.fixture
-def client(url):
-    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
 
 
 # -- POST /v1/completions ----------------------------------------------------------------------------
