@@ -76,8 +76,9 @@ class Scheduler:
         self._waiting: deque[_Ticket] = deque()
         self._thread: threading.Thread | None = None
         self._max_batch = 1
-        self.steps = 0  # decoding steps run (with how many rows: `rows_stepped`), for tests and metrics
+        self.steps = 0  # decoding steps run, with `rows_stepped` rows in all (for tests and metrics)
         self.rows_stepped = 0
+        self.rows = 0  # answers in the batch now
 
     def answer(self, job: Job, max_batch: int) -> Iterator[int]:
         """Queue `job` and yield its tokens as they are produced; closing the generator makes it leave."""
@@ -115,11 +116,13 @@ class Scheduler:
                 if active:
                     self._step(active)
                     active = self._leave(active)
+                self.rows = len(active)
         except BaseException as err:  # noqa: BLE001 - never leave a consumer waiting forever
             with self._cond:
                 stranded = active + list(self._waiting)
                 self._waiting.clear()
                 self._thread = None
+                self.rows = 0
             for ticket in stranded:
                 self.decoder.finish(ticket.job)
                 ticket.out.put(err)
