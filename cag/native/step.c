@@ -281,18 +281,28 @@ static void row_dots(const cag_mat* m, int64_t n, const float* x, int64_t R, flo
   }
 }
 
-/* y[r * ys + n] (+)= [mats stacked] row n . x[r], for R rows of x; weight rows split over the team.
- * Ends with a barrier. */
+/* y[r * ys + n] (+)= [mats stacked] row n . x[r], for R rows of x. Tiles of TILE weight rows are split over
+ * the team; within a tile, each group of rows of x meets every weight row of the tile while both are in the
+ * core's cache. Ends with a barrier. */
+#define TILE 16
 static void matvec(const cag_mat* const* mats, int count, const float* x, int64_t R, float* y, int64_t ys,
                    int accumulate) {
   int64_t total = 0;
   for (int c = 0; c < count; c++) total += mats[c]->rows;
+  const int64_t K = mats[0]->cols, tiles = (total + TILE - 1) / TILE;
 #pragma omp for schedule(static)
-  for (int64_t n = 0; n < total; n++) {
-    int c = 0;
-    int64_t r = n;
-    while (r >= mats[c]->rows) r -= mats[c++]->rows;
-    row_dots(mats[c], r, x, R, y + n, ys, accumulate);
+  for (int64_t t = 0; t < tiles; t++) {
+    const int64_t n0 = t * TILE, n1 = n0 + TILE < total ? n0 + TILE : total;
+    for (int64_t r0 = 0; r0 < R; r0 += GROUP) {
+      const int64_t g = R - r0 < GROUP ? R - r0 : GROUP;
+      int c = 0;
+      int64_t r = n0;
+      while (r >= mats[c]->rows) r -= mats[c++]->rows;
+      for (int64_t n = n0; n < n1; n++, r++) {
+        if (r >= mats[c]->rows) r -= mats[c++]->rows;
+        row_dots(mats[c], r, x + r0 * K, g, y + r0 * ys + n, ys, accumulate);
+      }
+    }
   }
 }
 
