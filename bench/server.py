@@ -1,7 +1,14 @@
-"""Server benchmark: requests/s and time to first token at 1, 4 and 8 concurrent streaming clients,
+"""Server benchmark: many concurrent streaming clients on one knowledge base, continuous batching on vs off,
 against a real `cag serve` process on loopback (the response cache is off: every request runs the model).
 
-    .venv/bin/python bench/server.py [--tiny] [--requests 16] [--max-tokens 32] [--clients 1 4 8]
+    .venv/bin/python bench/server.py [--tiny] [--clients 32] [--rounds 1] [--max-tokens 32] [--off-workers 4]
+
+Each client sends `rounds` streamed chat requests one after another (all clients start together); the
+sample questions are spread over the clients. Reported per mode: requests, errors, aggregate generated
+tokens/s (all clients' tokens over the wall time), time to first token p50/p95 and request latency p50, as
+the clients measure them. "on" is `cag serve` with continuous batching (max_batch = clients); "off" decodes
+each answer on its own in `--off-workers` threads (the server's default 4 unless given). Every answer is
+also checked against the other mode's answer to the same question (greedy: they must be equal).
 
 --tiny uses a 2-layer random-weight model (seconds, for CI); the default model gives the recorded numbers.
 The knowledge base is the sample KB, created through the server's own POST /v1/kbs.
@@ -25,17 +32,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 
-def start_server(home: Path, scratch: Path, model: str | None, workers: int) -> tuple[subprocess.Popen, str]:
+def start_server(home: Path, scratch: Path, model: str | None, settings: dict) -> tuple[subprocess.Popen, str]:
     sys.path.insert(0, str(common.ROOT / "tests"))
     from serverutil import free_port
 
     port = free_port()
     config = scratch / "server.json"
-    config.write_text(json.dumps({"model": model, "response_cache": False, "workers": workers,
-                                  "max_tokens_limit": 4096}))
+    config.write_text(json.dumps({"model": model, "response_cache": False, "max_tokens_limit": 4096, **settings}))
     env = {**os.environ, "CAG_HOME": str(home), "CAG_API_KEYS": ""}
-    proc = subprocess.Popen([sys.executable, "-m", "cag", "serve", "--port", str(port), "--config", str(config)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "cag", "serve", "--port", str(port), "--config", str(config),
+                             "--log-level", "warning"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     for _ in range(1200):
         try:
@@ -47,12 +53,12 @@ def start_server(home: Path, scratch: Path, model: str | None, workers: int) -> 
     raise SystemExit("the server did not start within 120 s")
 
 
-def one_request(url: str, question: str, max_tokens: int) -> tuple[float, float, int]:
-    """(ttft_s, total_s, generated tokens) for one streamed completion, measured by the client."""
-    start, first, usage = time.perf_counter(), None, None
+def one_request(url: str, question: str, max_tokens: int) -> tuple[float, float, int, str]:
+    """(ttft_s, total_s, generated tokens, text) for one streamed completion, measured by the client."""
+    start, first, usage, text = time.perf_counter(), None, None, ""
     body = {"model": "bench", "stream": True, "max_tokens": max_tokens, "stream_options": {"include_usage": True},
             "messages": [{"role": "user", "content": question}]}
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=3600) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith("data: {"):
@@ -62,54 +68,65 @@ def one_request(url: str, question: str, max_tokens: int) -> tuple[float, float,
                 raise RuntimeError(event["error"]["message"])
             if event.get("usage"):
                 usage = event["usage"]
-            elif first is None and event["choices"] and event["choices"][0]["delta"].get("content"):
-                first = time.perf_counter() - start
+            elif event["choices"] and (piece := event["choices"][0]["delta"].get("content")):
+                text += piece
+                if first is None:
+                    first = time.perf_counter() - start
     total = time.perf_counter() - start
-    return (first if first is not None else total), total, usage["completion_tokens"]
+    return (first if first is not None else total), total, usage["completion_tokens"], text
 
 
-def run_level(url: str, clients: int, questions: list[str], requests: int, max_tokens: int) -> dict:
+def run_mode(url: str, clients: int, rounds: int, questions: list[str], max_tokens: int) -> dict:
     results, errors, lock = [], [], threading.Lock()
-    todo = iter(range(requests))
+    start_line = threading.Barrier(clients)
 
-    def worker() -> None:
-        while True:
-            with lock:
-                i = next(todo, None)
-            if i is None:
-                return
+    def client(c: int) -> None:
+        start_line.wait()
+        for r in range(rounds):
+            q = questions[(c + r * clients) % len(questions)]
             try:
-                r = one_request(url, questions[i % len(questions)], max_tokens)
+                got = one_request(url, q, max_tokens)
                 with lock:
-                    results.append(r)
+                    results.append((q, *got))
             except Exception as err:  # noqa: BLE001 - counted and reported
                 with lock:
                     errors.append(repr(err))
 
     start = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
-    ttfts, totals = [r[0] for r in results], [r[1] for r in results]
-    return {"clients": clients, "requests": len(results), "errors": len(errors), "error_samples": errors[:3],
-            "wall_s": wall, "requests_per_s": len(results) / wall,
-            "tokens_per_s": sum(r[2] for r in results) / wall,
-            "ttft_median_s": common.median(ttfts), "ttft_max_s": max(ttfts, default=float("nan")),
-            "latency_median_s": common.median(totals)}
+    ttfts, totals = sorted(r[1] for r in results), [r[2] for r in results]
+    return {"requests": len(results), "errors": len(errors), "error_samples": errors[:3], "wall_s": wall,
+            "tokens": sum(r[3] for r in results), "tokens_per_s": sum(r[3] for r in results) / wall,
+            "ttft_p50_s": _percentile(ttfts, 50), "ttft_p95_s": _percentile(ttfts, 95),
+            "latency_p50_s": common.median(totals), "answers": {r[0]: r[4] for r in results}}
+
+
+def _percentile(xs: list[float], p: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(p / 100 * len(xs) + 0.5) - 1))]  # nearest rank
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="2-layer random-weight model (fast, numbers meaningless)")
-    ap.add_argument("--requests", type=int, default=16, help="requests per concurrency level")
+    ap.add_argument("--clients", type=int, default=32, help="concurrent streaming clients")
+    ap.add_argument("--rounds", type=int, default=1, help="requests per client, one after another")
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
+    ap.add_argument("--off-workers", type=int, default=4, help="generation threads without continuous batching")
+    ap.add_argument("--modes", nargs="+", default=["on", "off"], choices=["on", "off"])
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     questions = [q["q"] for q in common.sample_questions()]
+    settings = {"on": {"continuous_batching": True, "max_batch": args.clients, "workers": args.clients},
+                "off": {"continuous_batching": False, "workers": args.off_workers}}
+    modes, kb_tokens = {}, None
     with tempfile.TemporaryDirectory(prefix="cag-bench-server-") as tmp:
         home = Path(os.environ.get("CAG_HOME") or tmp) if not args.tiny else Path(tmp)
         model = None
@@ -118,31 +135,43 @@ def main() -> None:
             from conftest import make_tiny_model
 
             model = str(make_tiny_model(Path(tmp) / "tiny-model", context=16384))  # the sample KB fits
-        proc, url = start_server(home, Path(tmp), model, workers=max(args.clients))
-        try:
-            docs = [{"name": p.name, "text": p.read_text()} for p in sorted(common.SAMPLE_DOCS.iterdir())]
-            httpx.delete(url + "/v1/kbs/bench", timeout=60)
-            r = httpx.post(url + "/v1/kbs", json={"name": "bench", "documents": docs}, timeout=600)
-            if r.status_code != 201:
-                raise SystemExit(f"creating the knowledge base failed: {r.text}")
-            kb_tokens = r.json()["tokens"]
-            one_request(url, questions[0], 4)  # warm-up
-            levels = [run_level(url, c, questions, args.requests, args.max_tokens) for c in args.clients]
-            metrics = httpx.get(url + "/metrics").text
-            httpx.delete(url + "/v1/kbs/bench", timeout=60)
-        finally:
-            proc.terminate()
-            proc.wait(30)
-    rows = [(lv["clients"], lv["requests"], lv["errors"], f"{lv['requests_per_s']:.2f}", f"{lv['tokens_per_s']:.1f}",
-             f"{lv['ttft_median_s'] * 1000:.0f}", f"{lv['ttft_max_s'] * 1000:.0f}", f"{lv['latency_median_s']:.2f}")
-            for lv in levels]
+        docs = [{"name": p.name, "text": p.read_text()} for p in sorted(common.SAMPLE_DOCS.iterdir())]
+        for mode in args.modes:
+            scratch = Path(tmp) / mode
+            scratch.mkdir()
+            proc, url = start_server(home, scratch, model, settings[mode])
+            try:
+                if kb_tokens is None:
+                    httpx.delete(url + "/v1/kbs/bench", timeout=60)
+                    r = httpx.post(url + "/v1/kbs", json={"name": "bench", "documents": docs}, timeout=600)
+                    if r.status_code != 201:
+                        raise SystemExit(f"creating the knowledge base failed: {r.text}")
+                    kb_tokens = r.json()["tokens"]
+                one_request(url, questions[0], 4)  # warm-up: loads the knowledge base, builds the kernels
+                modes[mode] = run_mode(url, args.clients, args.rounds, questions, args.max_tokens)
+                if mode == args.modes[-1]:
+                    httpx.delete(url + "/v1/kbs/bench", timeout=60)
+            finally:
+                proc.terminate()
+                proc.wait(30)
+    same = None
+    if len(modes) == 2:
+        a, b = modes["on"]["answers"], modes["off"]["answers"]
+        same = sum(a[q] == b[q] for q in a if q in b), len(set(a) & set(b))
+    rows = [(mode, settings[mode].get("max_batch", "-"), settings[mode]["workers"], m["requests"], m["errors"],
+             f"{m['tokens_per_s']:.1f}", f"{m['ttft_p50_s'] * 1000:.0f}", f"{m['ttft_p95_s'] * 1000:.0f}",
+             f"{m['latency_p50_s']:.2f}", f"{m['wall_s']:.1f}") for mode, m in modes.items()]
     print(f"model: {'tiny random' if args.tiny else 'SmolLM2-135M-Instruct'}, KB {kb_tokens} tokens, "
-          f"max_tokens {args.max_tokens}, streaming, response cache off")
-    print(common.table(rows, ("clients", "requests", "errors", "req/s", "gen tok/s", "TTFT med ms",
-                              "TTFT max ms", "latency med s")))
-    saved = [line for line in metrics.splitlines() if line.startswith("cag_tokens_saved_total")]
-    data = {"bench": "server", "tiny": args.tiny, "kb_tokens": kb_tokens, "max_tokens": args.max_tokens,
-            "levels": levels, "tokens_saved_metric": saved, "machine": common.machine()}
+          f"{args.clients} concurrent streaming clients x {args.rounds}, max_tokens {args.max_tokens}, "
+          f"response cache off")
+    print(common.table(rows, ("continuous batching", "max_batch", "workers", "requests", "errors", "gen tok/s",
+                              "TTFT p50 ms", "TTFT p95 ms", "latency p50 s", "wall s")))
+    if same is not None:
+        print(f"answers equal in both modes: {same[0]}/{same[1]} questions")
+    data = {"bench": "server", "tiny": args.tiny, "kb_tokens": kb_tokens, "clients": args.clients,
+            "rounds": args.rounds, "max_tokens": args.max_tokens, "settings": settings,
+            "modes": {mode: {k: v for k, v in m.items() if k != "answers"} for mode, m in modes.items()},
+            "answers_equal": same and {"equal": same[0], "compared": same[1]}, "machine": common.machine()}
     path = common.write_results("server-tiny" if args.tiny else "server", data, args.out)
     print(f"wrote {path}")
 

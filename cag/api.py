@@ -149,27 +149,24 @@ class KnowledgeBase:
     def ask_many(self, questions: Sequence[str], *, max_new_tokens: int = 256) -> list[Answer]:
         """Greedy answers to several questions decoded together on the one shared prefix (cag.batch).
 
-        Throughput, not latency: every answer arrives when the longest is done. A question whose tokens
-        do not continue the whole cached prefix (a token-seam mismatch) is answered on its own instead.
+        Throughput, not latency: every answer arrives when the longest is done. Each answer is the one
+        `ask` gives (every row is computed as it would be alone).
         """
         from . import batch
 
         self._refresh_if_invalidated()
         start = time.perf_counter()
         splits = [self.fit(q, max_new_tokens=max_new_tokens) for q in questions]
-        together = [i for i, sp in enumerate(splits) if sp.boundary_ok]
-        outs = batch.generate_batch(self.lm.model, self.layers, [splits[i].new_ids for i in together],
-                                    max_new_tokens=max_new_tokens, stop_ids=self._stops) if together else []
+        outs = batch.generate_batch(self.lm.model, self.workspace, [sp.new_ids for sp in splits],
+                                    max_new_tokens=max_new_tokens, stop_ids=self._stops,
+                                    reuse=[sp.reuse for sp in splits])
         total = time.perf_counter() - start
-        answers: list[Answer | None] = [None] * len(questions)
-        for i, ids in zip(together, outs):
-            sp = splits[i]
-            answers[i] = Answer(
-                question=questions[i].strip(), answer=engine.detokenize(self.lm.tokenizer, ids).strip(),
-                token_ids=ids, ttft_s=total, total_s=total, prompt_tokens=len(sp.ids), cached_tokens=sp.reuse,
-                question_tokens=len(sp.new_ids), new_tokens=len(ids), boundary_ok=True, mode="cache-batch",
-                cache_source=self.cache_source, finish_reason="length" if len(ids) >= max_new_tokens else "stop")
-        return [a if a is not None else self.ask(q, max_new_tokens=max_new_tokens) for a, q in zip(answers, questions)]
+        return [Answer(
+            question=q.strip(), answer=engine.detokenize(self.lm.tokenizer, ids).strip(), token_ids=ids,
+            ttft_s=total, total_s=total, prompt_tokens=len(sp.ids), cached_tokens=sp.reuse,
+            question_tokens=len(sp.new_ids), new_tokens=len(ids), boundary_ok=sp.boundary_ok, mode="cache-batch",
+            cache_source=self.cache_source, finish_reason="length" if len(ids) >= max_new_tokens else "stop")
+            for q, sp, ids in zip(questions, splits, outs)]
 
     def __post_init__(self) -> None:
         self._stops = engine.stop_ids(self.lm.tokenizer, self.lm.model)

@@ -1,160 +1,391 @@
-"""Answer many questions on one shared prefix together, without copying the prefix per question.
+"""Answers on one shared prefix, each row computed the same way whatever company it keeps.
 
-Decoding on a CPU (and at small batch on a GPU) is bound by reading the weights once per step; one
-step for 8 questions costs about what one step for 1 costs. The catch is attention: a normal batched
-cache would hold the prefix once per row. Here the prefix stays a single [1, kv_heads, P, dim] tensor
-and attention is split in two: every row's queries against the shared prefix (all rows folded into one
-matmul, so nothing is broadcast or copied), and each row against its own question/answer suffix; the
-two softmax parts are merged exactly with their log-sum-exp. The result is mathematically the same
-attention, computed in a different order, so answers can differ from one-at-a-time answers in the last
-bits; bench/batch.py measures how often they are token-identical.
+Every answer is a row: the knowledge base's prefix (one read-only tensor per layer, never copied per row or
+per request) plus the row's own positions (its question and answer so far) in a private RowBuffer. A row's
+attention is the prefix segment plus its own segment; a single answer is a batch of one, and answers
+decoded together (cag.scheduler, KnowledgeBase.ask_many) run the very same computation per row:
+
+- question prefill: one forward per row, of that row's tokens only (so it cannot depend on other rows);
+  attention = the prefix part and the own part, each with its log-sum-exp, merged in that order;
+- decoding: on the CPU in float32, the C step (cag/native/step.c) for all rows in one call: every
+  (weight row, answer) dot product and every fixed 128-key chunk of absolute positions (across both
+  segments) is computed per answer by the same code, each prefix chunk read once for all answers, so an
+  answer's logits are the same bits alone or in any batch (tested). Elsewhere the lean Python step or
+  transformers' forward with this module's attention; on the CPU each row's attention runs on its own,
+  and matmuls run batched only where they compute each row as alone (cag packs, bf16; float32 BLAS does
+  not: its one-row and many-row kernels add in different orders, so such a batch runs row by row). On a
+  GPU the prefix part of all rows is one kernel call (the prefix read once per step) and whether a row's
+  bits depend on the batch is up to the kernels cuBLAS and flash attention choose per shape (bench/gpu.py
+  measures it).
 """
 
 from __future__ import annotations
 
 import contextvars
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
-from . import fastdecode, kvcompat
+from . import fastdecode, kvcompat, nativestep, packed
 from .kvcompat import KV
+from .sampling import Sampling, pick
+from .workspace import RowBuffer, Workspace
 
-_IMPL = "cag_shared_prefix"
-_STATE: contextvars.ContextVar["_Batch | None"] = contextvars.ContextVar("cag_batch", default=None)
+_IMPL = "cag_rows"
 _INSTALL_LOCK = threading.Lock()
 
 
 @dataclass
-class _Batch:
-    prefix: KV  # per layer [1, kv_heads, P, dim]
-    k: list[torch.Tensor]  # per layer suffix keys [B, kv_heads, capacity, dim]
-    v: list[torch.Tensor]
-    rel: torch.Tensor  # [B, s] position of each query token within its row's suffix
+class Row:
+    """One answer's place: `shared` positions of the workspace's prefix, then its own positions."""
 
+    workspace: Workspace
+    shared: int
+    buffer: RowBuffer
+    length: int = 0  # own positions written
+
+    @property
+    def position(self) -> int:
+        """The absolute position of the next token."""
+        return self.shared + self.length
+
+
+@dataclass
+class _Running:
+    rows: list[Row]
+    fold: bool  # the prefix part of all rows in one call (GPUs)
+
+
+_STATE: contextvars.ContextVar[_Running | None] = contextvars.ContextVar("cag_rows", default=None)
+
+
+# -- attention over the two segments -------------------------------------------------------------------
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Shared-prefix attention while a batch is running; plain sdpa otherwise (same numerics as before)."""
+    """The rows' attention while cag.batch runs a forward; plain sdpa otherwise (building a prefix)."""
     state = _STATE.get()
     if state is None:
-        return kvcompat.sdpa_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        return kvcompat.sdpa_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                       **kwargs)
+    for name in ("sliding_window", "softcap", "s_aux"):
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"attention with {name} is not supported yet")
     layer = module.layer_idx
-    b, hq, s, d = query.shape
-    pk, pv = state.prefix[layer]
-    hkv = pk.shape[1]
-    g = hq // hkv
-    scale = scaling if scaling is not None else d ** -0.5
-    # write this step's keys/values into each row's suffix at its own positions
-    rows = torch.arange(b, device=query.device)[:, None].expand(b, s)
-    sk, sv = state.k[layer], state.v[layer]
-    sk[rows, :, state.rel] = key.transpose(1, 2)
-    sv[rows, :, state.rel] = value.transpose(1, 2)
-    q = query.float().view(b, hkv, g, s, d)
-    # 1) against the shared prefix: rows folded into the query dimension, so the prefix is read once
-    qp = q.permute(1, 0, 2, 3, 4).reshape(1, hkv, b * g * s, d)
-    o1, lse1 = _prefix_attention(qp, pk.float(), pv.float(), scale)  # [1, hkv, b*g*s, d], [1, hkv, b*g*s]
-    o1 = o1.view(hkv, b, g, s, d).permute(1, 0, 2, 3, 4)
-    lse1 = lse1.view(hkv, b, g, s, 1).permute(1, 0, 2, 3, 4)
-    # 2) against each row's own suffix, causal by relative position
-    t = int(state.rel.max()) + 1
-    keys, vals = sk[:, :, :t].float(), sv[:, :, :t].float()  # [b, hkv, t, d]
-    s2 = torch.matmul(q.reshape(b, hkv, g * s, d), keys.transpose(-1, -2)).view(b, hkv, g, s, t) * scale
-    allowed = torch.arange(t, device=query.device)[None, None, :] <= state.rel[:, :, None]  # [b, s, t]
-    s2 = s2.masked_fill(~allowed[:, None, None], float("-inf"))
-    m2 = s2.amax(-1, keepdim=True)
-    e2 = torch.exp(s2 - m2)
-    l2 = e2.sum(-1, keepdim=True)
-    o2 = torch.matmul(e2.view(b, hkv, g * s, t), vals).view(b, hkv, g, s, d)
-    # 3) exact merge of the two softmax parts (o1 is normalized: its weight is exp(lse1))
-    m = torch.maximum(lse1, m2)
-    w1, w2 = torch.exp(lse1 - m), torch.exp(m2 - m)
-    out = (o1 * w1 + o2 * w2) / (w1 + l2 * w2)
-    out = out.reshape(b, hq, s, d).to(query.dtype)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    for i, row in enumerate(state.rows):
+        row.buffer.write(layer, row.length, key[i], value[i])
+    out = torch.empty_like(query)
+    s = query.shape[2]
+    prefix = {}
+    for group in _groups(state.rows, state.fold):
+        prefix.update(_prefix_part(query, group, state.rows, layer, scale))
+    for i, row in enumerate(state.rows):
+        own = _own_part(query[i:i + 1], row, layer, s, scale)
+        out[i] = _merge(prefix.get(i), own).to(query.dtype)[0]
     return out.transpose(1, 2).contiguous(), None
 
 
-def _prefix_attention(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention of q [1, h, n, d] over k/v [1, h, P, d]: normalized output and log-sum-exp.
+def _groups(rows: list[Row], fold: bool) -> list[list[int]]:
+    """Rows whose prefix part runs as one call: all rows reading the same prefix length when folding, else each alone."""
+    if not fold:
+        return [[i] for i, r in enumerate(rows) if r.shared > 0]
+    by_length: dict[int, list[int]] = {}
+    for i, r in enumerate(rows):
+        if r.shared > 0:
+            by_length.setdefault(r.shared, []).append(i)
+    return list(by_length.values())
 
-    On the CPU, torch's flash kernel returns both and streams the prefix once; elsewhere (and in a test
-    that forces it) plain matmuls do the same arithmetic.
+
+def _prefix_part(query: torch.Tensor, group: list[int], rows: list[Row], layer: int, scale: float) -> dict:
+    """{row: (output, lse)} of the group's queries against the prefix; query heads that share a KV head are
+    folded into its query dimension (with the group's rows), so the prefix is read once and never expanded."""
+    pk, pv = rows[group[0]].workspace.layers[layer]
+    length = rows[group[0]].shared
+    pk, pv = pk[:, :, :length], pv[:, :, :length]
+    b, (_, hq, s, d), hkv = len(group), query.shape, pk.shape[1]
+    g = hq // hkv
+    q = query[group] if b < query.shape[0] else query
+    q = q.reshape(b, hkv, g * s, d).transpose(0, 1).reshape(1, hkv, b * g * s, d)
+    o, lse = _attend(q, pk, pv, scale, causal=False)
+    o = o.view(hkv, b, g * s, d).transpose(0, 1).reshape(b, hq, s, d)
+    lse = lse.view(hkv, b, g * s).transpose(0, 1).reshape(b, hq, s)
+    return {i: (o[j:j + 1], lse[j:j + 1]) for j, i in enumerate(group)}
+
+
+def _own_part(query: torch.Tensor, row: Row, layer: int, s: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One row's queries [1, hq, s, d] against its own positions, causally (query j sits at own position length+j)."""
+    keys, values = row.buffer.own(layer, row.length + s)
+    hq, hkv = query.shape[1], keys.shape[1]
+    g = hq // hkv
+    if s == 1:  # one query per head sees every own position: fold the heads, no copy
+        o, lse = _attend(query.reshape(1, hkv, g, query.shape[-1]), keys, values, scale, causal=False)
+        return o.reshape(1, hq, 1, -1), lse.reshape(1, hq, 1)
+    if g > 1:
+        keys, values = keys.repeat_interleave(g, dim=1), values.repeat_interleave(g, dim=1)  # own positions only
+    if row.length == 0:
+        return _attend(query, keys, values, scale, causal=True)
+    rel = torch.arange(row.length + s, device=query.device)
+    allowed = rel[None, :] <= (row.length + torch.arange(s, device=query.device))[:, None]
+    return _attend_matmul(query, keys, values, scale, allowed)
+
+
+def _merge(prefix: tuple | None, own: tuple) -> torch.Tensor:
+    """softmax over both segments from each part's normalized output and log-sum-exp, in a fixed order."""
+    o2, lse2 = own
+    if prefix is None:
+        return o2.float()
+    o1, lse1 = prefix
+    m = torch.maximum(lse1, lse2)
+    w1, w2 = torch.exp(lse1 - m)[..., None], torch.exp(lse2 - m)[..., None]
+    return (o1.float() * w1 + o2.float() * w2) / (w1 + w2)
+
+
+def _attend(q, k, v, scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of q [1, h, n, d] over k/v [1, h, m, d]: normalized output and log-sum-exp [1, h, n].
+
+    Kernels that stream the keys and return the log-sum-exp: torch's flash kernel on the CPU, flash
+    (bf16/fp16) or memory-efficient attention (float32) on CUDA; plain matmuls elsewhere.
     """
-    if q.device.type == "cpu" and _CPU_FLASH:
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    kind = _kernel(q)
+    if kind == "cpu-flash":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)[:2]
+    if kind == "cuda-flash":
+        out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+        return out[0], out[1]
+    if kind == "cuda-efficient":
+        out = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal, scale=scale)
+        return out[0], out[1][..., : q.shape[-2]]
+    allowed = None
+    if causal:
+        n, m = q.shape[-2], k.shape[-2]
+        allowed = torch.arange(m, device=q.device)[None, :] <= torch.arange(n, device=q.device)[:, None] + (m - n)
+    return _attend_matmul(q, k, v, scale, allowed)
+
+
+def _attend_matmul(q, k, v, scale: float, allowed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same attention with plain matmuls (scores in float32, keys and values read in their own dtype)."""
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
-    return torch.matmul(torch.exp(scores - lse[..., None]), v), lse
+    weights = torch.exp(scores - lse[..., None]).to(v.dtype)
+    return torch.matmul(weights, v), lse
 
 
 _CPU_FLASH = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
 
+def _kernel(q: torch.Tensor) -> str:
+    if q.device.type == "cpu":
+        return "cpu-flash" if _CPU_FLASH else "matmul"
+    if q.device.type == "cuda":
+        if q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0:
+            return "cuda-flash"
+        return "cuda-efficient"
+    return "matmul"
+
+
 def _install(model) -> None:
+    """This module's attention as the model's (plain sdpa outside a rows forward, so prefills are unchanged)."""
+    if getattr(model.config, "_attn_implementation", None) == _IMPL:
+        return
     with _INSTALL_LOCK:
         if getattr(model.config, "_attn_implementation", None) != _IMPL:
             kvcompat.register_attention(_IMPL, _attention)
             kvcompat.set_attention(model, _IMPL)
 
 
+class _rows_running:
+    """Context: a forward of these rows (their attention reads their segments and writes their new KV)."""
+
+    def __init__(self, rows: list[Row], fold: bool):
+        self.state = _Running(rows, fold)
+
+    def __enter__(self):
+        self.token = _STATE.set(self.state)
+
+    def __exit__(self, *exc):
+        _STATE.reset(self.token)
+
+
+# -- one row's question, all rows' next token -----------------------------------------------------------
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
 @torch.inference_mode()
-def generate_batch(model, prefix: KV, questions: Sequence[Sequence[int]], max_new_tokens: int = 256,
-                   stop_ids: Sequence[int] = (), pad_id: int = 0) -> list[list[int]]:
-    """Greedy answers for several questions that all continue the same cached prefix."""
-    if not questions or any(len(q) == 0 for q in questions):
-        raise ValueError("every question needs at least one token")
+def prefill(model, row: Row, ids: Sequence[int]) -> torch.Tensor:
+    """Logits [vocab] after the row's new tokens `ids` (its question), placed at its next positions."""
     _install(model)
-    device = prefix[0][0].device
-    b, p = len(questions), prefix[0][0].shape[-2]
-    lengths = torch.tensor([len(q) for q in questions], device=device)
-    width = int(lengths.max())
-    capacity = width + max_new_tokens + 1
-    ids = torch.full((b, width), pad_id, dtype=torch.long, device=device)
-    for i, q in enumerate(questions):
-        ids[i, : len(q)] = torch.tensor(list(q), device=device)
-    state = _Batch(
-        prefix=prefix,
-        k=[k.new_zeros((b, k.shape[1], capacity, k.shape[-1])) for k, _ in prefix],
-        v=[v.new_zeros((b, v.shape[1], capacity, v.shape[-1])) for _, v in prefix],
-        rel=torch.arange(width, device=device)[None, :].expand(b, width).contiguous(),
-    )
-    stops = set(stop_ids)
-    out: list[list[int]] = [[] for _ in range(b)]
-    done = [False] * b
-    token = _batched_step(model, ids, state, p, gather=lengths - 1)
-    lengths = lengths.clone()
-    for _ in range(max_new_tokens):
-        for i, tok in enumerate(token.tolist()):
-            if not done[i]:
-                if tok in stops:
-                    done[i] = True
-                else:
-                    out[i].append(tok)
-        if all(done):
-            break
-        state.rel = lengths[:, None].clone()
-        lengths += 1
-        token = _batched_step(model, token[:, None], state, p, gather=None)
+    device = _device(model)
+    tokens = torch.tensor([list(ids)], dtype=torch.long, device=device)
+    positions = torch.arange(row.position, row.position + len(ids), device=device)[None]
+    with _rows_running([row], fold=False):
+        logits = kvcompat.forward_positions(model, tokens, positions, keep=1)[:, -1]
+    row.length += len(ids)
+    return logits[0]
+
+
+@torch.inference_mode()
+def step(model, rows: list[Row], tokens: Sequence[int]) -> torch.Tensor:
+    """Logits [rows, vocab] for one new token per row; each row's are the bits it would get alone (CPU)."""
+    _install(model)
+    device = _device(model)
+    ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=device)
+    positions = torch.tensor([[r.position] for r in rows], device=device)
+    fold = device.type == "cuda"
+
+    def reference():  # transformers' forward over the same rows: what the fast steps are checked against
+        with _rows_running(rows, fold):
+            return kvcompat.forward_positions(model, ids, positions, keep=1)[:, -1]
+
+    try:
+        if fastdecode.supported(model):
+            plan = nativestep.plan(model)
+            if plan is not None and fastdecode.verdict(model, "native") is not False and plan.fits(rows):
+                return fastdecode.native(model, lambda: plan.run(rows, tokens), reference, lambda: _new_kv(rows))
+        limit = _together(model)
+        if len(rows) > limit:
+            return torch.cat([_step_torch(model, rows[i:i + limit], ids[i:i + limit], positions[i:i + limit], fold)
+                              for i in range(0, len(rows), limit)])
+        return _step_torch(model, rows, ids, positions, fold, reference)
+    finally:
+        for r in rows:
+            r.length += 1
+
+
+def _step_torch(model, rows, ids, positions, fold, reference=None) -> torch.Tensor:
+    if reference is None:
+        def reference():
+            with _rows_running(rows, fold):
+                return kvcompat.forward_positions(model, ids, positions, keep=1)[:, -1]
+    if not fastdecode.supported(model):
+        return reference()
+
+    def attention(attn, q, k, v):
+        return _attention(attn, q, k, v, None, scaling=attn.scaling)[0]
+
+    def lean():
+        with _rows_running(rows, fold):
+            return fastdecode.lean(model, ids, positions, attention)
+
+    return fastdecode.checked_lean(model, lean, reference)
+
+
+def _new_kv(rows: list[Row]) -> list[torch.Tensor]:
+    """Every row's key and value at its current position in every layer (what a step just wrote)."""
+    out = []
+    for r in rows:
+        for k, v in zip(r.buffer.k, r.buffer.v):
+            out += [k[0, :, r.length].clone(), v[0, :, r.length].clone()]
     return out
 
 
-def _batched_step(model, ids: torch.Tensor, state: _Batch, p: int, gather: torch.Tensor | None) -> torch.Tensor:
-    """Next token per row: from its last position (decoding) or from position `gather[row]` (the questions)."""
-    keep = None if gather is None else torch.unique(gather)  # sorted; logits only where some row needs them
-    positions = state.rel + p
-    reset = _STATE.set(state)
+def _together(model) -> int:
+    """How many rows torch may compute in one call with every row's bits as when computed alone."""
+    found = model.__dict__.get("_cag_rows_together")
+    if found is None:
+        first = next(model.parameters())
+        found = 1
+        if first.device.type == "cuda":
+            found = 1 << 30  # up to the kernels cuBLAS picks per shape (measured by bench/gpu.py)
+        elif first.dtype != torch.float32:
+            found = packed.ROW_LIMIT  # oneDNN's bf16/fp16 matmuls compute rows alone (tested)
+        elif all(isinstance(m, packed.PackedLinear) for m in model.modules()
+                 if isinstance(m, torch.nn.Linear) or isinstance(m, packed.PackedLinear)):
+            found = packed.ROW_LIMIT  # cag's packed kernels compute each row on its own (beyond: float32 BLAS)
+        model._cag_rows_together = found
+    return found
+
+
+# -- answers ------------------------------------------------------------------------------------------
+
+@dataclass
+class Job:
+    """One answer: its new tokens on top of `reuse` prefix positions, how to pick, and how far it is."""
+
+    new_ids: list[int]
+    reuse: int
+    max_new_tokens: int = 256
+    sampling: Sampling = Sampling()
+    stops: frozenset[int] = frozenset()
+    row: Row | None = None
+    generator: torch.Generator | None = None
+    produced: int = 0
+    last: int | None = None
+    done: bool = False
+    first_logits: torch.Tensor | None = field(default=None, repr=False)  # kept only when asked (tests)
+
+    def pick(self, logits: torch.Tensor) -> int | None:
+        """The next token from this row's logits, or None when it is a stop token (the answer is over)."""
+        token = pick(logits, self.sampling, self.generator)
+        if token in self.stops:
+            self.done = True
+            return None
+        self.produced += 1
+        self.last = token
+        self.done = self.produced >= self.max_new_tokens
+        return token
+
+
+class Decoder:
+    """Rows on one workspace, decoded together one token per step.
+
+    start() gives a job its row (a RowBuffer from the workspace's pool) and runs its question prefill for
+    its first token; step() gives every listed job its next token; finish() hands the buffer back.
+    """
+
+    def __init__(self, model, workspace: Workspace):
+        self.model, self.workspace = model, workspace
+        self.layers = model.config.num_hidden_layers
+        self.device = _device(model)
+
+    def start(self, job: Job, keep_logits: bool = False) -> int | None:
+        if not job.new_ids:
+            raise ValueError("an answer needs at least one new token to compute the next-token logits")
+        if not 0 <= job.reuse <= self.workspace.length:
+            raise ValueError(f"reuse {job.reuse} is outside the prefix of {self.workspace.length} positions")
+        buffer = self.workspace.take(len(job.new_ids) + job.max_new_tokens, self.layers)
+        job.row = Row(self.workspace, job.reuse, buffer)
+        job.generator = job.sampling.generator(self.device)
+        logits = prefill(self.model, job.row, job.new_ids)
+        if keep_logits:
+            job.first_logits = logits.clone()
+        return job.pick(logits)
+
+    def step(self, jobs: list[Job]) -> list[int | None]:
+        logits = step(self.model, [j.row for j in jobs], [j.last for j in jobs])
+        return [j.pick(row_logits) for j, row_logits in zip(jobs, logits)]
+
+    def finish(self, job: Job) -> None:
+        if job.row is not None:
+            self.workspace.give(job.row.buffer)
+            job.row = None
+
+
+def generate_batch(model, prefix: "KV | Workspace", questions: Sequence[Sequence[int]], max_new_tokens: int = 256,
+                   stop_ids: Sequence[int] = (), reuse: Sequence[int] | None = None) -> list[list[int]]:
+    """Greedy answers to several questions on one prefix, decoded together; each equals its answer alone.
+
+    Question i continues the first reuse[i] prefix positions (all of them by default)."""
+    workspace = prefix if isinstance(prefix, Workspace) else Workspace(prefix)
+    reuse = list(reuse) if reuse is not None else [workspace.length] * len(questions)
+    jobs = [Job(list(q), r, max_new_tokens, Sampling(), frozenset(stop_ids)) for q, r in zip(questions, reuse)]
+    out: list[list[int]] = [[] for _ in jobs]
+    decoder = Decoder(model, workspace)
     try:
-        if gather is None and fastdecode.supported(model):  # one token per row: the lean step (checked)
-            return torch.argmax(fastdecode.batch_step(
-                model, ids, positions,
-                attention=lambda attn, q, k, v: _attention(attn, q, k, v, None, scaling=attn.scaling)[0],
-                reference=lambda: kvcompat.forward_positions(model, ids, position_ids=positions)[:, -1]), dim=-1)
-        logits = kvcompat.forward_positions(model, ids, position_ids=positions, keep=keep)
+        for i, job in enumerate(jobs):
+            token = decoder.start(job)
+            if token is not None:
+                out[i].append(token)
+        while active := [i for i, j in enumerate(jobs) if not j.done]:
+            for i, token in zip(active, decoder.step([jobs[i] for i in active])):
+                if token is not None:
+                    out[i].append(token)
     finally:
-        _STATE.reset(reset)
-    if gather is None:
-        last = logits[:, -1]
-    else:
-        last = logits[torch.arange(ids.shape[0], device=ids.device), torch.searchsorted(keep, gather)]
-    return torch.argmax(last, dim=-1)
+        for job in jobs:
+            decoder.finish(job)
+    return out

@@ -483,11 +483,14 @@ def serve(
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="CAG_API_KEY", show_default=False,
                                           help="Require 'Authorization: Bearer KEY' on every API request (one "
                                                "tenant; for several, use api_keys in the config or CAG_API_KEYS)."),
-    batch_window_ms: Optional[float] = typer.Option(None, "--batch-window-ms", min=0, show_default=False,
-                                                    help="Decode greedy requests arriving this close together in "
-                                                         "one batch (overrides the config's batch_window_ms; 0 = off)."),
+    continuous_batching: Optional[bool] = typer.Option(
+        None, "--continuous-batching/--no-continuous-batching", show_default=False,
+        help="Decode the answers in progress on a knowledge base together, one step for all (default on)."),
+    max_batch: Optional[int] = typer.Option(None, "--max-batch", min=1, show_default=False,
+                                            help="Most answers per decoding step per knowledge base (default 32)."),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, show_default=False,
-                                          help="Generation threads (overrides the config's workers, default 4)."),
+                                          help="Answers computed at once (overrides the config's workers, default 4; "
+                                               "with continuous batching at least --max-batch)."),
     log_level: str = typer.Option("info", "--log-level", metavar="[debug|info|warning|error]",
                                   help="Least severe log lines shown (JSON access lines go to stdout at info)."),
 ) -> None:
@@ -500,7 +503,8 @@ def serve(
     if log_level not in ("debug", "info", "warning", "error"):
         raise typer.BadParameter(f"{log_level!r} is not one of debug, info, warning, error", param_hint="'--log-level'")
     configure_logging(log_level)
-    settings = with_flags(load_config(config), api_key=api_key, batch_window_ms=batch_window_ms, workers=workers)
+    settings = with_flags(load_config(config), api_key=api_key, continuous_batching=continuous_batching,
+                          max_batch=max_batch, workers=workers)
     lm = _load_model(settings.model, device=settings.device, dtype=settings.dtype)
     if lm.packing is not None:
         _log(str(lm.packing))

@@ -1,35 +1,25 @@
 """The model side of CAG: prefill a prefix once, then answer by running only new tokens on top of it.
 
-One generation loop serves both modes. With a prefix, the question's tokens run after the cached
-positions; without one (`--no-cache`, the reference), the whole prompt runs from scratch. Same code,
-same dtype, same decoding: the only difference is where the prefix's keys and values come from.
+One generation path serves every mode. With a prefix, the question's tokens run after the cached
+positions; without one, the whole prompt runs from scratch. Same code, same dtype, same decoding: the
+only difference is where the prefix's keys and values come from. An answer is one row of cag.batch,
+alone or decoded together with others (cag.scheduler): the same computation per row either way.
 """
 
 from __future__ import annotations
 
-import threading
-from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
 
-from . import fastdecode, kvcompat
+from . import batch, kvcompat, scheduler
 from .kvcompat import KV
+from .sampling import Sampling
+from .workspace import Workspace
+
+__all__ = ["DEFAULT_CHUNK", "Sampling", "TextStream", "Workspace", "detokenize", "generate", "prefill", "stop_ids"]
 
 DEFAULT_CHUNK = 512
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """Greedy unless a temperature is given; a seed makes sampling repeatable."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0.0
 
 
 def _ids(ids: Sequence[int], device: torch.device) -> torch.Tensor:
@@ -73,104 +63,36 @@ def prefill_pieces(model, ids: Sequence[int], ends: Sequence[int], progress: Cal
     return kvcompat.to_layers(cache)
 
 
-class Workspace:
-    """The prefix's KV inside preallocated buffers, with room after it for one answer at a time.
-
-    An answer writes its tokens after the prefix and is dropped by forgetting a length: nothing is
-    concatenated or copied per question, and the prefix region is never written. One answer at a time
-    holds the workspace (a lock); a concurrent one falls back to the shared, concatenating path over
-    the same prefix tensors, which is just as correct, only slower.
-    """
-
-    def __init__(self, layers: KV, room: int = 1024):
-        self.length = layers[0][0].shape[-2]
-        self._place(layers, self.length + room)
-        self.lock = threading.Lock()
-
-    @property
-    def prefix(self) -> KV:
-        return [(k[:, :, : self.length], v[:, :, : self.length]) for k, v in self.buffers]
-
-    def reserve(self, capacity: int) -> None:
-        """Grow the buffers (copying the prefix once) when an answer needs more room than they have."""
-        if capacity > self.capacity:
-            self._place(self.prefix, capacity + 256)
-
-    def _place(self, layers: KV, capacity: int) -> None:
-        self.capacity = capacity
-        self.buffers = [(_with_room(k, capacity), _with_room(v, capacity)) for k, v in layers]
-
-
-def _with_room(t: torch.Tensor, capacity: int) -> torch.Tensor:
-    out = t.new_empty((*t.shape[:2], capacity, t.shape[-1]))
-    out[:, :, : t.shape[-2]].copy_(t)
-    return out
-
-
 def generate(model, new_ids: Sequence[int], prefix: "KV | Workspace | None" = None, reuse: int = 0,
              max_new_tokens: int = 256, sampling: Sampling = Sampling(),
              stop_ids: Sequence[int] = ()) -> Iterator[int]:
     """Yield generated token ids. `reuse` leading positions of `prefix` stand in for the prompt's first tokens.
 
-    The prefix's positions are only ever read: after the call (finished, failed or abandoned mid-stream)
-    the prefix is exactly what it was.
+    The answer is one row of cag.batch: the prefix is read in place (never copied, never written) and the
+    answer's own positions go to a buffer of its own, so after the call (finished, failed or abandoned
+    mid-stream) the prefix is exactly what it was. Inside `cag.scheduler.together()` an answer on a
+    Workspace joins the rows that workspace's scheduler is decoding; its tokens are the same bits either way.
     """
     if not new_ids:
         raise ValueError("generate needs at least one new token to compute the next-token logits")
-    need = reuse + len(new_ids) + max_new_tokens
-    if isinstance(prefix, Workspace):
-        if reuse == prefix.length and prefix.lock.acquire(blocking=False):
-            try:
-                prefix.reserve(need)
-                cache = kvcompat.buffer_cache(prefix.capacity, prefix.buffers, reuse)
-                yield from _decode(model, new_ids, cache, max_new_tokens, sampling, stop_ids)
-            finally:
-                prefix.lock.release()
-            return
-        prefix = prefix.prefix
-    if prefix is not None and reuse > 0:
-        # A private copy of the prefix in buffers with room (one copy per answer, where a concatenating
-        # cache would copy every token), so this path decodes with the same step as the others.
-        own = Workspace([(k[:, :, :reuse], v[:, :, :reuse]) for k, v in prefix], room=need - reuse)
-        cache = kvcompat.buffer_cache(own.capacity, own.buffers, reuse)
-    else:
-        cache = kvcompat.buffer_cache(need)  # the reference: everything from scratch
-    yield from _decode(model, new_ids, cache, max_new_tokens, sampling, stop_ids)
-
-
-@torch.inference_mode()
-def _decode(model, new_ids, cache, max_new_tokens, sampling, stop_ids) -> Iterator[int]:
-    device = next(model.parameters()).device
-    generator = None
-    if not sampling.greedy and sampling.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(sampling.seed)
-    stops = set(stop_ids)
-    logits = kvcompat.forward(model, _ids(new_ids, device), cache)
-    fast = fastdecode.supported(model)
-    for i in range(max_new_tokens):
-        token = _pick(logits[0], sampling, generator)
-        if token in stops:
-            return
-        yield token
-        if i + 1 == max_new_tokens:
-            return  # no step for a token nobody will read
-        if fast:
-            logits = fastdecode.step(model, token, cache)
-        else:
-            logits = kvcompat.forward(model, _ids([token], device), cache)
-
-
-def _pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
-    if sampling.greedy:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
-    if sampling.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < sampling.top_p  # always keeps the top token
-        sorted_probs = sorted_probs * keep
-        choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
-        return int(order[choice])
-    return int(torch.multinomial(probs, 1, generator=generator))
+    if max_new_tokens < 1:
+        return
+    workspace = prefix if isinstance(prefix, Workspace) else Workspace(prefix or [])
+    job = batch.Job(list(new_ids), reuse, max_new_tokens, sampling, frozenset(stop_ids))
+    limit = scheduler.limit()
+    if limit is not None and isinstance(prefix, Workspace):
+        yield from scheduler.of(model, workspace).answer(job, limit)
+        return
+    decoder = batch.Decoder(model, workspace)
+    try:
+        token = decoder.start(job)
+        while token is not None:
+            yield token
+            if job.done:
+                return  # no step for a token nobody will read
+            token = decoder.step([job])[0]
+    finally:
+        decoder.finish(job)
 
 
 def stop_ids(tokenizer, model) -> list[int]:

@@ -3,16 +3,17 @@
 Why: decoding SmolLM2 on a CPU spends as long in Python (module hooks, mask building, output objects,
 three projections where one would do) as in the matmuls. Two steps replace transformers' forward here:
 
-- The C step (cag.nativestep, cag/native/step.c): the whole token in one call, for float32 models on
-  the CPU decoding into a preallocated buffer cache (every mode of cag.engine does). It adds in its own
-  order, so it is checked against transformers within TOLERANCE (see _checked_native); since every
-  generated token of every mode goes through it, cached and no-cache answers run the same arithmetic.
+- The C step (cag.nativestep, cag/native/step.c): the whole token of every row in one call, for float32
+  models on the CPU. It adds in its own order, so it is checked against transformers within TOLERANCE
+  (see native); since every generated token of every mode goes through it, cached and no-cache answers
+  run the same arithmetic.
 - The lean Python step: the model's own modules (norms, rotary embedding, projections, MLP pieces) in
   transformers' order, with q/k/v and gate/up fused into one call each when packed (cag.packed computes
   every output row independently, so the fused call returns exactly the same numbers). Bit for bit with
-  transformers; it serves everything the C step does not (bf16, GPUs, other caches) and cag.batch.
+  transformers; it serves everything the C step does not (bf16, GPUs).
 
-Either is an optimisation, never a second opinion: the first step of each kind (native, single, batch)
+Both run the rows of cag.batch (its attention reads the shared prefix and each row's own positions).
+Either is an optimisation, never a second opinion: the first step of each kind (native, lean)
 on each model is also run through transformers' own forward and compared, or that kind is switched off
 for the model (with a warning): a failed C step hands over to the lean step, a failed lean step to
 transformers. CAG_FAST_DECODE=0 turns both off; CAG_NATIVE_STEP=0 only the C step.
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 
 from . import kvcompat, nativestep, packed, settings
 
-_ATTENTION = {"sdpa", "cag_shared_prefix"}  # the latter is plain sdpa outside a cag.batch run
+_ATTENTION = {"sdpa", "cag_rows"}  # the latter is plain sdpa outside a cag.batch forward
 _LOCK = threading.Lock()
 
 
@@ -47,62 +48,34 @@ def supported(model) -> bool:
 
 
 def verdict(model, kind: str) -> bool | None:
-    """Whether the fast `kind` step ("single" or "batch") matched transformers on this model; None: not run yet."""
+    """Whether the fast `kind` step ("native" or "lean") matched transformers on this model; None: not run yet."""
     return getattr(model, "_cag_fast_verdicts", {}).get(kind)
 
 
-@torch.inference_mode()
-def step(model, token: int, cache) -> torch.Tensor:
-    """Logits [1, vocab] for `token` placed after everything `cache` holds; the cache grows by one."""
-    length = kvcompat.seq_length(cache)
-    ids = _ids(model, [[token]])
-    if supported(model) and verdict(model, "native") is not False:
-        plan = nativestep.plan(model)
-        if plan is not None and nativestep.writable(cache, plan):
-            return _checked_native(model, plan, token, ids, cache, length)
-    positions = torch.tensor([[length]], device=ids.device)
-
-    def attend(i, attn, q, k, v):
-        keys, values = kvcompat.layer_update(cache, i, k, v)
-        extra = {"enable_gqa": True} if attn.num_key_value_groups > 1 else {}
-        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=None, dropout_p=0.0, scale=attn.scaling,
-                                           is_causal=False, **extra)
-        return o.reshape(1, -1, 1, values.shape[-1]).transpose(1, 2).contiguous()
-
-    return _checked(model, "single", reference=lambda: kvcompat.forward(model, ids, cache),
-                    fast=lambda fusions: _forward(model, ids, positions, fusions, attend),
-                    reset=lambda: kvcompat.crop(cache, length))
-
-
-def _checked_native(model, plan, token: int, ids: torch.Tensor, cache, length: int) -> torch.Tensor:
-    """The C step; on the model's first one, also transformers' forward, compared within TOLERANCE.
+def native(model, run, reference, new_kv) -> torch.Tensor:
+    """The C step (`run()`: logits [rows, vocab]); on the model's first one, also `reference()` (transformers'
+    forward over the same rows), compared within TOLERANCE: logits and the keys/values written (`new_kv()`).
 
     The C step adds its float32 sums in another order than transformers (and has its own exp), so the
-    bits differ; what is checked is that logits and the new keys/values agree to within TOLERANCE of
-    their largest magnitude (float32 rounding over a whole model is ~1e-6 of it; a real mistake such as a
-    wrong position or weight is orders of magnitude more). Every generated token of every mode (cached
-    or not) goes through this same step, so cached and no-cache answers still run the same arithmetic.
+    bits differ; what is checked is that they agree to within TOLERANCE of their largest magnitude (float32
+    rounding over a whole model is ~1e-6 of it; a real mistake such as a wrong position or weight is orders
+    of magnitude more). Every generated token of every mode (cached or not, alone or batched) goes through
+    this same step, so cached and no-cache answers still run the same arithmetic. Both write the new
+    keys/values at the same fixed positions, so running one after the other leaves the C step's.
     """
-    def rows():
-        return [(k[:, :, length].clone(), v[:, :, length].clone()) for k, v in kvcompat.buffers(cache)[0]]
+    def checked_reference():
+        return reference(), new_kv()
 
-    def reference():
-        logits = kvcompat.forward(model, ids, cache)
-        return logits, rows()
-
-    def fast(_fusions):
-        logits = plan.run(token, cache)
-        return logits if _checking.get() is None else (logits, rows())
+    def fast():
+        logits = run()
+        return logits if _checking.get() is None else (logits, new_kv())
 
     def same(got, expected):
-        pairs = [(got[0], expected[0])] + [pair for a, b in zip(got[1], expected[1]) for pair in zip(a, b)]
+        pairs = [(got[0], expected[0])] + list(zip(got[1], expected[1]))
         return all(close(x, y) for x, y in pairs)
 
-    def unwrap(result):
-        return result[0] if isinstance(result, tuple) else result
-
-    return unwrap(_checked(model, "native", reference=reference, fast=fast,
-                           reset=lambda: kvcompat.crop(cache, length), same=same))
+    result = _checked(model, "native", reference=checked_reference, fast=fast, same=same)
+    return result[0] if isinstance(result, tuple) else result
 
 
 TOLERANCE = 1e-4
@@ -116,37 +89,32 @@ def close(got: torch.Tensor, expected: torch.Tensor, tolerance: float = TOLERANC
     return float((got - expected).abs().max()) <= tolerance * scale if got.numel() else True
 
 
+def checked_lean(model, lean, reference) -> torch.Tensor:
+    """lean() (the lean Python step over some rows), checked bit for bit against reference() (transformers'
+    forward over the same rows, same attention) on the model's first one; reference() if it ever disagreed."""
+    return _checked(model, "lean", reference=reference, fast=lean)
+
+
 @torch.inference_mode()
-def batch_step(model, ids: torch.Tensor, positions: torch.Tensor, attention, reference) -> torch.Tensor:
-    """Logits [B, vocab] for one new token per row (ids, positions: [B, 1]) of a cag.batch run.
-
-    `attention(module, q, k, v)` is the batch's shared-prefix attention (it writes each row's keys and
-    values at fixed positions, so running a step twice is harmless); `reference()` is the same step
-    through transformers' forward, used for the first-use check.
-    """
-    return _checked(model, "batch", reference=reference,
-                    fast=lambda fusions: _forward(model, ids, positions, fusions,
-                                                  lambda i, attn, q, k, v: attention(attn, q, k, v)),
-                    reset=lambda: None)
+def lean(model, ids: torch.Tensor, positions: torch.Tensor, attention) -> torch.Tensor:
+    """Logits [rows, vocab] for one new token per row (ids, positions: [rows, 1]) through the model's own
+    modules; `attention(module, q, k, v)` is cag.batch's (it writes each row's keys/values at fixed positions,
+    so running a step twice is harmless)."""
+    return _forward(model, ids, positions, _fusions(model), lambda i, attn, q, k, v: attention(attn, q, k, v))
 
 
-def _ids(model, ids) -> torch.Tensor:
-    return torch.tensor(ids, device=model.model.embed_tokens.weight.device)
-
-
-def _checked(model, kind: str, reference, fast, reset, same=torch.equal) -> torch.Tensor:
-    """fast(fusions) once checked; on a model's first `kind` step, also reference() and compare (`same`)."""
+def _checked(model, kind: str, reference, fast, same=torch.equal):
+    """fast() once checked; on a model's first `kind` step, also reference() and compare (`same`)."""
     ok = verdict(model, kind) if supported(model) else False
     if ok:
-        return fast(_fusions(model))
+        return fast()
     if ok is None:
         with _LOCK:
             if verdict(model, kind) is None:
                 expected = reference()
-                reset()
                 token = _checking.set(kind)
                 try:
-                    got = fast(_fusions(model))
+                    got = fast()
                 finally:
                     _checking.reset(token)
                 agree = bool(same(got, expected))
@@ -155,8 +123,7 @@ def _checked(model, kind: str, reference, fast, reset, same=torch.equal) -> torc
                     return got
                 print(f"cag: fast {kind} decode step disagrees with transformers' forward for this model; "
                       f"using {'the lean Python step' if kind == 'native' else 'transformers'}", file=sys.stderr)
-                reset()
-        return _checked(model, kind, reference, fast, reset, same)  # decided now (here or by another thread)
+        return _checked(model, kind, reference, fast, same)  # decided now (here or by another thread)
     return reference()
 
 

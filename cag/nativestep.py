@@ -2,8 +2,9 @@
 
 Why a C step: one token through 30 small layers costs as much in Python calls as in arithmetic, and
 attention over a long cached prefix wants one pass over the keys/values shared by its query heads.
-step.c runs the whole token (all layers, final norm, LM head) in one call over the model's own weight
-memory (float32 rows, or the Q4_1/Q8_0 blocks of cag.packed) and the cache's preallocated buffers.
+step.c runs the whole token of every row (all layers, final norm, LM head) in one call over the model's
+own weight memory (float32 rows, or the Q4_1/Q8_0 blocks of cag.packed), the shared prefix's KV and each
+row's own buffers (cag.batch.Row, cag.workspace.RowBuffer).
 
 This module only describes the model to the C code (pointers into tensors the model keeps alive) and
 calls it; cag.fastdecode decides when to use it and checks it against transformers on first use.
@@ -15,7 +16,7 @@ import ctypes
 
 import torch
 
-from . import kvcompat, native, packed, settings
+from . import native, packed, settings
 
 _STATIC_ROPE = {"default", "linear", "llama3", "yarn"}  # inv_freq fixed at load time: a table is exact
 MAX_HEAD_DIM = 512  # step.c's rotary scratch
@@ -86,56 +87,77 @@ class Plan:
             table = self._rope = (cos[0].contiguous(), sin[0].contiguous())
         return table
 
-    def run(self, token: int, cache) -> torch.Tensor:
-        """Logits [1, vocab] for `token` after what the buffer cache holds; the cache grows by one.
+    def fits(self, rows) -> bool:
+        """Whether step.c can run these cag.batch rows: float32 CPU buffers in its layout, room for the token."""
+        if not rows:
+            return False
+        workspace = rows[0].workspace
+        if any(r.workspace is not workspace for r in rows) or self._shared(workspace) is None:
+            return False
+        return all(self._own(r.buffer) is not None and r.length < r.buffer.capacity for r in rows)
 
-        The cache must be one step.c can write into (`writable`)."""
-        view = _view(cache, self)
-        if view is None:
-            raise ValueError("not a float32 buffer cache with room for one more position")
-        if not 0 <= token < self.embed.shape[0]:
-            raise IndexError(f"token id {token} is outside the embedding table")
-        kp, vp, capacity, length = view
-        cos, sin = self.rope(length)
-        row = self.head_dim * 4
-        logits = torch.empty(1, self.vocab)
-        embedding = self.embed.data_ptr() + token * self.hidden * 4
-        if self.kernels.step(ctypes.byref(self.model), kp, vp, capacity, embedding, length,
-                             cos.data_ptr() + length * row, sin.data_ptr() + length * row, logits.data_ptr()) != 0:
+    def run(self, rows, tokens) -> torch.Tensor:
+        """Logits [rows, vocab] for one token per row (cag.batch Rows, all on one workspace; `fits` must hold).
+
+        Writes each token's keys/values at its row's next own position; the caller counts them."""
+        count = len(rows)
+        table = self.rope(max(r.position for r in rows))
+        cos, sin = table
+        row_bytes = self.head_dim * 4
+        c_rows = (native.Row * count)()
+        for c, r, token in zip(c_rows, rows, tokens):
+            if not 0 <= token < self.embed.shape[0]:
+                raise IndexError(f"token id {token} is outside the embedding table")
+            k, v = self._own(r.buffer)
+            c.embedding = self.embed.data_ptr() + token * self.hidden * 4
+            c.cos, c.sin = cos.data_ptr() + r.position * row_bytes, sin.data_ptr() + r.position * row_bytes
+            c.pos, c.shared, c.k, c.v, c.cap = r.position, r.shared, k, v, r.buffer.capacity
+        logits = torch.empty(count, self.vocab)
+        if self.kernels.step(ctypes.byref(self.model), ctypes.byref(self._shared(rows[0].workspace)), c_rows, count,
+                             logits.data_ptr()) != 0:
             raise MemoryError("cag_step could not allocate its scratch memory")
-        kvcompat.advance(cache, 1)
         return logits
+
+    def _shared(self, workspace) -> native.Shared | None:
+        """The prefix as step.c reads it (memoized on the workspace: its tensors never move), or None."""
+        memo = workspace.native
+        if memo is None or memo[0] is not self:
+            memo = workspace.native = (self, *self._describe(workspace.layers))
+        return memo[1]
+
+    def _describe(self, layers) -> tuple:
+        """(Shared or None, the pointer arrays it points to)."""
+        if not layers:
+            return native.Shared(k=None, v=None, stride=0), None
+        stride = layers[0][0].stride(1)
+        if len(layers) != self.model.n_layers or not all(
+                t.dtype == torch.float32 and t.device.type == "cpu" and t.shape[1] == self.kv_heads
+                and t.shape[-1] == self.head_dim and t.stride(-1) == 1 and t.stride(-2) == self.head_dim
+                and t.stride(1) == stride for pair in layers for t in pair):
+            return None, None
+        arrays = [(ctypes.c_void_p * len(layers))(*[t.data_ptr() for t in ts]) for ts in zip(*layers)]
+        return native.Shared(k=ctypes.cast(arrays[0], ctypes.c_void_p), v=ctypes.cast(arrays[1], ctypes.c_void_p),
+                             stride=stride // self.head_dim), arrays
+
+    def _own(self, buffer):
+        """A RowBuffer's per-layer pointer arrays (memoized once all its layers exist: they never move), or
+        None where step.c cannot write them (not float32 on the CPU, layers not allocated yet)."""
+        memo = buffer.native
+        if memo is not None and memo[0] is self:
+            return memo[1]
+        shape = (1, self.kv_heads, buffer.capacity, self.head_dim)
+        if len(buffer.k) != self.model.n_layers or not all(
+                t is not None and t.shape == shape and t.dtype == torch.float32 and t.device.type == "cpu"
+                and t.is_contiguous() for pair in zip(buffer.k, buffer.v) for t in pair):
+            return None
+        arrays = [(ctypes.c_void_p * len(ts))(*[t.data_ptr() for t in ts]) for ts in (buffer.k, buffer.v)]
+        pointers = (ctypes.cast(arrays[0], ctypes.c_void_p), ctypes.cast(arrays[1], ctypes.c_void_p))
+        buffer.native = (self, pointers, arrays)
+        return pointers
 
 
 class _Unsupported(Exception):
     pass
-
-
-def writable(cache, plan: Plan) -> bool:
-    """Whether `cache` is a buffer cache in the layout step.c writes (float32, room for one more position)."""
-    return _view(cache, plan) is not None
-
-
-def _view(cache, plan: Plan):
-    """Pointer arrays for the cache's buffers (memoized on the cache: its buffers never move), or None."""
-    found = kvcompat.buffers(cache)
-    if found is None:
-        return None
-    bufs, length, capacity = found
-    if length >= capacity:
-        return None  # full: let transformers' path raise its error
-    memo = getattr(cache, "_cag_native_view", None)
-    if memo is None or memo[0] is not bufs[0][0]:
-        shape = (1, plan.kv_heads, capacity, plan.head_dim)
-        if len(bufs) != plan.model.n_layers or not all(
-                t.shape == shape and t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
-                for pair in bufs for t in pair):
-            return None
-        kp = (ctypes.c_void_p * len(bufs))(*[k.data_ptr() for k, _ in bufs])
-        vp = (ctypes.c_void_p * len(bufs))(*[v.data_ptr() for _, v in bufs])
-        memo = (bufs[0][0], kp, vp)
-        cache._cag_native_view = memo
-    return memo[1], memo[2], capacity, length
 
 
 def plan(model) -> Plan | None:

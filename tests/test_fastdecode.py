@@ -1,7 +1,8 @@
 """cag.fastdecode: the decoding steps must agree with transformers' forward, or switch themselves off.
 
-Two steps: the lean Python step (bit for bit with transformers) and the C step (cag/native/step.c, float32
-in its own order: within fastdecode.TOLERANCE, and the same step for every generated token of every mode).
+Two steps: the lean Python step (bit for bit with transformers' forward over the same rows and attention)
+and the C step (cag/native/step.c, float32 in its own order: within fastdecode.TOLERANCE, and the same step
+for every generated token of every mode; tests/test_nativestep.py).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cag import engine, fastdecode, kvcompat, models, packed
+from cag import batch, engine, fastdecode, models, packed
 from conftest import require_native
 
 
@@ -23,33 +24,36 @@ def lean_only(monkeypatch):
     monkeypatch.setenv("CAG_NATIVE_STEP", "0")
 
 
-def _logits_both_ways(model, prompt: list[int], steps: int):
-    """Decode greedily through transformers' forward and through the fast step, side by side."""
-    caches = [kvcompat.buffer_cache(len(prompt) + steps + 1) for _ in range(2)]
-    with torch.inference_mode():
-        logits = [kvcompat.forward(model, torch.tensor([prompt]), c) for c in caches]
-        out = []
-        for _ in range(steps):
-            token = int(torch.argmax(logits[0]))
-            logits = [kvcompat.forward(model, torch.tensor([[token]]), caches[0]),
-                      fastdecode.step(model, token, caches[1])]
-            out.append((logits[0].clone(), logits[1].clone()))
-    return out, caches
+def _step_logits(model, prefix_layers, prompt: list[int], rows: int, steps: int) -> list[torch.Tensor]:
+    """Logits of `rows` greedy rows (each its own question) over `steps` batched steps (cag.batch)."""
+    ws = engine.Workspace(prefix_layers)
+    layers = model.config.num_hidden_layers
+    live = [batch.Row(ws, ws.length, ws.take(len(prompt) + steps + 1, layers)) for _ in range(rows)]
+    last = [int(torch.argmax(batch.prefill(model, r, prompt[i:] + [i]))) for i, r in enumerate(live)]
+    out = []
+    for _ in range(steps):
+        logits = batch.step(model, live, last)
+        out.append(logits.clone())
+        last = [int(t) for t in torch.argmax(logits, dim=-1)]
+    return out
 
 
 @pytest.mark.parametrize("which", ["tiny", "sharp", "q4"])
-def test_lean_step_equals_transformers_bit_for_bit(which, tiny_model_dir, sharp_model_dir, request, lean_only):
+def test_lean_step_equals_transformers_bit_for_bit(which, tiny_model_dir, sharp_model_dir, request, lean_only,
+                                                   monkeypatch):
     if which == "q4":
         require_native()
     path = {"tiny": tiny_model_dir, "sharp": sharp_model_dir}.get(which) or request.getfixturevalue("q4_model_dir")
     lm = _fresh(str(path))
     assert fastdecode.supported(lm.model)
-    pairs, caches = _logits_both_ways(lm.model, list(range(5, 45)), steps=12)
-    assert all(torch.equal(a, b) for a, b in pairs)
-    assert kvcompat.seq_length(caches[0]) == kvcompat.seq_length(caches[1]) == 40 + 12
-    for (k0, v0), (k1, v1) in zip(kvcompat.to_layers(caches[0]), kvcompat.to_layers(caches[1])):
-        assert torch.equal(k0, k1) and torch.equal(v0, v1)  # the cache holds the same keys and values too
-    assert fastdecode.verdict(lm.model, "single") is True
+    prefix = engine.prefill(lm.model, list(range(5, 45)))
+    rows = 3 if which == "q4" else 1  # packed matmuls compute rows alone: the lean step runs them together
+    fast = _step_logits(lm.model, prefix, [7, 8, 9], rows, steps=12)
+    monkeypatch.setenv("CAG_FAST_DECODE", "0")
+    slow = _fresh(str(path))  # transformers' own forward for every step (same attention, same rows)
+    assert not fastdecode.supported(slow.model)
+    assert all(torch.equal(a, b) for a, b in zip(fast, _step_logits(slow.model, prefix, [7, 8, 9], rows, steps=12)))
+    assert fastdecode.verdict(lm.model, "lean") is True
     fused = fastdecode._fusions(lm.model)
     assert len(fused) == lm.config.num_hidden_layers
     assert all(f is not None for pair in fused for f in pair) == (which == "q4")  # packed layers are fused
@@ -79,7 +83,7 @@ def test_a_disagreeing_step_switches_itself_off(tiny_model_dir, monkeypatch, cap
     expected = list(engine.generate(reference_lm.model, prompt, max_new_tokens=8))
     got = list(engine.generate(lm.model, prompt, max_new_tokens=8))
     assert got == expected
-    assert fastdecode.verdict(lm.model, "single") is False
+    assert fastdecode.verdict(lm.model, "lean") is False
     assert "disagrees" in capsys.readouterr().err
 
 
@@ -102,22 +106,3 @@ def test_fused_projections_share_memory_with_the_layers(q4_model_dir):
     x = torch.randn(1, 1, attn.q_proj.in_features)
     with torch.inference_mode():
         assert torch.equal(fused(x), torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], -1))
-
-
-def test_batched_steps_are_checked_too_and_answers_match(tiny_lm, sharp_model_dir, monkeypatch, capsys):
-    from cag import batch
-
-    lm = _fresh(str(sharp_model_dir))
-    prefix = list(range(3, 120))
-    layers = engine.prefill(lm.model, prefix)
-    questions = [[7, 8, 9], [100, 3, 44, 12], [5]]
-    got = batch.generate_batch(lm.model, layers, questions, max_new_tokens=10)
-    assert fastdecode.verdict(lm.model, "batch") is True and fastdecode.verdict(lm.model, "single") is None
-    for q, answer in zip(questions, got):
-        assert answer == list(engine.generate(lm.model, q, prefix=layers, reuse=len(prefix), max_new_tokens=10))
-
-    wrong = _fresh(str(sharp_model_dir))
-    real_forward = fastdecode._forward
-    monkeypatch.setattr(fastdecode, "_forward", lambda *a: real_forward(*a) * 1.001)
-    assert batch.generate_batch(wrong.model, layers, questions, max_new_tokens=10) == got
-    assert fastdecode.verdict(wrong.model, "batch") is False and "disagrees" in capsys.readouterr().err

@@ -115,22 +115,3 @@ def test_concurrent_requests_get_exactly_their_own_answers(url, kb):
     for (q, _stream), answer in zip(jobs, got):
         assert answer == want[q], q
     assert len(set(want.values())) == len(QUESTIONS)  # every request has its own answer
-
-
-def test_concurrent_greedy_requests_are_batched_and_answer_as_one_at_a_time(kb, sharp_lm):
-    """With batch_window_ms, greedy non-streaming requests arriving together are decoded in one batch."""
-    want = {q: kb.ask(q, max_new_tokens=MAX - (i % 3)).answer for i, q in enumerate(QUESTIONS[:4])}
-    config = ServerConfig(response_cache=False, batch_window_ms=300, workers=4)
-    with serving(create_app(config, sharp_lm)) as base:
-        def call(i: int) -> dict:
-            r = httpx.post(base + "/v1/chat/completions", timeout=120, json={
-                "model": "lanterns", "max_tokens": MAX - (i % 3), "messages": [{"role": "user", "content": QUESTIONS[i]}]})
-            assert r.status_code == 200, r.text
-            return r.json()
-
-        with ThreadPoolExecutor(4) as pool:
-            got = list(pool.map(call, range(4)))
-    for i, body in enumerate(got):
-        assert body["choices"][0]["message"]["content"] == want[QUESTIONS[i]]
-        assert body["usage"]["completion_tokens"] <= MAX - (i % 3)
-    assert sum(body["cag"]["mode"] == "cache-batch" for body in got) >= 2

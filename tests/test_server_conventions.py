@@ -1,6 +1,6 @@
 """The conventions OpenAI-compatible servers share (llama-server, vLLM, Ollama), on the tiny model:
 POST /v1/completions through the same path as chat, GET /health, the model behind each knowledge base in
-/v1/models, `cag serve --api-key/--log-level/--batch-window-ms/--workers`, CAG_HOST / CAG_PORT, and one
+/v1/models, `cag serve --api-key/--log-level/--max-batch/--workers`, CAG_HOST / CAG_PORT, and one
 JSON access-log line per request carrying the X-Request-Id returned to the client."""
 
 from __future__ import annotations
@@ -262,15 +262,18 @@ def test_a_failed_stream_logs_its_error(url, caplog, monkeypatch):
 # -- `cag serve` flags and environment ------------------------------------------------------------------
 
 def test_with_flags_overrides_the_config():
-    base = ServerConfig(batch_window_ms=5, workers=4)
-    c = with_flags(base, batch_window_ms=0, workers=2, api_key="k-1")
-    assert (c.batch_window_ms, c.workers, c.api_keys, c.share_cli_kbs) == (0, 2, {"k-1": OPEN_TENANT}, True)
+    base = ServerConfig(max_batch=8, workers=4)
+    c = with_flags(base, continuous_batching=False, max_batch=4, workers=2, api_key="k-1")
+    assert (c.continuous_batching, c.max_batch, c.workers, c.api_keys, c.share_cli_kbs) == \
+        (False, 4, 2, {"k-1": OPEN_TENANT}, True)
+    assert (base.threads, c.threads) == (8, 2)  # batched answers each hold a thread while they wait
     assert with_flags(base) == base
     with pytest.raises(ConfigError, match="already configured"):
         with_flags(ServerConfig(api_keys={"k": "teamA"}), api_key="k-2")
     with pytest.raises(ConfigError, match="empty"):
         with_flags(base, api_key=" ")
-    for bad in ({"workers": 0}, {"workers": 2.5}, {"batch_window_ms": -1}):
+    for bad in ({"workers": 0}, {"workers": 2.5}, {"max_batch": 0}, {"max_batch": True},
+                {"continuous_batching": "yes"}):
         with pytest.raises(ConfigError):
             ServerConfig(**bad)
 
@@ -305,7 +308,7 @@ class Served:
 
 def test_cag_serve_api_key_env_address_and_access_log(kb, sharp_model_dir, tmp_path, cag_home):
     port, key, question = free_port(), "sk-cag-test-7f3a9", "Who founded Quillfeather, said the marmoset?"
-    served = Served(tmp_path, cag_home, sharp_model_dir, ["--api-key", key, "--batch-window-ms", "0", "--workers", "2"],
+    served = Served(tmp_path, cag_home, sharp_model_dir, ["--api-key", key, "--max-batch", "4", "--workers", "2"],
                     {"CAG_HOST": "127.0.0.2", "CAG_PORT": str(port)}, f"http://127.0.0.2:{port}")
     try:
         with pytest.raises(httpx.ConnectError):

@@ -68,14 +68,14 @@ def test_the_server_answers_from_a_sharded_knowledge_base(cag_home, tiny_lm):
     kb = cag.build([SAMPLE_DOCS], name="big", lm=tiny_lm, shard=True, reserve=256, log=lambda _m: None)
     q = "Who founded the company?"
     want = kb.ask(q, max_new_tokens=6)
-    config = ServerConfig(batch_window_ms=50, response_cache=False)
+    config = ServerConfig(response_cache=False)
     with serving(create_app(config, tiny_lm)) as url:
         models = httpx.get(url + "/v1/models").json()["data"]
         assert [m["id"] for m in models] == ["big"]  # shards are not listed on their own
         assert models[0]["tokens"] == kb.tokens and models[0]["created"] > 0
         assert httpx.get(url + "/v1/models/big").json()["id"] == "big"
         body = {"model": "big", "max_tokens": 6, "messages": [{"role": "user", "content": q}]}
-        with httpx.Client(timeout=120) as client:  # batched (window on) and streamed: both reach a shard
+        with httpx.Client(timeout=120) as client:  # whole and streamed: both reach a shard
             r = client.post(url + "/v1/chat/completions", json=body)
             assert r.status_code == 200, r.text
             assert r.json()["choices"][0]["message"]["content"] == want.answer

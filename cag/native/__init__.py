@@ -45,7 +45,7 @@ class Kernels:
     avx512: bool
     q41_matmul: ctypes._CFuncPtr
     q80_matmul: ctypes._CFuncPtr
-    step: ctypes._CFuncPtr  # cag_step (step.c): one decoding step of a whole Llama model
+    step: ctypes._CFuncPtr  # cag_step (step.c): one decoding step of a whole Llama model for some rows
 
     @property
     def describe(self) -> str:
@@ -96,6 +96,20 @@ class Model(ctypes.Structure):
                 ("n_layers", "hidden", "inter", "heads", "kv_heads", "head_dim", "vocab")] + [
         ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("layers", ctypes.POINTER(Layer)),
         ("final_norm", ctypes.c_void_p), ("lm_head", Mat)]
+
+
+class Shared(ctypes.Structure):
+    """The shared prefix's per-layer key/value buffers (pointer arrays) and their positions per kv head."""
+
+    _fields_ = [("k", ctypes.c_void_p), ("v", ctypes.c_void_p), ("stride", ctypes.c_int64)]
+
+
+class Row(ctypes.Structure):
+    """One answer's token in a step: embedding and rotary rows, positions, its own per-layer buffers."""
+
+    _fields_ = [("embedding", ctypes.c_void_p), ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p),
+                ("pos", ctypes.c_int64), ("shared", ctypes.c_int64), ("k", ctypes.c_void_p), ("v", ctypes.c_void_p),
+                ("cap", ctypes.c_int64)]
 
 
 def _load(portable: bool) -> Kernels:
@@ -174,7 +188,7 @@ def _bind(path: Path, flags: tuple[str, ...]) -> Kernels:
         fn.argtypes = [p, i64, i64, p, i64, p]
         fn.restype = None
     lib.cag_qmatmul_avx512.restype = ctypes.c_int
-    lib.cag_step.argtypes = [ctypes.POINTER(Model), p, p, i64, p, i64, p, p, p]
+    lib.cag_step.argtypes = [ctypes.POINTER(Model), ctypes.POINTER(Shared), ctypes.POINTER(Row), i64, p]
     lib.cag_step.restype = ctypes.c_int
     return Kernels(path=path, flags=flags, avx512=bool(lib.cag_qmatmul_avx512()),
                    q41_matmul=lib.cag_q41_matmul, q80_matmul=lib.cag_q80_matmul, step=lib.cag_step)

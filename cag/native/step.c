@@ -1,21 +1,28 @@
-/* One decoding step of a Llama-family model in one call: every layer, the final norm and the LM head.
+/* One decoding step of a Llama-family model in one call, for any number of rows (answers) at once:
+ * every layer, the final norm and the LM head.
  *
  * Why: decoding one token runs ~30 layers of small operations. Driven from Python, each layer costs a few
  * dozen tensor calls (~0.2 ms per layer on a 2-core CPU), as much as its matmuls; and attention over a
  * long cached prefix must read every key and value once, which a generic kernel does with several passes.
- * Here the whole step is a single OpenMP region over preallocated KV buffers: rows of each matmul are
- * split over the threads, attention reads each key/value row once for all query heads that share it
- * (grouped-query attention), and the new key/value is written in place at its position.
+ * Here the whole step is a single OpenMP region: rows of each matmul are split over the threads and every
+ * weight row is read once for all answers, attention reads each key/value chunk once for all query heads
+ * that share it (grouped-query attention) and all answers that share it (the knowledge base's prefix),
+ * and each answer's new key/value is written in place in its own buffer.
  *
- * The arithmetic is float32 throughout, in a fixed order: the same token at the same position gives
- * the same bits whatever the thread count, because matmul rows are independent, attention works on
- * fixed 128-key chunks merged in order, and per-thread scratch is recomputed identically. It is not
- * transformers' order of operations (its sums, exp and softmax differ in the last bits), so cag checks
- * its logits against transformers' forward within a tolerance on first use (cag/fastdecode.py), and
- * every generated token of every mode (cached, no-cache) goes through this same step.
+ * Each answer's keys/values are two segments: the shared prefix (one read-only buffer per layer, never
+ * copied per answer) and the answer's own positions after it (its question and answer so far). Attention
+ * runs over fixed 128-key chunks of absolute positions, whichever segment a key is in, merged in order.
  *
- * Weights: float32 rows, or Q4_1/Q8_0 blocks (qblocks.h, the same row kernels as qmatmul.c).
- * KV buffers: float32 [kv_heads, capacity, head_dim] per layer (cag's workspace layout).
+ * The arithmetic is float32 throughout, in a fixed order per answer: an answer's logits are the same bits
+ * whatever other answers share the call, in whatever order, and whatever the thread count, because each
+ * (weight row, answer) dot product and each (chunk, answer) attention piece is computed by the same code
+ * with the same operands, and per-thread scratch is recomputed identically. A single answer is simply a
+ * call with one row. It is not transformers' order of operations (its sums, exp and softmax differ in the
+ * last bits), so cag checks its logits against transformers' forward within a tolerance on first use
+ * (cag/fastdecode.py), and every generated token of every mode (cached, no-cache) goes through this step.
+ *
+ * Weights: float32 rows, or Q4_1/Q8_0 blocks (qblocks.h).
+ * KV: float32 [kv_heads, positions, head_dim] per layer, for the shared prefix and for each answer.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -47,7 +54,27 @@ typedef struct {
   cag_mat lm_head;
 } cag_model;
 
+/* The prefix every row may read: per layer keys/values [kv_heads, stride, head_dim] (k/v NULL: none). */
+typedef struct {
+  const float* const* k;
+  const float* const* v;
+  int64_t stride; /* positions from one kv head's rows to the next */
+} cag_shared;
+
+/* One answer's new token. Its keys are positions 0..pos: 0..shared-1 from the shared prefix, the rest from
+ * its own buffers (position p at index p - shared), where this step writes the token's key/value. */
+typedef struct {
+  const float* embedding; /* the token's embedding row [hidden] */
+  const float* cos;       /* the rotary table's row for pos [head_dim] */
+  const float* sin;
+  int64_t pos, shared;
+  float* const* k; /* per layer [kv_heads, cap, head_dim] */
+  float* const* v;
+  int64_t cap;
+} cag_row;
+
 #define CHUNK 128 /* keys per attention work item; fixed, so the result never depends on the thread count */
+#define GROUP 4   /* rows of x per pass over a weight row in the multi-row dot products */
 
 /* ---- small vector helpers ---------------------------------------------------------------------- */
 
@@ -145,12 +172,16 @@ static inline float max_of(const float* s, int64_t n) {
 
 /* ---- the pieces of a layer ----------------------------------------------------------------------- */
 
+/* Dot products of one weight row with R rows of x (K apart), y[r] for r < R. Each row's products are
+ * summed exactly as for R = 1 (its own accumulators, the same operations in the same order); only the
+ * decoding of the weight blocks is shared, so a row's result never depends on the other rows. */
 #ifdef CAG_AVX512
-/* One Q4_1 row times x. Per block the 16 weight values d*i + m (i = 0..15) are made once and looked up
- * by the 4-bit codes (vpermps reads only the low 4 bits of each index), two blocks per iteration with
- * four accumulators. Exact weights; only the order of the float32 sums is this kernel's own. */
-static inline float q41_dot(const float* x, const q41_block* w, int64_t nb) {
-  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+/* Q4_1: per block the 16 weight values d*i + m (i = 0..15) are made once and looked up by the 4-bit codes
+ * (vpermps reads only the low 4 bits of each index), two blocks per iteration, four accumulators per row. */
+static inline __attribute__((always_inline)) void q41_dots(const float* x, int64_t K, const q41_block* w,
+                                                           int64_t nb, float* y, const int R) {
+  __m512 a[GROUP][4];
+  for (int r = 0; r < R; r++) a[r][0] = a[r][1] = a[r][2] = a[r][3] = _mm512_setzero_ps();
   const __m512 iota = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   int64_t b = 0;
 #define CAG_Q41_LUT(blk) ({ int32_t dm_; memcpy(&dm_, &(blk), 4); \
@@ -160,65 +191,118 @@ static inline float q41_dot(const float* x, const q41_block* w, int64_t nb) {
     const __m512 lut0 = CAG_Q41_LUT(w[b]), lut1 = CAG_Q41_LUT(w[b + 1]);
     const __m512i q0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)w[b].q));
     const __m512i q1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)w[b + 1].q));
-    a0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(q0, lut0), _mm512_loadu_ps(x + b * 32), a0);
-    a1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(q0, 4), lut0), _mm512_loadu_ps(x + b * 32 + 16), a1);
-    a2 = _mm512_fmadd_ps(_mm512_permutexvar_ps(q1, lut1), _mm512_loadu_ps(x + b * 32 + 32), a2);
-    a3 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(q1, 4), lut1), _mm512_loadu_ps(x + b * 32 + 48), a3);
+    const __m512 w0 = _mm512_permutexvar_ps(q0, lut0), w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(q0, 4), lut0);
+    const __m512 w2 = _mm512_permutexvar_ps(q1, lut1), w3 = _mm512_permutexvar_ps(_mm512_srli_epi32(q1, 4), lut1);
+    for (int r = 0; r < R; r++) {
+      const float* xr = x + r * K + b * 32;
+      a[r][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xr), a[r][0]);
+      a[r][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr + 16), a[r][1]);
+      a[r][2] = _mm512_fmadd_ps(w2, _mm512_loadu_ps(xr + 32), a[r][2]);
+      a[r][3] = _mm512_fmadd_ps(w3, _mm512_loadu_ps(xr + 48), a[r][3]);
+    }
   }
   if (b < nb) {
     const __m512 lut = CAG_Q41_LUT(w[b]);
     const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)w[b].q));
-    a0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(q, lut), _mm512_loadu_ps(x + b * 32), a0);
-    a1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), lut), _mm512_loadu_ps(x + b * 32 + 16), a1);
+    const __m512 w0 = _mm512_permutexvar_ps(q, lut), w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), lut);
+    for (int r = 0; r < R; r++) {
+      const float* xr = x + r * K + b * 32;
+      a[r][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xr), a[r][0]);
+      a[r][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr + 16), a[r][1]);
+    }
   }
 #undef CAG_Q41_LUT
-  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a2), _mm512_add_ps(a1, a3)));
+  for (int r = 0; r < R; r++)
+    y[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[r][0], a[r][2]), _mm512_add_ps(a[r][1], a[r][3])));
 }
 
-/* One Q8_0 row times x: d * (q . x) per block, two blocks per iteration. */
-static inline float q80_dot(const float* x, const q80_block* w, int64_t nb) {
-  __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+/* Q8_0: d * (q . x) per block, two blocks per iteration, two accumulators per row. */
+static inline __attribute__((always_inline)) void q80_dots(const float* x, int64_t K, const q80_block* w,
+                                                           int64_t nb, float* y, const int R) {
+  __m512 a[GROUP][2];
+  for (int r = 0; r < R; r++) a[r][0] = a[r][1] = _mm512_setzero_ps();
+#define CAG_Q80_HALF(blk, off) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)((blk).q + (off)))))
   int64_t b = 0;
-#define CAG_Q80_PART(blk, xb) _mm512_fmadd_ps( \
-    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)((blk).q + 16)))), _mm512_loadu_ps((xb) + 16), \
-    _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(blk).q))), _mm512_loadu_ps(xb)))
   for (; b + 2 <= nb; b += 2) {
-    a0 = _mm512_fmadd_ps(_mm512_set1_ps(half_to_float(w[b].d)), CAG_Q80_PART(w[b], x + b * 32), a0);
-    a1 = _mm512_fmadd_ps(_mm512_set1_ps(half_to_float(w[b + 1].d)), CAG_Q80_PART(w[b + 1], x + b * 32 + 32), a1);
+    const __m512 d0 = _mm512_set1_ps(half_to_float(w[b].d)), d1 = _mm512_set1_ps(half_to_float(w[b + 1].d));
+    const __m512 lo0 = CAG_Q80_HALF(w[b], 0), hi0 = CAG_Q80_HALF(w[b], 16);
+    const __m512 lo1 = CAG_Q80_HALF(w[b + 1], 0), hi1 = CAG_Q80_HALF(w[b + 1], 16);
+    for (int r = 0; r < R; r++) {
+      const float* xr = x + r * K + b * 32;
+      a[r][0] = _mm512_fmadd_ps(d0, _mm512_fmadd_ps(hi0, _mm512_loadu_ps(xr + 16),
+                                                    _mm512_mul_ps(lo0, _mm512_loadu_ps(xr))), a[r][0]);
+      a[r][1] = _mm512_fmadd_ps(d1, _mm512_fmadd_ps(hi1, _mm512_loadu_ps(xr + 48),
+                                                    _mm512_mul_ps(lo1, _mm512_loadu_ps(xr + 32))), a[r][1]);
+    }
   }
-  if (b < nb) a0 = _mm512_fmadd_ps(_mm512_set1_ps(half_to_float(w[b].d)), CAG_Q80_PART(w[b], x + b * 32), a0);
-#undef CAG_Q80_PART
-  return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+  if (b < nb) {
+    const __m512 d0 = _mm512_set1_ps(half_to_float(w[b].d));
+    const __m512 lo0 = CAG_Q80_HALF(w[b], 0), hi0 = CAG_Q80_HALF(w[b], 16);
+    for (int r = 0; r < R; r++) {
+      const float* xr = x + r * K + b * 32;
+      a[r][0] = _mm512_fmadd_ps(d0, _mm512_fmadd_ps(hi0, _mm512_loadu_ps(xr + 16),
+                                                    _mm512_mul_ps(lo0, _mm512_loadu_ps(xr))), a[r][0]);
+    }
+  }
+#undef CAG_Q80_HALF
+  for (int r = 0; r < R; r++) y[r] = _mm512_reduce_add_ps(_mm512_add_ps(a[r][0], a[r][1]));
 }
+
+#define CAG_GROUPED(fn, R, ...) switch (R) { case 1: fn(__VA_ARGS__, 1); break; case 2: fn(__VA_ARGS__, 2); break; \
+  case 3: fn(__VA_ARGS__, 3); break; default: fn(__VA_ARGS__, GROUP); break; }
 #endif
 
-static inline float row_dot(const cag_mat* m, int64_t n, const float* x) {
+/* y[r * ys] (+)= (row n of m) . x[r * K ...] for r < R (x's rows are m->cols apart). */
+static void row_dots(const cag_mat* m, int64_t n, const float* x, int64_t R, float* y, int64_t ys, int accumulate) {
   const int64_t K = m->cols, nb = K / 32;
-  float y;
-  switch (m->kind) {
+  for (int64_t r0 = 0; r0 < R; r0 += GROUP) {
+    const int g = (int)(R - r0 < GROUP ? R - r0 : GROUP);
+    const float* xs = x + r0 * K;
+    float t[GROUP];
+    switch (m->kind) {
 #ifdef CAG_AVX512
-    case CAG_Q41: y = q41_dot(x, (const q41_block*)m->data + n * nb, nb); break;
-    case CAG_Q80: y = q80_dot(x, (const q80_block*)m->data + n * nb, nb); break;
+      case CAG_Q41: CAG_GROUPED(q41_dots, g, xs, K, (const q41_block*)m->data + n * nb, nb, t) break;
+      case CAG_Q80: CAG_GROUPED(q80_dots, g, xs, K, (const q80_block*)m->data + n * nb, nb, t) break;
 #else
-    case CAG_Q41: q41_rows(x, K, 1, nb, (const q41_block*)m->data + n * nb, &y, 1); break;
-    case CAG_Q80: q80_rows(x, K, 1, nb, (const q80_block*)m->data + n * nb, &y, 1); break;
+      case CAG_Q41:
+        for (int r = 0; r < g; r++) q41_rows(xs + r * K, K, 1, nb, (const q41_block*)m->data + n * nb, t + r, 1);
+        break;
+      case CAG_Q80:
+        for (int r = 0; r < g; r++) q80_rows(xs + r * K, K, 1, nb, (const q80_block*)m->data + n * nb, t + r, 1);
+        break;
 #endif
-    default: y = dot_f32((const float*)m->data + n * K, x, K);
+      default:
+        for (int r = 0; r < g; r++) t[r] = dot_f32((const float*)m->data + n * K, xs + r * K, K);
+    }
+    for (int r = 0; r < g; r++) {
+      float* out = y + (r0 + r) * ys;
+      *out = accumulate ? *out + t[r] : t[r];
+    }
   }
-  return y;
 }
 
-/* y = [mats stacked] @ x (or y += when accumulate), rows split over the team. Ends with a barrier. */
-static void matvec(const cag_mat* const* mats, int count, const float* x, float* y, int accumulate) {
+/* y[r * ys + n] (+)= [mats stacked] row n . x[r], for R rows of x. Tiles of TILE weight rows are split over
+ * the team; within a tile, each group of rows of x meets every weight row of the tile while both are in the
+ * core's cache. Ends with a barrier. */
+#define TILE 16
+static void matvec(const cag_mat* const* mats, int count, const float* x, int64_t R, float* y, int64_t ys,
+                   int accumulate) {
   int64_t total = 0;
   for (int c = 0; c < count; c++) total += mats[c]->rows;
+  const int64_t K = mats[0]->cols, tiles = (total + TILE - 1) / TILE;
 #pragma omp for schedule(static)
-  for (int64_t n = 0; n < total; n++) {
-    int c = 0;
-    int64_t r = n;
-    while (r >= mats[c]->rows) r -= mats[c++]->rows;
-    const float v = row_dot(mats[c], r, x);
-    y[n] = accumulate ? y[n] + v : v;
+  for (int64_t t = 0; t < tiles; t++) {
+    const int64_t n0 = t * TILE, n1 = n0 + TILE < total ? n0 + TILE : total;
+    for (int64_t r0 = 0; r0 < R; r0 += GROUP) {
+      const int64_t g = R - r0 < GROUP ? R - r0 : GROUP;
+      int c = 0;
+      int64_t r = n0;
+      while (r >= mats[c]->rows) r -= mats[c++]->rows;
+      for (int64_t n = n0; n < n1; n++, r++) {
+        if (r >= mats[c]->rows) r -= mats[c++]->rows;
+        row_dots(mats[c], r, x + r0 * K, g, y + r0 * ys + n, ys, accumulate);
+      }
+    }
   }
 }
 
@@ -237,10 +321,14 @@ static void rope(float* v, const float* cos, const float* sin, int64_t hd) {
   for (int64_t i = half; i < hd; i++) v[i] = t[i] * cos[i] + t[i - half] * sin[i];
 }
 
-/* Attention of G query heads over n keys/values of one KV head (rows hd apart): per head, the chunk's
- * running max m, sum of exponentials l and unnormalized output o, written to part[g*pstride ...]. */
-static void attend_chunk(const float* q, int64_t G, const float* K, const float* V, int64_t n, int64_t hd,
-                         float scale, float* part, int64_t pstride) {
+/* Attention of G query heads over n keys/values of one KV head (rows hd apart), the first n1 of them
+ * at K1/V1 and the rest at K2/V2 (a chunk that starts in the shared prefix and ends in a row's own
+ * positions); the scores do not depend on where the split is. Per head: the chunk's max m, sum of
+ * exponentials l and unnormalized output o, written to part[g*pstride ...]. */
+static void attend_chunk(const float* q, int64_t G, const float* K1, const float* V1, int64_t n1, const float* K2,
+                         const float* V2, int64_t n, int64_t hd, float scale, float* part, int64_t pstride) {
+#define CAG_KEY(t) ((t) < n1 ? K1 + (t) * hd : K2 + ((t) - n1) * hd)
+#define CAG_VALUE(t) ((t) < n1 ? V1 + (t) * hd : V2 + ((t) - n1) * hd)
   float s[CHUNK];
   for (int64_t g = 0; g < G; g++) {
     const float* qg = q + g * hd;
@@ -250,7 +338,7 @@ static void attend_chunk(const float* q, int64_t G, const float* K, const float*
       for (; t + 16 <= n; t += 16) {
         __m512 acc[16];
         for (int j = 0; j < 16; j++) {
-          const float* k = K + (t + j) * hd;
+          const float* k = CAG_KEY(t + j);
           __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qg), _mm512_loadu_ps(k));
           for (int64_t i = 16; i < hd; i += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(qg + i), _mm512_loadu_ps(k + i), a);
           acc[j] = a;
@@ -259,7 +347,7 @@ static void attend_chunk(const float* q, int64_t G, const float* K, const float*
       }
     }
 #endif
-    for (; t < n; t++) s[t] = dot_f32(qg, K + t * hd, hd) * scale;
+    for (; t < n; t++) s[t] = dot_f32(qg, CAG_KEY(t), hd) * scale;
     const float m = max_of(s, n);
     float* out = part + g * pstride;
     out[0] = m;
@@ -271,7 +359,7 @@ static void attend_chunk(const float* q, int64_t G, const float* K, const float*
         __m512 o0 = _mm512_setzero_ps(), o1 = o0, o2 = o0, o3 = o0;
         for (t = 0; t < n; t++) {
           const __m512 p = _mm512_set1_ps(s[t]);
-          const float* v = V + t * hd + i;
+          const float* v = CAG_VALUE(t) + i;
           o0 = _mm512_fmadd_ps(p, _mm512_loadu_ps(v), o0);
           o1 = _mm512_fmadd_ps(p, _mm512_loadu_ps(v + 16), o1);
           o2 = _mm512_fmadd_ps(p, _mm512_loadu_ps(v + 32), o2);
@@ -287,42 +375,51 @@ static void attend_chunk(const float* q, int64_t G, const float* K, const float*
 #endif
     memset(o, 0, (size_t)hd * sizeof(float));
     for (t = 0; t < n; t++) {
-      const float p = s[t], *v = V + t * hd;
+      const float p = s[t], *v = CAG_VALUE(t);
       for (int64_t i = 0; i < hd; i++) o[i] += p * v[i];
     }
   }
+#undef CAG_KEY
+#undef CAG_VALUE
 }
 
 /* ---- the step ------------------------------------------------------------------------------------ */
 
-/* Bytes of scratch cag_step needs at a given position (the caller may pass NULL to let it allocate). */
-int64_t cag_step_scratch(const cag_model* m, int64_t pos, int64_t threads) {
-  const int64_t hd = m->head_dim, chunks = (pos + CHUNK) / CHUNK;
-  return (int64_t)sizeof(float) * (m->hidden + (m->heads + 2 * m->kv_heads) * hd + m->heads * hd +
-                                   m->heads * chunks * (hd + 2) + m->inter + threads * m->hidden);
+static int64_t chunks_of(const cag_row* rows, int64_t R) {
+  int64_t chunks = 1;
+  for (int64_t r = 0; r < R; r++) {
+    const int64_t c = (rows[r].pos + CHUNK) / CHUNK; /* keys 0..pos */
+    chunks = c > chunks ? c : chunks;
+  }
+  return chunks;
 }
 
-/* logits[vocab] for the token whose embedding row is `embedding`, at position `pos` after pos cached
- * positions; writes that token's keys/values at `pos` in every layer's k/v buffer ([kv_heads, capacity,
- * head_dim] each). cos/sin: the rotary table's row for `pos`. Returns 0, or -1 if out of memory. */
-int cag_step(const cag_model* m, float* const* k_cache, float* const* v_cache, int64_t capacity,
-             const float* embedding, int64_t pos, const float* cos, const float* sin, float* logits) {
-  const int64_t H = m->hidden, hd = m->head_dim, nq = m->heads * hd, nkv = m->kv_heads * hd;
-  const int64_t G = m->heads / m->kv_heads, keys = pos + 1, chunks = (keys + CHUNK - 1) / CHUNK;
-  const int64_t pstride = hd + 2;
+/* Bytes of scratch cag_step needs for these rows (it allocates them itself). */
+int64_t cag_step_scratch(const cag_model* m, const cag_row* rows, int64_t R, int64_t threads) {
+  const int64_t hd = m->head_dim, chunks = chunks_of(rows, R);
+  return (int64_t)sizeof(float) * R * (m->hidden + (m->heads + 2 * m->kv_heads) * hd + m->heads * hd +
+                                       m->heads * chunks * (hd + 2) + m->inter + threads * m->hidden);
+}
+
+/* logits[R][vocab] for the R rows' tokens; writes each token's keys/values in every layer of its row's own
+ * buffers. Returns 0, or -1 if out of memory. */
+int cag_step(const cag_model* m, const cag_shared* shared, const cag_row* rows, int64_t R, float* logits) {
+  const int64_t H = m->hidden, hd = m->head_dim, nq = m->heads * hd, nkv = m->kv_heads * hd, nqkv = nq + 2 * nkv;
+  const int64_t G = m->heads / m->kv_heads, chunks = chunks_of(rows, R), pstride = hd + 2;
+  const int64_t heads_all = m->heads + m->kv_heads, rpart = m->heads * chunks * pstride;
   int threads = 1;
 #ifdef _OPENMP
   threads = omp_get_max_threads();
 #endif
-  float* buf = malloc((size_t)cag_step_scratch(m, pos, threads));
+  float* buf = malloc((size_t)cag_step_scratch(m, rows, R, threads));
   if (!buf) return -1;
   float* h = buf;
-  float* qkv = h + H;
-  float* attn = qkv + nq + 2 * nkv;
-  float* part = attn + nq;
-  float* act = part + m->heads * chunks * pstride;
-  float* scratch = act + m->inter;
-  memcpy(h, embedding, (size_t)H * sizeof(float));
+  float* qkv = h + R * H;
+  float* attn = qkv + R * nqkv;
+  float* part = attn + R * nq;
+  float* act = part + R * rpart;
+  float* scratch = act + R * m->inter;
+  for (int64_t r = 0; r < R; r++) memcpy(h + r * H, rows[r].embedding, (size_t)H * sizeof(float));
   const cag_mat* lm[1] = {&m->lm_head};
 
 #pragma omp parallel num_threads(threads)
@@ -331,37 +428,52 @@ int cag_step(const cag_model* m, float* const* k_cache, float* const* v_cache, i
 #ifdef _OPENMP
     me = omp_get_thread_num();
 #endif
-    float* x = scratch + (int64_t)me * H;
+    float* x = scratch + (int64_t)me * R * H;
     for (int64_t l = 0; l < m->n_layers; l++) {
       const cag_layer* L = m->layers + l;
-      float *kc = k_cache[l], *vc = v_cache[l];
       const cag_mat* qkv_mats[3] = {&L->q, &L->k, &L->v};
-      rmsnorm(h, L->in_norm, H, m->eps, x);
-      matvec(qkv_mats, 3, x, qkv, 0);
+      for (int64_t r = 0; r < R; r++) rmsnorm(h + r * H, L->in_norm, H, m->eps, x + r * H);
+      matvec(qkv_mats, 3, x, R, qkv, nqkv, 0);
 #pragma omp for schedule(static)
-      for (int64_t i = 0; i < m->heads + m->kv_heads; i++) { /* q heads, then k heads (contiguous in qkv) */
-        rope(qkv + i * hd, cos, sin, hd);
+      for (int64_t it = 0; it < R * heads_all; it++) { /* q heads, then k heads (contiguous in qkv) */
+        const int64_t r = it / heads_all, i = it % heads_all;
+        const cag_row* row = rows + r;
+        float* qr = qkv + r * nqkv;
+        rope(qr + i * hd, row->cos, row->sin, hd);
         if (i >= m->heads) {
-          const int64_t g = i - m->heads;
-          memcpy(kc + (g * capacity + pos) * hd, qkv + i * hd, (size_t)hd * sizeof(float));
-          memcpy(vc + (g * capacity + pos) * hd, qkv + nq + nkv + g * hd, (size_t)hd * sizeof(float));
+          const int64_t g = i - m->heads, at = (g * row->cap + row->pos - row->shared) * hd;
+          memcpy(row->k[l] + at, qr + i * hd, (size_t)hd * sizeof(float));
+          memcpy(row->v[l] + at, qr + nq + nkv + g * hd, (size_t)hd * sizeof(float));
         }
       }
 #pragma omp for schedule(static)
-      for (int64_t it = 0; it < m->kv_heads * chunks; it++) {
+      for (int64_t it = 0; it < m->kv_heads * chunks; it++) { /* one chunk of keys, for every row that has it */
         const int64_t g = it / chunks, c = it % chunks, t0 = c * CHUNK;
-        const int64_t n = keys - t0 < CHUNK ? keys - t0 : CHUNK;
-        attend_chunk(qkv + g * G * hd, G, kc + (g * capacity + t0) * hd, vc + (g * capacity + t0) * hd, n, hd,
-                     m->scale, part + (g * G * chunks + c) * pstride, chunks * pstride);
+        for (int64_t r = 0; r < R; r++) {
+          const cag_row* row = rows + r;
+          const int64_t keys = row->pos + 1;
+          if (t0 >= keys) continue;
+          const int64_t n = keys - t0 < CHUNK ? keys - t0 : CHUNK;
+          const int64_t in_shared = row->shared - t0 < 0 ? 0 : (row->shared - t0 < n ? row->shared - t0 : n);
+          const float *k1 = NULL, *v1 = NULL;
+          if (in_shared > 0) {
+            k1 = shared->k[l] + (g * shared->stride + t0) * hd;
+            v1 = shared->v[l] + (g * shared->stride + t0) * hd;
+          }
+          const int64_t own = (g * row->cap + (t0 > row->shared ? t0 - row->shared : 0)) * hd;
+          attend_chunk(qkv + r * nqkv + g * G * hd, G, k1, v1, in_shared, row->k[l] + own, row->v[l] + own, n, hd,
+                       m->scale, part + r * rpart + (g * G * chunks + c) * pstride, chunks * pstride);
+        }
       }
 #pragma omp for schedule(static)
-      for (int64_t head = 0; head < m->heads; head++) { /* merge the chunks in order */
-        const float* p = part + head * chunks * pstride;
+      for (int64_t it = 0; it < R * m->heads; it++) { /* merge each row's chunks in order */
+        const int64_t r = it / m->heads, head = it % m->heads, own_chunks = (rows[r].pos + CHUNK) / CHUNK;
+        const float* p = part + r * rpart + head * chunks * pstride;
         float mx = p[0];
-        for (int64_t c = 1; c < chunks; c++) mx = p[c * pstride] > mx ? p[c * pstride] : mx;
-        float total = 0.f, *o = attn + head * hd;
+        for (int64_t c = 1; c < own_chunks; c++) mx = p[c * pstride] > mx ? p[c * pstride] : mx;
+        float total = 0.f, *o = attn + r * nq + head * hd;
         memset(o, 0, (size_t)hd * sizeof(float));
-        for (int64_t c = 0; c < chunks; c++) {
+        for (int64_t c = 0; c < own_chunks; c++) {
           const float* pc = p + c * pstride;
           const float w = expf(pc[0] - mx);
           total += pc[1] * w;
@@ -370,25 +482,30 @@ int cag_step(const cag_model* m, float* const* k_cache, float* const* v_cache, i
         for (int64_t i = 0; i < hd; i++) o[i] /= total;
       }
       const cag_mat* o_mat[1] = {&L->o};
-      matvec(o_mat, 1, attn, h, 1);
-      rmsnorm(h, L->post_norm, H, m->eps, x);
+      matvec(o_mat, 1, attn, R, h, H, 1);
+      for (int64_t r = 0; r < R; r++) rmsnorm(h + r * H, L->post_norm, H, m->eps, x + r * H);
 #pragma omp for schedule(static)
       for (int64_t b = 0; b < (m->inter + 15) / 16; b++) { /* act = silu(gate x) * (up x), 16 rows at a time */
         const int64_t r0 = b * 16, n = m->inter - r0 < 16 ? m->inter - r0 : 16;
-        float g[16], u[16], e[16];
-        for (int64_t j = 0; j < n; j++) {
-          g[j] = row_dot(&L->gate, r0 + j, x);
-          u[j] = row_dot(&L->up, r0 + j, x);
-          e[j] = -g[j];
+        for (int64_t x0 = 0; x0 < R; x0 += GROUP) {
+          const int64_t rows_here = R - x0 < GROUP ? R - x0 : GROUP;
+          float g[GROUP][16], u[GROUP][16], e[16];
+          for (int64_t j = 0; j < n; j++) {
+            row_dots(&L->gate, r0 + j, x + x0 * H, rows_here, &g[0][j], 16, 0);
+            row_dots(&L->up, r0 + j, x + x0 * H, rows_here, &u[0][j], 16, 0);
+          }
+          for (int64_t r = 0; r < rows_here; r++) {
+            for (int64_t j = 0; j < n; j++) e[j] = -g[r][j];
+            exp_sum(e, n, 0.f);
+            for (int64_t j = 0; j < n; j++) act[(x0 + r) * m->inter + r0 + j] = g[r][j] / (1.f + e[j]) * u[r][j];
+          }
         }
-        exp_sum(e, n, 0.f);
-        for (int64_t j = 0; j < n; j++) act[r0 + j] = g[j] / (1.f + e[j]) * u[j];
       }
       const cag_mat* down[1] = {&L->down};
-      matvec(down, 1, act, h, 1);
+      matvec(down, 1, act, R, h, H, 1);
     }
-    rmsnorm(h, m->final_norm, H, m->eps, x);
-    matvec(lm, 1, x, logits, 0);
+    for (int64_t r = 0; r < R; r++) rmsnorm(h + r * H, m->final_norm, H, m->eps, x + r * H);
+    matvec(lm, 1, x, R, logits, m->vocab, 0);
   }
   free(buf);
   return 0;

@@ -1,9 +1,9 @@
 """The FastAPI app: OpenAI-compatible chat and prompt completions over cag knowledge bases, KB management,
 metrics, health, and one JSON access-log line per request.
 
-`model` in a request names the knowledge base. Generation runs in a thread pool (config.workers)
-so the event loop stays free; concurrent requests on one KB share its cached prefix (the engine gives
-one the preallocated workspace and the others a shared, non-copying path over the same tensors).
+`model` in a request names the knowledge base. Generation runs in a thread pool (config.threads) so the
+event loop stays free; concurrent requests on one KB read its cached prefix in place (never copied) and,
+with continuous batching, are decoded together by that KB's scheduler thread (cag.scheduler).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def create_app(config: ServerConfig | None = None, lm: models.LoadedModel | None
     registry = Registry(config, lm)
     metrics = Metrics(config.price_per_1k_tokens)
     service = ChatService(config, registry, metrics)
-    pool = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="cag-gen")
+    pool = ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="cag-gen")
     served_by = _public_model_name(lm.name if lm is not None else config.model or models.DEFAULT_MODEL)
 
     @asynccontextmanager

@@ -1,7 +1,10 @@
 """One completion, transport-free: a request -> Query (question, history, limits) -> response cache or the model.
 
 Both OpenAI endpoints become the same Query, so they share one plan/answer path (limits, context-window
-check, response cache, batching, tenant checks). Mapping from chat messages: system/developer messages are
+check, response cache, continuous batching, tenant checks). With continuous batching (on by default) every
+answer runs inside cag.scheduler.together(): it joins the answers in progress on its knowledge base at the
+next decoding step and leaves when it ends (end of turn, stop string, max_tokens, client gone); each row is
+computed as it would be alone, so answers are the same batched or not. Mapping from chat messages: system/developer messages are
 ignored (the knowledge base's own instruction is the system prompt, and it is part of the cached prefix);
 earlier user/assistant pairs become history turns after the cached knowledge; the last message must be the
 user's question. With a conversation_id, turns stored server-side come first, and everything is trimmed to
@@ -10,17 +13,18 @@ the history token budget. A prompt completion's prompt is the question, with no 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .. import scheduler
 from ..engine import Sampling
 from ..errors import CagError, ContextLengthError
 from ..prompt import Turn
 from . import conversations, guard
 from .config import ServerConfig
-from .batcher import Batcher
 from .conversations import Conversations
 from .errors import ApiError
 from .metrics import Metrics
@@ -100,7 +104,6 @@ class ChatService:
     def __init__(self, config: ServerConfig, registry: Registry, metrics: Metrics):
         self.config, self.registry, self.metrics = config, registry, metrics
         self.cache = ResponseCache(config.response_cache_size, config.semantic_threshold) if config.response_cache else None
-        self.batcher = Batcher(config.batch_window_ms, config.workers) if config.batch_window_ms > 0 else None
         self.conversations = Conversations()
 
     def plan(self, tenant: str, query: Query) -> Plan:
@@ -160,11 +163,10 @@ class ChatService:
             if on_text:
                 on_text(text)
 
+        together = scheduler.together(self.config.max_batch) if self.config.continuous_batching \
+            else contextlib.nullcontext()
         try:
-            if self.batcher is not None and on_text is None and plan.sampling.greedy and not plan.history \
-                    and not plan.stop:
-                a = self.batcher.ask(plan.entry.kb, plan.question, plan.max_tokens)
-            else:
+            with together:  # joins the answers in progress on this knowledge base (cag.scheduler)
                 a = plan.entry.kb.ask(plan.question, history=plan.history, max_new_tokens=plan.max_tokens,
                                       sampling=plan.sampling, on_text=emit, stop=plan.stop)
         except CagError as err:

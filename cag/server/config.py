@@ -28,8 +28,9 @@ class ServerConfig:
     model: str | None = None  # None: the default model
     device: str | None = None
     dtype: str | None = None
-    workers: int = 4  # generation threads
-    batch_window_ms: float = 0.0  # >0: greedy non-streaming requests arriving this close are decoded together
+    workers: int = 4  # answers computed at once (each in a thread); with continuous batching at least max_batch
+    continuous_batching: bool = True  # answers in progress on one knowledge base decoded together, one step for all
+    max_batch: int = 32  # with continuous batching: most answers per decoding step per knowledge base
     max_body_bytes: int = 2_000_000  # JSON requests; uploads use max_upload_bytes
     max_upload_bytes: int = 20_000_000
     max_message_chars: int = 4000
@@ -49,9 +50,10 @@ class ServerConfig:
                 raise ConfigError(f"API key for tenant {tenant!r} is invalid: tenants are 1-16 letters or digits")
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
             raise ConfigError(f"workers must be a whole number of at least 1, not {self.workers!r}")
-        if isinstance(self.batch_window_ms, bool) or not isinstance(self.batch_window_ms, (int, float)) \
-                or self.batch_window_ms < 0:
-            raise ConfigError(f"batch_window_ms must be a number of milliseconds, 0 or more, not {self.batch_window_ms!r}")
+        if not isinstance(self.continuous_batching, bool):
+            raise ConfigError(f"continuous_batching must be true or false, not {self.continuous_batching!r}")
+        if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or self.max_batch < 1:
+            raise ConfigError(f"max_batch must be a whole number of at least 1, not {self.max_batch!r}")
         if self.injection not in ("off", "flag", "refuse"):
             raise ConfigError(f"injection must be off, flag or refuse, not {self.injection!r}")
         if self.semantic_threshold is not None:
@@ -68,6 +70,11 @@ class ServerConfig:
     @property
     def open(self) -> bool:
         return not self.api_keys
+
+    @property
+    def threads(self) -> int:
+        """Generation threads: each answer in progress holds one (waiting for its tokens when batched)."""
+        return max(self.workers, self.max_batch) if self.continuous_batching else self.workers
 
 
 def parse_keys(text: str) -> dict[str, str]:
@@ -95,6 +102,9 @@ def load_config(path: str | Path | None = None) -> ServerConfig:
         except ValueError as err:
             raise ConfigError(f"server config {path} is not valid {path.suffix.lstrip('.') or 'JSON'}: {err}") from None
     known = {f.name for f in fields(ServerConfig)}
+    if "batch_window_ms" in data:
+        raise ConfigError(f"server config {path}: batch_window_ms is gone; answers are now decoded together as they "
+                          "arrive (continuous_batching, on by default; max_batch caps a step's answers)")
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"unknown server config setting(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
@@ -102,16 +112,18 @@ def load_config(path: str | Path | None = None) -> ServerConfig:
     return ServerConfig(**data)
 
 
-def with_flags(config: ServerConfig, *, api_key: str | None = None, batch_window_ms: float | None = None,
-               workers: int | None = None) -> ServerConfig:
+def with_flags(config: ServerConfig, *, api_key: str | None = None, continuous_batching: bool | None = None,
+               max_batch: int | None = None, workers: int | None = None) -> ServerConfig:
     """`cag serve`'s flags on top of the config file and environment (a flag wins over both).
 
     `api_key` is the single-tenant shortcut (as vLLM's and llama-server's --api-key): every request must
     carry it, and the server then shows what an open one shows (the CLI's knowledge bases and those created
     through it), only behind the key. With tenants configured already, the key belongs in their table."""
     changes: dict = {}
-    if batch_window_ms is not None:
-        changes["batch_window_ms"] = batch_window_ms
+    if continuous_batching is not None:
+        changes["continuous_batching"] = continuous_batching
+    if max_batch is not None:
+        changes["max_batch"] = max_batch
     if workers is not None:
         changes["workers"] = workers
     if api_key is not None:

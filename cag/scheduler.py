@@ -1,0 +1,178 @@
+"""Continuous batching: one thread per workspace decodes every answer in progress on it, one step for all.
+
+Why: decoding reads every weight once per step, whether for one answer or for many, so answers decoded
+together cost little more than one. An answer that arrives while others are decoding joins at the next
+step (after its question prefill, run by the same thread between two steps); one that ends (end of turn,
+max_new_tokens, its consumer gone) leaves it, and its buffer goes back to the workspace's pool. Every row
+is computed as it would be alone (cag.batch), so joining changes no answer's bits on the CPU.
+
+Callers opt in with `together()`: inside it, engine.generate on a Workspace hands its job to the
+workspace's scheduler and yields the tokens as the scheduler produces them (a thread-safe queue per
+answer, so a slow consumer slows nobody else). Outside it, an answer decodes inline in its own thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import queue
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from .batch import Decoder, Job
+from .workspace import Workspace
+
+IDLE_S = 5.0  # a scheduler thread with nothing to do ends after this long (the next answer starts another)
+_LIMIT: contextvars.ContextVar[int | None] = contextvars.ContextVar("cag_together", default=None)
+_END = object()
+_CREATE = threading.Lock()
+
+
+@contextlib.contextmanager
+def together(max_batch: int = 32):
+    """Answers generated on a Workspace inside this block are decoded with the others on it, at most
+    `max_batch` rows per step (the rest wait their turn)."""
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be at least 1 (got {max_batch})")
+    token = _LIMIT.set(max_batch)
+    try:
+        yield
+    finally:
+        _LIMIT.reset(token)
+
+
+def limit() -> int | None:
+    """The batch limit of the enclosing `together()`, or None outside one."""
+    return _LIMIT.get()
+
+
+def of(model, workspace: Workspace) -> "Scheduler":
+    """The workspace's scheduler (one per workspace, made on first use)."""
+    found = workspace.scheduler
+    if found is None or found.model is not model:
+        with _CREATE:
+            found = workspace.scheduler
+            if found is None or found.model is not model:
+                found = workspace.scheduler = Scheduler(model, workspace)
+    return found
+
+
+@dataclass
+class _Ticket:
+    job: Job
+    out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    gone: bool = False  # its consumer stopped reading: leave at the next step
+
+
+class Scheduler:
+    """The rows in progress on one workspace and the thread that steps them."""
+
+    def __init__(self, model, workspace: Workspace):
+        self.model, self.workspace = model, workspace
+        self.decoder = Decoder(model, workspace)
+        self._cond = threading.Condition()
+        self._waiting: deque[_Ticket] = deque()
+        self._thread: threading.Thread | None = None
+        self._max_batch = 1
+        self.steps = 0  # decoding steps run, with `rows_stepped` rows in all (for tests and metrics)
+        self.rows_stepped = 0
+        self.rows = 0  # answers in the batch now
+
+    def answer(self, job: Job, max_batch: int) -> Iterator[int]:
+        """Queue `job` and yield its tokens as they are produced; closing the generator makes it leave."""
+        ticket = _Ticket(job)
+        with self._cond:
+            self._max_batch = max_batch
+            self._waiting.append(ticket)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="cag-batch", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        try:
+            while (item := ticket.out.get()) is not _END:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            ticket.gone = True
+
+    def _run(self) -> None:
+        active: list[_Ticket] = []
+        try:
+            while True:
+                with self._cond:
+                    while not self._waiting and not active:
+                        if not self._cond.wait(IDLE_S) and not self._waiting:
+                            self._thread = None
+                            return
+                    joining = [self._waiting.popleft()
+                               for _ in range(min(len(self._waiting), max(0, self._max_batch - len(active))))]
+                for ticket in joining:
+                    if self._start(ticket):
+                        active.append(ticket)
+                active = self._leave(active)
+                if active:
+                    self._step(active)
+                    active = self._leave(active)
+                self.rows = len(active)
+        except BaseException as err:  # noqa: BLE001 - never leave a consumer waiting forever
+            with self._cond:
+                stranded = active + list(self._waiting)
+                self._waiting.clear()
+                self._thread = None
+                self.rows = 0
+            for ticket in stranded:
+                self.decoder.finish(ticket.job)
+                ticket.out.put(err)
+            raise
+
+    def _start(self, ticket: _Ticket) -> bool:
+        """The question prefill and first token; False when the answer is already over."""
+        if ticket.gone:
+            ticket.out.put(_END)
+            return False
+        try:
+            token = self.decoder.start(ticket.job)
+        except Exception as err:  # noqa: BLE001 - this answer's failure is its consumer's to raise
+            self.decoder.finish(ticket.job)
+            ticket.out.put(err)
+            return False
+        if not self._deliver(ticket, token):
+            self.decoder.finish(ticket.job)
+            return False
+        return True
+
+    def _step(self, active: list[_Ticket]) -> None:
+        try:
+            tokens = self.decoder.step([t.job for t in active])
+        except Exception as err:  # noqa: BLE001 - the step failed for every row in it
+            for ticket in active:
+                ticket.job.done = True
+                ticket.out.put(err)
+            return
+        self.steps += 1
+        self.rows_stepped += len(active)
+        for ticket, token in zip(active, tokens):
+            self._deliver(ticket, token)
+
+    def _deliver(self, ticket: _Ticket, token: int | None) -> bool:
+        """Hand a token to the consumer; True while the answer goes on."""
+        if token is not None:
+            ticket.out.put(token)
+        if token is None or ticket.job.done:
+            ticket.job.done = True
+            ticket.out.put(_END)
+            return False
+        return True
+
+    def _leave(self, active: list[_Ticket]) -> list[_Ticket]:
+        """Rows that are done or whose consumer left give their buffers back."""
+        staying = []
+        for ticket in active:
+            if ticket.job.done or ticket.gone:
+                self.decoder.finish(ticket.job)
+            else:
+                staying.append(ticket)
+        return staying
