@@ -162,6 +162,16 @@ def test_config_file_and_env(tmp_path, monkeypatch):
         load_config(None)
 
 
+def test_an_older_config_with_batch_window_ms_still_loads(tmp_path, monkeypatch, caplog):
+    monkeypatch.delenv("CAG_API_KEYS", raising=False)
+    old = tmp_path / "old.json"
+    old.write_text('{"batch_window_ms": 5, "workers": 2}')
+    with caplog.at_level("WARNING", logger="cag.server"):
+        c = load_config(old)
+    assert c.workers == 2 and c.continuous_batching
+    assert "batch_window_ms is ignored" in caplog.text
+
+
 def test_cag_serve_command(kb, sharp_model_dir, tmp_path, cag_home):
     config = tmp_path / "server.json"
     config.write_text(f'{{"model": "{sharp_model_dir}", "semantic_threshold": null}}')

@@ -6,12 +6,15 @@ Everything a deployment tunes lives here so that routes never read the environme
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from .. import settings
 from ..errors import CagError
+
+log = logging.getLogger("cag.server")
 
 _TENANT = re.compile(r"^[A-Za-z0-9]{1,16}$")
 OPEN_TENANT = "public"  # the tenant of every request when no API keys are configured
@@ -102,9 +105,10 @@ def load_config(path: str | Path | None = None) -> ServerConfig:
         except ValueError as err:
             raise ConfigError(f"server config {path} is not valid {path.suffix.lstrip('.') or 'JSON'}: {err}") from None
     known = {f.name for f in fields(ServerConfig)}
-    if "batch_window_ms" in data:
-        raise ConfigError(f"server config {path}: batch_window_ms is gone; answers are now decoded together as they "
-                          "arrive (continuous_batching, on by default; max_batch caps a step's answers)")
+    if "batch_window_ms" in data:  # an older config: the setting it tuned is replaced, not an error to stop on
+        data.pop("batch_window_ms")
+        log.warning("server config %s: batch_window_ms is ignored; answers are now decoded together as they arrive "
+                    "(continuous_batching, on by default; max_batch caps a step's answers)", path)
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"unknown server config setting(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
