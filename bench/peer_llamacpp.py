@@ -34,6 +34,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import common  # noqa: E402 - puts the checkout first on sys.path, so its own cag is the one measured
+
 VENV = HERE / ".venv-llamacpp"
 LLAMA_CPP = "llama-cpp-python==0.3.36"
 CMAKE_ARGS = ("-DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_BLAS=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF "
@@ -199,8 +202,6 @@ def main() -> None:
     args = ap.parse_args()
     ensure_venv()
 
-    sys.path.insert(0, str(HERE))
-    import common
     import torch
 
     import cag
