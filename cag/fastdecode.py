@@ -26,9 +26,8 @@ import sys
 import threading
 
 import torch
-import torch.nn.functional as F
 
-from . import kvcompat, nativestep, packed, settings
+from . import packed, settings
 
 _ATTENTION = {"sdpa", "cag_rows"}  # the latter is plain sdpa outside a cag.batch forward
 _LOCK = threading.Lock()
