@@ -488,6 +488,10 @@ def serve(
         help="Decode the answers in progress on a knowledge base together, one step for all (default on)."),
     max_batch: Optional[int] = typer.Option(None, "--max-batch", min=1, show_default=False,
                                             help="Most answers per decoding step per knowledge base (default 32)."),
+    batch_window_ms: Optional[float] = typer.Option(
+        None, "--batch-window-ms", min=0, show_default=False, metavar="MS",
+        help="With continuous batching: an idle knowledge base waits up to MS for more answers before its first "
+             "step, so answers arriving close together start together (default 0)."),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, show_default=False,
                                           help="Answers computed at once (overrides the config's workers, default 4; "
                                                "with continuous batching at least --max-batch)."),
@@ -504,7 +508,7 @@ def serve(
         raise typer.BadParameter(f"{log_level!r} is not one of debug, info, warning, error", param_hint="'--log-level'")
     configure_logging(log_level)
     settings = with_flags(load_config(config), api_key=api_key, continuous_batching=continuous_batching,
-                          max_batch=max_batch, workers=workers)
+                          max_batch=max_batch, batch_window_ms=batch_window_ms, workers=workers)
     lm = _load_model(settings.model, device=settings.device, dtype=settings.dtype)
     if lm.packing is not None:
         _log(str(lm.packing))

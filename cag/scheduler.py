@@ -17,6 +17,7 @@ import contextlib
 import contextvars
 import queue
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -25,26 +26,38 @@ from .batch import Decoder, Job
 from .workspace import Workspace
 
 IDLE_S = 5.0  # a scheduler thread with nothing to do ends after this long (the next answer starts another)
-_LIMIT: contextvars.ContextVar[int | None] = contextvars.ContextVar("cag_together", default=None)
+_LIMIT: contextvars.ContextVar["Batching | None"] = contextvars.ContextVar("cag_together", default=None)
 _END = object()
 _CREATE = threading.Lock()
 
 
+@dataclass(frozen=True)
+class Batching:
+    """How answers join: at most `max_batch` rows per step; an idle scheduler that gets an answer waits up
+    to `window_s` (or until `max_batch` have arrived) before its first step, so answers that arrive close
+    together start together. A running batch takes newcomers at its next step without waiting."""
+
+    max_batch: int = 32
+    window_s: float = 0.0
+
+
 @contextlib.contextmanager
-def together(max_batch: int = 32):
+def together(max_batch: int = 32, window_ms: float = 0):
     """Answers generated on a Workspace inside this block are decoded with the others on it, at most
-    `max_batch` rows per step (the rest wait their turn)."""
+    `max_batch` rows per step (the rest wait their turn); `window_ms` as in Batching."""
     if max_batch < 1:
         raise ValueError(f"max_batch must be at least 1 (got {max_batch})")
-    token = _LIMIT.set(max_batch)
+    if window_ms < 0:
+        raise ValueError(f"window_ms must not be negative (got {window_ms})")
+    token = _LIMIT.set(Batching(max_batch, window_ms / 1000))
     try:
         yield
     finally:
         _LIMIT.reset(token)
 
 
-def limit() -> int | None:
-    """The batch limit of the enclosing `together()`, or None outside one."""
+def limit() -> Batching | None:
+    """The batching of the enclosing `together()`, or None outside one."""
     return _LIMIT.get()
 
 
@@ -76,15 +89,16 @@ class Scheduler:
         self._waiting: deque[_Ticket] = deque()
         self._thread: threading.Thread | None = None
         self._max_batch = 1
+        self._window_s = 0.0
         self.steps = 0  # decoding steps run, with `rows_stepped` rows in all (for tests and metrics)
         self.rows_stepped = 0
         self.rows = 0  # answers in the batch now
 
-    def answer(self, job: Job, max_batch: int) -> Iterator[int]:
+    def answer(self, job: Job, batching: Batching) -> Iterator[int]:
         """Queue `job` and yield its tokens as they are produced; closing the generator makes it leave."""
         ticket = _Ticket(job)
         with self._cond:
-            self._max_batch = max_batch
+            self._max_batch, self._window_s = batching.max_batch, batching.window_s
             self._waiting.append(ticket)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="cag-batch", daemon=True)
@@ -107,6 +121,10 @@ class Scheduler:
                         if not self._cond.wait(IDLE_S) and not self._waiting:
                             self._thread = None
                             return
+                    if not active and self._window_s > 0:  # a fresh batch: let close arrivals start together
+                        deadline = time.monotonic() + self._window_s
+                        while len(self._waiting) < self._max_batch and (left := deadline - time.monotonic()) > 0:
+                            self._cond.wait(left)
                     joining = [self._waiting.popleft()
                                for _ in range(min(len(self._waiting), max(0, self._max_batch - len(active))))]
                 for ticket in joining:

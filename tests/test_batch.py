@@ -205,6 +205,32 @@ def test_scheduler_decodes_concurrent_answers_together_each_as_alone(sharp_lm):
     assert len({tuple(a) for a in got.values()}) > 5
 
 
+@pytest.mark.parametrize("window_ms", [0, 3000])
+def test_a_batch_window_lets_answers_arriving_close_together_start_together(sharp_lm, window_ms):
+    prefix, ws = _kb(sharp_lm, seed=12)
+    n = 16
+    got: dict[int, list[int]] = {}
+
+    def ask(i: int) -> None:
+        with scheduler.together(max_batch=2, window_ms=window_ms):
+            got[i] = list(engine.generate(sharp_lm.model, [5 + i, 6], ws, reuse=len(prefix), max_new_tokens=n))
+
+    first = threading.Thread(target=ask, args=(0,))
+    first.start()
+    threading.Event().wait(0.3)  # the second answer comes 0.3 s later
+    second = threading.Thread(target=ask, args=(1,))
+    second.start()
+    first.join(120)
+    second.join(120)
+    sched = ws.scheduler
+    if window_ms:  # the first waited for the second (max_batch reached ends the wait), so every step ran both
+        assert (sched.steps, sched.rows_stepped) == (n - 1, 2 * (n - 1))
+    else:  # no wait: the first starts at once (the tiny model ends it long before the second arrives)
+        assert sched.steps > n - 1 and sched.rows_stepped == 2 * (n - 1)
+    for i in (0, 1):
+        assert got[i] == list(engine.generate(sharp_lm.model, [5 + i, 6], ws, reuse=len(prefix), max_new_tokens=n))
+
+
 def test_an_answer_abandoned_mid_run_leaves_the_batch_and_frees_its_buffer(sharp_lm):
     prefix, ws = _kb(sharp_lm, seed=10)
     with scheduler.together():

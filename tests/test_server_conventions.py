@@ -263,9 +263,9 @@ def test_a_failed_stream_logs_its_error(url, caplog, monkeypatch):
 
 def test_with_flags_overrides_the_config():
     base = ServerConfig(max_batch=8, workers=4)
-    c = with_flags(base, continuous_batching=False, max_batch=4, workers=2, api_key="k-1")
-    assert (c.continuous_batching, c.max_batch, c.workers, c.api_keys, c.share_cli_kbs) == \
-        (False, 4, 2, {"k-1": OPEN_TENANT}, True)
+    c = with_flags(base, continuous_batching=False, max_batch=4, batch_window_ms=2.5, workers=2, api_key="k-1")
+    assert (c.continuous_batching, c.max_batch, c.batch_window_ms, c.workers, c.api_keys, c.share_cli_kbs) == \
+        (False, 4, 2.5, 2, {"k-1": OPEN_TENANT}, True)
     assert (base.threads, c.threads) == (8, 2)  # batched answers each hold a thread while they wait
     assert with_flags(base) == base
     with pytest.raises(ConfigError, match="already configured"):
@@ -273,7 +273,8 @@ def test_with_flags_overrides_the_config():
     with pytest.raises(ConfigError, match="empty"):
         with_flags(base, api_key=" ")
     for bad in ({"workers": 0}, {"workers": 2.5}, {"max_batch": 0}, {"max_batch": True},
-                {"continuous_batching": "yes"}):
+                {"continuous_batching": "yes"}, {"batch_window_ms": -1}, {"batch_window_ms": "5"},
+                {"batch_window_ms": 60_000}):
         with pytest.raises(ConfigError):
             ServerConfig(**bad)
 

@@ -162,14 +162,15 @@ def test_config_file_and_env(tmp_path, monkeypatch):
         load_config(None)
 
 
-def test_an_older_config_with_batch_window_ms_still_loads(tmp_path, monkeypatch, caplog):
+def test_batch_window_ms_is_read_from_the_config(tmp_path, monkeypatch):
     monkeypatch.delenv("CAG_API_KEYS", raising=False)
-    old = tmp_path / "old.json"
-    old.write_text('{"batch_window_ms": 5, "workers": 2}')
-    with caplog.at_level("WARNING", logger="cag.server"):
-        c = load_config(old)
-    assert c.workers == 2 and c.continuous_batching
-    assert "batch_window_ms is ignored" in caplog.text
+    path = tmp_path / "s.json"
+    path.write_text('{"batch_window_ms": 5, "workers": 2}')
+    c = load_config(path)
+    assert (c.batch_window_ms, c.workers, c.continuous_batching) == (5, 2, True)
+    path.write_text('{"batch_window_ms": "soon"}')
+    with pytest.raises(ConfigError, match="batch_window_ms must be a number of milliseconds"):
+        load_config(path)
 
 
 def test_cag_serve_command(kb, sharp_model_dir, tmp_path, cag_home):

@@ -163,7 +163,7 @@ class ChatService:
             if on_text:
                 on_text(text)
 
-        together = scheduler.together(self.config.max_batch) if self.config.continuous_batching \
+        together = scheduler.together(self.config.max_batch, self.config.batch_window_ms) if self.config.continuous_batching \
             else contextlib.nullcontext()
         try:
             with together:  # joins the answers in progress on this knowledge base (cag.scheduler)

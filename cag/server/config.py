@@ -6,15 +6,12 @@ Everything a deployment tunes lives here so that routes never read the environme
 from __future__ import annotations
 
 import json
-import logging
 import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from .. import settings
 from ..errors import CagError
-
-log = logging.getLogger("cag.server")
 
 _TENANT = re.compile(r"^[A-Za-z0-9]{1,16}$")
 OPEN_TENANT = "public"  # the tenant of every request when no API keys are configured
@@ -34,6 +31,7 @@ class ServerConfig:
     workers: int = 4  # answers computed at once (each in a thread); with continuous batching at least max_batch
     continuous_batching: bool = True  # answers in progress on one knowledge base decoded together, one step for all
     max_batch: int = 32  # with continuous batching: most answers per decoding step per knowledge base
+    batch_window_ms: float = 0  # with continuous batching: an idle batch waits this long for company to start with
     max_body_bytes: int = 2_000_000  # JSON requests; uploads use max_upload_bytes
     max_upload_bytes: int = 20_000_000
     max_message_chars: int = 4000
@@ -57,6 +55,10 @@ class ServerConfig:
             raise ConfigError(f"continuous_batching must be true or false, not {self.continuous_batching!r}")
         if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or self.max_batch < 1:
             raise ConfigError(f"max_batch must be a whole number of at least 1, not {self.max_batch!r}")
+        if isinstance(self.batch_window_ms, bool) or not isinstance(self.batch_window_ms, (int, float)) \
+                or not 0 <= self.batch_window_ms <= 10_000:
+            raise ConfigError(f"batch_window_ms must be a number of milliseconds from 0 to 10000, "
+                              f"not {self.batch_window_ms!r}")
         if self.injection not in ("off", "flag", "refuse"):
             raise ConfigError(f"injection must be off, flag or refuse, not {self.injection!r}")
         if self.semantic_threshold is not None:
@@ -105,10 +107,6 @@ def load_config(path: str | Path | None = None) -> ServerConfig:
         except ValueError as err:
             raise ConfigError(f"server config {path} is not valid {path.suffix.lstrip('.') or 'JSON'}: {err}") from None
     known = {f.name for f in fields(ServerConfig)}
-    if "batch_window_ms" in data:  # an older config: the setting it tuned is replaced, not an error to stop on
-        data.pop("batch_window_ms")
-        log.warning("server config %s: batch_window_ms is ignored; answers are now decoded together as they arrive "
-                    "(continuous_batching, on by default; max_batch caps a step's answers)", path)
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"unknown server config setting(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
@@ -117,7 +115,8 @@ def load_config(path: str | Path | None = None) -> ServerConfig:
 
 
 def with_flags(config: ServerConfig, *, api_key: str | None = None, continuous_batching: bool | None = None,
-               max_batch: int | None = None, workers: int | None = None) -> ServerConfig:
+               max_batch: int | None = None, batch_window_ms: float | None = None,
+               workers: int | None = None) -> ServerConfig:
     """`cag serve`'s flags on top of the config file and environment (a flag wins over both).
 
     `api_key` is the single-tenant shortcut (as vLLM's and llama-server's --api-key): every request must
@@ -128,6 +127,8 @@ def with_flags(config: ServerConfig, *, api_key: str | None = None, continuous_b
         changes["continuous_batching"] = continuous_batching
     if max_batch is not None:
         changes["max_batch"] = max_batch
+    if batch_window_ms is not None:
+        changes["batch_window_ms"] = batch_window_ms
     if workers is not None:
         changes["workers"] = workers
     if api_key is not None:
