@@ -105,11 +105,16 @@ UNSUPPORTED = [("n", 2), ("best_of", 3), ("logprobs", True), ("top_logprobs", 2)
                ("functions", [{"name": "lookup"}]), ("function_call", {"name": "lookup"}),
                ("response_format", {"type": "json_object"}), ("modalities", ["text", "audio"]),
                ("audio", {"voice": "alloy", "format": "wav"}), ("prediction", {"type": "content", "content": "x"}),
-               ("reasoning_effort", "high"), ("verbosity", "low"), ("web_search_options", {})]
+               ("reasoning_effort", "high"), ("verbosity", "low"), ("web_search_options", {}),
+               ("repetition_penalty", 1.1), ("min_tokens", 5), ("ignore_eos", True), ("guided_json", {"type": "object"}),
+               ("grammar", "root ::= \"yes\"")]
+SAMPLED_ONLY = [("top_k", 40), ("min_p", 0.05), ("typical_p", 0.9), ("mirostat", 2)]
 HARMLESS = {"user": "u-1", "metadata": {"team": "docs"}, "store": False, "stream_options": {"include_usage": True},
             "n": 1, "best_of": 1, "presence_penalty": 0, "frequency_penalty": 0.0, "parallel_tool_calls": True,
             "logprobs": False, "top_logprobs": 0, "tools": [], "tool_choice": "none", "response_format": {"type": "text"},
-            "modalities": ["text"], "service_tier": "auto", "some_future_field": {"x": 1}}
+            "modalities": ["text"], "service_tier": "auto", "some_future_field": {"x": 1},
+            "repetition_penalty": 1, "min_tokens": 0, "ignore_eos": False,
+            "top_k": 40, "min_p": 0.05}  # top_k and min_p change nothing in a greedy answer
 
 
 def test_openai_parameters_cag_cannot_honour_are_refused_by_name(url):
@@ -117,6 +122,9 @@ def test_openai_parameters_cag_cannot_honour_are_refused_by_name(url):
         for stream in (False, True):
             r = httpx.post(url + "/v1/chat/completions", json={**ASK, "stream": stream, name: value})
             assert f"{name}=" in _error(r, 400, "unsupported_parameter", name)["message"]
+    for name, value in SAMPLED_ONLY:  # refused when the request samples
+        r = httpx.post(url + "/v1/chat/completions", json={**ASK, "temperature": 0.7, name: value})
+        assert f"{name}=" in _error(r, 400, "unsupported_parameter", name)["message"]
     r = httpx.post(url + "/v1/chat/completions", json={**ASK, **HARMLESS}, timeout=60)
     assert r.status_code == 200, r.text
     client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)

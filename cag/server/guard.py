@@ -37,13 +37,34 @@ _NEUTRAL: dict[str, tuple[Callable[[Any], bool], str]] = {
     "web_search_options": (lambda v: False, "cag answers from its knowledge base only, without web search"),
     "echo": (lambda v: v is False, "cag answers the prompt as a question and does not repeat it"),
     "suffix": (lambda v: v == "", "cag does not insert text between a prompt and a suffix"),
+    # Extensions of vLLM, llama-server and Ollama that OpenAI clients pass through (extra_body): also refused
+    # rather than ignored, because each would change the answer.
+    "repetition_penalty": (lambda v: v == 1, "cag applies no repetition penalties; send 1 or leave it out"),
+    "repeat_penalty": (lambda v: v == 1, "cag applies no repetition penalties; send 1 or leave it out"),
+    "min_tokens": (lambda v: v == 0, "cag ends an answer at the model's end of turn; send 0 or leave it out"),
+    "ignore_eos": (lambda v: v is False, "cag ends an answer at the model's end of turn"),
+    "grammar": (lambda v: not v, "cag does not constrain answers to a grammar"),
+    "json_schema": (lambda v: not v, "cag does not constrain answers to a schema"),
+    "guided_json": (lambda v: not v, "cag does not constrain answers to a schema"),
+    "guided_regex": (lambda v: not v, "cag does not constrain answers to a pattern"),
+    "guided_choice": (lambda v: not v, "cag does not constrain answers to a choice"),
+    "guided_grammar": (lambda v: not v, "cag does not constrain answers to a grammar"),
+}
+# Sampling extensions that change only a sampled answer: refused when the request samples (temperature > 0),
+# harmless for a greedy one.
+_SAMPLING: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "top_k": (lambda v: v in (0, -1), "cag samples with temperature and top_p only; send 0 or -1 or leave it out"),
+    "min_p": (lambda v: v == 0, "cag samples with temperature and top_p only; send 0 or leave it out"),
+    "typical_p": (lambda v: v == 1, "cag samples with temperature and top_p only; send 1 or leave it out"),
+    "mirostat": (lambda v: v == 0, "cag samples with temperature and top_p only; send 0 or leave it out"),
 }
 
 
 def check_parameters(req: GenerationRequest) -> None:
     """Refuse a request that asks for something cag cannot do (harmless values such as n=1 pass). A chat
     request and a prompt completion each have their own subset of these parameters."""
-    for name, (neutral, why) in _NEUTRAL.items():
+    checks = {**_NEUTRAL, **(_SAMPLING if req.temperature else {})}
+    for name, (neutral, why) in checks.items():
         value = getattr(req, name, None)
         if value is not None and not neutral(value):
             raise ApiError(400, f"{name}={_show(value)} is not supported: {why}", code="unsupported_parameter",
