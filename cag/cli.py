@@ -46,7 +46,8 @@ def _quiet_transformers() -> None:
 
 
 def _hide_flag_types() -> None:
-    """typer prints `<bool>` after flags such as --json, which take no value: show nothing there."""
+    """typer prints `<bool>` after flags such as --json, which take no value: show nothing there; and
+    `<int range>` where `<int>` says it (the range is printed beside it)."""
     try:
         from typer.core import TyperOption
     except ImportError:  # older typer: no type column to fix
@@ -56,7 +57,10 @@ def _hide_flag_types() -> None:
         return
 
     def display_type_rich(self, ctx):
-        return None if getattr(self, "is_flag", False) else show(self, ctx)
+        if getattr(self, "is_flag", False):
+            return None
+        shown = show(self, ctx)
+        return shown.replace(" range>", ">") if isinstance(shown, str) else shown
 
     display_type_rich._cag = True
     TyperOption.display_type_rich = display_type_rich
