@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextvars
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -233,37 +233,41 @@ def prefill(model, row: Row, ids: Sequence[int]) -> torch.Tensor:
 def step(model, rows: list[Row], tokens: Sequence[int]) -> torch.Tensor:
     """Logits [rows, vocab] for one new token per row; each row's are the bits it would get alone (CPU)."""
     _install(model)
-    device = _device(model)
-    ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=device)
-    positions = torch.tensor([[r.position] for r in rows], device=device)
-    fold = device.type == "cuda"
-
-    def reference():  # transformers' forward over the same rows: what the fast steps are checked against
-        with _rows_running(rows, fold):
-            return kvcompat.forward_positions(model, ids, positions, keep=1)[:, -1]
-
     try:
         if fastdecode.supported(model):
             plan = nativestep.plan(model)
             if plan is not None and fastdecode.verdict(model, "native") is not False and plan.fits(rows):
-                return fastdecode.native(model, lambda: plan.run(rows, tokens), reference, lambda: _new_kv(rows))
+                return fastdecode.native(model, lambda: plan.run(rows, tokens),
+                                         lambda: _reference(model, rows, tokens), lambda: _new_kv(rows))
         limit = _together(model)
-        if len(rows) > limit:
-            return torch.cat([_step_torch(model, rows[i:i + limit], ids[i:i + limit], positions[i:i + limit], fold)
-                              for i in range(0, len(rows), limit)])
-        return _step_torch(model, rows, ids, positions, fold, reference)
+        if len(rows) <= limit:
+            return _step_torch(model, rows, tokens)
+        return torch.cat([_step_torch(model, rows[i:i + limit], tokens[i:i + limit])
+                          for i in range(0, len(rows), limit)])
     finally:
         for r in rows:
             r.length += 1
 
 
-def _step_torch(model, rows, ids, positions, fold, reference=None) -> torch.Tensor:
-    if reference is None:
-        def reference():
-            with _rows_running(rows, fold):
-                return kvcompat.forward_positions(model, ids, positions, keep=1)[:, -1]
+def _inputs(model, rows: list[Row], tokens: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """One step's token ids [rows, 1], positions [rows, 1] and whether the prefix part is one call (GPUs)."""
+    device = _device(model)
+    ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=device)
+    positions = torch.tensor([[r.position] for r in rows], device=device)
+    return ids, positions, device.type == "cuda"
+
+
+def _reference(model, rows: list[Row], tokens: Sequence[int]) -> torch.Tensor:
+    """transformers' forward over the same rows: what the fast steps are checked against."""
+    ids, positions, fold = _inputs(model, rows, tokens)
+    with _rows_running(rows, fold):
+        return kvcompat.forward_positions(model, ids, positions, keep=1)[:, -1]
+
+
+def _step_torch(model, rows: list[Row], tokens: Sequence[int]) -> torch.Tensor:
     if not fastdecode.supported(model):
-        return reference()
+        return _reference(model, rows, tokens)
+    ids, positions, fold = _inputs(model, rows, tokens)
 
     def attention(attn, q, k, v):
         return _attention(attn, q, k, v, None, scaling=attn.scaling)[0]
@@ -272,7 +276,7 @@ def _step_torch(model, rows, ids, positions, fold, reference=None) -> torch.Tens
         with _rows_running(rows, fold):
             return fastdecode.lean(model, ids, positions, attention)
 
-    return fastdecode.checked_lean(model, lean, reference)
+    return fastdecode.checked_lean(model, lean, lambda: _reference(model, rows, tokens))
 
 
 def _new_kv(rows: list[Row]) -> list[torch.Tensor]:
@@ -317,7 +321,6 @@ class Job:
     produced: int = 0
     last: int | None = None
     done: bool = False
-    first_logits: torch.Tensor | None = field(default=None, repr=False)  # kept only when asked (tests)
 
     def pick(self, logits: torch.Tensor) -> int | None:
         """The next token from this row's logits, or None when it is a stop token (the answer is over)."""
@@ -343,7 +346,7 @@ class Decoder:
         self.layers = model.config.num_hidden_layers
         self.device = _device(model)
 
-    def start(self, job: Job, keep_logits: bool = False) -> int | None:
+    def start(self, job: Job) -> int | None:
         if not job.new_ids:
             raise ValueError("an answer needs at least one new token to compute the next-token logits")
         if not 0 <= job.reuse <= self.workspace.length:
@@ -351,10 +354,7 @@ class Decoder:
         buffer = self.workspace.take(len(job.new_ids) + job.max_new_tokens, self.layers)
         job.row = Row(self.workspace, job.reuse, buffer)
         job.generator = job.sampling.generator(self.device)
-        logits = prefill(self.model, job.row, job.new_ids)
-        if keep_logits:
-            job.first_logits = logits.clone()
-        return job.pick(logits)
+        return job.pick(prefill(self.model, job.row, job.new_ids))
 
     def step(self, jobs: list[Job]) -> list[int | None]:
         logits = step(self.model, [j.row for j in jobs], [j.last for j in jobs])

@@ -57,10 +57,8 @@ def to_layers(cache: DynamicCache) -> KV:
     return list(zip(cache.key_cache, cache.value_cache))  # transformers < 4.56
 
 
-def from_layers(layers: KV, length: int | None = None) -> DynamicCache:
-    """A new DynamicCache over the given tensors (optionally only their first `length` positions), no copy."""
-    if length is not None:
-        layers = [(k[:, :, :length], v[:, :, :length]) for k, v in layers]
+def from_layers(layers: KV) -> DynamicCache:
+    """A new DynamicCache over the given tensors, no copy."""
     cache = DynamicCache()
     if _HAS_LAYERS:
         from transformers.cache_utils import DynamicLayer

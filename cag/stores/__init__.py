@@ -16,7 +16,6 @@ from .tiered import TieredStore
 __all__ = ["Entry", "Record", "Tombstone", "Store", "TieredStore", "MemoryStore", "HostStore", "DiskStore", "BudgetError",
            "layers_nbytes", "matches", "default", "configure", "parse_bytes"]
 
-DEFAULT_MEMORY_BYTES = settings.DEFAULT_MEMORY_BYTES
 _stores: dict[tuple, TieredStore] = {}
 _lock = threading.Lock()
 
