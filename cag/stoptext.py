@@ -7,21 +7,29 @@ final: concatenated, the returned pieces equal `text`, the answer up to (not inc
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from .errors import CagError
 
 MAX_STOPS = 4  # OpenAI's limit; also bounds the per-token work
 
 
+def checked(stops: str | Sequence[str] | None) -> list[str]:
+    """A stop string or sequence of them as a list; CagError when there are too many, one is empty or one
+    is not text (the one check for the API, the CLI and the server's request schema)."""
+    items = [] if stops is None else [stops] if isinstance(stops, str) else stops
+    if not isinstance(items, Sequence) or not all(isinstance(s, str) for s in items):
+        raise CagError(f"stop must be a string or a list of at most {MAX_STOPS} strings")
+    if len(items) > MAX_STOPS:
+        raise CagError(f"at most {MAX_STOPS} stop strings are supported (got {len(items)})")
+    if any(not s for s in items):
+        raise CagError("stop strings must be non-empty text")
+    return list(items)
+
+
 class StopText:
     def __init__(self, stops: Sequence[str] = ()):
-        stops = [stops] if isinstance(stops, str) else list(stops)
-        if len(stops) > MAX_STOPS:
-            raise CagError(f"at most {MAX_STOPS} stop strings are supported (got {len(stops)})")
-        if any(not isinstance(s, str) or not s for s in stops):
-            raise CagError("stop strings must be non-empty text")
-        self.stops = stops
+        self.stops = checked(stops)
         self.text = ""  # the answer so far, up to the stop string once one is found
         self.stopped = False
         self._sent = 0  # characters of `text` already returned

@@ -13,7 +13,8 @@ from typing import Any, Callable, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-MAX_STOP = 4  # OpenAI's limit on stop sequences
+from .. import stoptext
+from ..errors import CagError
 
 
 class Message(BaseModel):
@@ -62,7 +63,7 @@ class GenerationRequest(BaseModel):
     top_p: Optional[float] = Field(None, gt=0, le=1)
     seed: Optional[int] = Field(None, ge=-(2**63), le=2**64 - 1, description="A 64-bit integer.")
     max_tokens: Optional[int] = Field(None, ge=1)
-    stop: Union[str, list[str], None] = Field(None, description=f"Up to {MAX_STOP} strings; the answer ends "
+    stop: Union[str, list[str], None] = Field(None, description=f"Up to {stoptext.MAX_STOPS} strings; the answer ends "
                                                                 "before the first one and does not include it.")
     user: Optional[str] = None
     n: Optional[int] = Field(None, ge=1)
@@ -74,13 +75,10 @@ class GenerationRequest(BaseModel):
     @field_validator("stop", mode="before")
     @classmethod
     def _stops(cls, value: Any) -> Any:
-        items = [] if value is None else [value] if isinstance(value, str) else value
-        if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
-            raise ValueError(f"stop must be a string or a list of at most {MAX_STOP} strings")
-        if len(items) > MAX_STOP:
-            raise ValueError(f"at most {MAX_STOP} stop sequences are accepted, not {len(items)}")
-        if any(not s for s in items):
-            raise ValueError("a stop sequence must not be empty")
+        try:
+            stoptext.checked(value)
+        except CagError as err:
+            raise ValueError(str(err)) from None
         return value
 
     @property
