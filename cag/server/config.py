@@ -49,12 +49,12 @@ class ServerConfig:
         for key, tenant in self.api_keys.items():
             if not key or not _TENANT.match(str(tenant)):
                 raise ConfigError(f"API key for tenant {tenant!r} is invalid: tenants are 1-16 letters or digits")
-        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
-            raise ConfigError(f"workers must be a whole number of at least 1, not {self.workers!r}")
+        for name in ("workers", "max_batch"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a whole number of at least 1, not {value!r}")
         if not isinstance(self.continuous_batching, bool):
             raise ConfigError(f"continuous_batching must be true or false, not {self.continuous_batching!r}")
-        if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or self.max_batch < 1:
-            raise ConfigError(f"max_batch must be a whole number of at least 1, not {self.max_batch!r}")
         if isinstance(self.batch_window_ms, bool) or not isinstance(self.batch_window_ms, (int, float)) \
                 or not 0 <= self.batch_window_ms <= 10_000:
             raise ConfigError(f"batch_window_ms must be a number of milliseconds from 0 to 10000, "
@@ -122,15 +122,9 @@ def with_flags(config: ServerConfig, *, api_key: str | None = None, continuous_b
     `api_key` is the single-tenant shortcut (as vLLM's and llama-server's --api-key): every request must
     carry it, and the server then shows what an open one shows (the CLI's knowledge bases and those created
     through it), only behind the key. With tenants configured already, the key belongs in their table."""
-    changes: dict = {}
-    if continuous_batching is not None:
-        changes["continuous_batching"] = continuous_batching
-    if max_batch is not None:
-        changes["max_batch"] = max_batch
-    if batch_window_ms is not None:
-        changes["batch_window_ms"] = batch_window_ms
-    if workers is not None:
-        changes["workers"] = workers
+    flags = {"continuous_batching": continuous_batching, "max_batch": max_batch, "batch_window_ms": batch_window_ms,
+             "workers": workers}
+    changes: dict = {name: value for name, value in flags.items() if value is not None}
     if api_key is not None:
         if not api_key.strip():
             raise ConfigError("--api-key (or CAG_API_KEY) is empty: give the key clients must send")
