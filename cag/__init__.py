@@ -6,10 +6,9 @@ torch and transformers until something needs them.
 
 __version__ = "0.1.0"
 
-__all__ = ["KnowledgeBase", "build", "load", "list_kbs", "delete", "invalidate", "publish", "Sampling", "CagError",
-           "__version__"]
 _WHERE = {"KnowledgeBase": "api", "build": "api", "load": "api", "list_kbs": "api", "delete": "api",
           "invalidate": "api", "publish": "api", "Sampling": "engine", "CagError": "errors"}
+__all__ = [*_WHERE, "__version__"]
 
 
 def __getattr__(name: str):
