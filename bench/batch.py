@@ -35,7 +35,7 @@ def main() -> None:
 
     import cag
     import core
-    from cag import batch, engine, kvcompat, models
+    from cag.engines.torch import batch, engine, kvcompat, models
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()

@@ -69,7 +69,8 @@ def main() -> None:
     args = ap.parse_args()
 
     import cag
-    from cag import engine, kvfile, models
+    from cag.engines.torch import engine, models
+    from cag.cache import kvfile
 
     from transformers.utils import logging as hf_logging
 

@@ -51,7 +51,7 @@ def hf_loop(model, prefix_cache, ids: list[int], steps: int) -> tuple[list[int],
 
 
 def cag_decode(model, workspace, reuse: int, ids: list[int], steps: int) -> tuple[list[int], float]:
-    from cag import engine
+    from cag.engines.torch import engine
 
     out, start = [], None
     for token in engine.generate(model, ids, workspace, reuse=reuse, max_new_tokens=steps, stop_ids=()):
@@ -70,7 +70,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import cag
-    from cag import engine, kvcompat, models
+    from cag.engines.torch import engine, kvcompat, models
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()

@@ -118,7 +118,7 @@ def random_ids(model, n: int, rng: torch.Generator) -> list[int]:
 
 def cag_run(model, device, new_ids, prefix, reuse, max_new):
     """TTFT, total seconds and the tokens of one cag.engine.generate call."""
-    from cag import engine
+    from cag.engines.torch import engine
 
     sync(device)
     start = time.perf_counter()
@@ -150,7 +150,7 @@ def hf_run(model, device, rows: list[list[int]], max_new: int, cache=None):
 
 
 def hf_prefill(model, rows: list[list[int]], device):
-    from cag import kvcompat
+    from cag.engines.torch import kvcompat
 
     cache = kvcompat.empty_cache()
     with torch.inference_mode():
@@ -166,7 +166,7 @@ def decode_rate(ttft: float, total: float, tokens: int) -> float:
 
 def ttft_size(model, device, n: int, args, rng) -> dict:
     """Cached TTFT vs plain transformers (full prompt, prefix reuse) and cag on the full prompt, at `n` tokens."""
-    from cag import engine
+    from cag.engines.torch import engine
 
     ids = random_ids(model, n + args.question_tokens, rng)
     prefix_ids = ids[:n]
@@ -202,7 +202,7 @@ def ttft_size(model, device, n: int, args, rng) -> dict:
 
 def batch_section(model, device, args, rng) -> dict:
     """Tokens/s for B questions decoded together on one shared prefix: cag.batch vs plain transformers."""
-    from cag import batch, engine, kvcompat
+    from cag.engines.torch import batch, engine, kvcompat
 
     n, q, new = args.batch_tokens, args.question_tokens, args.new_tokens
     prefix_ids = random_ids(model, n, rng)
@@ -241,7 +241,7 @@ def restore_section(model, device, dtype, args) -> dict:
     """GB/s from a cache file in the page cache: cag's verified restore vs safetensors vs host->device."""
     from safetensors.torch import load_file
 
-    from cag import checksum, kvfile, restore
+    from cag.cache import checksum, kvfile, restore
 
     cfg = model.config
     n, heads = args.restore_tokens, cfg.num_key_value_heads
@@ -312,7 +312,8 @@ class FirstLogits:
 
 def exact_section(model, device, args, rng) -> dict:
     """Cached (restored from its file) vs the piecewise reference, bit for bit; and vs one-shot generate."""
-    from cag import engine, kvfile
+    from cag.engines.torch import engine
+    from cag.cache import kvfile
 
     n, room = args.exact_tokens, args.question_tokens + args.new_tokens + 8
     prefix_ids = random_ids(model, n, rng)

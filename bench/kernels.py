@@ -35,7 +35,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
-    from cag import models, packed
+    from cag.engines.torch import models, packed
 
     lm = models.load(None, device="cpu", dtype="float32")
     layers = [m for m in lm.model.modules() if isinstance(m, packed.PackedLinear)]

@@ -27,7 +27,8 @@ def main() -> None:
     import torch
 
     import cag
-    from cag import engine, kvfile, kvquant, models
+    from cag.engines.torch import engine, models
+    from cag.cache import kvfile, kvquant
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()

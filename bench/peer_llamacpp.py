@@ -165,7 +165,7 @@ def ensure_venv() -> None:
 # -- the cag side and the comparison ----------------------------------------------------------------------
 
 def cag_generate(lm, ids: list[int], workspace, reuse: int, steps: int) -> dict:
-    from cag import engine
+    from cag.engines.torch import engine
 
     out, stamps = [], []
     start = time.perf_counter()
@@ -205,7 +205,8 @@ def main() -> None:
     import torch
 
     import cag
-    from cag import engine, kvfile, models
+    from cag.engines.torch import engine, models
+    from cag.cache import kvfile
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()

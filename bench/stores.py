@@ -26,10 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
 
-from cag import engine, kvfile, models  # noqa: E402
-from cag.prompt import PromptBuilder  # noqa: E402
-from cag.knowledge import load as load_docs  # noqa: E402
-from cag.stores import DiskStore, Entry, HostStore, MemoryStore  # noqa: E402
+from cag.engines.torch import engine, models
+from cag.cache import kvfile  # noqa: E402
+from cag.kb.prompt import PromptBuilder  # noqa: E402
+from cag.kb.knowledge import load as load_docs  # noqa: E402
+from cag.cache.stores import DiskStore, Entry, HostStore, MemoryStore  # noqa: E402
 
 
 def start_redis(folder: Path):
@@ -81,7 +82,7 @@ def bench_model(label: str, lm, docs_dir: Path, redis_url: str | None, repeat: i
              "load_s": common.median(prefill)}]
     tiers = [MemoryStore(nbytes * 2), HostStore(nbytes * 2), DiskStore()]
     if redis_url:
-        from cag.stores.redis import RedisStore
+        from cag.cache.stores.redis import RedisStore
 
         tiers.append(RedisStore(redis_url))
     for tier in tiers:

@@ -7,7 +7,7 @@ torch and transformers until something needs them.
 __version__ = "0.1.0"
 
 _WHERE = {"KnowledgeBase": "api", "build": "api", "load": "api", "list_kbs": "api", "delete": "api",
-          "invalidate": "api", "publish": "api", "Sampling": "engine", "CagError": "errors"}
+          "invalidate": "api", "publish": "api", "Sampling": "sampling", "CagError": "errors"}
 __all__ = [*_WHERE, "__version__"]
 
 

@@ -13,19 +13,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from . import engine, events, incremental, knowledge, kvfile, kvquant, models, paths, policies, stores
-from .engine import Sampling
+from .engines.torch import engine, models
+from .cache import events, kvfile, kvquant, policies, stores
+from .kb import incremental, knowledge
+from . import paths
+from .engines.torch.engine import Sampling
 from .errors import (CagError, ContextLengthError, KnowledgeError, KnowledgeTooLargeError, NotFoundError,
                      StaleKnowledgeError)
-from .policies import Policy
+from .cache.policies import Policy
 from .results import Answer, BuildStats
-from .stores import Entry, Record, TieredStore
-from .kvcompat import KV
-from .prompt import DEFAULT_INSTRUCTION, PromptBuilder, Split, Turn
+from .cache.stores import Entry, Record, TieredStore
+from .engines.torch.kvcompat import KV
+from .kb.prompt import DEFAULT_INSTRUCTION, PromptBuilder, Split, Turn
 from .stoptext import StopText
 
 DEFAULT_RESERVE = 512  # context tokens kept free for the question and the answer
-from .stores.disk import CACHE_FILE, KB_FILE, SNAPSHOT_FILE  # noqa: E402,F401 - re-exported names
+from .cache.stores.disk import CACHE_FILE, KB_FILE, SNAPSHOT_FILE  # noqa: E402,F401 - re-exported names
 
 Log = Callable[[str], None]
 
@@ -152,7 +155,7 @@ class KnowledgeBase:
         Throughput, not latency: every answer arrives when the longest is done. Each answer is the one
         `ask` gives (every row is computed as it would be alone).
         """
-        from . import batch
+        from .engines.torch import batch
 
         self._refresh_if_invalidated()
         start = time.perf_counter()
@@ -224,7 +227,7 @@ def build(sources: Iterable[str | Path], name: str | None = None, *, model: str 
 
 def _build_shards(settings: dict, docs, lm, policy: Policy, store: TieredStore, chunk_size: int, progress, log: Log,
                   owner: str | None = None):
-    from . import shards
+    from .kb import shards
 
     name = settings["name"]
     groups = shards.plan(docs, lm.tokenizer, settings["instruction"], lm.context_window - settings["reserve"],
@@ -335,7 +338,7 @@ def load(name: str, *, device: str | None = None, dtype: str | None = None, rebu
     meta = record.meta
     lm = lm or models.load(meta["model"], device=device, dtype=dtype or meta.get("dtype"), log=log)
     if meta.get("shards"):
-        from .shards import ShardedKnowledgeBase
+        from .kb.shards import ShardedKnowledgeBase
 
         return ShardedKnowledgeBase.of(name, [load(s, rebuild=rebuild, lm=lm, log=log, progress=progress, store=store)
                                               for s in meta["shards"]])

@@ -120,7 +120,7 @@ class _Bar:
 
 
 def _load_model(name: str | None, **kwargs):
-    from . import models
+    from .engines.torch import models
 
     with _status(f"loading model {name or models.DEFAULT_MODEL}"):
         return models.load(name, log=_log, **kwargs)
@@ -190,7 +190,7 @@ def ask(
     redis: Optional[str] = typer.Option(None, "--redis", help=REDIS_HELP),
 ) -> None:
     """Answer questions from a knowledge base's cache (streams the answer)."""
-    from .engine import Sampling
+    from .engines.torch.engine import Sampling
 
     _use_redis(redis)
     items = _questions(question, questions)
@@ -258,8 +258,8 @@ def chat(
 
     Ctrl-C stops the answer being written and keeps the chat; /reset clears the history; /exit or Ctrl-D quits.
     """
-    from .engine import Sampling
-    from .prompt import Turn
+    from .engines.torch.engine import Sampling
+    from .kb.prompt import Turn
 
     StopText(stop or ())
     kb = _load_kb(name, device, dtype)
@@ -392,7 +392,8 @@ def publish(name: str = typer.Argument(...), kb_version: int = typer.Argument(..
 @app.command()
 def inspect(name: str = typer.Argument(...), as_json: bool = typer.Option(False, "--json")) -> None:
     """Show a knowledge base's settings and manifest, and verify its cache file (checksum, signature)."""
-    from . import api, kvfile, paths
+    from . import api, paths
+    from .cache import kvfile
 
     meta = api.read_meta(name)
     infos = []
@@ -526,7 +527,7 @@ def version(
     """Print cag's version (and, with --native, whether the fast CPU decoding kernels work here)."""
     out.print(__version__)
     if native:
-        from . import native as kernels
+        from .engines.torch import native as kernels
 
         found = kernels.load()
         out.print(f"native kernels: {found.describe} ({found.path})" if found else

@@ -12,8 +12,8 @@ from datetime import datetime, timezone
 
 from . import paths
 from .errors import CacheFileError, CagError, NotFoundError
-from .policies import Policy
-from .stores import TieredStore
+from .cache.policies import Policy
+from .cache.stores import TieredStore
 
 
 def rows(store: TieredStore) -> list[dict]:

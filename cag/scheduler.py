@@ -22,8 +22,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from .batch import Decoder, Job
-from .workspace import Workspace
+from .engines.torch.batch import Decoder, Job
+from .engines.torch.workspace import Workspace
 
 IDLE_S = 5.0  # a scheduler thread with nothing to do ends after this long (the next answer starts another)
 _LIMIT: contextvars.ContextVar["Batching | None"] = contextvars.ContextVar("cag_together", default=None)

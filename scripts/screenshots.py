@@ -74,7 +74,8 @@ def main() -> None:
     from playwright.sync_api import sync_playwright
 
     import cag
-    from cag import models, paths
+    from cag.engines.torch import models
+    from cag import paths
 
     converted = paths.models_dir()
     with tempfile.TemporaryDirectory(prefix="cag-screens-") as tmp:

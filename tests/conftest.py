@@ -66,7 +66,7 @@ def cag_home(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_lm(tiny_model_dir):
-    from cag import models
+    from cag.engines.torch import models
 
     return models.load(str(tiny_model_dir), device="cpu", dtype="float32")
 
@@ -80,7 +80,7 @@ def real_home(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def real_lm(real_home):
-    from cag import models
+    from cag.engines.torch import models
 
     old = os.environ.get("CAG_HOME")
     os.environ["CAG_HOME"] = str(real_home)
@@ -116,7 +116,7 @@ def sharp_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def sharp_lm(sharp_model_dir):
-    from cag import models
+    from cag.engines.torch import models
 
     return models.load(str(sharp_model_dir), device="cpu", dtype="float32")
 
@@ -156,7 +156,7 @@ def q4_model_dir(tmp_path_factory):
 
 def require_native(portable: bool = False):
     """The packed-weight kernels, or skip (fail with CAG_REQUIRE_NATIVE=1, as in CI, where setup installs a compiler)."""
-    from cag import native
+    from cag.engines.torch import native
 
     found = native.load(portable=portable)
     if found is None:

@@ -8,7 +8,8 @@ answer's token ids. The count comes from a forward hook on the model itself.
 import json
 import sys
 
-from cag import api, models
+from cag import api
+from cag.engines.torch import models
 
 name = sys.argv[1]
 meta = api.read_meta(name)

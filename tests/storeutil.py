@@ -23,7 +23,7 @@ def tiny_entry(name: str, tokens: int, owner: str | None = None, built_at: float
     """A store Entry of zeros, 128 bytes per token, made for knowledge `name` (no model needed)."""
     import torch
 
-    from cag.stores import Entry
+    from cag.cache.stores import Entry
 
     layers = [(torch.zeros(1, 2, tokens, 8), torch.zeros(1, 2, tokens, 8))]
     meta = {"built_at": time.time() if built_at is None else built_at}

@@ -7,7 +7,7 @@ import pytest
 import cag
 from cag import api, paths
 from cag.errors import CacheFileError, CacheMismatchError, KnowledgeTooLargeError, NotFoundError, StaleKnowledgeError
-from cag.prompt import Turn
+from cag.kb.prompt import Turn
 
 QUESTIONS = ["Who founded the company?", "How much is the Heron?", "What colour is it?", "When was it founded?"]
 
@@ -141,7 +141,8 @@ def test_int8_kv_build_is_smaller_and_answers_the_same_from_disk(cag_home, sharp
 
 
 def test_settings_are_read_in_one_place_and_bad_values_name_their_variable(monkeypatch, tmp_path):
-    from cag import settings, stores
+    from cag import settings
+    from cag.cache import stores
 
     monkeypatch.setenv("CAG_HOME", str(tmp_path / "h1"))
     first = settings.current()

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from cag import atomic
+from cag.cache import atomic
 
 
 def test_temp_file_of_a_killed_writer_is_removed_by_the_next_write(tmp_path):

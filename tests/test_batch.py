@@ -13,7 +13,8 @@ import threading
 import pytest
 import torch
 
-from cag import batch, engine, fastdecode, models, scheduler
+from cag.engines.torch import batch, engine, fastdecode, models
+from cag import scheduler
 from cag.sampling import Sampling
 from conftest import require_native
 

@@ -5,8 +5,8 @@ import random
 import pytest
 import torch
 
-from cag import engine, kvcompat
-from cag.engine import Sampling
+from cag.engines.torch import engine, kvcompat
+from cag.engines.torch.engine import Sampling
 
 
 def _full_logits(model, ids):

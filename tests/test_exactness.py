@@ -13,7 +13,9 @@ import torch
 from storeutil import make_docs
 
 import cag
-from cag import engine, incremental, kvfile, models, stores
+from cag.engines.torch import engine, models
+from cag.kb import incremental
+from cag.cache import kvfile, stores
 
 QUESTIONS = ["Who founded the company?", "How much is the Heron lantern?", "What colour is it?"]
 CHUNK = 24

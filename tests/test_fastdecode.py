@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cag import batch, engine, fastdecode, models, packed
+from cag.engines.torch import batch, engine, fastdecode, models, packed
 from conftest import require_native
 
 

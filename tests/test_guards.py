@@ -9,9 +9,10 @@ import sys
 import pytest
 
 import cag
-from cag import engine, paths
+from cag.engines.torch import engine
+from cag import paths
 from cag.errors import CacheMismatchError, CagError, ContextLengthError, KnowledgeTooLargeError
-from cag.prompt import Turn
+from cag.kb.prompt import Turn
 from cag.stoptext import StopText
 from storeutil import make_docs
 

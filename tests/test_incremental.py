@@ -5,7 +5,7 @@ from __future__ import annotations
 from storeutil import make_docs
 
 import cag
-from cag import stores
+from cag.cache import stores
 
 QUESTIONS = ["Who founded the company?", "How much is the Heron?", "What is the Wren?"]
 

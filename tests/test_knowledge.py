@@ -2,7 +2,7 @@
 
 import pytest
 
-from cag import knowledge
+from cag.kb import knowledge
 from cag.errors import KnowledgeError
 
 def write_pdf(path, text):

@@ -17,9 +17,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from cag import engine, kvfile, kvquant
+from cag.engines.torch import engine
+from cag.cache import kvfile, kvquant
 from cag.errors import CacheFileError, CacheMismatchError
-from cag.kvfile import Expect
+from cag.cache.kvfile import Expect
 
 IDENTITY = {
     "model": {"name": "tiny", "fingerprint": "m" * 64},
@@ -202,7 +203,7 @@ def test_killed_writer_never_leaves_a_half_file(tmp_path):
     path = tmp_path / "k.safetensors"
     script = textwrap.dedent(f"""
         import torch, sys
-        from cag import kvfile
+        from cag.cache import kvfile
         ident = {IDENTITY!r}
         i = 0
         while True:
@@ -404,7 +405,7 @@ def test_blake3_and_sha256_files_both_verify_and_catch_a_flipped_bit(tmp_path, c
 
 
 def test_new_files_use_blake3_and_fall_back_to_sha256_without_it(tmp_path, cache, monkeypatch, load):
-    from cag import checksum
+    from cag.cache import checksum
 
     assert kvfile.CHECKSUM == kvfile.BLAKE3  # blake3 is a dependency: new files get it
     kvfile.save(tmp_path / "b3.safetensors", cache[0], cache[1], IDENTITY)
@@ -417,7 +418,7 @@ def test_new_files_use_blake3_and_fall_back_to_sha256_without_it(tmp_path, cache
 
 
 def test_the_digest_does_not_depend_on_the_thread_count(tmp_path, monkeypatch, load):
-    from cag import checksum
+    from cag.cache import checksum
 
     monkeypatch.delenv("CAG_SIGNING_KEY", raising=False)
     big = torch.randn(1, 2, 5000, 512)  # 20 MiB per tensor: three pieces each, the last one short
@@ -433,7 +434,7 @@ def test_the_digest_does_not_depend_on_the_thread_count(tmp_path, monkeypatch, l
 
 def test_a_file_is_read_once(saved, monkeypatch):
     """The pipeline reads every byte of the file one time (no parse-then-hash second pass)."""
-    from cag import restore
+    from cag.cache import restore
 
     read = []
     real = os.preadv

@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 import cag
-from cag import knowledge
+from cag.kb import knowledge
 from cag.errors import KnowledgeError
 from cag.server import ServerConfig, create_app
 from docutil import ENTITY_BOMB, add_bomb, chapter, opf, replace_part, write_docx, write_epub
@@ -248,8 +248,8 @@ def test_docx_and_epub_are_uploadable(cag_home, sharp_lm, tmp_path, bomb_docx):
 def test_a_parsed_document_is_not_parsed_again_until_its_bytes_change(tmp_path, monkeypatch):
     """Every load re-reads a knowledge base's sources; documents that need a child process to parse are
     parsed once per distinct content (extractions kept under CAG_HOME)."""
-    from cag import knowledge
-    from cag.readers import sandbox
+    from cag.kb import knowledge
+    from cag.kb.readers import sandbox
 
     monkeypatch.setenv("CAG_HOME", str(tmp_path / "home"))
     page = tmp_path / "page.html"

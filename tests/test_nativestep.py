@@ -14,7 +14,7 @@ import random
 import pytest
 import torch
 
-from cag import batch, engine, fastdecode, kvcompat, models, nativestep
+from cag.engines.torch import batch, engine, fastdecode, kvcompat, models, nativestep
 from conftest import require_native
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cag import engine, models, native, packed
+from cag.engines.torch import engine, models, native, packed
 from conftest import ggml_q41, ggml_q80, require_native
 
 

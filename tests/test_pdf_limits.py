@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from cag import knowledge
+from cag.kb import knowledge
 from cag.errors import KnowledgeError
 from pdfutil import TEXT, bomb, write_pdf
 

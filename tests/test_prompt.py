@@ -2,9 +2,9 @@
 
 import pytest
 
-from cag import knowledge
+from cag.kb import knowledge
 from cag.errors import PromptError
-from cag.prompt import PromptBuilder, Turn, common_prefix_len
+from cag.kb.prompt import PromptBuilder, Turn, common_prefix_len
 
 QUESTIONS = [
     "Who founded the company?", "  leading spaces?", "trailing newline\n", "ünïcödé — what's “this”?",
@@ -40,7 +40,7 @@ def test_full_prompt_tokens_start_with_the_cached_prefix(tiny_lm, docs):
 def test_seam_mismatch_is_detected_and_only_the_matching_tokens_are_reused(tiny_plain_model_dir, docs):
     """In the plain layout the prefix ends with 'Question: ': BPE merges that space into the question's
     first word, so prefix tokens + question tokens != full-prompt tokens. The split must notice."""
-    from cag import models
+    from cag.engines.torch import models
 
     lm = models.load(str(tiny_plain_model_dir), device="cpu")
     builder = PromptBuilder(lm.tokenizer, docs)
@@ -107,7 +107,7 @@ def test_special_token_strings_in_user_text_stay_plain_text(tiny_lm, docs, text)
 
 
 def test_safe_tokenization_equals_the_tokenizer_on_ordinary_prompts(tiny_lm, tiny_plain_model_dir, docs):
-    from cag import models
+    from cag.engines.torch import models
 
     plain_lm = models.load(str(tiny_plain_model_dir), device="cpu")
     for lm in (tiny_lm, plain_lm):

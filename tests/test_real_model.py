@@ -81,7 +81,7 @@ def test_cli_end_to_end_on_the_default_model(real_home, real_lm, tmp_path):
 
 def test_packed_weights_answer_exactly_like_plain_float32(sample_kb, real_home):
     """The default model decodes from its packed Q4_1/Q8_0 blocks; answers must equal the float32 path's."""
-    from cag import models
+    from cag.engines.torch import models
     from conftest import require_native
 
     require_native()

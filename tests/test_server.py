@@ -8,8 +8,8 @@ import httpx
 import openai
 import pytest
 
-from cag.engine import Sampling
-from cag.prompt import Turn
+from cag.engines.torch.engine import Sampling
+from cag.kb.prompt import Turn
 from cag.server import ServerConfig, create_app
 from serverutil import client, kb, serving, url, write_docs  # noqa: F401 - fixtures
 

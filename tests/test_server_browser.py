@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 import cag
-from cag import batch
+from cag.engines.torch import batch
 from cag.server import ServerConfig, create_app
 from conftest import SAMPLE_DOCS
 from serverutil import serving, write_docs

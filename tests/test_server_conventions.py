@@ -21,7 +21,7 @@ import pytest
 
 import cag
 from cag.api import KnowledgeBase
-from cag.engine import Sampling
+from cag.engines.torch.engine import Sampling
 from cag.server import ServerConfig, create_app, with_flags
 from cag.server.config import OPEN_TENANT, ConfigError
 from serverutil import client, free_port, kb, serving, url, wait_until_serving, write_docs  # noqa: F401 - fixtures

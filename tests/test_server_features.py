@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import cag
-from cag.prompt import Turn
+from cag.kb.prompt import Turn
 from cag.server import ServerConfig, create_app, load_config
 from cag.server.config import ConfigError
 from cag.server.conversations import select

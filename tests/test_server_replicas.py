@@ -73,7 +73,7 @@ def _ask(url: str, q: str) -> dict:
 
 
 def test_replica_with_an_empty_home_answers_from_the_shared_redis_cache(replicas):
-    from cag import kvfile
+    from cag.cache import kvfile
 
     a, b = replicas
     sources = []

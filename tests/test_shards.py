@@ -7,7 +7,8 @@ import json
 import pytest
 
 import cag
-from cag import knowledge, stores
+from cag.kb import knowledge
+from cag.cache import stores
 from conftest import SAMPLE_DOCS, SAMPLE_QUESTIONS
 
 

@@ -9,8 +9,8 @@ import torch
 from storeutil import make_docs, tiny_entry
 
 import cag
-from cag import kvfile, stores
-from cag.stores import BudgetError, DiskStore, HostStore, MemoryStore, TieredStore
+from cag.cache import kvfile, stores
+from cag.cache.stores import BudgetError, DiskStore, HostStore, MemoryStore, TieredStore
 
 
 @pytest.fixture

@@ -13,11 +13,11 @@ import pytest
 import redis as redis_py
 from storeutil import make_docs, redis_server, redis_url, tiny_entry  # noqa: F401,F811 - fixtures
 
-from cag import kvfile
+from cag.cache import kvfile
 from cag.errors import CacheMismatchError
-from cag.stores import DiskStore, MemoryStore, TieredStore
-from cag.stores.base import Entry
-from cag.stores.redis import RedisError, RedisStore
+from cag.cache.stores import DiskStore, MemoryStore, TieredStore
+from cag.cache.stores.base import Entry
+from cag.cache.stores.redis import RedisError, RedisStore
 
 PROBE = Path(__file__).with_name("stores_probe.py")
 ROOT = Path(__file__).resolve().parent.parent
@@ -117,7 +117,7 @@ def test_events_and_versions_stop_every_process_serving_the_old_cache(tmp_path, 
 
 
 def test_redis_values_are_chunked_written_manifest_last_and_expire(redis_url, tiny_lm):
-    from cag import engine
+    from cag.engines.torch import engine
 
     ids = list(range(5, 45))
     layers = engine.prefill(tiny_lm.model, ids)
@@ -138,7 +138,7 @@ def test_redis_values_are_chunked_written_manifest_last_and_expire(redis_url, ti
 
 
 def test_a_reader_never_sees_a_half_written_cache(redis_url, tiny_lm):
-    from cag import engine
+    from cag.engines.torch import engine
 
     ids = list(range(5, 25))
     entry = Entry("kb", engine.prefill(tiny_lm.model, ids), ids, {}, {}, [])

@@ -136,7 +136,7 @@ def write(out: str, tokens: int, questions: int, seed: int, estimate: bool = Fal
     """Generate and save, counting tokens with the default model's tokenizer unless `estimate`."""
     count = estimate_tokens
     if not estimate:
-        from .. import models
+        from ..engines.torch import models
 
         tok = models.load(None, log=lambda _m: None).tokenizer
         count = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731

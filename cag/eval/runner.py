@@ -10,8 +10,9 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from .. import knowledge, models
-from ..prompt import PromptBuilder
+from ..kb import knowledge
+from ..engines.torch import models
+from ..kb.prompt import PromptBuilder
 from . import dataset as ds
 from . import embed, report, scoring, systems as sysmod
 from .retrieval import DEFAULT_CHUNK_TOKENS

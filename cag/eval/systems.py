@@ -18,8 +18,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import api, engine, knowledge
-from ..prompt import DEFAULT_INSTRUCTION, PromptBuilder
+from .. import api
+from ..engines.torch import engine
+from ..kb import knowledge
+from ..kb.prompt import DEFAULT_INSTRUCTION, PromptBuilder
 from . import retrieval
 from .dataset import Dataset
 from .errors import EvalError

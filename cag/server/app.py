@@ -27,7 +27,8 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from .. import __version__, models
+from .. import __version__
+from ..engines.torch import models
 from ..errors import CagError
 from . import auth, guard
 from .chat import Cancelled, ChatService, Plan, Query, chat_query, prompt_query

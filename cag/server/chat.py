@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .. import scheduler
-from ..engine import Sampling
+from ..engines.torch.engine import Sampling
 from ..errors import CagError, ContextLengthError
-from ..prompt import Turn
+from ..kb.prompt import Turn
 from . import conversations, guard
 from .config import ServerConfig
 from .conversations import Conversations

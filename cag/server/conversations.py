@@ -13,7 +13,7 @@ import threading
 from collections import OrderedDict
 from typing import Callable, Sequence
 
-from ..prompt import Turn
+from ..kb.prompt import Turn
 
 MAX_TURNS = 200  # per conversation; older ones are forgotten
 MAX_CONVERSATIONS = 10_000

@@ -17,9 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from .. import api, events, knowledge, models, paths
+from .. import api, paths
+from ..cache import events
+from ..kb import knowledge
+from ..engines.torch import models
 from ..errors import CagError
-from ..stores.redis import RedisError
+from ..cache.stores.redis import RedisError
 from .config import ServerConfig
 from .errors import ApiError, not_found
 

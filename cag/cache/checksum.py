@@ -25,7 +25,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Sequence
 
-from .errors import CacheFileError
+from ..errors import CacheFileError
 
 try:
     import blake3 as _blake3

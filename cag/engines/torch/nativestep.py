@@ -16,7 +16,8 @@ import ctypes
 
 import torch
 
-from . import native, packed, settings
+from . import native, packed
+from ... import settings
 
 _STATIC_ROPE = {"default", "linear", "llama3", "yarn"}  # inv_freq fixed at load time: a table is exact
 MAX_HEAD_DIM = 512  # step.c's rotary scratch

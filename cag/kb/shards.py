@@ -12,10 +12,10 @@ from typing import Sequence
 
 import bm25s
 
-from .errors import KnowledgeError
+from ..errors import KnowledgeError
 from .knowledge import Document
 from .prompt import PromptBuilder
-from .results import BuildStats
+from ..results import BuildStats
 
 
 def plan(docs: Sequence[Document], tokenizer, instruction: str, fits: int, context: int, reserve: int) -> list[list[Document]]:

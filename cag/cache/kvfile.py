@@ -25,9 +25,10 @@ from typing import Iterator
 import torch
 from safetensors.torch import save_file
 
-from . import __version__, atomic, checksum, kvquant, restore
-from .errors import CacheFileError, CacheMismatchError
-from .kvcompat import KV
+from .. import __version__
+from . import atomic, checksum, kvquant, restore
+from ..errors import CacheFileError, CacheMismatchError
+from ..engines.torch.kvcompat import KV
 
 FORMAT = "cag-kv"
 FORMAT_VERSION = 1
@@ -228,7 +229,7 @@ def mismatch(manifest: dict, expect: Expect) -> tuple[str, str, str | None] | No
 
 
 def signing_key() -> bytes | None:
-    from .settings import current
+    from ..settings import current
 
     return current().signing_key
 

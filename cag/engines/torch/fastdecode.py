@@ -26,7 +26,8 @@ import threading
 
 import torch
 
-from . import packed, settings
+from . import packed
+from ... import settings
 
 _ATTENTION = {"sdpa", "cag_rows"}  # the latter is plain sdpa outside a cag.batch forward
 _LOCK = threading.Lock()

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from ..errors import KnowledgeError
+from ...errors import KnowledgeError
 from . import child
 
 _KILLED = (-getattr(signal, "SIGXCPU", 24), -getattr(signal, "SIGKILL", 9))

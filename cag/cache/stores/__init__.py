@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import threading
 
-from .. import paths, settings
-from ..settings import parse_bytes
+from ... import paths, settings
+from ...settings import parse_bytes
 from .base import Entry, Record, Store, Tombstone, layers_nbytes, matches
 from .disk import DiskStore
 from .host import HostStore

@@ -30,7 +30,7 @@ import torch
 
 from . import fastdecode, kvcompat, nativestep, packed
 from .kvcompat import KV
-from .sampling import Sampling, pick
+from ...sampling import Sampling, pick
 from .workspace import RowBuffer, Workspace
 
 _IMPL = "cag_rows"

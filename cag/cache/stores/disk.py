@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 
-from .. import atomic, kvfile, paths
-from ..errors import CagError
+from .. import atomic, kvfile
+from ... import paths
+from ...errors import CagError
 from ..kvfile import Expect
 from .base import Entry, Record, Store, Tombstone, save_file
 

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from . import atomic, paths
-from .errors import KnowledgeError
+from ..cache import atomic
+from .. import paths
+from ..errors import KnowledgeError
 from .readers import sandbox
 
 TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".rst", ".csv", ".tsv", ".json", ".jsonl", ".yaml", ".yml", ".log"}

@@ -16,7 +16,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from .errors import PromptError
+from ..errors import PromptError
 from .knowledge import Document
 
 LAYOUT_VERSION = 1

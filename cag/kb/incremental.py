@@ -21,8 +21,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import engine
-from .kvcompat import KV
+from ..engines.torch import engine
+from ..engines.torch.kvcompat import KV
 from .prompt import common_prefix_len
 
 

@@ -12,9 +12,10 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from . import batch, kvcompat, scheduler
+from . import batch, kvcompat
+from ... import scheduler
 from .kvcompat import KV
-from .sampling import Sampling
+from ...sampling import Sampling
 from .workspace import Workspace
 
 __all__ = ["DEFAULT_CHUNK", "Sampling", "TextStream", "Workspace", "detokenize", "generate", "prefill", "stop_ids"]

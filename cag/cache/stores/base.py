@@ -21,7 +21,7 @@ import torch
 
 from .. import kvfile
 from ..events import Event
-from ..kvcompat import KV
+from ...engines.torch.kvcompat import KV
 from ..kvfile import Expect
 
 

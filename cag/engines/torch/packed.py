@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from . import native, settings
+from . import native
+from ... import settings
 
 ROW_LIMIT = 48  # rows per call up to which the packed kernels beat float32 BLAS (measured on a 2-core EPYC)
 Q41_BLOCK_BYTES, Q80_BLOCK_BYTES = 20, 34

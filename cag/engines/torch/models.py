@@ -21,8 +21,9 @@ from typing import Callable
 
 import torch
 
-from . import packed, paths
-from .errors import ModelError
+from . import packed
+from ... import paths
+from ...errors import ModelError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _DEFAULT_ALIASES = {None, "", "default", DEFAULT_MODEL, "SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"}

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch  # noqa: F401 - see the module docstring (shared OpenMP runtime)
 
-from .. import paths, settings
+from .... import paths, settings
 
 _HERE = Path(__file__).parent
 SOURCES = (_HERE / "qmatmul.c", _HERE / "step.c")  # compiled together into one library

@@ -36,7 +36,7 @@ from typing import Callable, Iterator
 import torch
 
 from .. import kvfile
-from ..errors import CagError
+from ...errors import CagError
 from ..events import Event
 from ..kvfile import Expect
 from .base import Entry, Record, Store, Tombstone, save_file

@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 import torch
 
 from .. import events
-from ..errors import CagError
+from ...errors import CagError
 from ..events import Event
 from ..kvfile import Expect
 from .base import Entry, Record, Store, Tombstone

@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from ..errors import CagError
+from ...errors import CagError
 from ..kvfile import Expect
 from .base import Entry, Record, Store, matches
 
