@@ -2,15 +2,18 @@
 
     .venv/bin/python bench/respcache.py [--thresholds 0.8,0.85,0.9,0.95,0.97,0.99] [--repeat 50]
 
-Two hand-made sets of question pairs (examples/respcache/, made by make_sets.py): near misses (the same
-words with one changed entity, number, unit, question word, negation, comparison, verb, tense…: a cache
-must never answer one with the other) and paraphrases (exactly the same question in other words: a hit
-is welcome). For each pair the first question's answer is cached and the second is asked.
+Three hand-made sets of question pairs (examples/respcache/, made by make_sets.py): near misses (the same
+words with one changed entity, number, unit, question word, negation, comparison, verb, tense…), identifier
+near misses (one changed identifier or code, sign, decimal, unit token, currency, date, time, symbol or
+negation: Level3 / Level2, -15 / 15, lbs / pounds), which a cache must never answer from each other, and
+paraphrases (exactly the same question in other words: a hit is welcome). For each pair the first
+question's answer is cached and the second is asked.
 
 Rows: MiniLM cosine alone at several thresholds (the semantic level as it was: nearest earlier question at
-or above the threshold), the canonical-form check alone, and the two together as cag ships them, through
-the real ResponseCache. Also the cost of a lookup: a question whose form matches no cached one costs no
-embedding; one that matches costs one MiniLM forward. Prints tables and writes bench/results/respcache.json.
+or above the threshold), the canonical form and must-match key alone (cag.server.canonical.question_key),
+and the two together as cag ships them, through the real ResponseCache. Also the cost of a lookup: a
+question whose form and key match no cached one costs no embedding; one that matches costs one MiniLM
+forward. Prints tables and writes bench/results/respcache.json.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ def through_cache(rows: list[dict], threshold: float, embedder) -> list[bool]:
 
 
 def lookup_ms(embedder, threshold: float, repeat: int) -> dict:
-    """Median get() time: a question whose form matches nothing cached, and one whose form matches."""
+    """Median get() time: a question whose form and key match nothing cached, and one whose form and key do."""
     from cag.server.respcache import ResponseCache
 
     cache = ResponseCache(size=1024, semantic_threshold=threshold, embedder=embedder)
@@ -77,55 +80,67 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     from cag import embed
-    from cag.server.canonical import question_form
+    from cag.server.canonical import question_key
     from cag.server.respcache import SEMANTIC_THRESHOLD
 
     hf_logging.set_verbosity_error()
     embedder = embed.default()
-    near, para = pairs("near_miss"), pairs("paraphrase")
+    sets = {name: pairs(name) for name in ("near_miss", "identifier_near_miss", "paraphrase")}
 
     def cosines(rows):
         a, b = embedder.encode([r["a"] for r in rows]), embedder.encode([r["b"] for r in rows])
         return (a * b).sum(1).tolist()
 
-    near_cos, para_cos = cosines(near), cosines(para)
-    near_form = [question_form(r["a"]) == question_form(r["b"]) for r in near]
-    para_form = [question_form(r["a"]) == question_form(r["b"]) for r in para]
+    cos = {name: cosines(rows) for name, rows in sets.items()}
+    same_key = {name: [question_key(r["a"]) == question_key(r["b"]) for r in rows] for name, rows in sets.items()}
 
     results = []
 
-    def add(setting: str, near_hits: list[bool], para_hits: list[bool]) -> None:
-        results.append({"setting": setting, "near_miss_false_hits": sum(near_hits), "near_miss_pairs": len(near),
-                        "false_hit_rate": sum(near_hits) / len(near), "paraphrase_hits": sum(para_hits),
-                        "paraphrase_pairs": len(para), "paraphrase_hit_rate": sum(para_hits) / len(para),
-                        "false_hits_by_kind": dict(Counter(r["kind"] for r, h in zip(near, near_hits) if h))})
+    def add(setting: str, hits: dict[str, list[bool]]) -> None:
+        row: dict = {"setting": setting}
+        for name, rows in sets.items():
+            h = hits[name]
+            label = "paraphrase_hits" if name == "paraphrase" else f"{name}_false_hits"
+            row |= {label: sum(h), f"{name}_pairs": len(rows), f"{label[:-5]}_hit_rate": sum(h) / len(rows)}
+            if name != "paraphrase":
+                row[f"{label}_by_kind"] = dict(Counter(r["kind"] for r, x in zip(rows, h) if x))
+        results.append(row)
 
     for t in thresholds:
-        add(f"cosine >= {t:g} alone", [c >= t for c in near_cos], [c >= t for c in para_cos])
-    add("canonical form alone", near_form, para_form)
+        add(f"cosine >= {t:g} alone", {name: [c >= t for c in cs] for name, cs in cos.items()})
+    add("form + must-match key alone", same_key)
     for t in sorted({*thresholds, SEMANTIC_THRESHOLD}):
-        label = f"form + cosine >= {t:g} (ResponseCache)" + (" [shipped]" if t == SEMANTIC_THRESHOLD else "")
-        add(label, through_cache(near, t, embedder), through_cache(para, t, embedder))
+        label = f"form + key + cosine >= {t:g} (ResponseCache)" + (" [shipped]" if t == SEMANTIC_THRESHOLD else "")
+        add(label, {name: through_cache(rows, t, embedder) for name, rows in sets.items()})
     timing = lookup_ms(embedder, SEMANTIC_THRESHOLD, args.repeat)
 
+    para_cos, para_key = cos["paraphrase"], same_key["paraphrase"]
     result = {"machine": common.machine(), "shipped_threshold": SEMANTIC_THRESHOLD, "rows": results,
-              "near_miss_cosine": {"max": max(near_cos), "median": statistics.median(near_cos)},
+              **{f"{name}_cosine": {"max": max(cos[name]), "median": statistics.median(cos[name])}
+                 for name in ("near_miss", "identifier_near_miss")},
               "paraphrase_cosine": {"min": min(para_cos), "median": statistics.median(para_cos)},
-              "paraphrase_form_match_min_cosine": min((c for c, m in zip(para_cos, para_form) if m), default=None),
-              "lookup_ms": timing, "near_miss_kinds": dict(Counter(r["kind"] for r in near))}
+              "paraphrase_key_match_min_cosine": min((c for c, m in zip(para_cos, para_key) if m), default=None),
+              "lookup_ms": timing,
+              **{f"{name}_kinds": dict(Counter(r["kind"] for r in sets[name]))
+                 for name in ("near_miss", "identifier_near_miss")}}
     path = common.write_results("respcache", result, args.out)
-    print(common.table([(r["setting"], f"{r['near_miss_false_hits']}/{r['near_miss_pairs']}",
-                         f"{100 * r['false_hit_rate']:.1f}%", f"{r['paraphrase_hits']}/{r['paraphrase_pairs']}",
-                         f"{100 * r['paraphrase_hit_rate']:.1f}%") for r in results],
-                       ("setting", "near-miss false hits", "rate", "paraphrase hits", "rate")))
+
+    def share(r: dict, label: str, name: str) -> str:
+        return f"{r[label]}/{r[name + '_pairs']} ({100 * r[label] / r[name + '_pairs']:.1f}%)"
+
+    print(common.table([(r["setting"], share(r, "near_miss_false_hits", "near_miss"),
+                         share(r, "identifier_near_miss_false_hits", "identifier_near_miss"),
+                         share(r, "paraphrase_hits", "paraphrase")) for r in results],
+                       ("setting", "near-miss false hits", "identifier near-miss false hits", "paraphrase hits")))
     print()
-    print("near-miss cosine: max %.3f, median %.3f; paraphrase cosine: min %.3f, median %.3f; "
-          "paraphrases with the same form: min cosine %.3f" % (
-              result["near_miss_cosine"]["max"], result["near_miss_cosine"]["median"],
-              result["paraphrase_cosine"]["min"], result["paraphrase_cosine"]["median"],
-              result["paraphrase_form_match_min_cosine"]))
+    for name in ("near_miss", "identifier_near_miss"):
+        print("%s cosine: max %.3f, median %.3f" % (name, result[f"{name}_cosine"]["max"],
+                                                    result[f"{name}_cosine"]["median"]))
+    print("paraphrase cosine: min %.3f, median %.3f; paraphrases with the same form and key: min cosine %.3f" % (
+        min(para_cos), statistics.median(para_cos), result["paraphrase_key_match_min_cosine"]))
     old = next(r for r in results if r["setting"] == "cosine >= 0.95 alone")
-    print("false hits of cosine >= 0.95 alone by kind:", old["false_hits_by_kind"])
+    print("false hits of cosine >= 0.95 alone by kind:", old["near_miss_false_hits_by_kind"],
+          old["identifier_near_miss_false_hits_by_kind"])
     print("lookup: %.2f ms when no cached question has the form, %.1f ms when one does (one embedding)" % (
         timing["form miss"], timing["form match"]))
     print(f"wrote {path}")

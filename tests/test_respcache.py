@@ -4,6 +4,7 @@ the shared MiniLM embedder, and a real server on loopback with the default confi
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -16,14 +17,14 @@ from cag import embed
 from cag.eval import EvalError
 from cag.eval import embed as eval_embed
 from cag.server import ServerConfig, create_app
-from cag.server.canonical import question_form
+from cag.server.canonical import must_match, question_form, question_key
 from cag.server.config import ConfigError
 from cag.server.respcache import SEMANTIC_THRESHOLD, ResponseCache
 from serverutil import serving, write_docs
 from test_server_features import _metrics
 
 SETS = Path(__file__).resolve().parent.parent / "examples" / "respcache"
-PARAPHRASE_FLOOR = 25  # of 60; bench/respcache.py measured 27 with the shipped setting
+PARAPHRASE_FLOOR = 19  # of 60; bench/respcache.py measured 21 with the shipped setting
 
 
 def _pairs(name: str) -> list[dict]:
@@ -47,15 +48,19 @@ def _semantic_hits(rows: list[dict], reverse: bool = False) -> list[dict]:
 # -- the data sets ---------------------------------------------------------------------------------------
 
 def test_sets_are_big_and_varied_enough():
-    near, para = _pairs("near_miss"), _pairs("paraphrase")
-    assert len(near) >= 100 and len(para) >= 50
+    near, ident, para = _pairs("near_miss"), _pairs("identifier_near_miss"), _pairs("paraphrase")
+    assert len(near) >= 100 and len(ident) >= 60 and len(para) >= 50
     kinds = {r["kind"] for r in near}
     assert {"entity", "number", "unit", "question word", "negation", "comparison"} <= kinds
+    assert {"identifier", "sign", "decimal", "unit", "currency", "date", "time", "negation"} <= {
+        r["kind"] for r in ident}
     assert len({r["a"].split()[0] for r in near}) > 10  # not one template
+    assert len({" ".join(r["a"].split()[:3]) for r in ident}) > 30
 
 
-def test_no_near_miss_is_a_hit_with_the_semantic_level_on():
-    near = _pairs("near_miss")
+@pytest.mark.parametrize("name", ["near_miss", "identifier_near_miss"])
+def test_no_near_miss_is_a_hit_with_the_semantic_level_on(name):
+    near = _pairs(name)
     assert _semantic_hits(near) == []
     assert _semantic_hits(near, reverse=True) == []
 
@@ -65,6 +70,29 @@ def test_paraphrases_hit_at_the_measured_rate():
     hits = _semantic_hits(para)
     assert len(hits) >= PARAPHRASE_FLOOR, f"{len(hits)}/{len(para)} paraphrases hit"
     assert len(_semantic_hits(para, reverse=True)) == len(hits)  # the check is symmetric
+
+
+# -- identifiers, codes, numbers, signs and units ---------------------------------------------------------
+
+# Each pair scored a MiniLM cosine of 0.91 to 0.995 and had the same canonical form while the form dropped the
+# digits of an identifier ("Level3" -> "level"), the sign of a number written with an en dash, and read "lbs"
+# as "pounds": the semantic level answered every second question with the first one's answer.
+SECURITY_PAIRS = [
+    ("Who can open a Level3 ticket?", "Who can open a Level2 ticket?"),
+    ("What is the status of order QLW123456?", "What is the status of order QLW654321?"),
+    ("Which room holds the H2 cylinders?", "Which room holds the H9 cylinders?"),
+    ("What changed in v2 of the Quillfeather order API?", "What changed in v3 of the Quillfeather order API?"),
+    ("Which customer placed order_1 in the Quillfeather shop database?",
+     "Which customer placed order_7 in the Quillfeather shop database?"),
+    ("Does the Wren lantern work at \u201315 degrees?", "Does the Wren lantern work at 15 degrees?"),
+    ("How much does the Heron lantern weigh in lbs?", "How much does the Heron lantern weigh in pounds?"),
+]
+
+
+@pytest.mark.parametrize("a, b", SECURITY_PAIRS)
+def test_an_identifier_number_sign_or_unit_never_takes_another_answer(a, b):
+    assert _semantic_hits([{"a": a, "b": b}]) == []
+    assert _semantic_hits([{"a": a, "b": b}], reverse=True) == []
 
 
 # -- the canonical form ----------------------------------------------------------------------------------
@@ -87,6 +115,18 @@ def test_paraphrases_hit_at_the_measured_rate():
     ("Price in $?", "Price in €?"),
     ("东京塔有多高？", "大阪城有多高？"),
     ("How far in kilometres?", "How far in miles?"),
+    ("How far in kilometres?", "How far in km?"),  # another token for a unit is another question
+    ("How heavy in lbs?", "How heavy in pounds?"),
+    ("What is 5 percent of it?", "What is 5% of it?"),
+    ("How many sacks each year?", "How many sacks annually?"),
+    ("Which shelf holds 1,000 hinges?", "Which shelf holds 1000 hinges?"),  # 1,000 is one in much of Europe
+    ("Who can open a Level3 ticket?", "Who can open a Level2 ticket?"),
+    ("Who placed order_1?", "Who placed order_7?"),
+    ("What changed in v2.1?", "What changed in v2.10?"),
+    ("Is it \u201315 degrees?", "Is it 15 degrees?"),
+    ("Is it \u221215 degrees?", "Is it 15 degrees?"),
+    ("Is it 0.5 litres?", "Is it 5 litres?"),
+    ("What is arr[1]?", "What is arr(1)?"),
     ("Which day is the desk open?", "Which days is the desk open?"),
     ("Who bought the first Heron?", "Who bought the second Heron?"),
 ])
@@ -99,17 +139,56 @@ def test_different_questions_have_different_forms(a, b):
     ("When was Quillfeather founded?", "Do you know when Quillfeather was founded?"),
     ("What's the warranty?", "What is the warranty?"),
     ("Who must approve claims above 900 crowns?", "who must approve claims above nine hundred crowns"),
-    ("Which shelf holds 1,000 hinges?", "Which shelf holds one thousand hinges?"),
+    ("Which shelf holds 1000 hinges?", "Which shelf holds one thousand hinges?"),
     ("What is the penalty after 45 days?", "What is the penalty after forty-five days?"),
     ("Who bought the one millionth lantern?", "Who bought the 1000000th lantern?"),
     ("How many sacks every week?", "How many sacks per week?"),
-    ("How many sacks each year?", "How many sacks annually?"),
-    ("How tall in centimetres?", "How tall in cm?"),
+    ("How many sacks each year?", "How many sacks per year?"),
     ("What colour is it?", "What color is it?"),
     ("Why can't staff work remotely?", "Why cannot staff work remotely?"),
+    ("Is it -15 degrees?", "Is it \u201315 degrees?"),  # one minus, however it is written
+    ("Is it -15 degrees?", "is it \u221215 degrees"),
+    ("Who can open a Level3 ticket?", "Can you tell me who can open a Level3 ticket, please?"),
 ])
-def test_same_questions_have_the_same_form(a, b):
-    assert question_form(a) == question_form(b) is not None
+def test_same_questions_have_the_same_form_and_key(a, b):
+    assert question_key(a) == question_key(b) is not None
+
+
+@pytest.mark.parametrize("a, b", [
+    ("How big is the image in MB?", "How big is the image in Mb?"),  # megabytes / megabits
+    ("Is the charger rated at 5 mW?", "Is the charger rated at 5 MW?"),
+    ("Where is bay A3?", "Where is bay a3?"),
+    ("Who leads IT?", "Who leads it?"),
+    ("Which customers live in the US?", "Which customers live in the us?"),
+])
+def test_the_must_match_key_sets_apart_what_the_form_folds(a, b):
+    """The form ignores letter case, and MiniLM's tokenizer is uncased: only the key tells these apart."""
+    assert question_form(a) == question_form(b)
+    assert must_match(a) != must_match(b)
+
+
+def test_every_digit_sign_and_symbol_changes_the_key():
+    """Over every question of the identifier set: another digit, one digit less, a minus (written any of three
+    ways, always the same key) or another symbol gives another key."""
+    questions = sorted({q for r in _pairs("identifier_near_miss") for q in (r["a"], r["b"])})
+    for q in questions:
+        key = question_key(q)
+        for i, c in enumerate(q):
+            if c.isdigit():
+                assert question_key(q[:i] + q[i + 1:]) != key, (q, i)
+                assert question_key(q[:i] + str((int(c) + 1) % 10) + q[i + 1:]) != key, (q, i)
+            elif c in "$€£¥%°#<>+=≤≥":
+                assert question_key(q[:i] + ("€" if c == "$" else "$") + q[i + 1:]) != key, (q, c)
+        for m in re.finditer(r"(?<![\w.-])\d", q):
+            signed = {question_key(q[:m.start()] + sign + q[m.start():]) for sign in "-\u2013\u2212"}
+            assert len(signed) == 1 and key not in signed, q
+
+
+def test_the_must_match_key_lists_what_decides_the_answer():
+    assert must_match("Can't the QLW-2041 order ship to Plan B at \u221215 °C for $5.50 or nine hundred crowns on "
+                      "2024-03-05, 10:15 UTC?") == (
+        "not", "QLW-2041", "B", "-15", "°", "C", "$", "5.50", "900", "crowns", "2024-03-05", "10:15", "UTC")
+    assert must_match("A lantern, I think: who founded the Zephyr Guild?") == ()
 
 
 def test_a_question_without_words_has_no_form():

@@ -2,14 +2,17 @@
 
 Two levels. Exact (always on): the same question text (only leading and trailing whitespace ignored, as the
 prompt ignores it: other case or spacing gives other tokens and may give another answer), the same
-conversation so far, generation limit and asking tenant (a hit must not tell one tenant what another asked). Semantic (off unless `semantic_threshold` is set): a question without history
-may take the answer of an earlier one of the same knowledge base and limit when both have the same
-canonical form (cag.server.canonical: same words, numbers, units, question word, negation and tense, up to
-case, punctuation, articles, politeness and spelling) AND their MiniLM sentence embeddings (cag.embed) reach
-the threshold. The cosine alone is not enough: "every week" and "every month" score 0.98 (see
-bench/respcache.py). Only greedy requests are cached (a sampled answer is meant to vary). Every key carries
-the knowledge base's folder and content hash + build time, so a rebuilt KB never serves an old answer, and
-`drop(kb)` frees its entries at once.
+conversation so far, generation limit and asking tenant (a hit must not tell one tenant what another asked).
+Semantic (off unless `semantic_threshold` is set): a question without history may take the answer of an
+earlier one of the same knowledge base, limit and tenant when both have the same canonical form
+(cag.server.canonical: same words, numbers, units, question word, negation and tense, up to case,
+punctuation, articles, politeness and a few spellings), the same must-match key (every identifier, code,
+number with its sign and decimals, symbol, unit word, capitalised token and negation, exactly as typed) AND
+their MiniLM sentence embeddings (cag.embed) reach the threshold. The cosine alone is not enough: "every
+week" and "every month" score 0.98, "order QLW123456" and "order QLW654321" 0.94 (see bench/respcache.py).
+Only greedy requests are cached (a sampled answer is meant to vary). Every key carries the knowledge base's
+folder and content hash + build time, so a rebuilt KB never serves an old answer, and `drop(kb)` frees its
+entries at once.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import embed
-from .canonical import question_form
+from .canonical import question_key
 
 SEMANTIC_THRESHOLD = 0.9  # the cosine to use with the semantic level on: measured by bench/respcache.py
 
@@ -36,8 +39,8 @@ class Hit:
 class _Stored:
     value: dict
     question: str
-    form: tuple | None = None  # (kb, content hash, limit, canonical form): the semantic index key
-    vector: torch.Tensor | None = None  # its embedding, computed when a question of the same form first comes
+    form: tuple | None = None  # the semantic index key: kb, content hash, limit, tenant, form, must-match key
+    vector: torch.Tensor | None = None  # its embedding, computed when a question of the same key first comes
 
 
 def normalize(text: str) -> str:
@@ -98,8 +101,8 @@ class ResponseCache:
         """The semantic index key, or None when the semantic level does not apply."""
         if self.threshold is None or history:
             return None
-        form = question_form(question)
-        return (kb, content_hash, limit, tenant, form) if form else None
+        key = question_key(question)
+        return (kb, content_hash, limit, tenant, *key) if key else None
 
     def _unlink(self, key: tuple) -> None:
         stored = self._exact.pop(key, None)

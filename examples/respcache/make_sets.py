@@ -1,10 +1,13 @@
-"""Writes the response-cache question pairs: near_miss.jsonl and paraphrase.jsonl (deterministic).
+"""Writes the response-cache question pairs: near_miss.jsonl, identifier_near_miss.jsonl and paraphrase.jsonl.
 
     python examples/respcache/make_sets.py
 
 Near misses ask something different with almost the same words: one changed entity, number (digits or
 words), unit or time word, question word, negation, comparison, attribute, verb, order of the parties,
-tense or ordinal. A response cache must never answer one with the other's answer. Paraphrases ask
+tense or ordinal. Identifier near misses differ only in an identifier or code (Level3 / Level2, order_1 /
+order_7, v2.1 / v2.10), a sign (-15, with an en dash or a minus, / 15), a decimal, a unit or the token for
+it (lbs / pounds), a currency, a date or time, a symbol or a negation. A response cache must never answer
+one with the other's answer. Paraphrases ask
 exactly the same thing in other words; a semantic cache should answer them from each other. The facts
 are fictional, in the style of examples/sample_kb (Quillfeather Lantern Works) plus a few neighbours
 (the Zephyr Guild, the Brackwater mill, the Saltmere ferry). Each row: {"a", "b", "kind"}.
@@ -248,18 +251,112 @@ def paraphrases() -> list[dict]:
     return [{"a": a, "b": b, "kind": "paraphrase"} for a, b in p]
 
 
+def identifier_near_misses() -> list[dict]:
+    """Pairs that differ only in an identifier, code, number, sign, decimal, unit, symbol, date, time, letter case
+    of an abbreviation or a negation: what a user expects to decide the answer however alike the sentences are.
+    A unit counts as another question unless it is the same token (lbs / pounds too)."""
+    rows: list[dict] = []
+    # -- identifiers and codes: digits, underscores, dots, dashes, @ inside one token -------------------
+    rows += _swap("Who can open a {} ticket?", "identifier", ("Level3", "Level2"), ("Level1", "Level10"))
+    rows += _swap("What is the status of order {}?", "identifier", ("QLW123456", "QLW654321"),
+                  ("QLW-2041", "QLW-2014"))
+    rows += _swap("Which room holds the {} cylinders?", "identifier", ("H2", "H9"))
+    rows += _swap("What changed in {} of the Quillfeather order API?", "identifier", ("v2", "v3"),
+                  ("v2.1", "v2.10"))
+    rows += _swap("Which customer placed {} in the Quillfeather shop database?", "identifier",
+                  ("order_1", "order_7"), ("order_12", "order_21"))
+    rows += _swap("Where is workshop bay {}?", "identifier", ("B12", "B21"))
+    rows += _swap("Which lantern has the part number {}?", "identifier", ("HL-2040", "HL-2041"))
+    rows += _swap("What does error code {} on the Wren charger mean?", "identifier", ("E404", "E405"))
+    rows += _swap("Who is assigned to ticket {}?", "identifier", ("#1204", "#1240"))
+    rows += _swap("When does the ferry {} leave Brackwater Cove?", "identifier", ("SF7", "SF17"))
+    rows += _swap("What is stored in crate {} on the top shelf?", "identifier", ("12A", "12B"))
+    rows += _swap("What does the {} build of the lantern firmware include?", "identifier", ("x86_64", "x86_32"))
+    rows += _swap("What is the address {} used for in the workshop network?", "identifier",
+                  ("10.0.0.12", "10.0.0.21"))
+    rows += _swap("What does firmware {} fix on the Wren lantern?", "identifier", ("2.1.3", "2.1.4"))
+    rows += _swap("Who reads the mail sent to {}?", "identifier",
+                  ("sales1@quillfeather.example", "sales2@quillfeather.example"))
+    rows += _swap("How much does the Heron {} weigh?", "identifier", ("Mk2", "Mk3"))
+    rows += _swap("Which warehouse ships the orders from zone {}?", "identifier", ("A3", "A8"))
+    rows += _swap("Who owns the lantern with serial number {}?", "identifier", ("00417", "00471"), ("007", "7"))
+    rows += _swap("What is stored under the redis key {}?", "identifier", ("user:42", "user:24"))
+    rows += _swap("Who skippers the pilot boat {}?", "identifier", ("PB-07", "PB-70"))
+    rows += _swap("Is the Heron glass safe to clean with {}?", "identifier", ("H2O2", "H2O"))
+    rows += _swap("Which depot serves the postcode {}?", "identifier", ("BC4 7QL", "BC4 7QK"))
+    rows += _swap("What is the balance of account {}?", "identifier", ("0012-3456", "0012-3465"))
+    rows += _swap("Where is meeting room {}?", "identifier", ("2.14", "2.41"))
+    rows += _swap("Who answers extension {} at the order desk?", "identifier", ("204", "402"))
+    rows += _swap("Which lanterns does Plan {} cover?", "identifier", ("A", "B"))
+    rows += _swap("Which staff may use {}?", "identifier", ("Kiln-1", "Kiln-2"))
+    # -- a sign: '-', en dash or minus against none, or another sign -------------------------------------
+    rows += _swap("Does the Wren lantern work at {} degrees?", "sign", ("\u201315", "15"), ("\u221215", "15"),
+                  ("-15", "15"), ("+40", "-40"))
+    rows += _swap("What happens to the Albatross glass at {} °C?", "sign", ("\u221240", "40"))
+    rows += _swap("Is the cold store kept at {} degrees Celsius?", "sign", ("-18", "18"))
+    rows += _swap("Which quarter had a growth of {} percent?", "sign", ("\u22122.5", "2.5"))
+    rows += _swap("Which account shows a balance of {} crowns?", "sign", ("\u2013120", "120"))
+    rows += _swap("Which offices use the time zone {}?", "sign", ("UTC+2", "UTC-2"))
+    # -- a decimal, or digits grouped another way ---------------------------------------------------------
+    rows += _swap("Which lantern weighs {} kg?", "decimal", ("1.5", "15"), ("1.5", "1.05"))
+    rows += _swap("What costs {} crowns in the workshop shop?", "decimal", ("2.50", "2.05"))
+    rows += _swap("Which shelf holds {} brass hinges?", "decimal", ("1,000", "1.000"), ("3,5", "35"))
+    rows += _swap("Which bottle holds {} litres of Clearflame?", "decimal", ("0.5", "5"), ("0.75", "0.57"))
+    rows += _swap("Is a tolerance of {} mm acceptable for the Heron hinge?", "decimal", ("0.01", "0.1"))
+    # -- a unit: another unit, or another token for it -----------------------------------------------------
+    rows += _swap("How much does the Heron lantern weigh in {}?", "unit", ("lbs", "pounds"), ("kg", "lbs"),
+                  ("kg", "kilograms"), ("oz", "grams"))
+    rows += _swap("How far is Oskarvik from Brackwater Cove in {}?", "unit", ("km", "mi"), ("km", "kilometres"))
+    rows += _swap("What is the highest temperature the Wren can take in {}?", "unit", ("°C", "°F"),
+                  ("Celsius", "Fahrenheit"))
+    rows += _swap("How fast does the Saltmere ferry go in {}?", "unit", ("knots", "mph"), ("km/h", "m/s"))
+    rows += _swap("How big is the Wren firmware image in {}?", "unit", ("KB", "KiB"), ("MB", "Mb"))
+    rows += _swap("How long does the Wren battery last in {}?", "unit", ("hrs", "mins"))
+    rows += _swap("How much Clearflame does one bottle hold in {}?", "unit", ("ml", "fl oz"))
+    rows += _swap("Is the Heron lantern 30 {} tall?", "unit", ("cm", "mm"))
+    rows += _swap("Is the Wren charger rated at 5 {}?", "unit", ("mW", "MW"), ("W", "V"))
+    rows += _swap("Which orders get a 15{} discount?", "unit", ("%", " percent"), ("%", " crown"))
+    # -- money: another currency or amount -----------------------------------------------------------------
+    rows += _swap("Which lanterns cost under {}?", "currency", ("$50", "€50"), ("$50", "£50"), ("$50", "$500"),
+                  ("¥5000", "¥500"), ("$50", "50"))
+    rows += _swap("Which customers pay their invoices in {}?", "currency", ("USD", "CAD"))
+    # -- dates and times ------------------------------------------------------------------------------------
+    rows += _swap("What happened at the Saltmarsh Workshop on {}?", "date", ("2024-03-05", "2024-05-03"),
+                  ("03/05/2024", "05/03/2024"), ("March 5", "March 6"), ("5 March", "6 March"))
+    rows += _swap("Who was on shift at the order desk at {} on Monday?", "time", ("10:15", "10:51"),
+                  ("5 pm", "5 am"))
+    rows += _swap("How many lanterns were sold in {} 2023?", "date", ("Q1", "Q2"))
+    rows += _swap("What was Quillfeather's revenue in {}?", "date", ("FY24", "FY25"))
+    rows += _swap("Which lanterns were popular in the {}?", "date", ("1990s", "1980s"))
+    rows += _swap("Which orders arrived on the {} of May?", "date", ("5th", "6th"))
+    # -- comparison signs and negation ---------------------------------------------------------------------
+    rows += _swap("Which lanterns have a rating {} 4?", "symbol", (">", "<"), (">", ">="))
+    rows += _swap("Which expense claims are {} 900 crowns?", "symbol", ("≥", "≤"))
+    rows += _listed(
+        ("Is smoking allowed in the Saltmarsh Workshop?", "Is smoking not allowed in the Saltmarsh Workshop?",
+         "negation"),
+        ("Which lanterns need batteries?", "Which lanterns need no batteries?", "negation"),
+        ("Which staff are allowed to use the kiln?", "Which staff aren't allowed to use the kiln?", "negation"),
+        ("Which Heron lanterns were sold with a warranty?", "Which Heron lanterns were sold without a warranty?",
+         "negation"),
+        ("Which orders are refundable?", "Which orders are non-refundable?", "negation"),
+    )
+    return rows
+
+
 def write(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def main() -> None:
-    near, para = near_misses(), paraphrases()
-    for rows in (near, para):
+    near, ident, para = near_misses(), identifier_near_misses(), paraphrases()
+    for rows in (near, ident, para):
         assert all(r["a"] != r["b"] for r in rows)
-    assert len({(r["a"], r["b"]) for r in near}) == len(near) and len({(r["a"], r["b"]) for r in para}) == len(para)
+        assert len({(r["a"], r["b"]) for r in rows}) == len(rows)
     write(HERE / "near_miss.jsonl", near)
+    write(HERE / "identifier_near_miss.jsonl", ident)
     write(HERE / "paraphrase.jsonl", para)
-    print(f"{len(near)} near-miss pairs, {len(para)} paraphrase pairs")
+    print(f"{len(near)} near-miss pairs, {len(ident)} identifier near-miss pairs, {len(para)} paraphrase pairs")
 
 
 if __name__ == "__main__":
