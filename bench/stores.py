@@ -76,7 +76,9 @@ def bench_model(label: str, lm, docs_dir: Path, redis_url: str | None, repeat: i
     for _ in range(repeat):
         layers, s = common.timed(engine.prefill, lm.model, ids)
         prefill.append(s)
-    entry = Entry("bench", layers, ids, {}, {"name": "bench"}, [])
+    meta = {"name": "bench", "model": label, "sources": [str(docs_dir)], "instruction": builder.instruction,
+            "reserve": 0}  # the settings every build records: a tier reads a record with less as damaged
+    entry = Entry("bench", layers, ids, {}, meta, [])
     nbytes = entry.nbytes
     rows = [{"model": label, "tier": "recompute (prefill)", "tokens": len(ids), "bytes": nbytes,
              "load_s": common.median(prefill)}]

@@ -3,6 +3,8 @@
 A knowledge base is registered by its record (settings in kb.json: model, template instruction,
 policies; and its owner); its cache may live in several tiers at once, or in none (dropped: the next
 load rebuilds it). A deleted one leaves a tombstone in the shared tier, so no replica lists it again.
+One whose record is damaged is left out of the listing (the store logs why: a listing is everyone's,
+and no single knowledge base may break it) and can still be removed.
 """
 
 from __future__ import annotations
@@ -38,9 +40,9 @@ def rows(store: TieredStore) -> list[dict]:
 def _row(name: str, store: TieredStore) -> dict | None:
     record = store.record(name)
     if record is None:
-        return None  # deleted elsewhere since its local copy was made
+        return None  # deleted elsewhere since its local copy was made, or its record is damaged
     meta, snapshot = record.meta, store.snapshot(name)
-    row = {"name": name, "owner": record.owner, "model": meta.get("model"),
+    row = {"name": name, "owner": record.owner, "model": meta.get("model"), "engine": meta.get("engine") or "torch",
            "policy": Policy.from_meta(meta).to_json(), "parent": meta.get("parent"),
            "shards": meta.get("shards")}
     try:
@@ -62,7 +64,10 @@ def delete(name: str, store: TieredStore) -> None:
     on every replica (a tombstone in the shared tier; refused, changing nothing, while it is down)."""
     record = store.record(name)
     if record is None:
-        raise NotFoundError(f"no knowledge base named {name!r} in {paths.kbs_dir()}")
+        if name not in store.names():
+            raise NotFoundError(f"no knowledge base named {name!r} in {paths.kbs_dir()}")
+        store.delete(name)  # its record is damaged (the store said why): whatever is left of it goes
+        return
     parent = record.meta.get("parent")
     if parent:
         raise CagError(f"{name!r} is one shard of the knowledge base {parent!r}; a shard alone cannot be removed "
@@ -74,7 +79,8 @@ def delete(name: str, store: TieredStore) -> None:
 
 
 def _age(created: str | None) -> float | None:
-    if not created:
-        return None
-    when = datetime.strptime(created, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    try:
+        when = datetime.strptime(created, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    except (TypeError, ValueError):
+        return None  # none recorded, or not in the manifest's format
     return round(time.time() - when.timestamp(), 1)

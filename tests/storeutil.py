@@ -19,6 +19,12 @@ def make_docs(folder):
     return folder
 
 
+def settings(**more) -> dict:
+    """The settings (kb.json) every build records, for entries made without a build; `more` added."""
+    return {"model": "tiny", "sources": [], "instruction": "Answer from the documents.", "reserve": 0,
+            "built_at": time.time(), **more}
+
+
 def tiny_entry(name: str, tokens: int, owner: str | None = None, built_at: float | None = None):
     """A store Entry of zeros, 128 bytes per token, made for knowledge `name` (no model needed)."""
     import torch
@@ -26,8 +32,9 @@ def tiny_entry(name: str, tokens: int, owner: str | None = None, built_at: float
     from cag.cache.stores import Entry
 
     layers = [(torch.zeros(1, 2, tokens, 8), torch.zeros(1, 2, tokens, 8))]
-    meta = {"built_at": time.time() if built_at is None else built_at}
-    return Entry(name, layers, list(range(tokens)), {"knowledge": {"sha256": name}}, meta, [], owner=owner)
+    meta = settings() if built_at is None else settings(built_at=built_at)
+    snapshot = [{"name": f"{name}.txt", "text": f"The knowledge of {name}."}]
+    return Entry(name, layers, list(range(tokens)), {"knowledge": {"sha256": name}}, meta, snapshot, owner=owner)
 
 
 def free_port() -> int:

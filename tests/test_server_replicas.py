@@ -214,3 +214,41 @@ def test_replicas_serve_local_copies_while_redis_is_down_and_recover(tenant_repl
            "B hears the invalidation after Redis came back")
     assert httpx.delete(a.url + "/v1/kbs/notes", headers={"Authorization": "Bearer key-a"}).status_code == 200
     _until(lambda: _chat(b.url, "notes", tenant="alpha").status_code == 404, 5, "B refuses the deleted KB")
+
+
+# -- a shared Redis that holds junk, or lost everything -----------------------------------------------
+
+@pytest.mark.parametrize("tenant_replicas", [False], indirect=True, ids=["private-cli-kbs"])
+def test_junk_in_the_shared_redis_answers_no_500_on_any_replica(tenant_replicas, redis_server):  # noqa: F811
+    import redis
+
+    a, b = tenant_replicas
+    assert _create(a.url, "alpha", "notes").status_code == 201
+    hours = [{"name": "hours", "text": "The lantern shop opens at nine."}]
+    assert _create(a.url, "alpha", "hours", hours).status_code == 201
+    client = redis.Redis.from_url(redis_server.url)
+    client.set("cag:junk:record", "not json")  # nobody's record, unreadable
+    client.set("cag:alpha__notes:record", json.dumps({"meta": 5}))  # one tenant's record, damaged
+    for replica in (a, b):
+        assert _models(replica.url, "beta") == []
+        assert "hours" in _models(replica.url, "alpha")
+        assert _chat(replica.url, "hours", tenant="alpha").status_code == 200
+    assert "notes" not in _models(b.url, "alpha")
+    error = _chat(b.url, "notes", tenant="alpha")  # B has no copy of its own: it is not found, not a 500
+    assert error.status_code == 404 and error.json()["error"]["code"] == "model_not_found", error.text
+    assert _chat(a.url, "notes", tenant="alpha").status_code == 200  # A still holds a good copy and serves it
+    assert _create(b.url, "alpha", "notes").status_code == 201  # built again: whole again
+    assert _chat(b.url, "notes", tenant="alpha").status_code == 200 and "notes" in _models(b.url, "alpha")
+
+
+@pytest.mark.parametrize("tenant_replicas", [False], indirect=True, ids=["private-cli-kbs"])
+def test_a_kb_built_before_redis_lost_everything_reaches_every_replica_again(tenant_replicas,
+                                                                             redis_server):  # noqa: F811
+    a, b = tenant_replicas
+    assert _create(a.url, "alpha", "notes").status_code == 201  # B never touches it before the restart
+    redis_server.stop()  # kill -9 ...
+    redis_server.start()  # ... and back without RDB or AOF: empty
+    first = _until(lambda: (r := _chat(b.url, "notes", tenant="alpha")).status_code == 200 and r, 30,
+                   "replica A publishes what it holds once Redis is back, and B answers from it")
+    assert first.json()["cag"]["cache_source"] == "redis"  # A's cache, not a rebuild from its record alone
+    assert "notes" in _models(b.url, "alpha")

@@ -55,7 +55,7 @@ def test_load_promotes_a_disk_hit_into_memory_and_counts_hits(cag_home, tiny_lm,
     second = cag.load("kb", lm=tiny_lm, store=store)
     assert (first.cache_source, second.cache_source) == ("disk", "memory")
     kept = store.tier("memory").entries["kb"].layers[0][0]
-    assert kept.data_ptr() == second.workspace.prefix[0][0].data_ptr()  # one copy of the KV, not two
+    assert kept.data_ptr() == second.layers[0][0].data_ptr()  # one copy of the KV, not two
     q = "Who founded it?"
     assert first.ask(q, max_new_tokens=8).token_ids == second.ask(q, max_new_tokens=8).token_ids \
         == kb.ask(q, max_new_tokens=8, use_cache=False).token_ids

@@ -10,12 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
+import engineutil as eu
 import redis as redis_py
-from storeutil import make_docs, redis_server, redis_url, tiny_entry  # noqa: F401,F811 - fixtures
+from storeutil import make_docs, redis_server, redis_url, settings, tiny_entry  # noqa: F401,F811 - fixtures
 
 from cag.cache import kvfile
-from cag.errors import CacheMismatchError
-from cag.cache.stores import DiskStore, MemoryStore, TieredStore
+from cag.errors import CacheMismatchError, NotFoundError
+from cag.cache.stores import DiskStore, MemoryStore, Record, TieredStore, Tombstone
 from cag.cache.stores.base import Entry
 from cag.cache.stores.redis import RedisError, RedisStore
 
@@ -120,8 +121,9 @@ def test_redis_values_are_chunked_written_manifest_last_and_expire(redis_url, ti
     from cag.engines.torch import engine
 
     ids = list(range(5, 45))
-    layers = engine.prefill(tiny_lm.model, ids)
-    entry = Entry("kb", layers, ids, {"model": {"fingerprint": "m"}}, {"policy": {"ttl_s": 1.5}}, [{"name": "a", "text": "t"}])
+    layers = eu.prefill(tiny_lm, ids)
+    entry = Entry("kb", layers, ids, {"model": {"fingerprint": "m"}}, settings(policy={"ttl_s": 1.5}),
+                  [{"name": "a", "text": "t"}])
     store = RedisStore(redis_url, chunk_bytes=4096)
     store.put(entry)
     client = redis_py.Redis.from_url(redis_url)
@@ -141,19 +143,26 @@ def test_a_reader_never_sees_a_half_written_cache(redis_url, tiny_lm):
     from cag.engines.torch import engine
 
     ids = list(range(5, 25))
-    entry = Entry("kb", engine.prefill(tiny_lm.model, ids), ids, {}, {}, [])
+    entry = Entry("kb", eu.prefill(tiny_lm, ids), ids, {}, {}, [])
     store = RedisStore(redis_url, chunk_bytes=2048)
     client = redis_py.Redis.from_url(redis_url)
-    real_set = client.set
+    real_pipeline = client.pipeline
     seen = []
 
-    def spy(key, *args, **kwargs):  # the manifest must be written after every chunk exists
-        if key == "cag:kb:manifest":
-            seen.append(sorted(k.decode() for k in client.keys("cag:kb:chunk:*")))
-        return real_set(key, *args, **kwargs)
+    def spy(*args, **kwargs):  # the manifest must be written after every chunk exists
+        pipe = real_pipeline(*args, **kwargs)
+        real_execute = pipe.execute
+
+        def execute(*a, **kw):
+            if any(command[:2] == ("SET", "cag:kb:manifest") for command, _ in pipe.command_stack):
+                seen.append(sorted(k.decode() for k in client.keys("cag:kb:chunk:*")))
+            return real_execute(*a, **kw)
+
+        pipe.execute = execute
+        return pipe
 
     store.client = client
-    client.set = spy
+    client.pipeline = spy
     store.put(entry)
     head = json.loads(client.get("cag:kb:manifest"))
     assert seen and len(seen[0]) == head["chunks"]
@@ -213,8 +222,8 @@ def test_while_redis_is_down_local_tiers_serve_and_it_is_not_asked_again_at_once
     redis_server.stop()
     redis = store.tier("redis")
     calls = []
-    real = redis.client.get
-    redis.client.get = lambda *a, **k: calls.append(a) or real(*a, **k)
+    real = redis.client.mget
+    redis.client.mget = lambda *a, **k: calls.append(a) or real(*a, **k)
     assert store.record("kb").owner == "alpha" and store.names() == ["kb"]  # the first call finds it down
     assert len(calls) == 1 and redis.health.until > 0
     assert store.get("kb", kvfile.Expect(), "cpu")[1] == "disk" and store.published("kb") == 3
@@ -247,3 +256,109 @@ def test_the_listener_survives_redis_restarts_and_writes_through_what_waited(tmp
     while two.tier("memory").has("kb") or two.tier("disk").has("kb"):
         assert time.time() < deadline, "the invalidation did not reach the listening store"
         time.sleep(0.1)
+
+
+# -- junk in the shared Redis --------------------------------------------------------------------------
+
+def test_junk_in_the_shared_redis_never_breaks_listing_or_the_other_kbs(tmp_path, redis_url, machine, docs, caplog):
+    one, two = machine(tmp_path / "one", redis_url), machine(tmp_path / "two", redis_url)
+    one.put(tiny_entry("kb", 4))
+    one.put(tiny_entry("alpha__notes", 4, owner="alpha"))
+    client = redis_py.Redis.from_url(redis_url)
+    client.set("cag:junk:record", "not json")  # a record nobody can read
+    client.set("cag:alpha__notes:record", json.dumps({"meta": 5}))  # one knowledge base's record, damaged
+    client.rpush("cag:listed:record", "a list")  # a key of another type where a record should be
+    client.set("cag:odd name:record", json.dumps({"meta": settings()}))  # a name no knowledge base can have
+    from cag import api, registry
+
+    assert [row["name"] for row in registry.rows(two)] == ["kb"]  # the others are left out, with a warning
+    assert "'junk'" in caplog.text and "'alpha__notes'" in caplog.text and "damaged" in caplog.text
+    assert api.record("alpha__notes", two) is None and two.get("alpha__notes", kvfile.Expect(), "cpu") is None
+    assert two.get("kb", kvfile.Expect(), "cpu")[1] == "redis"
+    assert one.record("alpha__notes").owner == "alpha"  # the replica holding a good copy keeps serving it
+    assert two.tier("redis").health.interval == 0  # junk is not an outage
+    cag_cli(["ls", "--redis", redis_url], tmp_path / "cli")  # the CLI lists too (it asserts exit code 0)
+    registry.delete("junk", two)  # a damaged record can be removed like any other
+    assert isinstance(RedisStore(redis_url).record("junk"), Tombstone) and "junk" not in two.names()
+    with pytest.raises(NotFoundError):
+        registry.delete("never-was", two)
+
+
+def test_junk_on_the_events_channel_does_not_stop_the_listener(tmp_path, redis_url, machine):
+    one, two = machine(tmp_path / "one", redis_url), machine(tmp_path / "two", redis_url)
+    two.listen()
+    one.put(tiny_entry("kb", 4))
+    two.get("kb", kvfile.Expect(), "cpu")
+    client = redis_py.Redis.from_url(redis_url)
+    for junk in ("[" * 100_000, "not json", "[1]", '{"name": []}'):
+        client.publish("cag:events", junk)
+    one.invalidate("kb")  # still heard after the junk: two drops its own copies
+    deadline = time.time() + 5
+    while two.tier("memory").has("kb") or two.tier("disk").has("kb"):
+        assert time.time() < deadline, "the listener stopped at junk on the events channel"
+        time.sleep(0.1)
+
+
+# -- publishing again what a Redis restart lost --------------------------------------------------------
+
+def test_a_redis_restarted_without_persistence_gets_every_kb_back_from_the_replica_holding_it(
+        tmp_path, redis_server, machine):
+    one = machine(tmp_path / "one", redis_server.url)
+    one.listen()
+    one.put(tiny_entry("kb", 4, owner="alpha"))
+    one.put_record(Record("parent", settings(shards=["kb"]), "alpha"), [{"name": "a.txt", "text": "t"}])
+    redis_server.stop()  # kill -9, and back empty: no RDB, no AOF
+    redis_server.start()
+    fresh = machine(tmp_path / "fresh", redis_server.url)  # a replica that never saw either
+    deadline = time.time() + 20
+    while fresh.record("kb") is None or fresh.record("parent") is None:
+        assert time.time() < deadline, "what replica one holds never reached the restarted Redis"
+        time.sleep(0.2)
+    entry, source = fresh.get("kb", kvfile.Expect(), "cpu")
+    assert source == "redis" and entry.owner == "alpha" and entry.prefix_ids == list(range(4))
+    assert fresh.record("parent").meta["shards"] == ["kb"] and not fresh.tier("redis").has("parent")
+
+
+def test_publishing_again_never_brings_back_a_deleted_kb_nor_replaces_a_newer_build(tmp_path, redis_url, machine):
+    one, two = machine(tmp_path / "one", redis_url), machine(tmp_path / "two", redis_url)
+    old = time.time() - 60
+    one.put(tiny_entry("gone", 4, built_at=old))
+    one.put(tiny_entry("kb", 4, built_at=old))
+    two.get("gone", kvfile.Expect(), "cpu")
+    one.delete("gone")  # two (not listening) still holds its copy of it
+    two.put(tiny_entry("kb", 6))  # and a newer build of kb
+    one.tier("disk").put(tiny_entry("kb", 4, built_at=old))  # one still holds the older one
+    assert one.republish() == [] and two.republish() == []  # nothing the shared tier lacks
+    shared = RedisStore(redis_url)
+    assert isinstance(shared.record("gone"), Tombstone) and not (tmp_path / "two" / "gone").exists()
+    assert shared.get("kb", kvfile.Expect(), "cpu").prefix_ids == list(range(6))
+    redis_py.Redis.from_url(redis_url).flushall()  # Redis forgot everything: the newest copy comes back
+    assert one.republish() == ["kb"] and two.republish() == ["kb"]
+    assert shared.get("kb", kvfile.Expect(), "cpu").prefix_ids == list(range(6))
+    assert one.republish() == [] and shared.record("gone") is None  # (its tombstone is gone too: see README)
+
+
+def test_a_delete_landing_while_a_copy_is_uploaded_is_never_undone(tmp_path, redis_url):
+    store, other = RedisStore(redis_url), redis_py.Redis.from_url(redis_url)
+    built = time.time()
+    real_pipeline = store.client.pipeline
+
+    def pipeline(*args, **kwargs):  # right after the chunks are uploaded, another replica deletes the KB
+        pipe = real_pipeline(*args, **kwargs)
+        if not kwargs.get("transaction", True):
+            real_execute = pipe.execute
+
+            def execute(*a, **kw):
+                uploads = any(command[1].startswith("cag:kb:chunk:") for command, _ in pipe.command_stack)
+                done = real_execute(*a, **kw)
+                if uploads:
+                    other.set("cag:kb:record", json.dumps({"deleted_at": built + 1}))
+                return done
+
+            pipe.execute = execute
+        return pipe
+
+    store.client.pipeline = pipeline
+    store.put(tiny_entry("kb", 4, built_at=built))  # checked before the upload: not deleted then
+    assert store.record("kb") == Tombstone("kb", built + 1) and other.get("cag:kb:manifest") is None
+    assert all(0 < other.pttl(key) for key in other.keys("cag:kb:chunk:*"))  # the upload expires

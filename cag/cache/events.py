@@ -41,7 +41,7 @@ class Event:
             data = json.loads(raw)
             return cls(str(data["name"]), str(data.get("kind", "invalidate")), float(data.get("at") or 0.0),
                        str(data.get("origin", "")))
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):  # anyone may publish on the channel
             return None
 
 

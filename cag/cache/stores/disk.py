@@ -10,6 +10,9 @@
 It is what makes a restart cheap: a new process finds the cache here and answers without prefill.
 Dropping a cache keeps the rest, so the knowledge base can still be rebuilt; removing it deletes the
 folder (with whatever else lives there, such as a server-created knowledge base's documents).
+A sidecar that cannot be read (edited by hand, written by something else) makes its knowledge base
+missing, with a logged warning, rather than an error for every listing: a damaged kb.json or
+tenant.json means no record (never a record without its owner), a damaged knowledge.json no entry.
 """
 
 from __future__ import annotations
@@ -23,9 +26,9 @@ import torch
 
 from .. import atomic, kvfile
 from ... import paths
-from ...errors import CagError
-from ..kvfile import Expect
-from .base import Entry, Record, Store, Tombstone, save_file
+from ..kvfile import KV, Expect
+from .base import Entry, Record, Store, Tombstone, checked_number, checked_record, checked_snapshot, damaged, loads, \
+    save_file, valid_name
 
 CACHE_FILE, KB_FILE, SNAPSHOT_FILE, STATS_FILE = "cache.safetensors", "kb.json", "knowledge.json", "stats.json"
 TENANT_FILE, VERSION_FILE = "tenant.json", "version.json"
@@ -46,13 +49,15 @@ class DiskStore(Store):
     # -- the KV cache ------------------------------------------------------------------------------
     def get(self, name: str, expect: Expect, device: torch.device | str) -> Entry | None:
         folder = self.folder(name)
-        record = self.record(name)
-        if not (folder / CACHE_FILE).is_file() or record is None:
+        if not (folder / CACHE_FILE).is_file():
+            return None
+        record, snapshot = self.record(name), self.snapshot(name)
+        if record is None or snapshot is None:
             return None
         loaded = kvfile.load(folder / CACHE_FILE, expect, device=device)
         self._count_hit(folder)
-        return Entry(name, loaded.layers, loaded.prefix_ids, loaded.manifest, record.meta, self.snapshot(name) or [],
-                     owner=record.owner)
+        return Entry(name, loaded.layers, loaded.prefix_ids, loaded.manifest, record.meta, snapshot, owner=record.owner,
+                     state=loaded.state)
 
     def put(self, entry: Entry) -> dict:
         self.put_record(entry.record, entry.snapshot)
@@ -67,30 +72,38 @@ class DiskStore(Store):
     def has(self, name: str) -> bool:
         return (self.folder(name) / CACHE_FILE).is_file()
 
+    def share(self, name: str, layers: KV) -> None:
+        """Nothing: this tier holds a file, which is what outlives the process."""
+
     def info(self, name: str) -> dict | None:
         path = self.folder(name) / CACHE_FILE
         if not path.is_file():
             return None
         manifest = kvfile.read_manifest(path)
         return {"bytes": path.stat().st_size, "tokens": manifest.get("tokens"), "created": manifest.get("created"),
-                "hits": self._stats(path.parent).get("hits", 0)}
+                "hits": self._hits(path.parent)}
 
     # -- the record --------------------------------------------------------------------------------
     def record(self, name: str) -> Record | None:
         folder = self.folder(name)
         try:
-            meta = json.loads((folder / KB_FILE).read_text())
+            meta = loads((folder / KB_FILE).read_bytes())
+            owner = _owner(folder)
+            return checked_record(name, meta, owner)
+        except FileNotFoundError:
+            return None  # no kb.json: not (or no longer) a knowledge base here
+        except (OSError, ValueError) as err:
+            damaged(name, f"record in {folder}", str(err))
+            return None
+
+    def snapshot(self, name: str) -> list[dict] | None:
+        path = self.folder(name) / SNAPSHOT_FILE
+        try:
+            return checked_snapshot(loads(path.read_bytes()))
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as err:
-            raise CagError(f"the settings of knowledge base {name!r} ({folder / KB_FILE}) are unreadable: {err}; "
-                           f"rebuild it with `cag build` or remove it with `cag rm {name}`") from None
-        return Record(name, meta, _owner(folder))
-
-    def snapshot(self, name: str) -> list[dict] | None:
-        try:
-            return json.loads((self.folder(name) / SNAPSHOT_FILE).read_text())
-        except (OSError, ValueError):
+            damaged(name, f"knowledge text {path}", str(err))
             return None
 
     def put_record(self, record: Record, snapshot: list[dict]) -> None:
@@ -104,13 +117,20 @@ class DiskStore(Store):
 
     def names(self) -> list[str]:
         root = self.root or paths.kbs_dir()
-        return sorted(f.name for f in root.iterdir() if (f / KB_FILE).is_file()) if root.is_dir() else []
+        if not root.is_dir():
+            return []
+        return sorted(f.name for f in root.iterdir() if valid_name(f.name) and (f / KB_FILE).is_file())
 
     # -- version and deletion ----------------------------------------------------------------------
     def version(self, name: str) -> int | None:
+        path = self.folder(name) / VERSION_FILE
         try:
-            return int(json.loads((self.folder(name) / VERSION_FILE).read_text())["version"])
-        except (OSError, ValueError, KeyError, TypeError):
+            found = loads(path.read_bytes())
+            return checked_number(found.get("version") if isinstance(found, dict) else found, whole=True)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as err:
+            damaged(name, f"published version {path}", str(err))
             return None
 
     def set_version(self, name: str, version: int) -> None:
@@ -124,30 +144,33 @@ class DiskStore(Store):
         return True
 
     # -- plumbing ----------------------------------------------------------------------------------
-    def _stats(self, folder: Path) -> dict:
+    def _hits(self, folder: Path) -> int:
+        """The hit counter; a damaged one counts from 0 again."""
+        path = folder / STATS_FILE
         try:
-            return json.loads((folder / STATS_FILE).read_text())
-        except (OSError, ValueError):
-            return {}
+            found = loads(path.read_bytes())
+            return checked_number(found.get("hits") if isinstance(found, dict) else found, whole=True)
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError) as err:
+            damaged(folder.name, f"hit counter {path}", str(err))
+            return 0
 
     def _count_hit(self, folder: Path) -> None:
-        stats = self._stats(folder)
-        stats.update(hits=stats.get("hits", 0) + 1, last_hit=time.time())
         try:
+            stats = {"hits": self._hits(folder) + 1, "last_hit": time.time()}
             atomic.write_text(folder / STATS_FILE, json.dumps(stats))
         except OSError:
             pass  # a read-only home still answers; only the counter is lost
 
 
-def _owner(folder: Path) -> str | None:
+def _owner(folder: Path) -> object:
+    """The owner in tenant.json (None without one: built by the CLI). Unreadable, it raises ValueError: a
+    damaged sidecar must not turn a tenant's knowledge base into one every tenant may see."""
     try:
-        owner = json.loads((folder / TENANT_FILE).read_text())["tenant"]
+        found = loads((folder / TENANT_FILE).read_bytes())
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, TypeError):
-        # a damaged sidecar must not turn a tenant's knowledge base into one every tenant may see
-        return _UNREADABLE
-    return str(owner)
-
-
-_UNREADABLE = "\0unreadable"  # an owner no tenant can be
+    if not isinstance(found, dict) or "tenant" not in found:
+        raise ValueError(f"{TENANT_FILE} names no tenant")
+    return found["tenant"]

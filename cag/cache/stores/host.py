@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import torch
 
+from ..kvfile import KV
 from .base import Entry
 from .memory import MemoryStore
 
@@ -27,6 +28,9 @@ class HostStore(MemoryStore):
             return t.pin_memory() if self.pin else t
 
         return replace(entry, layers=[(host(k), host(v)) for k, v in entry.layers])
+
+    def share(self, name: str, layers: KV) -> None:
+        """Nothing: this tier's point is a copy off the device, which survives the device copy's eviction."""
 
     def _deliver(self, entry: Entry, device: torch.device | str) -> Entry:
         layers = [(k.to(device, non_blocking=self.pin), v.to(device, non_blocking=self.pin)) for k, v in entry.layers]

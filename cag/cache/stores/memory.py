@@ -1,7 +1,9 @@
 """In-process tier: prefixes kept on the model's device, least recently used evicted past a byte budget.
 
 Eviction calls `on_evict` first, so the tiered store can demote an entry that no slower tier holds:
-dropping it from memory never loses the only copy.
+dropping it from memory never loses the only copy. It keeps whole entries and nothing else: a record
+lives here exactly as long as its cache, and versions and records without a cache are kept by the
+persistent tiers only. Nothing here was written by another process, so nothing here can be damaged.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ from typing import Callable
 import torch
 
 from ...errors import CagError
-from ..kvfile import Expect
-from .base import Entry, Record, Store, matches
+from ..kvfile import KV, Expect
+from .base import Entry, Record, Store, Tombstone, matches
 
 
 class BudgetError(CagError):
@@ -68,7 +70,7 @@ class MemoryStore(Store):
         with self.lock:
             return self.entries.pop(name, None) is not None
 
-    def share(self, name: str, layers) -> None:
+    def share(self, name: str, layers: KV) -> None:
         with self.lock:
             entry = self.entries.get(name)
             if entry is not None and [k.shape for k, _ in entry.layers] == [k.shape for k, _ in layers]:
@@ -92,8 +94,26 @@ class MemoryStore(Store):
         entry = self.entries.get(name)
         return entry.snapshot if entry is not None else None
 
+    def put_record(self, record: Record, snapshot: list[dict]) -> None:
+        """Nothing: a record without a cache has no tensors to keep close (the persistent tiers keep it)."""
+
+    def names(self) -> list[str]:
+        return sorted(self.entries)
+
+    def version(self, name: str) -> int | None:
+        """None: versions are published to the persistent tiers, which every process reads."""
+        return None
+
+    def set_version(self, name: str, version: int) -> None:
+        """Nothing (see version)."""
+
+    def remove(self, name: str, tombstone: Tombstone | None = None) -> bool:
+        """The entry is everything this tier holds of `name`; no tombstone (no other process looks here)."""
+        return self.drop(name)
+
     def _keep(self, entry: Entry) -> Entry:
         return entry  # the caller's tensors, on its device: no copy
 
     def _deliver(self, entry: Entry, device: torch.device | str) -> Entry | None:
-        return entry if entry.layers[0][0].device.type == torch.device(device).type else None
+        held = entry.layers[0][0] if entry.layers else entry.state  # an engine's state bytes live on the CPU
+        return entry if held is not None and held.device.type == torch.device(device).type else None

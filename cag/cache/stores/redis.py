@@ -2,21 +2,33 @@
 
 Layout per knowledge base NAME (all under the `cag:` prefix):
   cag:NAME:chunk:GEN:I   raw bytes of the cache file (kvfile format), in pieces far below Redis's 512 MB cap
-  cag:NAME:manifest      JSON: generation, chunk count, byte count, kvfile manifest — written LAST
+  cag:NAME:manifest      JSON: generation, chunk count, byte count, kvfile manifest
   cag:NAME:record        JSON: kb.json settings + owner; after a delete, the tombstone {"deleted_at"} (no expiry)
   cag:NAME:snapshot      JSON: the knowledge text (so an empty CAG_HOME can answer)
   cag:NAME:version       the published version
   cag:NAME:hits          hit counter
   channel cag:events     invalidate / version / delete events (cag.events.Event as JSON)
 A reader starts from the manifest, so it never sees a half-written cache: the chunks of a new
-generation are all in place before the manifest points at them, and the previous generation's chunks
-are only set to expire, not deleted, so a reader in the middle of fetching them still finishes.
-The bytes are the same verified file format as on disk (checksums, signature, fingerprints).
+generation are all in place before one transaction points the manifest at them (with the record and
+text), and the previous generation's chunks are only set to expire, not deleted, so a reader in the
+middle of fetching them still finishes. That transaction checks the record under WATCH: a tombstone
+of a later delete, or a newer build, refuses the write, so no late write brings a deleted knowledge
+base back. The bytes are the same verified file format as on disk (checksums, signature, fingerprints).
+
+Redis is shared with other processes and people, so everything read back is checked before use: a key
+of the wrong type, bytes that are not JSON, a record, manifest, text, version or counter of the wrong
+shape is logged once as damaged and read as missing (that knowledge base is unavailable, or rebuilt),
+never an error for a listing or for other knowledge bases. Reads use MGET, which answers nil for a
+key of another type where GET would fail the call.
 
 Redis is a shared tier, not a single point of failure: after a failed call every call fails at once
 (RedisError, which the tiered store turns into "serve from the local tiers") for a short interval
 that doubles with each further failure (0.5 s up to 10 s), so a dead Redis costs one connection
-attempt per interval, not one per request. The events listener resubscribes on the same schedule.
+attempt per interval, not one per request. The events listener resubscribes on the same schedule, and
+each reconnection lets the tiered store publish again what Redis lacks (TieredStore.republish), which
+also covers a Redis restarted without persistence. Such a Redis has forgotten its tombstones too: a
+replica that missed a delete and still holds its copy publishes it again then. Run Redis with AOF or
+RDB where deletes must survive its restart.
 """
 
 from __future__ import annotations
@@ -38,15 +50,19 @@ import torch
 from .. import kvfile
 from ...errors import CagError
 from ..events import Event
-from ..kvfile import Expect
-from .base import Entry, Record, Store, Tombstone, save_file
+from ..kvfile import KV, Expect
+from .base import Entry, Record, Store, Tombstone, checked_number, checked_record, checked_snapshot, damaged, loads, \
+    save_file, valid_name
 
 DEFAULT_CHUNK_BYTES = 64 << 20
+MAX_CHUNKS = 1 << 16  # far more than any cache has (4 TiB at the default size): a manifest claiming more is junk
 OLD_GENERATION_GRACE_MS = 60_000
+WRITE_TRIES = 10  # transactions started over because another process changed the record meanwhile
 EVENTS_CHANNEL = "cag:events"
 FIRST_RETRY_S, MAX_RETRY_S = 0.5, 10.0
 
 log = logging.getLogger("cag.stores")
+_GEN = re.compile(r"[0-9a-f]{1,32}")
 
 
 class RedisError(CagError):
@@ -97,6 +113,7 @@ class RedisStore(Store):
 
         self.url, self.ttl_s, self.chunk_bytes = re.sub(r"//[^@/]*@", "//***@", url), ttl_s, int(chunk_bytes)
         self._errors = (redis_py.RedisError, OSError)
+        self._watch_error, self._response_error = redis_py.WatchError, redis_py.ResponseError
         self.client = redis_py.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=30,
                                               health_check_interval=15)
         self.health = Health(self.url)
@@ -106,26 +123,30 @@ class RedisStore(Store):
     def get(self, name: str, expect: Expect, device: torch.device | str) -> Entry | None:
         with self._talk():
             for _ in range(2):  # a writer may replace the generation between reading manifest and chunks
-                head = self.client.get(self._key(name, "manifest"))
+                head = self._head(name)
                 if head is None:
                     return None
-                head = json.loads(head)
-                chunks = self.client.mget([self._key(name, "chunk", head["gen"], i) for i in range(head["chunks"])])
+                chunks = self._read(*(self._key(name, "chunk", head["gen"], i) for i in range(head["chunks"])))
                 if all(c is not None for c in chunks):
                     break
             else:
                 return None
-            record_raw, snapshot_raw = self.client.mget([self._key(name, "record"), self._key(name, "snapshot")])
-            self.client.incr(self._key(name, "hits"))
+            record_raw, snapshot_raw = self._read(self._key(name, "record"), self._key(name, "snapshot"))
+            self._count_hit(name)
+        record, snapshot = self._record(name, record_raw), self._snapshot(name, snapshot_raw)
+        if not isinstance(record, Record) or snapshot is None:
+            return None
         data = b"".join(chunks)
-        record = _record(name, record_raw)
-        if len(data) != head["bytes"] or not isinstance(record, Record) or snapshot_raw is None:
+        if len(data) != head["bytes"]:
+            damaged(name, f"cache in Redis at {self.url}", f"{len(data)} bytes where its manifest says {head['bytes']}")
             return None
         loaded = kvfile.load_bytes(data, expect, device=device, where=f"redis cache {name!r} at {self.url}")
-        return Entry(name, loaded.layers, loaded.prefix_ids, loaded.manifest, record.meta, json.loads(snapshot_raw),
-                     owner=record.owner, stored_at=head.get("stored_at", time.time()))
+        return Entry(name, loaded.layers, loaded.prefix_ids, loaded.manifest, record.meta, snapshot,
+                     owner=record.owner, stored_at=head.get("stored_at") or time.time(), state=loaded.state)
 
     def put(self, entry: Entry) -> dict:
+        """Upload the chunks of a new generation, then switch record, text and manifest to it at once,
+        unless the record here outranks this copy (see _commit)."""
         with _scratch() as path:
             full = save_file(path, entry)
             data = path.read_bytes()
@@ -135,73 +156,78 @@ class RedisStore(Store):
         head = {"gen": gen, "chunks": len(pieces), "bytes": len(data), "stored_at": time.time(),
                 "tokens": full.get("tokens"), "created": full.get("created")}
         with self._talk():
-            if self._buried(entry.record):
-                return full
-            old = self.client.get(self._key(entry.name, "manifest"))
+            if self._outranked(entry.record, *self._read(self._key(entry.name, "record"))):
+                return full  # known before uploading anything
             pipe = self.client.pipeline(transaction=False)
             for i, piece in enumerate(pieces):
                 pipe.set(self._key(entry.name, "chunk", gen, i), piece, px=px)
-            self._write_record(pipe, entry.record, entry.snapshot, px)
             pipe.execute()
-            self.client.set(self._key(entry.name, "manifest"), json.dumps(head), px=px)  # last: now readers see it
-            if old is not None:
-                self._expire_generation(entry.name, json.loads(old))
+            written, old = self._commit(entry.record, entry.snapshot, px, head)
+            if not written or old is not None:
+                self._expire_generation(entry.name, old if written else head)
         return full
 
     def drop(self, name: str) -> bool:
         """Remove the cache (readers stop seeing it at once); the record and text stay for a rebuild."""
         with self._talk():
-            old = self.client.get(self._key(name, "manifest"))
-            self.client.delete(self._key(name, "manifest"))
-            if old is not None:
-                self._expire_generation(name, json.loads(old))
-        return old is not None
+            (old,) = self._read(self._key(name, "manifest"))
+            existed = bool(self.client.delete(self._key(name, "manifest")))
+            head = _head_or_none(old)
+            if head is not None:
+                self._expire_generation(name, head)
+        return existed
 
     def has(self, name: str) -> bool:
         with self._talk():
-            return bool(self.client.exists(self._key(name, "manifest")))
+            return self._head(name) is not None
 
     def info(self, name: str) -> dict | None:
         with self._talk():
-            head = self.client.get(self._key(name, "manifest"))
-            hits = self.client.get(self._key(name, "hits"))
+            raw, hits = self._read(self._key(name, "manifest"), self._key(name, "hits"))
             ttl_ms = self.client.pttl(self._key(name, "manifest"))
+        head = self._parse_head(name, raw)
         if head is None:
             return None
-        head = json.loads(head)
         return {"bytes": head["bytes"], "tokens": head.get("tokens"), "created": head.get("created"),
-                "hits": int(hits or 0), "expires_in_s": ttl_ms / 1000 if ttl_ms and ttl_ms > 0 else None}
+                "hits": self._hits(name, hits), "expires_in_s": ttl_ms / 1000 if ttl_ms and ttl_ms > 0 else None}
+
+    def share(self, name: str, layers: KV) -> None:
+        """Nothing: Redis holds the cache file's bytes, for other processes."""
 
     # -- the record --------------------------------------------------------------------------------
     def record(self, name: str) -> Record | Tombstone | None:
         with self._talk():
-            return _record(name, self.client.get(self._key(name, "record")))
+            (raw,) = self._read(self._key(name, "record"))
+        return self._record(name, raw)
 
     def snapshot(self, name: str) -> list[dict] | None:
         with self._talk():
-            raw = self.client.get(self._key(name, "snapshot"))
-        return json.loads(raw) if raw is not None else None
+            (raw,) = self._read(self._key(name, "snapshot"))
+        return self._snapshot(name, raw)
 
     def put_record(self, record: Record, snapshot: list[dict]) -> None:
         with self._talk():
-            if self._buried(record):
-                return
-            pipe = self.client.pipeline(transaction=False)
-            self._write_record(pipe, record, snapshot, self._ttl_ms(record.meta))
-            pipe.execute()
+            self._commit(record, snapshot, self._ttl_ms(record.meta))
 
     def names(self) -> list[str]:
         with self._talk():
-            keys = [k.decode() for k in self.client.scan_iter(match="cag:*:record", count=1000)]
-            values = self.client.mget(keys) if keys else []
+            keys = [k.decode(errors="replace") for k in self.client.scan_iter(match="cag:*:record", count=1000)]
+            keys = [k for k in keys if valid_name(k[len("cag:"):-len(":record")])]  # junk keys name no knowledge base
+            values = self._read(*keys) if keys else []
         names = (k[len("cag:"):-len(":record")] for k in keys)
-        return sorted(n for n, raw in zip(names, values) if isinstance(_record(n, raw), Record))
+        return sorted(n for n, raw in zip(names, values) if raw is not None and not _tombstone_like(raw))
 
     # -- version and deletion ----------------------------------------------------------------------
     def version(self, name: str) -> int | None:
         with self._talk():
-            raw = self.client.get(self._key(name, "version"))
-        return int(raw) if raw is not None else None
+            (raw,) = self._read(self._key(name, "version"))
+        if raw is None:
+            return None
+        try:
+            return checked_number(loads(raw), whole=True)
+        except ValueError as err:
+            damaged(name, f"published version in Redis at {self.url}", str(err))
+            return None
 
     def set_version(self, name: str, version: int) -> None:
         with self._talk():
@@ -209,17 +235,18 @@ class RedisStore(Store):
 
     def remove(self, name: str, tombstone: Tombstone) -> bool:
         """Delete every key of `name` and leave its tombstone (no expiry: a replica that was down for the
-        delete may come back any time later with its own copy, and must find out it is stale)."""
+        delete may come back any time later with its own copy, and must find out it is stale). A damaged
+        record counts as one: this is how it is cleaned up."""
         with self._talk():
-            old = self.client.get(self._key(name, "manifest"))
-            existed = isinstance(_record(name, self.client.get(self._key(name, "record"))), Record)
+            found, old = self._read(self._key(name, "record"), self._key(name, "manifest"))
             pipe = self.client.pipeline(transaction=False)
             pipe.delete(*(self._key(name, k) for k in ("manifest", "snapshot", "hits", "version")))
             pipe.set(self._key(name, "record"), json.dumps({"deleted_at": tombstone.deleted_at}))
             pipe.execute()
-            if old is not None:
-                self._expire_generation(name, json.loads(old))
-        return existed or old is not None
+            head = _head_or_none(old)
+            if head is not None:
+                self._expire_generation(name, head)
+        return (found is not None and not _tombstone_like(found)) or old is not None
 
     # -- events ------------------------------------------------------------------------------------
     def announce(self, event: Event) -> None:
@@ -273,6 +300,11 @@ class RedisStore(Store):
     def _key(self, name: str, *parts: object) -> str:
         return ":".join(["cag", name, *map(str, parts)])
 
+    def _read(self, *keys: str) -> list[bytes | None]:
+        """The values of `keys`, by MGET even for one: a key holding another type (junk, to cag) reads as
+        missing, where GET would fail the call as if Redis were down."""
+        return self.client.mget(keys)
+
     def _ttl_ms(self, meta: dict) -> int | None:
         ttl = (meta.get("policy") or {}).get("ttl_s") or self.ttl_s
         return max(1, int(ttl * 1000)) if ttl else None
@@ -281,17 +313,92 @@ class RedisStore(Store):
         pipe.set(self._key(record.name, "record"), json.dumps({"meta": record.meta, "owner": record.owner}), px=px)
         pipe.set(self._key(record.name, "snapshot"), json.dumps(snapshot, ensure_ascii=False), px=px)
 
-    def _buried(self, record: Record) -> bool:
-        """A copy built before the knowledge base was deleted must not come back (a late write-through)."""
-        found = _record(record.name, self.client.get(self._key(record.name, "record")))
+    def _commit(self, record: Record, snapshot: list[dict], px: int | None,
+                head: dict | None = None) -> tuple[bool, dict | None]:
+        """Write the record and text of `record` (and point the manifest at `head`) in one transaction,
+        unless the record here outranks it. The check runs under WATCH of the record and the manifest, so
+        a delete or another build landing in between makes it start over: a deleted knowledge base is
+        never brought back by a late write (a replica re-publishing its old copy after a restart, say),
+        whatever the timing. (written, the manifest it replaced)."""
+        key, manifest = self._key(record.name, "record"), self._key(record.name, "manifest")
+        for _ in range(WRITE_TRIES):
+            with self.client.pipeline(transaction=True) as pipe:
+                try:
+                    pipe.watch(key, manifest)
+                    found, old = pipe.mget([key, manifest])
+                    if self._outranked(record, found):
+                        return False, None
+                    pipe.multi()
+                    self._write_record(pipe, record, snapshot, px)
+                    if head is not None:
+                        pipe.set(manifest, json.dumps(head), px=px)  # with the record: now readers see it
+                    pipe.execute()
+                    return True, _head_or_none(old) if head is not None else None
+                except self._watch_error:
+                    continue
+        raise RedisError(f"the record of {record.name!r} in Redis at {self.url} kept changing while this process "
+                         "wrote it; try again")
+
+    def _outranked(self, record: Record, raw: bytes | None) -> bool:
+        """Whether the record here wins over `record`: the tombstone of a delete after it was built, or a
+        newer build (the newest build is the one every replica serves)."""
+        found = self._record(record.name, raw)
         if isinstance(found, Tombstone) and found.buries(record):
             log.warning("not writing %r to Redis: it was deleted after this copy was built", record.name)
             return True
+        if isinstance(found, Record) and found.built_at > record.built_at:
+            log.warning("not writing %r to Redis: it holds a newer build of it", record.name)
+            return True
         return False
+
+    def _head(self, name: str) -> dict | None:
+        (raw,) = self._read(self._key(name, "manifest"))
+        return self._parse_head(name, raw)
+
+    def _parse_head(self, name: str, raw: bytes | None) -> dict | None:
+        try:
+            return _checked_head(raw) if raw is not None else None
+        except ValueError as err:
+            damaged(name, f"cache manifest in Redis at {self.url}", str(err))
+            return None
+
+    def _record(self, name: str, raw: bytes | None) -> Record | Tombstone | None:
+        if raw is None:
+            return None
+        try:
+            data = loads(raw)
+            if isinstance(data, dict) and "deleted_at" in data:
+                return Tombstone(name, checked_number(data["deleted_at"]))
+            if not isinstance(data, dict) or "meta" not in data:
+                raise ValueError("it is not a record written by cag")
+            return checked_record(name, data["meta"], data.get("owner"))
+        except ValueError as err:
+            damaged(name, f"record in Redis at {self.url}", str(err))
+            return None
+
+    def _snapshot(self, name: str, raw: bytes | None) -> list[dict] | None:
+        try:
+            return checked_snapshot(loads(raw)) if raw is not None else None
+        except ValueError as err:
+            damaged(name, f"knowledge text in Redis at {self.url}", str(err))
+            return None
+
+    def _hits(self, name: str, raw: bytes | None) -> int:
+        try:
+            return checked_number(loads(raw), whole=True) if raw is not None else 0
+        except ValueError as err:
+            damaged(name, f"hit counter in Redis at {self.url}", str(err))
+            return 0
+
+    def _count_hit(self, name: str) -> None:
+        try:
+            self.client.incr(self._key(name, "hits"))
+        except self._response_error as err:  # not a number there: the counter is lost, the answer is not
+            damaged(name, f"hit counter in Redis at {self.url}", str(err))
 
     def _expire_generation(self, name: str, head: dict) -> None:
         pipe = self.client.pipeline(transaction=False)
-        for i in range(head.get("chunks", 0)):
+        for i in range(head["chunks"]):
             pipe.pexpire(self._key(name, "chunk", head["gen"], i), OLD_GENERATION_GRACE_MS)
         pipe.execute()
 
@@ -306,13 +413,37 @@ class RedisStore(Store):
         self.health.ok()
 
 
-def _record(name: str, raw: bytes | None) -> Record | Tombstone | None:
-    if raw is None:
+def _checked_head(raw: bytes) -> dict:
+    """A cache manifest, checked before any of it is used to name keys or count chunks; ValueError otherwise."""
+    head = loads(raw)
+    if not isinstance(head, dict):
+        raise ValueError("it is not an object")
+    gen, chunks, size = head.get("gen"), head.get("chunks"), head.get("bytes")
+    if not (isinstance(gen, str) and _GEN.fullmatch(gen)):
+        raise ValueError("it names no generation")
+    if not (checked_number(chunks, whole=True) >= 1 and chunks <= min(checked_number(size, whole=True), MAX_CHUNKS)):
+        raise ValueError(f"{chunks} pieces of {size} bytes")
+    if head.get("stored_at") is not None:
+        checked_number(head["stored_at"])
+    if not (isinstance(head.get("tokens"), (int, type(None))) and isinstance(head.get("created"), (str, type(None)))):
+        raise ValueError("its tokens or creation time are of the wrong type")
+    return head
+
+
+def _head_or_none(raw: bytes | None) -> dict | None:
+    """The manifest being replaced or removed, if it can be read (a damaged one has no chunks to expire)."""
+    try:
+        return _checked_head(raw) if raw is not None else None
+    except ValueError:
         return None
-    data = json.loads(raw)
-    if "deleted_at" in data:
-        return Tombstone(name, float(data["deleted_at"]))
-    return Record(name, data["meta"], data.get("owner"))
+
+
+def _tombstone_like(raw: bytes) -> bool:
+    try:
+        data = loads(raw)
+    except ValueError:
+        return False
+    return isinstance(data, dict) and "deleted_at" in data
 
 
 def _quietly(call: Callable[[], object]) -> None:

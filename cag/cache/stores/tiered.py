@@ -9,11 +9,16 @@ loses the only copy.
 
 The shared tier (Redis) has the last word on what exists: a local record older than the shared
 tier's record or tombstone is stale and is removed here before anything is served from it (that is
-how a replica that missed a delete, or was down for it, never brings the knowledge base back).
+how a replica that missed a delete, or was down for it, never brings the knowledge base back). A
+damaged shared record is no word at all: the local copy, if any, is served.
 Changes that every process must see (invalidate, publish, delete) go to the shared tier first and
 fail, changing nothing, while it cannot be reached; everything else degrades to the local tiers
-while Redis is down (logged by the tier), and builds made meanwhile are written through when the
-events listener reconnects.
+while Redis is down (logged by the tier). Each time the events listener reconnects, this process
+publishes every knowledge base it holds that the shared tier lacks or holds an older build of
+(`republish`): what was built during the outage, and what a Redis restarted without persistence
+lost, so every replica reaches every knowledge base again within one reconnection (at most 10 s
+after Redis is back, plus the uploads). Two replicas publishing the same one is harmless (the newer
+build wins, by built_at); a tombstone in Redis wins over any copy built before it.
 """
 
 from __future__ import annotations
@@ -44,7 +49,6 @@ class TieredStore:
         self.tiers = list(tiers)
         self.local = [t for t in self.tiers if not t.shared]
         self.shared = [t for t in self.tiers if t.shared]
-        self._unshared: dict[str, bool] = {}  # built while a shared tier was down -> with a cache (else record only)
         self._lock = threading.Lock()
         self._listening = False
         self.origin = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"  # names this store's events
@@ -83,17 +87,15 @@ class TieredStore:
         """Write through to the persistent tiers (the fastest one only if none is persistent). A shared
         tier that is down is written once it is back; the local copy serves meanwhile."""
         targets = [t for t in self.tiers if t.persistent] or self.tiers[:1]
-        manifest, shared = entry.manifest, []
+        manifest = entry.manifest
         for tier in targets:
             try:
                 stored = tier.put(entry)
             except RedisError:
-                self._later(entry.name, True)
+                _kept_locally(entry.name)
                 continue
-            shared += [tier] if tier.shared else []
             if stored and manifest is entry.manifest:
                 manifest = stored
-        self._written(entry.name, shared)
         return manifest
 
     def drop(self, name: str, where: Callable[[Store], bool] = lambda tier: True) -> list[str]:
@@ -104,8 +106,7 @@ class TieredStore:
         """Point the on-device tier at a loaded knowledge base's own prefix tensors (views, same values)
         instead of a second copy, so a loaded knowledge base costs its KV once, not twice."""
         for tier in self.tiers:
-            if type(tier) is MemoryStore:
-                tier.share(name, layers)
+            tier.share(name, layers)  # only a tier holding tensors on the device takes them
 
     def info(self, name: str) -> dict[str, dict]:
         return {t.name: i for t in self.tiers if (i := _reachable(lambda t=t: t.info(name), None)) is not None}
@@ -142,20 +143,17 @@ class TieredStore:
 
     def put_record(self, record: Record, snapshot: list[dict]) -> None:
         """Keep a record without a cache (a sharded knowledge base's parent) in every persistent tier."""
-        shared = []
         for tier in self.tiers:
             if not tier.persistent:
                 continue
             try:
                 tier.put_record(record, snapshot)
             except RedisError:
-                self._later(record.name, False)
-                continue
-            shared += [tier] if tier.shared else []
-        self._written(record.name, shared)
+                _kept_locally(record.name)
 
     def names(self) -> list[str]:
-        """Every knowledge base with a record here or in the shared tier (some may turn out deleted: see record)."""
+        """Every knowledge base with a record here or in the shared tier (some may turn out deleted or damaged:
+        `record` answers None for those)."""
         found: set[str] = set()
         for tier in self.tiers:
             found.update(_reachable(tier.names, []))
@@ -189,8 +187,6 @@ class TieredStore:
         tombstone = Tombstone(name, time.time())
         removed = [t.remove(name, tombstone) for t in self.shared]  # raises while unreachable: nothing changed
         removed.append(self._remove_local(name))
-        with self._lock:
-            self._unshared.pop(name, None)
         self._changed(Event(name, "delete", at=tombstone.deleted_at, origin=self.origin))
         return any(removed)
 
@@ -220,36 +216,49 @@ class TieredStore:
         events.bump(event.name)
 
     def _on_reconnect(self) -> None:
-        """Back in touch with the shared tier: write through what was built meanwhile, and have every
-        loaded knowledge base re-check its cache (events sent meanwhile were missed)."""
-        with self._lock:
-            pending = dict(self._unshared)
-        for name, with_cache in pending.items():
-            try:
-                self._write_through(name, with_cache)
-            except RedisError:
-                return  # down again: the next reconnection retries
-            except CagError as err:
-                log.warning("could not write %r through to the shared tier: %s", name, err)
-            with self._lock:
-                self._unshared.pop(name, None)
-        events.bump_all()
+        """Back in touch with the shared tier: publish what it lacks, and have every loaded knowledge base
+        re-check its cache (events sent meanwhile were missed)."""
+        try:
+            self.republish()
+        finally:
+            events.bump_all()
 
-    def _write_through(self, name: str, with_cache: bool) -> None:
-        for tier in self.local:
-            if not tier.persistent:
-                continue
-            record = tier.record(name)
-            if record is None:
-                continue  # deleted since
-            entry = tier.get(name, Expect(), "cpu") if with_cache else None
-            for shared in self.shared:
-                if entry is not None:
-                    shared.put(entry)
-                else:
-                    shared.put_record(record, tier.snapshot(name) or [])
-            log.warning("%r, built while Redis was down, is now written through", name)
-            return
+    def republish(self) -> list[str]:
+        """Write through every knowledge base held here that the shared tier lacks (not there, an older
+        build there, or this build without the cache held here): record, knowledge text and cache. That
+        is what was built while it was down, and what a Redis restarted without persistence lost. One a
+        shared tombstone buries is removed here instead. Racing replicas are safe: the shared tier
+        refuses a copy older than what it holds, or than a tombstone, atomically (RedisStore._commit).
+        The names written."""
+        written = []
+        for name in sorted({n for tier in self.local for n in tier.names()}):
+            try:
+                if self._republish(name):
+                    written.append(name)
+            except RedisError:
+                break  # down again: the next reconnection carries on
+            except (CagError, OSError) as err:  # this one's local copy went away or is unreadable: the others go on
+                log.warning("could not publish %r to the shared tier: %s", name, err)
+        if written:
+            log.warning("published again to the shared tier, which lacked them: %s", ", ".join(written))
+        return written
+
+    def _republish(self, name: str) -> bool:
+        local = self._local_record(name)
+        if local is None or self.record(name) is None:  # record(): a tombstone burying this copy removes it
+            return False
+        cached = any(t.has(name) for t in self.local if t.persistent)
+        stale = [t for t in self.shared if _lacks(t, local, cached)]
+        if not stale:
+            return False
+        entry = next((e for t in self.local if t.persistent and (e := t.get(name, Expect(), "cpu")) is not None), None)
+        snapshot = entry.snapshot if entry is not None else self.snapshot(name) or []
+        for shared in stale:
+            if entry is not None:
+                shared.put(entry)
+            else:
+                shared.put_record(local, snapshot)
+        return True
 
     # -- plumbing ----------------------------------------------------------------------------------
     def _local_record(self, name: str) -> Record | None:
@@ -281,17 +290,6 @@ class TieredStore:
             except RedisError:
                 pass  # the change is in the shared tier: the others see it on their next read or reconnect
 
-    def _later(self, name: str, with_cache: bool) -> None:
-        log.warning("%r is kept in the local tiers only for now; this process writes it through to the shared "
-                    "tier when it can reach it again", name)
-        with self._lock:
-            self._unshared[name] = self._unshared.get(name, False) or with_cache
-
-    def _written(self, name: str, shared: list[Store]) -> None:
-        if shared and len(shared) == len(self.shared):
-            with self._lock:
-                self._unshared.pop(name, None)
-
     def _offer(self, tier: Store, entry: Entry) -> None:
         try:
             tier.put(entry)
@@ -301,6 +299,23 @@ class TieredStore:
     def _demote(self, entry: Entry, below: Sequence[Store]) -> None:
         if below and not any(_reachable(lambda t=t: t.has(entry.name), False) for t in below):
             self._offer(below[0], entry)
+
+
+def _lacks(shared: Store, local: Record, cached: bool) -> bool:
+    """Whether `shared` lacks what this process holds of `local`: a build as new (a newer one, or the
+    tombstone of a later delete, wins), and its cache when this process has one (a replica may have
+    published the same build's record without it)."""
+    found = shared.record(local.name)
+    if isinstance(found, Tombstone):
+        return not found.buries(local)
+    if found is None or found.built_at < local.built_at:
+        return True
+    return found.built_at == local.built_at and cached and not shared.has(local.name)
+
+
+def _kept_locally(name: str) -> None:
+    log.warning("%r is kept in the local tiers only for now; this process publishes it to the shared tier when "
+                "it can reach it again", name)
 
 
 def _reachable(call: Callable[[], object], otherwise):
