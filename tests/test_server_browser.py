@@ -2,7 +2,8 @@
 
 The page sends with Enter, streams and renders answers as sanitized Markdown (the vendored marked +
 DOMPurify, served by cag itself), stops an answer mid-stream (and the server stops decoding it), keeps
-conversations in localStorage, lists knowledge bases without their shards, and fits at 1100 and 390 px.
+conversations in localStorage, lists knowledge bases without their shards, and fits at 1100 and 390 px,
+on an open server and on one that asks for an API key.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 
 import cag
 from cag.engines.torch import batch
-from cag.server import ServerConfig, create_app
+from cag.server import ServerConfig, create_app, with_flags
 from conftest import SAMPLE_DOCS
 from serverutil import serving, write_docs
 
@@ -46,14 +47,15 @@ def lanterns(cag_home, sharp_lm, tmp_path):
     return cag.build([write_docs(tmp_path / "docs")], name="lanterns", lm=sharp_lm, log=lambda _m: None)
 
 
-def open_page(browser, url: str, width: int = 1100, height: int = 800):
+def open_page(browser, url: str, width: int = 1100, height: int = 800, ready: bool = True):
     page = browser.new_page(viewport={"width": width, "height": height})
     errors = []
     page.on("pageerror", lambda err: errors.append(str(err)))
     page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
     page.on("request", lambda req: None if req.url.startswith((url + "/", "data:")) else errors.append(req.url))
     page.goto(url + "/")
-    page.wait_for_selector("#kb option[value=lanterns]", state="attached")
+    if ready:
+        page.wait_for_selector("#kb option[value=lanterns]", state="attached")
     page.errors = errors  # page errors, console errors (CSP refusals too) and requests to anywhere but the server
     return page
 
@@ -246,3 +248,62 @@ def test_layout_fits_with_a_conversation(lanterns, sharp_lm, browser, width):
         assert page.locator("#log .msg").count() == 0 and page.locator("#empty").is_visible()
         assert no_horizontal_overflow(page)
         assert page.errors == []
+
+
+def grid(page) -> dict:
+    """How the page is laid out: the cells of the app's grid (children that take part in its layout), the
+    widths of the grid, the sidebar and the chat column, and how the drawer's overlay is displayed."""
+    return page.evaluate("""() => {
+        const app = document.getElementById('app'), main = document.querySelector('main.main');
+        const cells = [...app.children].filter((n) => {
+            const s = getComputedStyle(n);
+            return s.display !== 'none' && s.position !== 'fixed' && s.position !== 'absolute';
+        });
+        return {cells: cells.map((n) => n.tagName.toLowerCase()), app: app.getBoundingClientRect().width,
+                sidebar: document.getElementById('sidebar').getBoundingClientRect().width,
+                chat: main.getBoundingClientRect().width, chatLeft: main.getBoundingClientRect().left,
+                scrim: getComputedStyle(document.getElementById('scrim')).display};
+    }""")
+
+
+def chat_beside_the_list(page) -> None:
+    """Wide: two grid cells, the conversation list and the chat column, which takes all the width the list
+    leaves (not a 272 px column); the drawer's overlay is no cell of the grid."""
+    got = grid(page)
+    assert got["cells"] == ["aside", "main"] and got["scrim"] == "none", got
+    assert got["chat"] == got["app"] - got["sidebar"] and got["chatLeft"] == got["sidebar"], got
+    assert got["chat"] > 272 and no_horizontal_overflow(page), got
+
+
+def test_a_keyed_server_asks_for_the_key_and_keeps_the_chat_full_width(lanterns, sharp_lm, browser):
+    key = "sk-page-7f3a"
+    with serving(create_app(with_flags(ServerConfig(semantic_threshold=None), api_key=key), sharp_lm)) as url:
+        page = open_page(browser, url, ready=False)
+        page.locator("#notice").filter(has_text="missing API key").wait_for()  # the first request got its 401
+        chat_beside_the_list(page)
+        assert page.locator("#key").is_visible()  # the settings opened beside the chat, where the field is
+        assert page.evaluate("document.activeElement.id") == "key"
+        page.locator("#key").fill(key)
+        page.locator("#key").dispatch_event("change")
+        page.wait_for_selector("#kb option[value=lanterns]", state="attached")
+        assert page.locator("#notice").is_hidden()
+        chat_beside_the_list(page)
+        ask(page, QUESTION)
+        assert page.locator("#log .msg.assistant .stats").first.get_attribute("data-cached") == str(lanterns.tokens)
+        chat_beside_the_list(page)
+        page.reload()  # the key is remembered: no 401, the page is ready at once
+        page.wait_for_selector("#kb option[value=lanterns]", state="attached")
+        chat_beside_the_list(page)
+        assert page.locator("#log .msg.assistant").count() == 1
+        # the one console error is Chromium reporting the first request's 401
+        assert [e for e in page.errors if "status of 401" not in e] == [] and len(page.errors) == 1
+
+        narrow = open_page(browser, url, width=390, height=844, ready=False)  # a new context: no key stored
+        narrow.locator("#notice").filter(has_text="missing API key").wait_for()
+        narrow.wait_for_timeout(300)  # the slide-in transition
+        assert inside_viewport(narrow, "#key") and grid(narrow)["scrim"] == "block"  # narrow: the drawer opens
+        narrow.locator("#key").fill(key)
+        narrow.locator("#key").dispatch_event("change")
+        narrow.wait_for_selector("#kb option[value=lanterns]", state="attached")
+        narrow.locator("#scrim").wait_for(state="hidden")  # and closes once the key works
+        assert grid(narrow)["cells"] == ["main"] and no_horizontal_overflow(narrow)

@@ -21,7 +21,7 @@ import pytest
 
 import cag
 from cag.api import KnowledgeBase
-from cag.engines.torch.engine import Sampling
+from cag.sampling import Sampling
 from cag.server import ServerConfig, create_app, with_flags
 from cag.server.config import OPEN_TENANT, ConfigError
 from serverutil import client, free_port, kb, serving, url, wait_until_serving, write_docs  # noqa: F401 - fixtures
@@ -57,7 +57,7 @@ def test_completion_streams_text_completion_chunks_ending_in_done(client, url, k
                                             seed=2, stream=True, stream_options={"include_usage": True}))
     assert {c.object for c in chunks} == {"text_completion"} and len({c.id for c in chunks}) == 1
     text = "".join(c.choices[0].text for c in chunks if c.choices)
-    assert text.strip() == want.answer  # as in chat, the whole answer is stripped, the streamed pieces are not
+    assert text == want.answer  # the streamed pieces add up to the whole (stripped) answer
     assert len([c for c in chunks if c.choices and c.choices[0].text]) >= 2  # really streamed
     assert chunks[-2].choices[0].finish_reason in ("stop", "length") and chunks[-1].choices == []
     assert chunks[-1].usage.completion_tokens == want.new_tokens
@@ -67,6 +67,51 @@ def test_completion_streams_text_completion_chunks_ending_in_done(client, url, k
     events = _events(r)
     assert events[-1] == "[DONE]" and all(e["object"] == "text_completion" for e in events[:-1])
     assert "usage" not in events[-2]  # no usage chunk unless asked for
+
+
+def _decoded(kb, question: str, max_tokens: int, stop: tuple[str, ...] = ()) -> str:
+    """The answer as the model decodes it, before it is stripped: the pieces kb.ask streams."""
+    pieces: list[str] = []
+    kb.ask(question, max_new_tokens=max_tokens, on_text=pieces.append, stop=stop)
+    return "".join(pieces)
+
+
+def _whitespace_cases(kb) -> list[dict]:
+    """Requests whose decoded answer starts or ends with whitespace, found from the model's own greedy output
+    (its byte-level tokens put spaces before words, so an answer ends on a space only where a stop string
+    cuts it)."""
+    decoded = _decoded(kb, QUESTION, MAX)
+    assert decoded != decoded.lstrip() and decoded.strip()  # the sharp tiny model starts this answer with a space
+    first = decoded.lstrip()[:2]
+    assert decoded.find(first) == len(decoded) - len(decoded.lstrip())
+    cases = [{"max_tokens": MAX}, {"max_tokens": MAX, "stop": [first]}]  # the second: nothing but whitespace
+    for at in range(1, len(decoded) - 2):  # a stop string right after a space: the text before it ends with it
+        stop = decoded[at + 1:at + 3]
+        if decoded[at].isspace() and decoded[:at].strip() and stop.isalpha() and decoded.find(stop) == at + 1:
+            cases.append({"max_tokens": MAX, "stop": [stop]})
+            break
+    assert len(cases) == 3, decoded
+    for case in cases[1:]:
+        assert _decoded(kb, QUESTION, MAX, tuple(case["stop"])).endswith(" "), case
+    return cases
+
+
+def test_a_streamed_answer_is_exactly_the_whole_answer(url, kb):
+    """Streamed or not, the same request gives the same text: the whole answer is stripped, so the stream
+    leaves out the whitespace around it too (chat and completions, with and without stop strings)."""
+    for case in _whitespace_cases(kb):
+        want = kb.ask(QUESTION, max_new_tokens=case["max_tokens"], stop=case.get("stop", ())).answer
+        chat = {"model": "lanterns", "messages": [{"role": "user", "content": QUESTION}], **case}
+        streamed = [e for e in _events(httpx.post(url + "/v1/chat/completions", json={**chat, "stream": True},
+                                                  timeout=60))[:-1] if e["choices"]]
+        whole = httpx.post(url + "/v1/chat/completions", json=chat, timeout=60).json()
+        assert "".join(e["choices"][0]["delta"].get("content") or "" for e in streamed) == \
+            whole["choices"][0]["message"]["content"] == want, case
+        prompt = {"model": "lanterns", "prompt": QUESTION, **case}
+        streamed = [e for e in _events(httpx.post(url + "/v1/completions", json={**prompt, "stream": True},
+                                                  timeout=60))[:-1] if e["choices"]]
+        whole = httpx.post(url + "/v1/completions", json=prompt, timeout=60).json()
+        assert "".join(e["choices"][0]["text"] for e in streamed) == whole["choices"][0]["text"] == want, case
 
 
 def test_completion_shares_chats_response_cache_and_tenant_checks(kb, sharp_lm):
@@ -95,6 +140,40 @@ def test_completion_shares_chats_response_cache_and_tenant_checks(kb, sharp_lm):
         assert _error(other, 404, "model_not_found")["message"].replace("notes", "X") == \
             _error(absent, 404, "model_not_found")["message"].replace("nothing", "X")
         _error(httpx.post(keyed + "/v1/completions", json=PROMPT), 401, "missing_api_key")
+
+
+def test_x_api_key_is_a_key_like_a_bearer_token(kb, sharp_lm):
+    """Anthropic-style clients send `x-api-key`; it names the same tenant a bearer token does. Two different
+    keys in one request are refused, never one of them picked."""
+    keys = {"key-a": "alpha", "key-b": "beta"}
+    ask = {"model": "notes", "max_tokens": 4, "prompt": "What is the code?"}
+    with serving(create_app(ServerConfig(api_keys=keys), sharp_lm)) as keyed, httpx.Client(base_url=keyed,
+                                                                                             timeout=60) as http:
+        made = http.post("/v1/kbs", headers={"x-api-key": "key-a"}, json={
+            "name": "notes", "documents": [{"name": "a.md", "text": "The vault code is 4417."}]})
+        assert made.status_code == 201 and made.json()["id"] == "notes", made.text
+        by_bearer = http.post("/v1/completions", headers={"Authorization": "Bearer key-a"}, json=ask)
+        by_x = http.post("/v1/completions", headers={"x-api-key": "key-a"}, json=ask)
+        both = http.post("/v1/completions", headers={"x-api-key": "key-a", "Authorization": "Bearer key-a"}, json=ask)
+        assert by_bearer.status_code == by_x.status_code == both.status_code == 200, (by_x.text, both.text)
+        assert by_x.json()["choices"] == by_bearer.json()["choices"] == both.json()["choices"]
+        assert [m["id"] for m in http.get("/v1/models", headers={"x-api-key": "key-a"}).json()["data"]] == ["notes"]
+        assert http.get("/v1/models", headers={"x-api-key": "key-b"}).json()["data"] == []  # beta's own view
+        _error(http.post("/v1/completions", headers={"x-api-key": "key-b"}, json=ask), 404, "model_not_found")
+        # a wrong x-api-key is refused exactly as a wrong bearer token is
+        wrong_x = _error(http.get("/v1/models", headers={"x-api-key": "key-z"}), 401, "invalid_api_key")
+        assert wrong_x == _error(http.get("/v1/models", headers={"Authorization": "Bearer key-z"}), 401,
+                                 "invalid_api_key")
+        # two keys that disagree (even two valid ones), or a key beside another scheme: refused, whichever is right
+        for headers in ({"x-api-key": "key-b", "Authorization": "Bearer key-a"},
+                        {"x-api-key": "key-z", "Authorization": "Bearer key-a"},
+                        {"x-api-key": "key-a", "Authorization": "Bearer key-z"},
+                        {"x-api-key": "key-a", "Authorization": "Basic a2V5LWE6"}):
+            for r in (http.post("/v1/completions", headers=headers, json=ask), http.get("/v1/models", headers=headers)):
+                assert _error(r, 401)["type"] == "authentication_error", headers
+        assert "x-api-key" in _error(http.get("/v1/models"), 401, "missing_api_key")["message"]
+        # an empty header beside a key offers nothing, so it does not disagree
+        assert http.get("/v1/models", headers={"x-api-key": "", "Authorization": "Bearer key-a"}).status_code == 200
 
 
 UNSUPPORTED = [("echo", True), ("best_of", 2), ("n", 2), ("logprobs", 1), ("logprobs", 0), ("suffix", " the end"),
@@ -144,7 +223,7 @@ def test_completion_errors_keep_openais_shape(url, monkeypatch):
 
     monkeypatch.setattr(KnowledgeBase, "ask", refused)
     events = _events(httpx.post(url + "/v1/completions", json={**PROMPT, "stream": True}, timeout=60))
-    assert events[0]["choices"][0]["text"] == "Half "
+    assert events[0]["choices"][0]["text"] == "Half"  # the space waits for visible text, which never came
     assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "generation_failed"
 
 
@@ -339,6 +418,39 @@ def test_cag_serve_api_key_env_address_and_access_log(kb, sharp_model_dir, tmp_p
     assert sum(line["status"] == 401 for line in lines) == 2
     assert key not in out + err and question not in out + err and "marmoset" not in out + err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "ascii"])
+def test_cag_serve_writes_one_access_line_for_text_it_cannot_print(kb, sharp_model_dir, tmp_path, cag_home, encoding):
+    """A request naming a model with a lone surrogate, or (on an ASCII stdout) with any non-ASCII text, still
+    gets its one JSON access line: what the stream cannot encode is written as JSON escapes."""
+    port = free_port()
+    served = Served(tmp_path, cag_home, sharp_model_dir, ["--port", str(port)], {"PYTHONIOENCODING": encoding},
+                    f"http://127.0.0.1:{port}")
+    sent = {}
+    try:
+        with httpx.Client(base_url=served.url, timeout=60, headers={"Content-Type": "application/json"}) as http:
+            for model, status in (("\ud800", 400), ("Ünïcode ☃ 知识", 404), ("lanterns", 200)):
+                for path, body in (("/v1/completions", {**PROMPT, "model": model}),
+                                   ("/v1/chat/completions", {"model": model, "max_tokens": 4,
+                                                             "messages": [{"role": "user", "content": "hi"}]})):
+                    r = http.post(path, content=json.dumps(body))  # JSON escapes: the surrogate travels as \\ud800
+                    assert r.status_code in ((400, 404) if model == "\ud800" else (status,)), r.text
+                    sent[r.headers["x-request-id"]] = model
+            sent[http.get("/v1/models/%C3%9Cn%C3%AFcode").headers["x-request-id"]] = "Ünïcode"
+        time.sleep(0.5)  # a line is written just after its response's last byte
+    finally:
+        out, err = served.stop()
+    lines = [json.loads(line) for line in out.splitlines()]  # stdout is nothing but JSON lines
+    lines = [line for line in lines if line["path"] != "/healthz"]  # the test's wait for the server to start
+    assert sorted(line["request_id"] for line in lines) == sorted(sent)  # one line per request, none lost
+    for line in lines:  # a body refused before its route read it notes no model
+        assert line.get("model", sent[line["request_id"]]) == sent[line["request_id"]]
+    if encoding == "utf-8":
+        assert "Ünïcode ☃ 知识" in out  # text UTF-8 can hold stays readable
+    else:
+        out.encode("ascii")
+    assert "Logging error" not in err and "UnicodeEncodeError" not in err
 
 
 def test_cag_serve_flag_beats_env_and_log_level_quiets(kb, sharp_model_dir, tmp_path, cag_home):

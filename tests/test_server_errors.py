@@ -1,8 +1,10 @@
 """Every error in OpenAI's shape and never a bare 500: routes, methods, malformed JSON, invalid fields,
-OpenAI parameters cag refuses, unexpected exceptions (streaming or not), and GET /v1/models/{id}."""
+OpenAI parameters cag refuses, unexpected exceptions (streaming or not), and GET /v1/models/{id}; sampling
+values at and past their limits, text that is not valid Unicode, and a sweep of odd values over every field."""
 
 from __future__ import annotations
 
+import json
 import logging
 
 import httpx
@@ -11,7 +13,10 @@ import pytest
 
 import cag
 from cag.api import KnowledgeBase
+from cag.errors import CagError
+from cag.sampling import Sampling
 from cag.server import ServerConfig, create_app
+from cag.server.schemas import ChatRequest, CompletionRequest
 from serverutil import openai_error as _error
 from serverutil import serving, write_docs
 from serverutil import sse_events as _events
@@ -20,10 +25,31 @@ ASK = {"model": "lanterns", "max_tokens": 4, "messages": [{"role": "user", "cont
 
 
 @pytest.fixture
-def url(cag_home, sharp_lm, tmp_path):
-    cag.build([write_docs(tmp_path / "docs")], name="lanterns", lm=sharp_lm, log=lambda _m: None)
+def kb(cag_home, sharp_lm, tmp_path):
+    return cag.build([write_docs(tmp_path / "docs")], name="lanterns", lm=sharp_lm, log=lambda _m: None)
+
+
+@pytest.fixture
+def url(kb, sharp_lm):
     with serving(create_app(ServerConfig(response_cache=False), sharp_lm)) as base:
         yield base
+
+
+def _post(url: str, path: str, body, method: str = "POST") -> httpx.Response:
+    """Send `body` as JSON with every non-ASCII character escaped, so a lone surrogate travels as the JSON
+    escape "\\ud800" (as a JavaScript client's JSON.stringify sends it)."""
+    return httpx.request(method, url + path, content=json.dumps(body).encode(), timeout=60,
+                         headers={"Content-Type": "application/json"})
+
+
+def _answer(r: httpx.Response) -> str:
+    """The answer's text, from a whole chat completion or the deltas of a streamed one."""
+    assert r.status_code == 200, r.text
+    if not r.headers["content-type"].startswith("text/event-stream"):
+        return r.json()["choices"][0]["message"]["content"]
+    events = _events(r)
+    assert events[-1] == "[DONE]" and not any("error" in e for e in events[:-1]), events
+    return "".join(e["choices"][0]["delta"].get("content") or "" for e in events[:-1] if e["choices"])
 
 
 def test_routes_methods_and_malformed_bodies_answer_in_openai_shape(url):
@@ -81,7 +107,8 @@ def test_an_unexpected_exception_is_a_generic_500_logged_with_its_traceback(url,
     events = _events(r)
     assert events[-1] == "[DONE]"
     assert events[-2]["error"]["code"] == "internal_error" and "exploded" not in r.text and str(cag_home) not in r.text
-    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events[:-2]) == "Partial "
+    # the text already sent stays (whitespace at its end is held back until visible text follows)
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events[:-2]) == "Partial"
     logged = [rec for rec in caplog.records if rec.exc_info and "exploded" in str(rec.exc_info[1])]
     assert len(logged) == 3  # each failure logged once, with its traceback
     assert httpx.post(url + "/v1/chat/completions", json=ASK, timeout=60).status_code == 200  # still serving
@@ -153,3 +180,127 @@ def test_retrieve_a_model(url, cag_home, sharp_lm):
         assert _error(other, 404, "model_not_found")["message"].replace("notes", "X") == \
             _error(absent, 404, "model_not_found")["message"].replace("nothing", "X")
         assert _error(httpx.get(keyed + "/v1/models/lanterns", headers={"Authorization": "Bearer key-a"}), 404)
+
+
+# -- sampling values at and past their limits ----------------------------------------------------------
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_vanishing_temperature_or_top_p_answers_greedily(url, stream):
+    """A temperature too small to divide by (1e-300 is 0 in float32) is greedy, and a top_p too small to
+    compare with keeps the most likely token only: the same answer as temperature 0, never a 500."""
+    ask = {**ASK, "max_tokens": 8, "stream": stream}
+    greedy = _answer(_post(url, "/v1/chat/completions", ask))
+    assert greedy  # the sharp tiny model answers this question with visible text
+    for temperature in (1e-300, 1e-45, 5e-324, 1e-40, 1e-6):
+        assert _answer(_post(url, "/v1/chat/completions", {**ask, "temperature": temperature})) == greedy, temperature
+    for top_p in (1e-300, 1e-46, 0):
+        got = _post(url, "/v1/chat/completions", {**ask, "temperature": 0.7, "top_p": top_p, "seed": 3})
+        assert _answer(got) == greedy, top_p
+
+
+def test_sampling_values_past_their_limits_are_400s_naming_the_field(url):
+    prompt = {"model": "lanterns", "max_tokens": 4, "prompt": "How much is the Heron?"}
+    for path, base in (("/v1/chat/completions", ASK), ("/v1/completions", prompt)):
+        for stream in (False, True):
+            for field, value in (("temperature", 2.01), ("temperature", -1e-9), ("top_p", 1.0001), ("top_p", -0.5)):
+                _error(_post(url, path, {**base, "stream": stream, field: value}), 400, "invalid_request", field)
+            # JSON numbers Python reads as infinities, and the NaN / Infinity literals it also accepts
+            for field in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
+                for literal in ("1e999", "-1e999", "NaN", "Infinity", "-Infinity"):
+                    body = json.dumps({**base, "stream": stream, field: "@"}).replace('"@"', literal)
+                    r = httpx.post(url + path, content=body, headers={"Content-Type": "application/json"})
+                    assert "finite" in _error(r, 400, "invalid_request", field)["message"], (field, literal)
+    assert _post(url, "/v1/chat/completions", {**ASK, "temperature": 2, "top_p": 1, "seed": 1}).status_code == 200
+
+
+def test_sampling_is_checked_once_for_the_api_the_cli_and_the_server(kb):
+    """Sampling refuses what cannot be sampled with (the CLI's --temperature/--top-p build the same object),
+    and treats the limits as the server does."""
+    for bad in ({"temperature": float("nan")}, {"temperature": float("inf")}, {"temperature": -0.5},
+                {"top_p": float("nan")}, {"top_p": 1.5}, {"top_p": -0.1}, {"temperature": "0.7"}):
+        with pytest.raises(CagError, match="temperature|top_p"):
+            Sampling(**bad)
+    greedy = kb.ask("How much is the Heron?", max_new_tokens=8).answer
+    assert kb.ask("How much is the Heron?", max_new_tokens=8, sampling=Sampling(temperature=5e-324)).answer == greedy
+    only_top = Sampling(temperature=0.7, top_p=0.0, seed=4)
+    assert kb.ask("How much is the Heron?", max_new_tokens=8, sampling=only_top).answer == greedy
+    hot = kb.ask("How much is the Heron?", max_new_tokens=8, sampling=Sampling(temperature=1e30, seed=4))
+    assert hot.new_tokens >= 1  # a huge temperature samples (near) uniformly, without inf or nan
+
+
+# -- text that is not valid Unicode ----------------------------------------------------------------------
+
+LONE = "\ud800"  # a lone UTF-16 surrogate: JSON can spell it, but it is no character
+
+
+def test_a_lone_surrogate_in_any_text_field_is_a_400_naming_it(url):
+    user = lambda text: [{"role": "user", "content": text}]  # noqa: E731
+    chat = [({"messages": user("How much is the Heron?" + LONE)}, "messages.0.content"),
+            ({"messages": user([{"type": "text", "text": "How " + LONE}])}, "messages.0.content"),
+            ({"messages": [{"role": "assistant", "content": LONE}, *user("hi")]}, "messages.0.content"),
+            ({"messages": [{"role": "system", "content": "x\udfff"}, *user("hi")]}, "messages.0.content"),
+            ({"stop": LONE}, "stop"), ({"stop": ["fine", "a" + LONE]}, "stop"), ({"model": LONE}, "model"),
+            ({"user": LONE}, "user"), ({"conversation_id": LONE}, "conversation_id"),
+            ({"metadata": {LONE: "x"}}, "metadata"), ({"tool_choice": LONE}, "tool_choice")]
+    for stream in (False, True):
+        for change, field in chat:
+            error = _error(_post(url, "/v1/chat/completions", {**ASK, "stream": stream, **change}), 400,
+                           "invalid_request", field)
+            assert "lone surrogate" in error["message"], (change, error)
+        for change, field in (({"prompt": "How" + LONE}, "prompt"), ({"prompt": [LONE]}, "prompt"),
+                              ({"stop": LONE}, "stop"), ({"model": LONE}, "model"), ({"suffix": LONE}, "suffix")):
+            body = {"model": "lanterns", "prompt": "How much is the Heron?", "stream": stream, **change}
+            _error(_post(url, "/v1/completions", body), 400, "invalid_request", field)
+    doc = {"name": "a.md", "text": "The vault code is 4417."}
+    for body, field in (({"name": "v" + LONE, "documents": [doc]}, "name"),
+                        ({"name": "vault", "documents": [{**doc, "text": "code " + LONE}]}, "documents.0.text"),
+                        ({"name": "vault", "documents": [doc, {**doc, "name": "b" + LONE + ".md"}]}, "documents.1.name")):
+        _error(_post(url, "/v1/kbs", body), 400, "invalid_request", field)
+    replace = {"documents": [{**doc, "text": LONE}]}
+    _error(_post(url, "/v1/kbs/lanterns", replace, method="PUT"), 400, "invalid_request", "documents.0.text")
+    assert [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]] == ["lanterns"]  # nothing was made
+    # the same bytes in an upload (UTF-8 cannot carry a surrogate): refused or cleaned, never a 500
+    encoded = b"\xed\xa0\x80"
+    for name, filename, content in ((b"up1", b"a" + encoded + b".md", b"hello"), (b"up" + encoded, b"a.md", b"hello"),
+                                    (b"up3", b"a.md", b"hello " + encoded)):
+        form = (b'--cut\r\nContent-Disposition: form-data; name="name"\r\n\r\n' + name + b"\r\n"
+                b'--cut\r\nContent-Disposition: form-data; name="files"; filename="' + filename + b'"\r\n'
+                b"Content-Type: text/markdown\r\n\r\n" + content + b"\r\n--cut--\r\n")
+        r = httpx.post(url + "/v1/kbs/upload", content=form, timeout=60,
+                       headers={"Content-Type": "multipart/form-data; boundary=cut"})
+        assert r.status_code in (201, 400), r.text
+        assert r.status_code == 400 or "\\ud800" not in r.text  # a 201 names no document with a surrogate
+    assert _answer(_post(url, "/v1/chat/completions", ASK))  # still serving
+
+
+# -- a sweep of odd values over every field ----------------------------------------------------------------
+
+ODD = ["null", "true", "-1", "0", str(2**70), "1e999", "NaN", '""', '"\\u0000"', "[]", "{}", '[""]', '[{"a": []}]',
+       '{"\\ud800": 1}', '"' + "y" * 300 + '"']
+
+
+def test_no_odd_value_in_any_field_is_a_500(url):
+    """Every declared field of both completion bodies (and a few undeclared ones clients send) given values
+    of every JSON type, out-of-range numbers and odd text: each is answered or refused, never a 500."""
+    extensions = ["top_k", "min_p", "repetition_penalty", "guided_json", "ignore_eos"]
+    bases = (("/v1/chat/completions", {**ASK, "max_tokens": 1}, [*ChatRequest.model_fields, *extensions]),
+             ("/v1/completions", {"model": "lanterns", "max_tokens": 1, "prompt": "hi"},
+              [*CompletionRequest.model_fields, *extensions]))
+    answered = 0
+    with httpx.Client(base_url=url, timeout=60, headers={"Content-Type": "application/json"}) as http:
+        for path, base, fields in bases:
+            for field in fields:
+                for value in ODD:
+                    r = http.post(path, content=json.dumps({**base, field: "@"}).replace('"@"', value))
+                    assert r.status_code < 500 and "internal_error" not in r.text, (path, field, value, r.text)
+                    answered += r.status_code == 200
+                    if r.status_code != 200:
+                        _error(r, r.status_code, param=r.json()["error"]["param"])  # OpenAI's shape
+        assert answered  # some odd values are fine (an ignored field, an empty stop list…)
+        for message in ('{"role": "user", "content": {}}', '{"role": "robot", "content": "hi"}', '{"content": "hi"}',
+                        '{"role": "user", "content": [{"type": "text"}]}', '"hi"', "null"):
+            r = http.post("/v1/chat/completions", content=json.dumps({**ASK, "messages": ["@"]}).replace('"@"', message))
+            _error(r, 400, "invalid_request", r.json()["error"]["param"])
+    deep = "[" * 100_000 + "]" * 100_000  # past Python's recursion limit when parsed
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/kbs"):
+        assert httpx.post(url + path, content=deep, headers={"Content-Type": "application/json"}).status_code == 400

@@ -43,9 +43,41 @@ def configure_logging(level: str = "info") -> None:
     lines on stdout (`cag serve > access.jsonl`). Access lines are INFO records: a level above info hides them."""
     logging.basicConfig(level=level.upper(), format="%(levelname)s: %(message)s")
     handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setFormatter(_Writable(getattr(sys.stdout, "encoding", None) or "utf-8"))
     access.addHandler(handler)
     access.propagate = False
+
+
+def _json_line(fields: dict, encoding: str = "utf-8") -> str:
+    """One JSON line that `encoding` can write: text as it is where it can, else JSON's \\u escapes (a lone
+    surrogate from a request's JSON, or any non-ASCII text for a stream that is not UTF-8). Either way it
+    reads back as the same values, and the request keeps its one access line."""
+    text = json.dumps(fields, ensure_ascii=False)
+    try:
+        text.encode(encoding)
+    except UnicodeEncodeError:
+        return json.dumps(fields)
+    return text
+
+
+class _Writable(logging.Formatter):
+    """Access lines re-escaped for the stream's own encoding (stdout may be ASCII or Latin-1 under some locales)."""
+
+    def __init__(self, encoding: str):
+        super().__init__("%(message)s")
+        self.encoding = encoding
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        try:
+            text.encode(self.encoding)
+            return text
+        except UnicodeEncodeError:
+            pass
+        try:
+            return _json_line(json.loads(text), self.encoding)
+        except ValueError:  # not an access line: still written, with Python's escapes
+            return text.encode(self.encoding, "backslashreplace").decode(self.encoding)
 
 
 def note(**fields) -> None:
@@ -99,7 +131,7 @@ class AccessLog(_HttpOnly):
                     "client": (scope.get("client") or (None,))[0], **learned}
             if not ended:
                 line["aborted"] = True  # the client went away (or the server stopped) before the response ended
-            access.info(json.dumps(line, ensure_ascii=False))
+            access.info(_json_line(line))
 
 
 class BodyTooLarge(HTTPException):

@@ -8,6 +8,7 @@ declared are accepted and ignored. Chat completions and (legacy, prompt-style) c
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Optional, Union
 
@@ -15,10 +16,61 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .. import stoptext
 from ..errors import CagError
+from ..sampling import GREEDY_BELOW
+
+_SURROGATE = re.compile(r"[\ud800-\udfff]")  # in a str decoded from JSON, only a lone one can remain
 
 
-class Message(BaseModel):
+class Body(BaseModel):
+    """A request body (or a part of one). JSON can spell a lone UTF-16 surrogate ("\\ud800"), which is no
+    character at all: no tokenizer, file or log can take it, so any text holding one is refused here, with
+    the field's name, instead of failing wherever the text goes next."""
+
     model_config = ConfigDict(extra="allow")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _valid_text(cls, value: Any) -> Any:
+        """A text field, before pydantic's own checks (which refuse it in less helpful words when the field
+        has a length limit)."""
+        return _valid_unicode(value) if isinstance(value, str) else value
+
+    @field_validator("*")
+    @classmethod
+    def _valid_texts(cls, value: Any) -> Any:
+        """Texts inside a validated field's lists and dicts."""
+        return _valid_unicode(value)
+
+
+def _valid_unicode(value: Any) -> Any:
+    path = _lone_surrogate(value)
+    if path is not None:
+        where = f"the text at {'.'.join(path)}" if path else "the text"
+        raise ValueError(f"{where} holds a lone surrogate, which is not valid Unicode; send UTF-8 text")
+    return value
+
+
+def _lone_surrogate(value: Any) -> list[str] | None:
+    """Where in a field's value a text (or a dict key) holds a lone surrogate ([] for the value itself), or
+    None. Nested Body models are not searched: they check their own fields, which names the exact field."""
+    if isinstance(value, str):
+        return [] if _SURROGATE.search(value) else None
+    if isinstance(value, dict):
+        if any(isinstance(k, str) and _SURROGATE.search(k) for k in value):
+            return []
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return None
+    for at, item in items:
+        found = _lone_surrogate(item)
+        if found is not None:
+            return [str(at), *found]
+    return None
+
+
+class Message(Body):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: Union[str, list[dict[str, Any]], None] = None
 
@@ -45,22 +97,22 @@ class Message(BaseModel):
         return self.content or ""
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class StreamOptions(Body):
     include_usage: bool = False
 
 
-class GenerationRequest(BaseModel):
+class GenerationRequest(Body):
     """What chat and prompt completions share: the knowledge base, sampling, limits, stop strings, streaming,
     and the OpenAI parameters of both that cag cannot honour (guard.check_parameters refuses any value
     that asks for something: n > 1, best_of > 1, non-zero penalties, a logit bias)."""
 
-    model_config = ConfigDict(extra="allow")
     model: str = Field(description="The knowledge base to answer from.")
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    temperature: Optional[float] = Field(None, ge=0, le=2)
-    top_p: Optional[float] = Field(None, gt=0, le=1)
+    temperature: Optional[float] = Field(None, ge=0, le=2, allow_inf_nan=False,
+                                         description=f"0 to 2; below {GREEDY_BELOW:g} the answer is greedy.")
+    top_p: Optional[float] = Field(None, ge=0, le=1, allow_inf_nan=False,
+                                   description="0 to 1; the most likely token is always kept (0: only it).")
     seed: Optional[int] = Field(None, ge=-(2**63), le=2**64 - 1, description="A 64-bit integer.")
     max_tokens: Optional[int] = Field(None, ge=1)
     stop: Union[str, list[str], None] = Field(None, description=f"Up to {stoptext.MAX_STOPS} strings; the answer ends "
@@ -69,8 +121,8 @@ class GenerationRequest(BaseModel):
     n: Optional[int] = Field(None, ge=1)
     best_of: Optional[int] = Field(None, ge=1)
     logit_bias: Optional[dict[str, float]] = None
-    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
-    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    presence_penalty: Optional[float] = Field(None, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2, allow_inf_nan=False)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -158,15 +210,15 @@ TEXT = Shape("cmpl", "text_completion", "text_completion",
              piece=lambda text, finish: {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None})
 
 
-class Document(BaseModel):
+class Document(Body):
     name: str = Field(max_length=200)
     text: str
 
 
-class KBCreate(BaseModel):
+class KBCreate(Body):
     name: str
     documents: list[Document]
 
 
-class KBReplace(BaseModel):
+class KBReplace(Body):
     documents: list[Document]

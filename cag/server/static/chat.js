@@ -5,6 +5,7 @@
 const $ = (id) => document.getElementById(id);
 const STORE = "cag-conversations", CURRENT = "cag-current", KEY = "cag-key", MAX_TOKENS = "cag-max-tokens", KB = "cag-kb";
 const KEEP = 100;  // conversations kept; the oldest go first
+const NARROW = window.matchMedia("(max-width: 760px)");  // as chat.css: the list is a drawer below this width
 
 // -- rendering -------------------------------------------------------------------------------------
 
@@ -209,6 +210,7 @@ function notice(text, kind = "") {
   $("notice").hidden = !text;
 }
 
+/** The knowledge bases into the picker; false when the server could not list them. */
 async function loadModels() {
   notice("");
   let body, r;
@@ -217,12 +219,12 @@ async function loadModels() {
     body = await r.json();
   } catch (err) {
     notice(`Could not reach the server: ${err.message}`);
-    return;
+    return false;
   }
   if (!r.ok) {
     notice(body.error ? body.error.message : r.statusText);
-    if (r.status === 401) { $("settings").open = true; openNav(); }
-    return;
+    if (r.status === 401) askForKey();
+    return false;
   }
   models = Array.isArray(body.data) ? body.data : [];
   const options = models.map((m) => {
@@ -238,6 +240,14 @@ async function loadModels() {
   if (wanted && models.some((m) => m.id === wanted)) $("kb").value = wanted;
   if (!current.messages.length) current.kb = $("kb").value;
   showKb();
+  return true;
+}
+
+/** The server wants a key: show the field for it (on a narrow screen the list and settings are a drawer). */
+function askForKey() {
+  $("settings").open = true;
+  if (NARROW.matches) openNav();
+  else $("key").focus();
 }
 
 function showKb() {
@@ -436,7 +446,11 @@ $("reload").addEventListener("click", loadModels);
 $("menu").addEventListener("click", () => ($("app").classList.contains("nav-open") ? closeNav() : openNav()));
 $("scrim").addEventListener("click", closeNav);
 $("key").value = localStorage.getItem(KEY) || "";
-$("key").addEventListener("change", () => { localStorage.setItem(KEY, $("key").value.trim()); loadModels(); });
+$("key").addEventListener("change", async () => {
+  localStorage.setItem(KEY, $("key").value.trim());
+  if (await loadModels()) closeNav();  // the drawer opened for the key has done its job
+});
+NARROW.addEventListener("change", (e) => { if (!e.matches) closeNav(); });  // wide: no drawer to leave open
 $("max-tokens").value = localStorage.getItem(MAX_TOKENS) || "";
 $("max-tokens").addEventListener("change", () => localStorage.setItem(MAX_TOKENS, $("max-tokens").value));
 
