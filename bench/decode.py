@@ -1,18 +1,20 @@
 """Decode speed on the CPU: cag vs plain transformers' Python loop, same model, same dtype, same run.
 
-    .venv/bin/python bench/decode.py [--tokens 2000] [--steps 64] [--questions 4]
+    .venv/bin/python bench/decode.py [--tokens 2000] [--steps 64] [--questions 4] [--simd avx2]
 
 Systems (all greedy, float32, default model):
   hf-loop      plain transformers: model(...) once per token with a DynamicCache (deep-copied prefix),
                argmax in Python: what a user writes without cag
   cag-float32  cag's decoder with plain float32 matmuls (CAG_PACKED_WEIGHTS=0), C step
-  cag-lean     packed Q4_1/Q8_0 weights (cag.packed), the lean Python step (CAG_NATIVE_STEP=0)
-  cag          cag's default: packed weights and the C decoding step (cag.nativestep) over the
+  cag-lean     packed Q4_1/Q8_0 weights (cag.engines.torch.packed), the lean Python step (CAG_NATIVE_STEP=0)
+  cag          cag's default: packed weights and the C decoding step (cag.engines.torch.nativestep) over the
                preallocated KV workspace
 
 Each question decodes exactly --steps tokens (end-of-turn ignored) on top of a cached prefix of
 ~--tokens knowledge tokens, and once with no prefix at all (short context). Time per token excludes the
-question's prefill (time to first token). Token ids are compared across systems.
+question's prefill (time to first token). Token ids are compared across systems. --simd runs cag on
+one kernel set (CAG_SIMD: avx512, avx2, neon, portable; default the best this CPU has); the packing line
+of the results names the set that ran. bench/kernels.py compares the sets side by side.
 """
 
 from __future__ import annotations
@@ -50,11 +52,11 @@ def hf_loop(model, prefix_cache, ids: list[int], steps: int) -> tuple[list[int],
     return out_ids, (time.perf_counter() - start) / (steps - 1)
 
 
-def cag_decode(model, workspace, reuse: int, ids: list[int], steps: int) -> tuple[list[int], float]:
-    from cag.engines.torch import engine
+def cag_decode(lm, workspace, reuse: int, ids: list[int], steps: int) -> tuple[list[int], float]:
+    from cag.engines.torch import direct
 
     out, start = [], None
-    for token in engine.generate(model, ids, workspace, reuse=reuse, max_new_tokens=steps, stop_ids=()):
+    for token in direct.generate(lm, ids, workspace, reuse=reuse, max_new_tokens=steps, stop_ids=()):
         if start is None:
             start = time.perf_counter()
         out.append(token)
@@ -66,11 +68,15 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=2000, help="knowledge size in tokens (approx.)")
     ap.add_argument("--steps", type=int, default=64, help="tokens decoded per question")
     ap.add_argument("--questions", type=int, default=4)
+    ap.add_argument("--simd", default=None, help="kernel set (CAG_SIMD); default: the best this CPU runs")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    if args.simd:
+        os.environ["CAG_SIMD"] = args.simd
 
     import cag
-    from cag.engines.torch import engine, kvcompat, models
+    from cag.engines.torch import direct, kvcompat, models
+    from cag.engines.torch.workspace import Workspace
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -80,7 +86,7 @@ def main() -> None:
     plain = models.load(None, device="cpu", dtype="float32", pack=False)
     lean = models.load(None, device="cpu", dtype="float32")
     os.environ["CAG_NATIVE_STEP"] = "0"  # decided on a model's first step: this one never uses the C step
-    list(engine.generate(lean.model, [1, 2, 3], max_new_tokens=2))
+    list(direct.generate(lean, [1, 2, 3], max_new_tokens=2))
     del os.environ["CAG_NATIVE_STEP"]
     home = Path(tempfile.mkdtemp(prefix="cag-bench-"))
     docs = common.padded_knowledge(home / "docs", plain.tokenizer, args.tokens)
@@ -103,11 +109,11 @@ def main() -> None:
         per = {"hf-loop": [], "cag-float32": [], "cag-lean": [], "cag": []}
         tokens = {k: [] for k in per}
         for ids in jobs:
-            ws = engine.Workspace(prefix_layers) if prefix_layers is not None else None
+            ws = Workspace(prefix_layers) if prefix_layers is not None else None
             for name, run in (("hf-loop", lambda: hf_loop(plain.model, prefix_cache, ids, args.steps)),
-                              ("cag-float32", lambda: cag_decode(plain.model, ws, reuse, ids, args.steps)),
-                              ("cag-lean", lambda: cag_decode(lean.model, ws, reuse, ids, args.steps)),
-                              ("cag", lambda: cag_decode(fast.model, ws, reuse, ids, args.steps))):
+                              ("cag-float32", lambda: cag_decode(plain, ws, reuse, ids, args.steps)),
+                              ("cag-lean", lambda: cag_decode(lean, ws, reuse, ids, args.steps)),
+                              ("cag", lambda: cag_decode(fast, ws, reuse, ids, args.steps))):
                 out, s = run()
                 per[name].append(s)
                 tokens[name].append(out)

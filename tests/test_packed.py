@@ -1,4 +1,4 @@
-"""Packed Q4_1/Q8_0 weights (cag.packed, cag/native): lossless packing, kernels that agree with BLAS,
+"""Packed Q4_1/Q8_0 weights (cag.engines.torch.packed, cag/engines/torch/native): lossless packing, kernels that agree with BLAS,
 rows that do not depend on their batch, clean fallbacks, and answers equal to the float32 path."""
 
 from __future__ import annotations
@@ -7,13 +7,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cag.engines.torch import engine, models, native, packed
 from conftest import ggml_q41, ggml_q80, require_native
 
+from cag.engines.torch import direct as eu
+from cag.engines.torch import models, native, packed
+from cag.engines.torch.workspace import Workspace
 
-@pytest.fixture(params=[False, True], ids=["native-simd", "portable-c"])
+
+@pytest.fixture(params=list(native.SETS))
 def kernels(request):
-    return require_native(portable=request.param)
+    """Each kernel set in turn (skipped where this CPU does not run it)."""
+    return require_native(request.param)
 
 
 @pytest.fixture
@@ -87,14 +91,14 @@ def test_answers_equal_the_float32_path(q4_model_dir, native_kernels):
     assert fast.packing.packed and exact.packing is None
     torch.manual_seed(2)
     prefix_ids = torch.randint(3, 500, (300,)).tolist()
-    kv = engine.prefill(exact.model, prefix_ids)
+    kv = eu.prefill(exact, prefix_ids)
     distinct = set()
     for i in range(6):
         question = torch.randint(3, 500, (5 + 7 * i,)).tolist()  # 5..40 tokens: packed question prefill too
-        answers = [list(engine.generate(lm.model, question, engine.Workspace(kv), reuse=len(prefix_ids),
+        answers = [list(eu.generate(lm, question, Workspace(kv), reuse=len(prefix_ids),
                                         max_new_tokens=24)) for lm in (fast, exact)]
         assert answers[0] == answers[1], i
-        reference = list(engine.generate(fast.model, prefix_ids + question, max_new_tokens=24))  # no cache
+        reference = list(eu.generate(fast, prefix_ids + question, max_new_tokens=24))  # no cache
         assert reference == answers[0], i
         distinct.add(tuple(answers[0]))
     assert len(distinct) > 1  # the model is sharp enough that the comparison means something
@@ -107,12 +111,15 @@ def test_no_compiler_means_float32_not_an_error(q4_model_dir, monkeypatch, tmp_p
     assert native.load() is None and "could not run" in native.why_not()
     lm = models.load(str(q4_model_dir), device="cpu", dtype="float32")
     assert lm.packing.packed == {} and "could not run" in lm.packing.reason
-    assert list(engine.generate(lm.model, [5, 6, 7], max_new_tokens=4))  # still answers
+    assert list(eu.generate(lm, [5, 6, 7], max_new_tokens=4))  # still answers
 
 
-def test_native_build_is_cached_and_keyed_by_cpu(kernels, monkeypatch):
+def test_native_build_is_cached_and_keyed_by_kernel_set_and_cpu(kernels):
     assert kernels.path.is_file() and kernels.path.parent.name == "native"
     assert kernels.path.name.startswith("qmatmul-")
-    assert native.load(portable="-DCAG_PORTABLE" in kernels.flags) is kernels  # loaded once per process
-    if "-DCAG_PORTABLE" in kernels.flags:
-        assert not kernels.avx512
+    assert native.load(kernels.simd) is kernels  # loaded once per process
+    assert f"-DCAG_SIMD_{kernels.simd.upper()}" in kernels.flags
+    assert kernels.describe.split(",")[0] == {"avx512": "AVX-512", "avx2": "AVX2+FMA+F16C", "neon": "NEON",
+                                              "portable": "portable C"}[kernels.simd]
+    others = [native.load(s) for s in native.cpu_sets() if s != kernels.simd]
+    assert all(other.path != kernels.path for other in others)  # one library per kernel set
