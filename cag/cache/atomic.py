@@ -12,6 +12,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from safetensors import SafetensorError
+
+try:
+    import fcntl
+except ImportError:  # no flock on this platform: writers of one folder are not serialized
+    fcntl = None
+
 
 @contextmanager
 def replacing(path: str | Path) -> Iterator[Path]:
@@ -84,3 +91,41 @@ def fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextmanager
+def exclusive(folder: Path) -> Iterator[None]:
+    """Hold `folder`'s writer lock (flock on the folder itself): one writer at a time, across processes. A
+    writer killed while holding it lets go with its process, so no lock is ever left behind. Where the file
+    system cannot lock (some network mounts), writers go on unserialized, as they did before."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)  # closing the last descriptor releases the lock
+
+
+_OS_ERROR = re.compile(r"\(os error (\d+)\)|Os \{ code: (\d+)")
+
+
+@contextmanager
+def os_errors(path: str | Path) -> Iterator[None]:
+    """Writes through safetensors: it reports a failed write (a full disk, a quota, a file size limit) as a
+    SafetensorError naming the OS error; raise it as that OSError, naming `path`, so it is the user's to fix
+    like any other failed write. Any other SafetensorError is left as it is."""
+    try:
+        yield
+    except SafetensorError as err:
+        found = _OS_ERROR.search(str(err))
+        if found is None:
+            raise
+        code = int(found.group(1) or found.group(2))
+        raise OSError(code, os.strerror(code), str(path)) from None

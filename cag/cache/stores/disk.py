@@ -13,25 +13,48 @@ folder (with whatever else lives there, such as a server-created knowledge base'
 A sidecar that cannot be read (edited by hand, written by something else) makes its knowledge base
 missing, with a logged warning, rather than an error for every listing: a damaged kb.json or
 tenant.json means no record (never a record without its owner), a damaged knowledge.json no entry.
+
+A build commits as one step. Its records (kb.json, knowledge.json, tenant.json) are first staged in
+`.staged/`, with `commit.json` naming the cache file they replace; renaming the new cache into place is
+the commit; then the records are moved in and the staging folder removed. A reader takes a sidecar from
+`.staged/` once the cache in the folder is no longer the one the staged records replace (the build
+committed and its records are on their way in), else from the folder itself. So at every instant, a kill
+-9 or a full disk included, a reader sees the previous version whole or the new one whole. The next writer
+of the folder (one at a time: atomic.exclusive) finishes a committed staging that a killed build left, or
+discards one whose cache never landed.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from .. import atomic, kvfile
 from ... import paths
+from .. import atomic, kvfile
 from ..kvfile import KV, Expect
-from .base import Entry, Record, Store, Tombstone, checked_number, checked_record, checked_snapshot, damaged, loads, \
-    save_file, valid_name
+from .base import (
+    Entry,
+    Record,
+    Store,
+    Tombstone,
+    checked_number,
+    checked_record,
+    checked_snapshot,
+    damaged,
+    loads,
+    save_file,
+    valid_name,
+)
 
 CACHE_FILE, KB_FILE, SNAPSHOT_FILE, STATS_FILE = "cache.safetensors", "kb.json", "knowledge.json", "stats.json"
 TENANT_FILE, VERSION_FILE = "tenant.json", "version.json"
+STAGED_DIR, COMMIT_FILE = ".staged", "commit.json"  # a build's records until its cache has landed
+RECORD_FILES = (SNAPSHOT_FILE, TENANT_FILE, KB_FILE)  # what a build stages, in the order they are moved in
 
 
 class DiskStore(Store):
@@ -60,13 +83,27 @@ class DiskStore(Store):
                      state=loaded.state)
 
     def put(self, entry: Entry) -> dict:
-        self.put_record(entry.record, entry.snapshot)
-        return save_file(self.folder(entry.name) / CACHE_FILE, entry)
+        """Stage the records, rename the cache into place (the commit), move the records in (module docstring).
+        A failure before the commit leaves the previous version as it was."""
+        folder = self.folder(entry.name)
+        with atomic.exclusive(folder):
+            self._settle(folder)
+            try:
+                self._stage(folder, entry.record, entry.snapshot, {"replaces": file_id(folder / CACHE_FILE)})
+                manifest = save_file(folder / CACHE_FILE, entry)
+            finally:
+                self._settle(folder)  # committed: move the records in; not: forget them
+        return manifest
 
     def drop(self, name: str) -> bool:
-        path = self.folder(name) / CACHE_FILE
-        existed = path.is_file()
-        path.unlink(missing_ok=True)
+        folder = self.folder(name)
+        if not folder.is_dir():
+            return False
+        with atomic.exclusive(folder):
+            self._settle(folder)  # a killed build's committed records first: they go with the cache they describe
+            path = folder / CACHE_FILE
+            existed = path.is_file()
+            path.unlink(missing_ok=True)
         return existed
 
     def has(self, name: str) -> bool:
@@ -87,7 +124,7 @@ class DiskStore(Store):
     def record(self, name: str) -> Record | None:
         folder = self.folder(name)
         try:
-            meta = loads((folder / KB_FILE).read_bytes())
+            meta = loads(_read(folder, KB_FILE))
             owner = _owner(folder)
             return checked_record(name, meta, owner)
         except FileNotFoundError:
@@ -99,7 +136,7 @@ class DiskStore(Store):
     def snapshot(self, name: str) -> list[dict] | None:
         path = self.folder(name) / SNAPSHOT_FILE
         try:
-            return checked_snapshot(loads(path.read_bytes()))
+            return checked_snapshot(loads(_read(path.parent, SNAPSHOT_FILE)))
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as err:
@@ -107,19 +144,51 @@ class DiskStore(Store):
             return None
 
     def put_record(self, record: Record, snapshot: list[dict]) -> None:
+        """Records alone (no cache goes with them): staged, committed by writing commit.json, moved in."""
         folder = self.folder(record.name)
-        atomic.write_text(folder / SNAPSHOT_FILE, json.dumps(snapshot, ensure_ascii=False))
-        if record.owner is not None:  # before kb.json: no moment where it looks like a CLI-built one
-            atomic.write_text(folder / TENANT_FILE, json.dumps({"tenant": record.owner}))
-        else:
-            (folder / TENANT_FILE).unlink(missing_ok=True)
-        atomic.write_text(folder / KB_FILE, json.dumps(record.meta, indent=2))
+        with atomic.exclusive(folder):
+            self._settle(folder)
+            try:
+                self._stage(folder, record, snapshot, {"records_only": True})
+            finally:
+                self._settle(folder)
 
     def names(self) -> list[str]:
         root = self.root or paths.kbs_dir()
         if not root.is_dir():
             return []
-        return sorted(f.name for f in root.iterdir() if valid_name(f.name) and (f / KB_FILE).is_file())
+        return sorted(f.name for f in root.iterdir() if valid_name(f.name) and _exists(f, KB_FILE))
+
+    # -- committing a build as one step (module docstring) -------------------------------------------
+    def _stage(self, folder: Path, record: Record, snapshot: list[dict], commit: dict) -> None:
+        """Write a build's records into the staging folder, commit.json last (with records only, the commit)."""
+        staged = folder / STAGED_DIR
+        staged.mkdir()
+        atomic.fsync_dir(folder)
+        atomic.write_text(staged / SNAPSHOT_FILE, json.dumps(snapshot, ensure_ascii=False))
+        atomic.write_text(staged / TENANT_FILE, json.dumps({"tenant": record.owner}))  # null: built by the CLI
+        atomic.write_text(staged / KB_FILE, json.dumps(record.meta, indent=2))
+        atomic.write_text(staged / COMMIT_FILE, json.dumps(commit))
+
+    def _settle(self, folder: Path) -> None:
+        """Finish what a writer left in the staging folder (the caller holds the writer lock): move committed
+        records in, one by one (a reader finds each in one place or the other, the new version in both), or
+        remove records whose cache never landed."""
+        staged = folder / STAGED_DIR
+        if not staged.exists():
+            return
+        if _committed(folder):
+            for name in RECORD_FILES:
+                source = staged / name
+                if not source.exists():
+                    continue  # moved in before a kill
+                if name == TENANT_FILE and _tenant(source.read_bytes()) is None:
+                    (folder / TENANT_FILE).unlink(missing_ok=True)  # built by the CLI: no owner file
+                    source.unlink()
+                else:
+                    os.replace(source, folder / name)
+            atomic.fsync_dir(folder)
+        shutil.rmtree(staged)
 
     # -- version and deletion ----------------------------------------------------------------------
     def version(self, name: str) -> int | None:
@@ -168,9 +237,55 @@ def _owner(folder: Path) -> object:
     """The owner in tenant.json (None without one: built by the CLI). Unreadable, it raises ValueError: a
     damaged sidecar must not turn a tenant's knowledge base into one every tenant may see."""
     try:
-        found = loads((folder / TENANT_FILE).read_bytes())
+        return _tenant(_read(folder, TENANT_FILE))
     except FileNotFoundError:
         return None
+
+
+def _tenant(raw: bytes) -> object:
+    found = loads(raw)
     if not isinstance(found, dict) or "tenant" not in found:
         raise ValueError(f"{TENANT_FILE} names no tenant")
     return found["tenant"]
+
+
+def file_id(path: Path) -> list[int] | None:
+    """Which file `path` is now (device and inode), or None when there is none. A cache renamed into place is
+    the file its temp file was, never the one it replaced (both existed at once); writing into a file in
+    place, or touching it, does not change which file it is."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return [st.st_dev, st.st_ino]
+
+
+def _committed(folder: Path) -> bool:
+    """Whether the staged records are the current version: records alone once commit.json is there; with a
+    cache, once the cache in the folder is no longer the one they were staged to replace."""
+    try:
+        commit = loads((folder / STAGED_DIR / COMMIT_FILE).read_bytes())
+    except (OSError, ValueError):
+        return False  # none, or not written whole: the build did not commit
+    if not isinstance(commit, dict):
+        return False
+    if commit.get("records_only") is True:
+        return True
+    live = file_id(folder / CACHE_FILE)
+    return live is not None and "replaces" in commit and live != commit["replaces"]
+
+
+def _read(folder: Path, name: str) -> bytes:
+    """The bytes of sidecar `name` as of now: the staged copy while a committed build moves its records in,
+    else the folder's own (FileNotFoundError when neither has one)."""
+    staged = folder / STAGED_DIR / name
+    if staged.parent.is_dir() and _committed(folder):
+        try:
+            return staged.read_bytes()
+        except FileNotFoundError:
+            pass  # moved in meanwhile
+    return (folder / name).read_bytes()
+
+
+def _exists(folder: Path, name: str) -> bool:
+    return (folder / name).is_file() or ((folder / STAGED_DIR / name).is_file() and _committed(folder))
