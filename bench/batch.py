@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/batch.py [--batch 8] [--max-new-tokens 32]
 
-Throughput = generated tokens / wall seconds. The prefix is never copied per question (cag.batch);
+Throughput = generated tokens / wall seconds. The prefix is never copied per question (cag.engines.torch.batch);
 answers are compared token by token with the one-at-a-time path. For scale, the same questions also
 run one at a time through plain transformers (the prompt-reuse recipe: deep-copied prefix DynamicCache +
 model.generate, float32 matmuls, no packing).
@@ -35,7 +35,7 @@ def main() -> None:
 
     import cag
     import core
-    from cag.engines.torch import batch, engine, kvcompat, models
+    from cag.engines.torch import direct, kvcompat, models
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -45,14 +45,14 @@ def main() -> None:
     kb = cag.build([common.SAMPLE_DOCS], name="batch", lm=lm)
     questions = [r["q"] for r in common.sample_questions()][: args.batch]
     new_ids = [kb.builder.split(q).new_ids for q in questions]
-    stops = engine.stop_ids(lm.tokenizer, lm.model)
+    stops = lm.stop_ids
 
     kb.ask(questions[0], max_new_tokens=2)  # warm-up
     start = time.perf_counter()
     single = [kb.ask(q, max_new_tokens=args.max_new_tokens).token_ids for q in questions]
     single_s = time.perf_counter() - start
     start = time.perf_counter()
-    batched = batch.generate_batch(lm.model, kb.layers, new_ids, max_new_tokens=args.max_new_tokens, stop_ids=stops)
+    batched = direct.generate_batch(lm, kb.layers, new_ids, max_new_tokens=args.max_new_tokens, stop_ids=stops)
     batch_s = time.perf_counter() - start
     prefix_cache = DynamicCache()
     with torch.inference_mode():
@@ -66,7 +66,7 @@ def main() -> None:
     result = {
         "machine": common.machine(),
         "config": {"batch": len(questions), "max_new_tokens": args.max_new_tokens, "knowledge_tokens": kb.tokens,
-                   "dtype": str(lm.dtype), "device": str(lm.device)},
+                   "dtype": lm.dtype, "device": str(lm.device)},
         "one_at_a_time": {"seconds": single_s, "tokens_per_s": tokens / single_s},
         "batched": {"seconds": batch_s, "tokens_per_s": sum(map(len, batched)) / batch_s},
         "hf_one_at_a_time": {"seconds": hf_s, "tokens_per_s": sum(map(len, hf)) / hf_s},

@@ -3,7 +3,7 @@ file size and load time — next to plain Hugging Face transformers code measure
 
     .venv/bin/python bench/core.py [--tokens 2000] [--max-new-tokens 64] [--questions 20]
 
-cag runs with its defaults (packed Q4_1/Q8_0 weights on the CPU, cag.packed). The plain-transformers
+cag runs with its defaults (packed Q4_1/Q8_0 weights on the CPU, cag.engines.torch.packed). The plain-transformers
 baselines load the same model files without packing (float32 matmuls everywhere), same dtype, greedy:
   hf-full    model.generate(full prompt ids)                       (in-context, no prefix cache)
   hf-prefix  deepcopy(prefix DynamicCache) + model.generate(...)    (the documented prompt-reuse recipe)
@@ -69,7 +69,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import cag
-    from cag.engines.torch import engine, models
+    from cag.engines.torch import models
     from cag.cache import kvfile
 
     from transformers.utils import logging as hf_logging
@@ -87,7 +87,7 @@ def main() -> None:
     cache_path = home / "kbs" / "bench" / "cache.safetensors"
     _, load_s = common.timed(kvfile.load, cache_path)
     questions = [r["q"] for r in common.sample_questions()][: args.questions]
-    stops = engine.stop_ids(lm.tokenizer, lm.model)
+    stops = lm.stop_ids
 
     # the documented HF prompt-reuse recipe: prefill the prefix once into a DynamicCache
     prefix_cache = DynamicCache()
@@ -121,7 +121,7 @@ def main() -> None:
     result = {
         "machine": common.machine(),
         "config": {"knowledge_tokens": kb.tokens, "questions": len(questions), "max_new_tokens": args.max_new_tokens,
-                   "dtype": str(lm.dtype), "device": str(lm.device), "packing": str(lm.packing)},
+                   "dtype": lm.dtype, "device": str(lm.device), "packing": str(lm.packing)},
         "build": {"prefill_s": kb.build_stats.seconds, "build_total_s": build_s,
                   "prefill_tokens_per_s": kb.build_stats.tokens_per_s, "file_bytes": cache_path.stat().st_size,
                   "load_s": load_s, "model_load_s": load_model_s},

@@ -17,9 +17,9 @@ in the JSON and the table and the run goes on; a section that would end after --
            files) vs safetensors load_file (no verification) vs pinned host->device vs the same
            parallel read with no hashing and no device copy (on the CPU: load_file plus a copy, since
            it only maps the file, and a memory copy)
-  batch    1/8/32 questions decoded together on one shared prefix: cag.batch vs plain transformers
+  batch    1/8/32 questions decoded together on one shared prefix: cag.engines.torch.batch vs plain transformers
            `generate` on a batch with the prefix's DynamicCache copied per row
-  ttft     per knowledge size: cached TTFT (cag.engine.generate on the prefilled Workspace) vs plain
+  ttft     per knowledge size: cached TTFT (an answer on the prefilled Workspace, the torch engine) vs plain
            transformers on the full prompt and with prefix reuse (deepcopy of a prefilled DynamicCache
            + generate), and cag on the full prompt; decode tokens/s; the one-time prefill
 
@@ -116,14 +116,26 @@ def random_ids(model, n: int, rng: torch.Generator) -> list[int]:
 
 # -- cag and plain transformers, one question ----------------------------------------------------------
 
+_STATES: dict = {}
+
+
+def state(model):
+    """cag's per-model state for `model` (fast-path verdicts, plans), made once: as the torch engine keeps it."""
+    from cag.engines.torch import direct
+
+    if id(model) not in _STATES:
+        _STATES[id(model)] = direct.state_of(model)
+    return _STATES[id(model)]
+
+
 def cag_run(model, device, new_ids, prefix, reuse, max_new):
-    """TTFT, total seconds and the tokens of one cag.engine.generate call."""
-    from cag.engines.torch import engine
+    """TTFT, total seconds and the tokens of one answer decoded by cag's torch engine (one row on `prefix`)."""
+    from cag.engines.torch import direct
 
     sync(device)
     start = time.perf_counter()
     ttft, tokens = None, []
-    for token in engine.generate(model, new_ids, prefix=prefix, reuse=reuse, max_new_tokens=max_new):
+    for token in direct.generate(state(model), new_ids, prefix=prefix, reuse=reuse, max_new_tokens=max_new):
         ttft = ttft if ttft is not None else time.perf_counter() - start
         tokens.append(token)
     sync(device)
@@ -166,12 +178,13 @@ def decode_rate(ttft: float, total: float, tokens: int) -> float:
 
 def ttft_size(model, device, n: int, args, rng) -> dict:
     """Cached TTFT vs plain transformers (full prompt, prefix reuse) and cag on the full prompt, at `n` tokens."""
-    from cag.engines.torch import engine
+    from cag.engines.torch import direct
+    from cag.engines.torch.workspace import Workspace
 
     ids = random_ids(model, n + args.question_tokens, rng)
     prefix_ids = ids[:n]
-    layers, prefill_s = timed(device, lambda: engine.prefill(model, prefix_ids, chunk_size=args.chunk))
-    ws = engine.Workspace(layers, room=args.question_tokens + args.new_tokens + 8)
+    layers, prefill_s = timed(device, lambda: direct.prefill(state(model), prefix_ids, chunk_size=args.chunk))
+    ws = Workspace(layers, room=args.question_tokens + args.new_tokens + 8)
     del layers
     row = {"tokens": n, "prefill_s": prefill_s, "prefill_tok_s": n / prefill_s,
            "kv_bytes": sum(k.numel() * k.element_size() * 2 for k, _ in ws.prefix)}
@@ -201,12 +214,12 @@ def ttft_size(model, device, n: int, args, rng) -> dict:
 
 
 def batch_section(model, device, args, rng) -> dict:
-    """Tokens/s for B questions decoded together on one shared prefix: cag.batch vs plain transformers."""
-    from cag.engines.torch import batch, engine, kvcompat
+    """Tokens/s for B questions decoded together on one shared prefix: cag.engines.torch.batch vs plain transformers."""
+    from cag.engines.torch import direct, kvcompat
 
     n, q, new = args.batch_tokens, args.question_tokens, args.new_tokens
     prefix_ids = random_ids(model, n, rng)
-    layers = engine.prefill(model, prefix_ids, chunk_size=args.chunk)
+    layers = direct.prefill(state(model), prefix_ids, chunk_size=args.chunk)
     attention = getattr(model.config, "_attn_implementation", None)
     rows = []
     try:
@@ -214,8 +227,8 @@ def batch_section(model, device, args, rng) -> dict:
             questions = [random_ids(model, q, rng) for _ in range(b)]
 
             def one(b=b, questions=questions) -> dict:
-                outs, cag_s = best_of(lambda: timed(device, lambda: batch.generate_batch(
-                    model, layers, questions, max_new_tokens=new)), args.repeats)
+                outs, cag_s = best_of(lambda: timed(device, lambda: direct.generate_batch(
+                    state(model), layers, questions, max_new_tokens=new)), args.repeats)
 
                 def plain():
                     def run():  # the prefix copied per row is part of what this recipe costs
@@ -232,7 +245,7 @@ def batch_section(model, device, args, rng) -> dict:
             rows.append({"questions": b, "prefix_tokens": n, "new_tokens": new, **guarded(device, one)})
             free(device)
     finally:
-        if attention is not None:  # cag.batch installs its own attention; later sections measure the model's
+        if attention is not None:  # cag.engines.torch.batch installs its own attention; later sections measure the model's
             kvcompat.set_attention(model, attention)
     return {"rows": rows}
 
@@ -312,23 +325,25 @@ class FirstLogits:
 
 def exact_section(model, device, args, rng) -> dict:
     """Cached (restored from its file) vs the piecewise reference, bit for bit; and vs one-shot generate."""
-    from cag.engines.torch import engine
     from cag.cache import kvfile
+    from cag.engines.torch import direct
+    from cag.engines.torch.workspace import Workspace
+    from cag.kb.incremental import chunk_ends
 
     n, room = args.exact_tokens, args.question_tokens + args.new_tokens + 8
     prefix_ids = random_ids(model, n, rng)
-    bounds = engine.chunk_ends(0, n, args.chunk)
+    bounds = chunk_ends(0, n, args.chunk)
     with tempfile.TemporaryDirectory(prefix="cag-gpu-bench-") as folder:
         path = Path(folder) / "cache.safetensors"
-        kvfile.save(path, engine.prefill_pieces(model, prefix_ids, bounds), prefix_ids, {"prefill_bounds": bounds})
+        kvfile.save(path, direct.pieces(state(model), prefix_ids, bounds), prefix_ids, {"prefill_bounds": bounds})
         loaded = kvfile.load(path, device=device)
-    ws = engine.Workspace(loaded.layers, room=room)
+    ws = Workspace(loaded.layers, room=room)
     same_tokens = same_logits = same_hf = same_hf_logits = 0
     for _ in range(args.exact_questions):
         question = random_ids(model, args.question_tokens, rng)
         with FirstLogits(model, question) as cached:
             cached_ids = cag_run(model, device, question, ws, n, args.new_tokens)[2]
-        reference = engine.Workspace(engine.prefill_pieces(model, prefix_ids, bounds), room=room)
+        reference = Workspace(direct.pieces(state(model), prefix_ids, bounds), room=room)
         with FirstLogits(model, question) as ref:
             ref_ids = cag_run(model, device, question, reference, n, args.new_tokens)[2]
         del reference

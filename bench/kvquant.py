@@ -27,7 +27,7 @@ def main() -> None:
     import torch
 
     import cag
-    from cag.engines.torch import engine, models
+    from cag.engines.torch import direct, models
     from cag.cache import kvfile, kvquant
     from transformers.utils import logging as hf_logging
 
@@ -43,16 +43,16 @@ def main() -> None:
         path = home / f"{label}.safetensors"
         kvfile.save(path, layers, kb.prefix_ids, {}, kv_quant=quant)
         sizes[label] = path.stat().st_size
-    q_ws = engine.Workspace([(kvquant.roundtrip(k), kvquant.roundtrip(v)) for k, v in kb.layers])
-    stops = engine.stop_ids(lm.tokenizer, lm.model)
+    q_layers = [(kvquant.roundtrip(k), kvquant.roundtrip(v)) for k, v in kb.layers]
+    stops = lm.stop_ids
     rows = common.sample_questions()
     same = exact_ok = quant_ok = 0
     for row in rows:
         split = kb.builder.split(row["q"])
         exact = kb.ask(row["q"], max_new_tokens=args.max_new_tokens)
-        quant = list(engine.generate(lm.model, split.new_ids, prefix=q_ws, reuse=split.reuse,
+        quant = list(direct.generate(lm, split.new_ids, prefix=q_layers, reuse=split.reuse,
                                      max_new_tokens=args.max_new_tokens, stop_ids=stops))
-        quant_text = lm.tokenizer.decode(quant, skip_special_tokens=True)
+        quant_text = lm.codec.decode(quant)
         same += quant == exact.token_ids
         exact_ok += row["a"].lower() in exact.answer.lower()
         quant_ok += row["a"].lower() in quant_text.lower()

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
 
-from cag.engines.torch import engine, models
+from cag.engines.torch import direct, models  # noqa: E402
 from cag.cache import kvfile  # noqa: E402
 from cag.kb.prompt import PromptBuilder  # noqa: E402
 from cag.kb.knowledge import load as load_docs  # noqa: E402
@@ -74,7 +74,7 @@ def bench_model(label: str, lm, docs_dir: Path, redis_url: str | None, repeat: i
     ids = builder.prefix_ids()
     prefill = []
     for _ in range(repeat):
-        layers, s = common.timed(engine.prefill, lm.model, ids)
+        layers, s = common.timed(direct.prefill, lm, ids)
         prefill.append(s)
     meta = {"name": "bench", "model": label, "sources": [str(docs_dir)], "instruction": builder.instruction,
             "reserve": 0}  # the settings every build records: a tier reads a record with less as damaged

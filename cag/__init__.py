@@ -7,15 +7,18 @@ torch and transformers until something needs them.
 __version__ = "0.1.0"
 
 _WHERE = {"KnowledgeBase": "api", "build": "api", "load": "api", "list_kbs": "api", "delete": "api",
-          "invalidate": "api", "publish": "api", "Sampling": "sampling", "CagError": "errors"}
-__all__ = [*_WHERE, "__version__"]
+          "invalidate": "api", "publish": "api", "Sampling": "sampling", "Batching": "scheduler",
+          "CagError": "errors"}
+_MODULES = ("engines",)  # `cag.engines.load(...)` after a plain `import cag`
+__all__ = [*_WHERE, *_MODULES, "__version__"]
 
 
 def __getattr__(name: str):
-    if name in _WHERE:
+    if name in _WHERE or name in _MODULES:
         from importlib import import_module
 
-        value = getattr(import_module(f".{_WHERE[name]}", __name__), name)
+        module = import_module(f".{_WHERE.get(name, name)}", __name__)
+        value = module if name in _MODULES else getattr(module, name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'cag' has no attribute {name!r}")

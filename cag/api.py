@@ -8,29 +8,38 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
-from .engines.torch import engine, models
-from .cache import events, kvfile, kvquant, policies, stores
-from .kb import incremental, knowledge
-from . import paths
-from .engines.torch.engine import Sampling
-from .errors import (CagError, ContextLengthError, KnowledgeError, KnowledgeTooLargeError, NotFoundError,
-                     StaleKnowledgeError)
+from . import decode, engines, paths
+from .cache import events, kvfile, policies, stores
+from .cache.kvfile import KV
 from .cache.policies import Policy
-from .results import Answer, BuildStats
 from .cache.stores import Entry, Record, TieredStore
-from .engines.torch.kvcompat import KV
+from .engines.base import Engine, Job, Payload, Prefix
+from .errors import (
+    CagError,
+    ContextLengthError,
+    KnowledgeError,
+    KnowledgeTooLargeError,
+    NotFoundError,
+    StaleKnowledgeError,
+)
+from .kb import incremental, knowledge
 from .kb.prompt import DEFAULT_INSTRUCTION, PromptBuilder, Split, Turn
+from .results import Answer, BuildStats
+from .sampling import Sampling
+from .scheduler import Batching, Scheduler
 from .stoptext import StopText
 
 DEFAULT_RESERVE = 512  # context tokens kept free for the question and the answer
 from .cache.stores.disk import CACHE_FILE, KB_FILE, SNAPSHOT_FILE  # noqa: E402,F401 - re-exported names
 
 Log = Callable[[str], None]
+ENGINE_OPTIONS = ("dtype", "kv_type", "context")  # kept in kb.json: what loads the same engine again
 
 
 def _stderr(msg: str) -> None:
@@ -39,27 +48,28 @@ def _stderr(msg: str) -> None:
 
 @dataclass
 class KnowledgeBase:
-    """A named knowledge base with its model, prompt and (in memory) prefix KV cache."""
+    """A named knowledge base with its engine, prompt and (in memory) prefix."""
 
     name: str
-    lm: models.LoadedModel
+    lm: Engine
     docs: list[knowledge.Document]
     sources: list[str]
     builder: PromptBuilder
-    workspace: engine.Workspace
+    prefix: Prefix
     prefix_ids: list[int]
     manifest: dict
     cache_source: str
     build_stats: BuildStats | None = None
-    chunk_size: int = engine.DEFAULT_CHUNK  # the build's prefill chunk (pieces of caches that do not record theirs)
-    _stops: list[int] = field(default_factory=list, repr=False)
+    chunk_size: int = incremental.DEFAULT_CHUNK  # the build's prefill chunk (pieces of caches that do not record theirs)
     _store: TieredStore | None = field(default=None, repr=False)
     _generation: int = field(default=-1, repr=False)  # events.generation(name) when loaded; -1: never reloads
+    _scheduler: Scheduler | None = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def layers(self) -> KV:
-        """The prefix's per-layer (key, value) tensors."""
-        return self.workspace.prefix
+        """The prefix's per-layer (key, value) tensors (torch engine; an engine state has none)."""
+        return getattr(self.prefix, "layers", [])
 
     @property
     def tokens(self) -> int:
@@ -67,7 +77,8 @@ class KnowledgeBase:
 
     def ask(self, question: str, *, history: Sequence[Turn] = (), use_cache: bool = True,
             max_new_tokens: int = 256, sampling: Sampling = Sampling(),
-            on_text: Callable[[str], None] | None = None, stop: Sequence[str] = ()) -> Answer:
+            on_text: Callable[[str], None] | None = None, stop: Sequence[str] = (),
+            batching: Batching | None = None, system: str | None = None) -> Answer:
         """Answer from the cached prefix (or, with use_cache=False, from the full prompt: the reference).
 
         The reference computes the whole prompt from its tokens, the prefix in the pieces the cache was
@@ -76,17 +87,18 @@ class KnowledgeBase:
         `stop` strings end the answer before the first of them (it is not part of the answer, and
         `on_text` never receives text that a stop string later cuts off). A prompt that would not fit
         the context window with `max_new_tokens` to spare is refused (ContextLengthError) before any work.
+        With `batching`, the answer joins the others in progress on this knowledge base (cag.scheduler:
+        continuous batching, the same tokens); without it, it decodes in the calling thread.
+        `system` is a system message for this answer (tone, language, format): it goes after the cached
+        knowledge (kb.prompt), so the cache still serves the prefix and the answer still equals the reference.
         """
         self._refresh_if_invalidated()
         start = time.perf_counter()
-        split = self.fit(question, history, max_new_tokens)
-        prefix = self.workspace if use_cache else self._recomputed_prefix()
-        stream = engine.TextStream(self.lm.tokenizer)
-        cut = StopText(stop)
+        split = self.fit(question, history, max_new_tokens, system=system)
+        stream = self.lm.codec.stream()
+        cut = StopText(stop, self.builder.stops)
         ttft = None
-        tokens = engine.generate(self.lm.model, split.new_ids, prefix=prefix, reuse=split.reuse,
-                                 max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=self._stops)
-        with contextlib.closing(tokens):  # a stop string ends it early: give the workspace back at once
+        with self._answering(split, use_cache, max_new_tokens, sampling, batching) as tokens:
             for token in tokens:
                 if ttft is None:
                     ttft = time.perf_counter() - start
@@ -110,39 +122,64 @@ class KnowledgeBase:
             finish_reason="stop" if stopped else "length",
         )
 
+    @contextlib.contextmanager
+    def _answering(self, split: Split, use_cache: bool, max_new_tokens: int, sampling: Sampling,
+                   batching: Batching | None) -> Iterator[Iterator[int]]:
+        """The answer's tokens: from this knowledge base's scheduler, or decoded inline on the cached prefix
+        or on the reference's recomputed one (released afterwards). Closing them early (a stop string)
+        gives the row back at once."""
+        job = Job(list(split.new_ids), split.reuse, max_new_tokens, sampling, frozenset(self.lm.stop_ids))
+        prefix = self.prefix if use_cache else self._recomputed_prefix()
+        try:
+            if use_cache and batching is not None:
+                tokens = self.scheduler().answer(job, batching)
+            else:
+                tokens = decode.tokens(self.lm.decoder(prefix), job)
+            with contextlib.closing(tokens):
+                yield tokens
+        finally:
+            if prefix is not self.prefix:
+                prefix.release()
+
+    def scheduler(self) -> Scheduler:
+        """The thread that decodes this knowledge base's answers together (made on first use)."""
+        with self._lock:
+            if self._scheduler is None:
+                self._scheduler = Scheduler(self.lm.decoder(self.prefix))
+            return self._scheduler
+
     def prefill_bounds(self) -> list[int]:
         """Where each piece the cached prefix was computed in ends: from the cache's manifest; for caches
         written before manifests recorded them, chunks of the build's chunk size (kb.json's chunk_size,
         else 512), which is how full builds computed them (an incremental build of such a cache may have
         used other pieces: its reference can then differ from the cached answer in the last bits)."""
-        return list(self.manifest.get("prefill_bounds") or engine.chunk_ends(0, self.tokens, self.chunk_size))
+        return list(self.manifest.get("prefill_bounds") or incremental.chunk_ends(0, self.tokens, self.chunk_size))
 
-    def _recomputed_prefix(self) -> engine.Workspace:
-        """The prefix's KV computed afresh from its tokens, in the cache's pieces: the reference's prefix.
-        Stored as the cache stores it (an int8 cache: through the same int8 round trip), so the reference
-        differs from the cached answer in nothing but where the prefix's KV came from."""
-        layers = engine.prefill_pieces(self.lm.model, self.prefix_ids, self.prefill_bounds())
-        if self.manifest.get("kv_quant"):
-            layers = [(kvquant.roundtrip(k), kvquant.roundtrip(v)) for k, v in layers]
-        return engine.Workspace(layers)
+    def _recomputed_prefix(self) -> Prefix:
+        """The prefix computed afresh from its tokens, in the cache's pieces: the reference's prefix. Kept as
+        the cache stores it (an int8 cache: through the same int8 round trip), so the reference differs
+        from the cached answer in nothing but where the prefix came from."""
+        return self.lm.prefill(self.prefix_ids, self.prefill_bounds(), kv_quant=self.manifest.get("kv_quant"))
 
-    def fit(self, question: str, history: Sequence[Turn] = (), max_new_tokens: int = 256) -> Split:
-        """The question's token plan, or ContextLengthError when knowledge + question + history +
-        `max_new_tokens` would run past the model's context window (positions past it give garbage)."""
+    def fit(self, question: str, history: Sequence[Turn] = (), max_new_tokens: int = 256,
+            system: str | None = None) -> Split:
+        """The question's token plan, or ContextLengthError when knowledge + system message + history +
+        question + `max_new_tokens` would run past the model's context window (positions past it give garbage)."""
         if max_new_tokens < 1:
             raise CagError(f"max_new_tokens must be at least 1 (got {max_new_tokens})")
-        split = self.builder.split(question, history, prefix_ids=self.prefix_ids)
+        split = self.builder.split(question, history, prefix_ids=self.prefix_ids, system=system)
         if len(split.ids) + max_new_tokens > self.lm.context_window:
             raise ContextLengthError(split.reuse, len(split.ids) - split.reuse, max_new_tokens, self.lm.context_window)
         return split
 
-    def trim_history(self, question: str, history: Sequence[Turn], max_new_tokens: int = 256) -> list[Turn]:
+    def trim_history(self, question: str, history: Sequence[Turn], max_new_tokens: int = 256,
+                     system: str | None = None) -> list[Turn]:
         """The most recent turns of `history` that fit the context window with this question and answer
         budget (oldest dropped first); raises ContextLengthError when even the question alone does not fit."""
         kept = list(history)
         while True:
             try:
-                self.fit(question, kept, max_new_tokens)
+                self.fit(question, kept, max_new_tokens, system=system)
                 return kept
             except ContextLengthError:
                 if not kept:
@@ -150,67 +187,85 @@ class KnowledgeBase:
                 kept.pop(0)
 
     def ask_many(self, questions: Sequence[str], *, max_new_tokens: int = 256) -> list[Answer]:
-        """Greedy answers to several questions decoded together on the one shared prefix (cag.batch).
+        """Greedy answers to several questions decoded together on the one shared prefix (cag.decode).
 
         Throughput, not latency: every answer arrives when the longest is done. Each answer is the one
         `ask` gives (every row is computed as it would be alone).
         """
-        from .engines.torch import batch
-
         self._refresh_if_invalidated()
         start = time.perf_counter()
         splits = [self.fit(q, max_new_tokens=max_new_tokens) for q in questions]
-        outs = batch.generate_batch(self.lm.model, self.workspace, [sp.new_ids for sp in splits],
-                                    max_new_tokens=max_new_tokens, stop_ids=self._stops,
-                                    reuse=[sp.reuse for sp in splits])
+        stops = frozenset(self.lm.stop_ids)
+        jobs = [Job(list(sp.new_ids), sp.reuse, max_new_tokens, Sampling(), stops) for sp in splits]
+        outs = [self._replayed(ids) for ids in decode.together(self.lm.decoder(self.prefix), jobs)]
         total = time.perf_counter() - start
         return [Answer(
-            question=q.strip(), answer=engine.detokenize(self.lm.tokenizer, ids).strip(), token_ids=ids,
+            question=q.strip(), answer=text.strip(), token_ids=ids,
             ttft_s=total, total_s=total, prompt_tokens=len(sp.ids), cached_tokens=sp.reuse,
             question_tokens=len(sp.new_ids), new_tokens=len(ids), boundary_ok=sp.boundary_ok, mode="cache-batch",
-            cache_source=self.cache_source, finish_reason="length" if len(ids) >= max_new_tokens else "stop")
-            for q, sp, ids in zip(questions, splits, outs)]
+            cache_source=self.cache_source, finish_reason="stop" if stopped or len(ids) < max_new_tokens else "length")
+            for q, sp, (text, ids, stopped) in zip(questions, splits, outs)]
 
-    def __post_init__(self) -> None:
-        self._stops = engine.stop_ids(self.lm.tokenizer, self.lm.model)
+    def _replayed(self, ids: list[int]) -> tuple[str, list[int], bool]:
+        """An answer's tokens read as `ask` reads them as they come: the text up to the layout's stop
+        marker, the tokens up to the one that showed it, and whether it stopped there."""
+        stream, cut = self.lm.codec.stream(), StopText((), self.builder.stops)
+        for token in ids:
+            cut.push(stream.push(token))
+            if cut.stopped:
+                break
+        cut.push(stream.flush())
+        cut.flush()
+        return cut.text, stream.ids, cut.stopped
 
     def _refresh_if_invalidated(self) -> None:
         """After an invalidation event or a version publish, reload (or rebuild) before answering again."""
         if self._generation >= 0 and self._generation != events.generation(self.name):
             fresh = load(self.name, lm=self.lm, store=self._store)
-            for f in ("docs", "sources", "builder", "workspace", "prefix_ids", "manifest", "cache_source",
-                      "build_stats", "chunk_size", "_generation"):
-                setattr(self, f, getattr(fresh, f))
+            with self._lock:
+                for f in ("docs", "sources", "builder", "prefix", "prefix_ids", "manifest", "cache_source",
+                          "build_stats", "chunk_size", "_generation"):
+                    setattr(self, f, getattr(fresh, f))
+                self._scheduler = None  # the next batched answer starts one on the new prefix
 
 
 # -- building ---------------------------------------------------------------------------------------
 
 def build(sources: Iterable[str | Path], name: str | None = None, *, model: str | None = None,
-          device: str | None = None, dtype: str | None = None, instruction: str = DEFAULT_INSTRUCTION,
-          reserve: int = DEFAULT_RESERVE, chunk_size: int = engine.DEFAULT_CHUNK,
-          lm: models.LoadedModel | Callable[[], models.LoadedModel] | None = None, log: Log = _stderr,
+          device: str | None = None, dtype: str | None = None, threads: int | None = None,
+          kv_type: str | None = None, context: int | None = None, instruction: str = DEFAULT_INSTRUCTION,
+          reserve: int = DEFAULT_RESERVE, chunk_size: int = incremental.DEFAULT_CHUNK,
+          lm: Engine | Callable[[], Engine] | None = None, log: Log = _stderr,
           progress: Callable[[int, int], None] | None = None, ttl_s: float | None = None,
           version: int | None = None, incremental_update: bool = True, shard: bool = False,
           store: TieredStore | None = None, kv_quant: str | None = None, owner: str | None = None) -> KnowledgeBase:
     """Read the sources, prefill them (only what changed since the last build) and write the cache through.
 
-    ttl_s and version are the knowledge base's invalidation policy (see cag.policies); the cache goes
+    `model` is the default model, a Hugging Face folder or id (transformers), a `.gguf` file or
+    `ollama:NAME[:TAG]` (llama.cpp); `lm` an engine already loaded (cag.engines.load). `threads`,
+    `kv_type` and `context` are the llama.cpp engine's options (threads: both engines).
+    ttl_s and version are the knowledge base's invalidation policy (see cag.cache.policies); the cache goes
     to every persistent tier configured (CAG_HOME/kbs/NAME on disk, Redis with CAG_REDIS_URL).
     With shard=True, knowledge too large for one context is split into shards (a ShardedKnowledgeBase).
     kv_quant="int8" stores the KV lossily at a quarter of fp32 / half of bf16 (answers may change wording).
     owner is the tenant the knowledge base belongs to (the server sets it; it travels with the cache to
     every tier and replica); a rebuild without one keeps the owner it had.
+    `progress(done, total)` is called when a prefill starts, before its first piece (done: the positions
+    reused from the earlier cache), and after each piece, so that a display can time the prefill itself.
     """
     sources = [str(Path(s).expanduser().resolve()) for s in sources]
     if not sources:
         raise KnowledgeError("give at least one file or folder to build from")
     name = name or Path(sources[0]).stem
-    paths.writable(paths.kb_dir(name))  # refuse a bad name or a read-only CAG_HOME before any work
+    paths.writable(paths.kb_dir(name), log)  # refuse a bad name or a read-only CAG_HOME before any work
     docs = knowledge.load(sources, log=log)
-    lm = lm() if callable(lm) else lm or models.load(model, device=device, dtype=dtype, log=log)
-    settings = {"name": name, "sources": sources, "model": model or lm.name,
-                "dtype": kvfile.dtype_name(lm.dtype), "instruction": instruction, "reserve": reserve,
-                "chunk_size": chunk_size}
+    lm = lm() if callable(lm) else lm or engines.load(model, device=device, dtype=dtype, threads=threads,
+                                                      kv_type=kv_type, context=context, log=log)
+    if kv_quant and lm.kind != "torch":
+        raise CagError(f"kv_quant (--kv-int8) applies to the transformers engine; with a GGUF model choose the "
+                       f"KV cache type with --kv-type (this one is {lm.storage['kv']})")
+    settings = {"name": name, "sources": sources, "model": model or lm.name, "engine": lm.kind, **lm.options(),
+                "instruction": instruction, "reserve": reserve, "chunk_size": chunk_size}
     if kv_quant:
         settings["kv_quant"] = kv_quant
     store = store or stores.default()
@@ -225,12 +280,12 @@ def build(sources: Iterable[str | Path], name: str | None = None, *, model: str 
     return _build_shards(settings, docs, lm, Policy(ttl_s, version), store, chunk_size, progress, log, owner)
 
 
-def _build_shards(settings: dict, docs, lm, policy: Policy, store: TieredStore, chunk_size: int, progress, log: Log,
-                  owner: str | None = None):
+def _build_shards(settings: dict, docs, lm: Engine, policy: Policy, store: TieredStore, chunk_size: int, progress,
+                  log: Log, owner: str | None = None):
     from .kb import shards
 
     name = settings["name"]
-    groups = shards.plan(docs, lm.tokenizer, settings["instruction"], lm.context_window - settings["reserve"],
+    groups = shards.plan(docs, lm.codec, settings["instruction"], lm.context_window - settings["reserve"],
                          lm.context_window, settings["reserve"])
     built = []
     for i, group in enumerate(groups):
@@ -242,11 +297,11 @@ def _build_shards(settings: dict, docs, lm, policy: Policy, store: TieredStore, 
     return shards.ShardedKnowledgeBase.of(name, built)
 
 
-def _build(settings: dict, docs, lm, policy: Policy, store: TieredStore, chunk_size: int, progress,
+def _build(settings: dict, docs, lm: Engine, policy: Policy, store: TieredStore, chunk_size: int, progress,
            log: Log, incremental_update: bool = True, previous: Entry | None = None,
            owner: str | None = None) -> KnowledgeBase:
     name = settings["name"]
-    builder = PromptBuilder(lm.tokenizer, docs, settings["instruction"])
+    builder = PromptBuilder(lm.codec, docs, settings["instruction"])
     fits = lm.context_window - settings["reserve"]
     over = builder.exceeds(max(fits, 0))
     if over is not None:
@@ -267,30 +322,44 @@ def _build(settings: dict, docs, lm, policy: Policy, store: TieredStore, chunk_s
             progress(done, len(prefix_ids))
 
     start = time.perf_counter()
-    old_layers, old_ids = (previous.layers, previous.prefix_ids) if incremental_update and previous else (None, [])
-    old_bounds = previous.manifest.get("prefill_bounds") if old_layers is not None else None
-    ext = incremental.extend(lm.model, old_layers, old_ids, prefix_ids, chunk_size, step, old_bounds)
+    old = _restored(lm, previous) if incremental_update and previous else None
+    old_ids = previous.prefix_ids if old is not None else []
+    old_bounds = previous.manifest.get("prefill_bounds") if old is not None else None
+    try:
+        ext = incremental.extend(lm, old, old_ids, prefix_ids, chunk_size, step, old_bounds, settings.get("kv_quant"))
+    finally:
+        if old is not None:
+            old.release()
     seconds = time.perf_counter() - start
     how = ext.describe(len(old_ids))
-    if old_layers is not None:
+    if old is not None:
         log(f"{name}: {how}")
     meta = {**settings, "policy": policy.to_json(), "built_at": time.time()}
-    identity, layers = {**_identity(lm, builder, docs), "prefill_bounds": ext.bounds}, ext.layers
-    if settings.get("kv_quant"):  # answer from what the tiers will hold, so "built" and "disk" answers agree
+    identity = {**_identity(lm, builder, docs), "prefill_bounds": ext.bounds}
+    if settings.get("kv_quant"):  # the prefix was kept as the tiers will hold it: "built" and "disk" answers agree
         identity["kv_quant"] = settings["kv_quant"]
-        layers = [(kvquant.roundtrip(k), kvquant.roundtrip(v)) for k, v in layers]
-    entry = Entry(name, layers, prefix_ids, identity, meta, knowledge.to_json(docs), owner=owner)
+    payload = lm.export(ext.prefix)
+    entry = Entry(name, payload.layers, prefix_ids, identity, meta, knowledge.to_json(docs), owner=owner,
+                  state=payload.state)
     store.drop(name, where=lambda tier: not tier.persistent)  # memory tiers may hold the previous cache
     manifest = store.put(entry)
     disk = paths.kb_dir(name) / CACHE_FILE
     size = disk.stat().st_size if disk.is_file() else entry.nbytes
     stats = BuildStats(len(prefix_ids), seconds, size, ext.reused, ext.prefilled, how)
-    return KnowledgeBase(name, lm, docs, settings["sources"], builder, engine.Workspace(layers), prefix_ids,
+    return KnowledgeBase(name, lm, docs, settings["sources"], builder, ext.prefix, prefix_ids,
                          manifest, "built", stats, chunk_size=chunk_size, _store=store,
                          _generation=events.generation(name))
 
 
-def _previous(name: str, lm, builder: PromptBuilder, store: TieredStore, settings: dict) -> Entry | None:
+def _restored(lm: Engine, entry: Entry) -> Prefix | None:
+    """A previous cache as a prefix to build on; None when it cannot be this model's (then it is rebuilt)."""
+    try:
+        return lm.restore(Payload(entry.layers, entry.state), entry.prefix_ids, entry.manifest)
+    except CagError:
+        return None
+
+
+def _previous(name: str, lm: Engine, builder: PromptBuilder, store: TieredStore, settings: dict) -> Entry | None:
     """The last cache of `name` made with this model, tokenizer and template, whatever its knowledge."""
     try:
         hit = store.get(name, _expect(lm, builder, None, settings), lm.device)
@@ -299,20 +368,24 @@ def _previous(name: str, lm, builder: PromptBuilder, store: TieredStore, setting
     return hit[0] if hit else None
 
 
-def _identity(lm: models.LoadedModel, builder: PromptBuilder, docs) -> dict:
+def _identity(lm: Engine, builder: PromptBuilder, docs) -> dict:
     return {
-        "model": {"name": lm.name, "path": str(lm.path), "fingerprint": lm.model_fingerprint},
-        "tokenizer": {"fingerprint": lm.tokenizer_fingerprint},
+        "engine": lm.kind,
+        "dtype": lm.storage["dtype"],
+        "model": lm.identity(),
+        "tokenizer": {"fingerprint": lm.codec.fingerprint()},
         "template": {"fingerprint": builder.fingerprint()},
         "knowledge": {"sha256": knowledge.content_hash(docs), "documents": len(docs)},
     }
 
 
-def _expect(lm: models.LoadedModel, builder: PromptBuilder, knowledge_sha: str | None, settings: dict) -> kvfile.Expect:
-    dtype = kvfile.dtype_name(lm.dtype)
-    return kvfile.Expect(model=lm.model_fingerprint, tokenizer=lm.tokenizer_fingerprint,
+def _expect(lm: Engine, builder: PromptBuilder, knowledge_sha: str | None, settings: dict) -> kvfile.Expect:
+    model = lm.identity()
+    dtype = lm.storage["dtype"] if lm.kind == "torch" else None  # llama.cpp's state: its KV type says it all
+    return kvfile.Expect(model=model["fingerprint"], tokenizer=lm.codec.fingerprint(),
                          template=builder.fingerprint(), knowledge=knowledge_sha, dtype=dtype,
-                         kv=settings.get("kv_quant") or dtype)
+                         kv=settings.get("kv_quant") or lm.storage["kv"], engine=lm.kind,
+                         runtime=model.get("runtime"), context=model.get("context"))
 
 
 # -- loading ----------------------------------------------------------------------------------------
@@ -328,25 +401,23 @@ def _record(name: str, store: TieredStore) -> Record:
     return found
 
 
-def load(name: str, *, device: str | None = None, dtype: str | None = None, rebuild: bool = True,
-         lm: models.LoadedModel | None = None, log: Log = _stderr,
+def load(name: str, *, device: str | None = None, dtype: str | None = None, threads: int | None = None,
+         rebuild: bool = True, lm: Engine | None = None, log: Log = _stderr,
          progress: Callable[[int, int], None] | None = None, store: TieredStore | None = None) -> KnowledgeBase:
     """The knowledge base from the fastest tier holding a servable cache; rebuilt when its knowledge
-    changed (or refused, rebuild=False), when it expired, was invalidated, or is of another version."""
+    changed (or refused, rebuild=False), when it expired, was invalidated, or is of another version.
+    Without `lm`, the model it was built with is loaded (with the engine options kb.json keeps)."""
     store = store or stores.default()
     record = _record(name, store)
     meta = record.meta
-    lm = lm or models.load(meta["model"], device=device, dtype=dtype or meta.get("dtype"), log=log)
+    lm = lm or load_engine(meta, device=device, dtype=dtype, threads=threads, log=log)
     if meta.get("shards"):
         from .kb.shards import ShardedKnowledgeBase
 
         return ShardedKnowledgeBase.of(name, [load(s, rebuild=rebuild, lm=lm, log=log, progress=progress, store=store)
                                               for s in meta["shards"]])
-    docs = _current_docs(meta, lambda: store.snapshot(name), log)
-    if "documents" in meta:  # one shard of a larger knowledge base: only its own documents
-        mine = set(meta["documents"])
-        docs = [d for d in docs if d.name in mine]
-    builder = PromptBuilder(lm.tokenizer, docs, meta["instruction"])
+    docs = _knowledge_now(name, meta, store, log)
+    builder = PromptBuilder(lm.codec, docs, meta["instruction"])
     sha = knowledge.content_hash(docs)
     generation = events.generation(name)
     published = store.published(name)
@@ -356,30 +427,88 @@ def load(name: str, *, device: str | None = None, dtype: str | None = None, rebu
     if hit is not None and hit[0].manifest.get("knowledge", {}).get("sha256") == sha:
         entry, source = hit
         builder._prefix_ids = entry.prefix_ids  # verified against the template + knowledge hashes
-        workspace = engine.Workspace(entry.layers)
-        store.share(name, workspace.prefix)  # its prefix region is never written: safe to share
-        return KnowledgeBase(name, lm, docs, meta["sources"], builder, workspace, entry.prefix_ids, entry.manifest,
+        prefix = lm.restore(Payload(entry.layers, entry.state), entry.prefix_ids, entry.manifest)
+        if entry.layers:
+            store.share(name, prefix.layers)  # its prefix region is never written: safe to share
+        return KnowledgeBase(name, lm, docs, meta["sources"], builder, prefix, entry.prefix_ids, entry.manifest,
                              source, chunk_size=_chunk_size(meta), _store=store, _generation=generation)
     if hit is not None:
-        why = f"the knowledge files of {name!r} changed since its cache was built"
         if not rebuild:
-            raise StaleKnowledgeError(f"{why}; run `cag build` again or drop --no-rebuild")
+            raise _not_rebuilt(_changed(name))
         log(f"The knowledge files of {name!r} changed since the cache was built: rebuilding.")
     else:
-        why = f"no servable cache of {name!r} (expired, invalidated, or not version {published})" \
-            if published is not None else f"no servable cache of {name!r} (expired or invalidated)"
+        why = _unservable(name, published)
         if not rebuild:
-            raise StaleKnowledgeError(f"{why}; run `cag build` again or drop --no-rebuild")
+            raise _not_rebuilt(why)
         log(f"{why}: rebuilding.")
     settings = {k: v for k, v in meta.items() if k not in ("policy", "built_at")}
     return _build({**settings, "name": name}, docs, lm, Policy(policy.ttl_s, published), store,
                   _chunk_size(meta), progress, log, previous=hit[0] if hit else None, owner=record.owner)
 
 
+def check_servable(name: str, store: TieredStore | None = None) -> None:
+    """Raise StaleKnowledgeError where `load(name, rebuild=False)` would have to rebuild, as far as that can
+    be told without the model: no tier holds a cache, it expired, another version is published, or the
+    knowledge files changed since the local cache file was made (one held only in Redis is compared when
+    it is loaded). So a refusal comes before a model takes seconds or minutes to load, not after."""
+    store = store or stores.default()
+    meta = _record(name, store).meta
+    if meta.get("shards"):
+        for shard in meta["shards"]:
+            check_servable(shard, store)
+        return
+    published = store.published(name)
+    if not store.info(name) or policies.expired(meta) or published not in (None, Policy.from_meta(meta).version):
+        raise _not_rebuilt(_unservable(name, published))
+    disk = paths.kb_dir(name) / CACHE_FILE
+    try:
+        made_from = kvfile.read_manifest(disk).get("knowledge", {}).get("sha256") if disk.is_file() else None
+    except CagError:
+        return  # a damaged file: loading it says what is wrong
+    if made_from is not None and made_from != knowledge.content_hash(_knowledge_now(name, meta, store, lambda _m: None)):
+        raise _not_rebuilt(_changed(name))
+
+
+def _knowledge_now(name: str, meta: dict, store: TieredStore, log: Log) -> list[knowledge.Document]:
+    """The documents of `name` as they are now (one shard of a larger knowledge base: only its own)."""
+    docs = _current_docs(meta, lambda: store.snapshot(name), log)
+    if "documents" in meta:
+        mine = set(meta["documents"])
+        docs = [d for d in docs if d.name in mine]
+    return docs
+
+
+def _changed(name: str) -> str:
+    return f"the knowledge files of {name!r} changed since its cache was built"
+
+
+def _unservable(name: str, published: int | None) -> str:
+    return f"no servable cache of {name!r} (expired, invalidated, or not version {published})" \
+        if published is not None else f"no servable cache of {name!r} (expired or invalidated)"
+
+
+def _not_rebuilt(why: str) -> StaleKnowledgeError:
+    return StaleKnowledgeError(f"{why}; run `cag build` again or drop --no-rebuild")
+
+
 def _chunk_size(meta: dict) -> int:
     """The prefill chunk a knowledge base was built with (kb.json; 512 for those built before it was kept)."""
     value = meta.get("chunk_size")
-    return value if type(value) is int and value > 0 else engine.DEFAULT_CHUNK
+    return value if type(value) is int and value > 0 else incremental.DEFAULT_CHUNK
+
+
+def engine_options(meta: dict) -> dict:
+    """The engine options a knowledge base was built with (kb.json), to load the same engine again."""
+    return {k: meta[k] for k in ENGINE_OPTIONS if meta.get(k) is not None}
+
+
+def load_engine(meta: dict, *, device: str | None = None, dtype: str | None = None, threads: int | None = None,
+                log: Log = _stderr) -> Engine:
+    """The engine a knowledge base was built with: its model, with its options (a given dtype wins)."""
+    options = engine_options(meta)
+    if dtype:
+        options["dtype"] = dtype
+    return engines.load(meta.get("model"), device=device, threads=threads, log=log, **options)
 
 
 def _current_docs(meta: dict, snapshot: Callable[[], list[dict] | None], log: Log) -> list[knowledge.Document]:
@@ -411,11 +540,12 @@ def record(name: str, store: TieredStore | None = None) -> Record | None:
     return (store or stores.default()).record(name)
 
 
-def list_kbs(store: TieredStore | None = None) -> list[dict]:
-    """One row per knowledge base: name, owner, model, tokens, documents, bytes, created, status, tiers, hits, age_s."""
+def list_kbs(store: TieredStore | None = None, verify: bool = False) -> list[dict]:
+    """One row per knowledge base: name, tenant, model, tokens, documents, bytes, created, status, tiers, hits,
+    age_s (cag.registry.rows). With `verify`, every local cache file is read and checked as a load checks it."""
     from . import registry
 
-    return registry.rows(store or stores.default())
+    return registry.rows(store or stores.default(), verify=verify)
 
 
 def delete(name: str, store: TieredStore | None = None) -> None:

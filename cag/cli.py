@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
-from pathlib import Path
-from typing import List, Optional
-
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from pathlib import Path
+from typing import Iterator, List, Optional
 
 import typer
 from rich.console import Console
@@ -27,10 +26,34 @@ app = typer.Typer(
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
-MODEL_HELP = "Model: the default SmolLM2-135M-Instruct, a Hugging Face id, or a local folder."
+MODEL_HELP = ("Model: the default SmolLM2-135M-Instruct, a GGUF file (llama.cpp), ollama:NAME[:TAG] (a model in the "
+              "local Ollama store), a Hugging Face id or a local model folder (transformers).")
+THREADS_HELP = "CPU threads to compute with (default: $CAG_THREADS, else the engine's choice)."
+KV_TYPE_HELP = "GGUF models: the KV cache type, f16 or q8_0 (default f16)."
+CONTEXT_HELP = "GGUF models: positions per answer (default: the model's, at most 8192)."
 DEVICE_HELP = "cpu, cuda, cuda:1, … (default: cuda if present)."
 DTYPE_HELP = "float32, bfloat16 or float16 (default: float32 on cpu, bfloat16 on cuda; ask uses the build's)."
 REDIS_HELP = "Redis URL (redis://host:port/db) to share caches through; default: $CAG_REDIS_URL."
+TENANT_HELP = ("Whose knowledge base of that name: a tenant's, created through the server (`cag ls` shows "
+               "tenants). Default: the one built with the CLI, else the open server's (public).")
+SYSTEM_HELP = ("A system message: instructions for the answer (tone, language, format), placed after the cached "
+               "knowledge, so the cache still serves it.")
+CHAT_HISTORY = "chat_history"  # in CAG_HOME: questions typed in `cag chat` on a terminal, for the up arrow
+CHAT_HELP = ("commands: /help lists them; /reset clears the history; /exit or /quit (or Ctrl-D) quits. Ctrl-C stops "
+             "the answer being written. On a terminal the arrows edit the line and recall earlier questions.")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        out.print(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(_version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                         help="Print cag's version and exit.")) -> None:
+    # the options of `cag` itself, before any command (its help text is the Typer's above)
+    pass
 
 
 def _log(msg: str) -> None:
@@ -74,29 +97,48 @@ def _status(what: str) -> Iterator[None]:
     """A spinner while `what` runs (on a terminal); elsewhere a line when it starts and when it is done, so
     logs and CI output show where the time goes."""
     start = time.perf_counter()
-    if err.is_terminal:
-        with err.status(f"[dim]{what}…", spinner="dots"):
+    try:
+        if err.is_terminal:
+            with err.status(f"[dim]{what}…", spinner="dots"):
+                yield
+        else:
+            err.print(f"{what}…", style="dim", markup=False)
             yield
-    else:
-        err.print(f"{what}…", style="dim", markup=False)
-        yield
-        err.print(f"{what}: done in {time.perf_counter() - start:.1f} s", style="dim", markup=False)
+            err.print(f"{what}: done in {time.perf_counter() - start:.1f} s", style="dim", markup=False)
+    finally:
+        _Bar.reported += time.perf_counter() - start
 
 
 class _Bar:
-    """Prefill progress from the API's (done, total) callback: a bar on a terminal, else a plain line every
-    10% and at the end (a pipe or a log file still shows that a long build is moving)."""
+    """Prefill progress from the API's (done, total) callback, which comes once as a prefill starts (done:
+    the positions reused from an earlier cache) and after each piece. On a terminal, a bar; elsewhere plain
+    lines (a pipe or a log file still shows that a long build is moving): one as the prefill starts, with the
+    tokens to compute and how long reading and tokenizing took before it (loading the model has its own
+    line), then one per 10% of those tokens with the time since the prefill started."""
+
+    reported = 0.0  # seconds that _status lines have accounted for (loading the model): not reading time
 
     def __init__(self, what: str = "prefill"):
         self.what, self.progress, self.task = what, None, None
-        self.total, self.step, self.start = 0, -1, time.perf_counter()
+        self.total = self.done = self.reused = 0
+        self.step, self.start = -1, 0.0
+        self.idle, self.seen = time.perf_counter(), _Bar.reported  # since when, and what _status said since
 
     def __enter__(self):
         return self
 
     def __call__(self, done: int, total: int) -> None:
-        if total != self.total or done < 0:  # a new prefill (the next shard of a sharded build)
-            self.total, self.step, self.start, self.task = total, -1, time.perf_counter(), None
+        now = time.perf_counter()
+        if self.done >= self.total or total != self.total or done < self.done:  # a prefill starts (a shard's too)
+            self._begin(done, total, now)
+        else:
+            self.done = done
+            self._report(now)
+        self.idle, self.seen = now, _Bar.reported
+
+    def _begin(self, reused: int, total: int, now: float) -> None:
+        before = max(now - self.idle - (_Bar.reported - self.seen), 0.0)
+        self.total, self.done, self.reused, self.step, self.start = total, reused, reused, 0, now
         if self.progress is None and err.is_terminal:  # started here, not on entry: the model loads first,
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn  # under its own spinner
 
@@ -105,25 +147,32 @@ class _Bar:
                                      console=err, transient=True)
             self.progress.__enter__()
         if self.progress is not None:
-            if self.task is None:
-                self.task = self.progress.add_task(self.what, total=total)
-            self.progress.update(self.task, completed=done)
+            self.task = self.progress.add_task(self.what, total=total - reused)
             return
-        step = 10 * done // max(total, 1)
+        kept = f", {reused} reused from the earlier cache" if reused else ""
+        err.print(f"{self.what}: {total - reused} tokens to compute{kept} (reading and tokenizing took "
+                  f"{before:.1f} s)", style="dim", markup=False)
+
+    def _report(self, now: float) -> None:
+        computed, todo = self.done - self.reused, self.total - self.reused
+        if self.progress is not None:
+            self.progress.update(self.task, completed=computed)
+            return
+        step = 10 * computed // max(todo, 1)
         if step > self.step:
             self.step = step
-            took = time.perf_counter() - self.start
-            err.print(f"{self.what}: {10 * step}% ({done}/{total} tokens, {took:.1f} s)", style="dim", markup=False)
+            err.print(f"{self.what}: {10 * step}% ({computed}/{todo} tokens, {now - self.start:.1f} s)", style="dim",
+                      markup=False)
 
     def __exit__(self, *exc):
         return self.progress.__exit__(*exc) if self.progress is not None else False
 
 
 def _load_model(name: str | None, **kwargs):
-    from .engines.torch import models
+    from . import engines
 
-    with _status(f"loading model {name or models.DEFAULT_MODEL}"):
-        return models.load(name, log=_log, **kwargs)
+    with _status(f"loading model {name or engines.DEFAULT_MODEL}"):
+        return engines.load(name, log=_log, **kwargs)
 
 
 @app.command()
@@ -141,27 +190,62 @@ def build(
     shard: bool = typer.Option(False, "--shard", help="Split knowledge too large for one context into shards (BM25 routes questions)."),
     redis: Optional[str] = typer.Option(None, "--redis", help=REDIS_HELP),
     kv_int8: bool = typer.Option(False, "--kv-int8", help="Store the KV cache as int8 (half of bf16; lossy, answers may change)."),
+    kv_type: Optional[str] = typer.Option(None, "--kv-type", metavar="[f16|q8_0]", help=KV_TYPE_HELP),
+    context: Optional[int] = typer.Option(None, "--context", min=16, help=CONTEXT_HELP),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help=THREADS_HELP),
 ) -> None:
     """Prefill a knowledge base once (only what changed, after the first time) and store its KV cache."""
     from . import api
 
     _use_redis(redis)
+    options = _model_options(model, dtype=dtype, kv_type=kv_type, context=context)
     with _Bar() as bar:
-        kb = api.build(paths, name, model=model, device=device, dtype=dtype, reserve=reserve,
+        kb = api.build(paths, name, model=model, reserve=reserve,
                        chunk_size=chunk_size, log=_log, progress=bar, ttl_s=ttl, version=kb_version,
                        incremental_update=not full, shard=shard, kv_quant="int8" if kv_int8 else None,
-                       lm=lambda: _load_model(model, device=device, dtype=dtype))
+                       lm=lambda: _load_model(model, device=device, threads=threads, **options))
     s = kb.build_stats
     out.print(f"built [bold]{kb.name}[/bold]: {len(kb.docs)} documents, {s.tokens} tokens in {s.seconds:.2f} s "
               f"({s.tokens_per_s:.0f} tokens/s), cache {s.file_bytes / 1e6:.1f} MB; {s.how}")
 
 
-def _load_kb(name: str, device, dtype, rebuild: bool = True):
-    """A knowledge base with its model loaded under a status line (the slow part of starting up)."""
+def _model_options(model: Optional[str], dtype=None, kv_type=None, context=None) -> dict:
+    """The load options that apply to the model's engine; one that does not is refused before any work."""
+    from .engines import kind_of
+
+    gguf = kind_of(model) == "llamacpp"
+    wrong = [flag for flag, value, own in (("--dtype", dtype, not gguf), ("--kv-type", kv_type, gguf),
+                                            ("--context", context, gguf)) if value is not None and not own]
+    if wrong:
+        raise CagError(f"{wrong[0]} does not apply to {'GGUF models' if gguf else 'Hugging Face models'} "
+                       f"({'use --kv-type and --context' if gguf else '--kv-type and --context are for GGUF models'})")
+    if kv_type is not None and kv_type not in ("f16", "q8_0"):
+        raise CagError(f"--kv-type must be f16 or q8_0 (got {kv_type!r})")
+    found = {"dtype": dtype, "kv_type": kv_type, "context": context}
+    return {k: v for k, v in found.items() if v is not None}
+
+
+def _kb_key(name: str, tenant: Optional[str]) -> str:
+    """Where the knowledge base `name` (of `tenant`) is stored: see cag.registry.resolve."""
+    from . import registry
+
+    return registry.resolve(name, tenant, log=_log)
+
+
+def _load_kb(name: str, device, dtype, rebuild: bool = True, threads: Optional[int] = None,
+             tenant: Optional[str] = None):
+    """A knowledge base with its model loaded under a status line (the slow part of starting up). Without
+    `rebuild`, a cache that would have to be rebuilt is refused first, before the model loads."""
     from . import api
 
+    name = _kb_key(name, tenant)
+    if not rebuild:
+        api.check_servable(name)
     meta = api.read_meta(name)
-    lm = _load_model(meta.get("model"), device=device, dtype=dtype or meta.get("dtype"))
+    options = api.engine_options(meta)
+    if dtype:
+        options["dtype"] = dtype
+    lm = _load_model(meta.get("model"), device=device, threads=threads, **options)
     with _Bar() as bar:
         return api.load(name, rebuild=rebuild, lm=lm, log=_log, progress=bar)
 
@@ -184,19 +268,24 @@ def ask(
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold (with --temperature)."),
     seed: Optional[int] = typer.Option(None, help="Seed for repeatable sampling."),
     stop: Optional[List[str]] = typer.Option(None, "--stop", help="End the answer before this text (repeatable, up to 4)."),
-    no_rebuild: bool = typer.Option(False, "--no-rebuild", help="Fail instead of rebuilding when knowledge files changed."),
+    no_rebuild: bool = typer.Option(False, "--no-rebuild", help="Fail (before the model loads) instead of rebuilding "
+                                                                "when knowledge files changed or the cache is gone."),
+    system: Optional[str] = typer.Option(None, "--system", metavar="TEXT", help=SYSTEM_HELP),
+    tenant: Optional[str] = typer.Option(None, "--tenant", metavar="TENANT", help=TENANT_HELP),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
     redis: Optional[str] = typer.Option(None, "--redis", help=REDIS_HELP),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help=THREADS_HELP),
 ) -> None:
     """Answer questions from a knowledge base's cache (streams the answer)."""
-    from .engines.torch.engine import Sampling
+    from .sampling import Sampling
 
     _use_redis(redis)
-    items = _questions(question, questions)
+    items = _questions(name, question, questions)
     StopText(stop or ())  # refuse bad stop strings before loading anything
-    kb = _load_kb(name, device, dtype, rebuild=not no_rebuild)
-    sampling = Sampling(temperature=temperature, top_p=top_p, seed=seed)
+    _check_system(system)
+    sampling = Sampling(temperature=temperature, top_p=top_p, seed=seed)  # a bad value fails before loading
+    kb = _load_kb(name, device, dtype, rebuild=not no_rebuild, threads=threads, tenant=tenant)
     for q in items:
         if not as_json:
             if len(items) > 1:
@@ -205,7 +294,7 @@ def ask(
         else:
             on_text = None
         a = kb.ask(q, use_cache=not no_cache, max_new_tokens=max_new_tokens, sampling=sampling, on_text=on_text,
-                   stop=stop or ())
+                   stop=stop or (), system=system)
         if as_json:
             row = a.to_dict()
             row.pop("token_ids")
@@ -216,9 +305,17 @@ def ask(
                  f"{a.cached_tokens} cached + {a.question_tokens} computed prompt tokens, {a.new_tokens} generated")
 
 
-def _questions(question: Optional[str], file: Optional[Path]) -> list[str]:
-    if (question is None) == (file is None):
-        raise CagError("give either a question or --questions FILE.jsonl (not both)")
+def _check_system(system: Optional[str]) -> None:
+    if system is not None and not system.strip():
+        raise CagError("--system is empty: give the system message's text, or leave --system out")
+
+
+def _questions(name: str, question: Optional[str], file: Optional[Path]) -> list[str]:
+    if question is None and file is None:
+        raise CagError(f'missing the question: cag ask {name} "QUESTION" (or --questions FILE.jsonl, one '
+                       '{"q": "..."} per line)')
+    if question is not None and file is not None:
+        raise CagError("give a question or --questions FILE.jsonl, not both")
     if file is None:
         if not question.strip():
             raise CagError("the question is empty")
@@ -251,77 +348,156 @@ def chat(
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold (with --temperature)."),
     seed: Optional[int] = typer.Option(None, help="Seed for repeatable sampling."),
     stop: Optional[List[str]] = typer.Option(None, "--stop", help="End each answer before this text (repeatable, up to 4)."),
+    system: Optional[str] = typer.Option(None, "--system", metavar="TEXT", help=SYSTEM_HELP),
+    tenant: Optional[str] = typer.Option(None, "--tenant", metavar="TENANT", help=TENANT_HELP),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help=THREADS_HELP),
 ) -> None:
     """Interactive chat; earlier turns are kept (after the cached knowledge) as long as they fit the context.
 
-    Ctrl-C stops the answer being written and keeps the chat; /reset clears the history; /exit or Ctrl-D quits.
+    Ctrl-C stops the answer being written and keeps the chat; /help lists the commands; /reset clears the
+    history; /exit or Ctrl-D quits. On a terminal the arrows edit the line and recall earlier questions (kept
+    in CAG_HOME/chat_history).
     """
-    from .engines.torch.engine import Sampling
     from .kb.prompt import Turn
+    from .sampling import Sampling
 
     StopText(stop or ())
-    kb = _load_kb(name, device, dtype)
-    sampling = Sampling(temperature=temperature, top_p=top_p, seed=seed)
+    _check_system(system)
+    sampling = Sampling(temperature=temperature, top_p=top_p, seed=seed)  # a bad value fails before loading
+    with _typeahead_discarded():
+        kb = _load_kb(name, device, dtype, threads=threads, tenant=tenant)
     history: list[Turn] = []
-    _log(f"chatting with {name} ({kb.tokens} cached tokens); Ctrl-C stops an answer, /reset clears the history, "
+    _log(f"chatting with {name} ({kb.tokens} cached tokens); /help lists the commands, Ctrl-C stops an answer, "
          "/exit quits")
-    while True:
-        try:
-            q = input("you> ").strip()
-        except EOFError:
-            break
-        except KeyboardInterrupt:
-            out.file.write("\n")
-            _log("(/exit or Ctrl-D quits)")
-            continue
-        if q in ("/exit", "/quit"):
-            break
-        if q == "/reset":
-            _log(f"history cleared ({len(history)} turn{'s' if len(history) != 1 else ''} forgotten)")
-            history.clear()
-            continue
-        if not q:
-            continue
-        try:
-            kept = kb.trim_history(q, history, max_new_tokens)
-        except ContextLengthError as e:
-            _log(f"not sent: {e}")
-            continue
-        if len(kept) < len(history):
-            _log(f"(the {len(history) - len(kept)} oldest turn(s) no longer fit the context window: dropped)")
-            history[:] = kept
-        out.file.write("cag> ")
-        pieces: list[str] = []
+    with _line_editing():
+        while True:
+            try:
+                q = input("you> ").strip()
+            except EOFError:
+                break
+            except KeyboardInterrupt:
+                out.file.write("\n")
+                _log("(/exit or Ctrl-D quits)")
+                continue
+            if q in ("/exit", "/quit"):
+                break
+            if not q or _chat_command(q, history):
+                continue
+            try:
+                kept = kb.trim_history(q, history, max_new_tokens, system=system)
+            except ContextLengthError as e:
+                _log(f"not sent: {e}")
+                continue
+            if len(kept) < len(history):
+                _log(f"(the {len(history) - len(kept)} oldest turn(s) no longer fit the context window: dropped)")
+                history[:] = kept
+            out.file.write("cag> ")
+            pieces: list[str] = []
 
-        def show(text: str) -> None:
-            pieces.append(text)
-            out.file.write(text)
-            out.file.flush()
+            def show(text: str) -> None:
+                pieces.append(text)
+                out.file.write(text)
+                out.file.flush()
 
-        try:
-            answer = kb.ask(q, history=history, max_new_tokens=max_new_tokens, sampling=sampling, on_text=show,
-                            stop=stop or ()).answer
-        except KeyboardInterrupt:  # the turn keeps what was shown of its answer
-            answer = "".join(pieces).strip()
+            try:
+                answer = kb.ask(q, history=history, max_new_tokens=max_new_tokens, sampling=sampling, on_text=show,
+                                stop=stop or (), system=system).answer
+            except KeyboardInterrupt:  # the turn keeps what was shown of its answer
+                answer = "".join(pieces).strip()
+                out.file.write("\n")
+                _log("(stopped)")
             out.file.write("\n")
-            _log("(stopped)")
-        out.file.write("\n")
-        history.append(Turn(q, answer))
+            history.append(Turn(q, answer))
+
+
+def _chat_command(line: str, history: list) -> bool:
+    """Carry out a chat command (/help, /reset; a lone unknown /word is refused, not sent to the model);
+    False for a question."""
+    if line == "/help":
+        _log(CHAT_HELP)
+    elif line == "/reset":
+        _log(f"history cleared ({len(history)} turn{'s' if len(history) != 1 else ''} forgotten)")
+        history.clear()
+    elif line.startswith("/") and len(line.split()) == 1:
+        _log(f"unknown command {line}: /help lists the commands")
+    else:
+        return False
+    return True
+
+
+@contextmanager
+def _typeahead_discarded() -> Iterator[None]:
+    """On a terminal, keys pressed while the model loads are neither echoed (they would land on the spinner's
+    line) nor kept for the first prompt: it starts empty. Elsewhere (a pipe, a file) input is left alone, since
+    there what comes first is meant to be read."""
+    try:
+        import termios
+
+        fd = sys.stdin.fileno()
+        saved = termios.tcgetattr(fd) if os.isatty(fd) else None
+    except (ImportError, OSError, ValueError):  # no termios (Windows), or no real stdin
+        saved = None
+    if saved is None:
+        yield
+        return
+    quiet = list(saved)
+    quiet[3] &= ~termios.ECHO  # the local modes
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcflush(fd, termios.TCIFLUSH)
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
+
+
+@contextmanager
+def _line_editing() -> Iterator[None]:
+    """On a terminal, input() edits the line and the up arrow recalls questions, this chat's and earlier
+    ones' (Python's readline: GNU readline or libedit), kept in CAG_HOME/chat_history, readable by its owner
+    only. Not imported elsewhere: on a pipe it has nothing to do."""
+    readline = None
+    if sys.stdin.isatty():
+        try:
+            import readline
+        except ImportError:  # a Python built without it: plain input() still works
+            readline = None
+    if readline is None:
+        yield
+        return
+    from . import paths
+
+    path = paths.home() / CHAT_HISTORY
+    readline.set_history_length(1000)
+    try:
+        readline.read_history_file(str(path))
+    except OSError:
+        pass  # none yet, or unreadable: this chat starts one
+    try:
+        yield
+    finally:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))  # private from the start: questions can be
+            readline.write_history_file(str(path))  # confidential
+        except OSError:
+            pass  # a read-only home: this chat's questions are not kept
 
 
 @app.command("ls")
 def list_(
     as_json: bool = typer.Option(False, "--json", help="One JSON object per knowledge base."),
     show_all: bool = typer.Option(False, "--all", "-a", help="Also list the shards of sharded knowledge bases."),
+    verify: bool = typer.Option(False, "--verify", help="Read every local cache file and check it as a load does "
+                                                        "(checksum, signature): slow for large caches."),
     redis: Optional[str] = typer.Option(None, "--redis", help=REDIS_HELP),
 ) -> None:
-    """List knowledge bases: where their caches live (tiers), size, tokens, age, hits."""
+    """List knowledge bases: tenant, tokens, documents, size, where their caches live (tiers), age, hits, status."""
     from . import api, paths
 
     _use_redis(redis)
-    rows = [r for r in api.list_kbs() if show_all or not r.get("parent")]
+    rows = [r for r in api.list_kbs(verify=verify) if show_all or not r.get("parent")]
     if as_json:
         for r in rows:
             print(json.dumps(r), flush=True)
@@ -329,25 +505,39 @@ def list_(
     if not rows:
         err.print(f"no knowledge bases in {paths.kbs_dir()}")
         return
-    out.print(_kb_table(rows))
+    for i, table in enumerate(_kb_tables(rows)):
+        if i:
+            out.print()
+        out.print(table)
+    if not verify and any(r["status"].startswith("cached") for r in rows):
+        out.file.flush()
+        _log("cached: present, not read (`cag ls --verify` checks every cache file's checksum and signature)")
 
 
-def _kb_table(rows: list[dict]) -> Table:
-    """Fits 80 columns: the model goes in the title when every row shares it; --json has everything."""
-    models = {r.get("model") for r in rows}
-    title = f"model: {models.pop()}" if len(models) == 1 else None
-    table = Table("name", "tokens", "docs", "size", "cached in", "age", "hits", "status", title=title,
-                  title_justify="left", title_style="dim", box=None, pad_edge=False)
-    table.columns[0].no_wrap = True
-    for column in table.columns[1:4] + table.columns[5:7]:
-        column.justify = "right"
+def _kb_tables(rows: list[dict]) -> list[Table]:
+    """One table per model (named in its title, a local path by its last part), fitting 80 columns: the
+    numbers never wrap, names and statuses do; --json has everything. A tenant column when any row has one."""
+    from .registry import model_label
+
+    tenants = any(r.get("tenant") for r in rows)
+    by_model: dict[str, list[dict]] = {}
     for r in rows:
-        size = f"{r['bytes'] / 1e6:.1f} MB" if r.get("bytes") else "-"
-        name = r["name"] if title else f"{r['name']} ({r.get('model')})"
-        table.add_row(name, _num(r.get("tokens")), _num(r.get("documents")), size,
-                      ",".join(r.get("tiers", [])) or "-", _age_text(r.get("age_s")), str(r.get("hits", 0)),
-                      _short_status(r["status"]))
-    return table
+        by_model.setdefault(model_label(r.get("model")) or "-", []).append(r)
+    tables = []
+    for model, group in by_model.items():
+        headers = ["name", *(["tenant"] if tenants else []), "tokens", "docs", "size", "tiers", "age", "hits", "status"]
+        table = Table(title=f"model: {model}", title_justify="left", title_style="dim", box=None, pad_edge=False)
+        for header in headers:
+            wraps = header in ("name", "status")
+            table.add_column(header, no_wrap=not wraps, overflow="fold" if wraps else "ellipsis",
+                             min_width=len(header), justify="left" if wraps or header in ("tenant", "tiers") else "right")
+        for r in group:
+            size = f"{r['bytes'] / 1e6:.1f} MB" if r.get("bytes") else "-"
+            table.add_row(r["name"], *([r.get("tenant") or "-"] if tenants else []), _num(r.get("tokens")),
+                          _num(r.get("documents")), size, ",".join(r.get("tiers", [])) or "-", _age_text(r.get("age_s")),
+                          str(r.get("hits", 0)), _short_status(r["status"]))
+        tables.append(table)
+    return tables
 
 
 def _num(value) -> str:
@@ -369,40 +559,48 @@ def _short_status(status: str) -> str:
 
 
 @app.command()
-def invalidate(name: str = typer.Argument(...), redis: Optional[str] = typer.Option(None, "--redis", help=REDIS_HELP)) -> None:
+def invalidate(name: str = typer.Argument(...), tenant: Optional[str] = typer.Option(None, "--tenant", metavar="TENANT", help=TENANT_HELP),
+               redis: Optional[str] = typer.Option(None, "--redis", help=REDIS_HELP)) -> None:
     """Drop a knowledge base's cache in every tier and (through Redis) every process; the next use rebuilds it."""
     from . import api
 
     _use_redis(redis)
-    tiers = api.invalidate(name)
+    tiers = api.invalidate(_kb_key(name, tenant))
     out.print(f"invalidated {name}: dropped from {', '.join(tiers) or 'no tier (nothing was cached)'}")
 
 
 @app.command()
 def publish(name: str = typer.Argument(...), kb_version: int = typer.Argument(..., metavar="VERSION"),
+            tenant: Optional[str] = typer.Option(None, "--tenant", metavar="TENANT", help=TENANT_HELP),
             redis: Optional[str] = typer.Option(None, "--redis", help=REDIS_HELP)) -> None:
     """Make VERSION the only servable version of a knowledge base; every replica refuses the others."""
     from . import api
 
     _use_redis(redis)
-    api.publish(name, kb_version)
+    api.publish(_kb_key(name, tenant), kb_version)
     out.print(f"published {name} version {kb_version}")
 
 
 @app.command()
-def inspect(name: str = typer.Argument(...), as_json: bool = typer.Option(False, "--json")) -> None:
+def inspect(name: str = typer.Argument(...), tenant: Optional[str] = typer.Option(None, "--tenant", metavar="TENANT", help=TENANT_HELP),
+            as_json: bool = typer.Option(False, "--json")) -> None:
     """Show a knowledge base's settings and manifest, and verify its cache file (checksum, signature)."""
     from . import api, paths
     from .cache import kvfile
+    from .registry import split
 
-    meta = api.read_meta(name)
+    stored = _kb_key(name, tenant)
+    record = api.record(stored)
+    name, owner = split(stored, record.owner if record else None)
+    meta = api.read_meta(stored)
     infos = []
-    for part in meta.get("shards") or [name]:  # a sharded knowledge base: every shard's cache
+    for part in meta.get("shards") or [stored]:  # a sharded knowledge base: every shard's cache
         path = paths.kb_dir(part) / api.CACHE_FILE
         manifest = kvfile.load(path).manifest  # integrity: parse, checksum, signature when a key is set
-        infos.append({"name": part, "file": str(path), "bytes": path.stat().st_size, "integrity": "ok",
-                      **({} if part == name else {"shard_of": name}),
-                      **{k: _iso(v) if k == "built_at" else v for k, v in api.read_meta(part).items()},
+        infos.append({"name": name if part == stored else part, **({"tenant": owner} if owner else {}),
+                      "file": str(path), "bytes": path.stat().st_size, "integrity": "ok",
+                      **({} if part == stored else {"shard_of": name}),
+                      **{k: _iso(v) if k == "built_at" else v for k, v in api.read_meta(part).items() if k != "name"},
                       "manifest": {k: v for k, v in manifest.items() if k != "shapes"},
                       "kv_shape": manifest["shapes"]["k"][0]})
     if as_json:
@@ -429,12 +627,13 @@ def _iso(epoch: float | None) -> str | None:
 
 
 @app.command()
-def rm(name: str = typer.Argument(...), redis: Optional[str] = typer.Option(None, "--redis", help=REDIS_HELP)) -> None:
+def rm(name: str = typer.Argument(...), tenant: Optional[str] = typer.Option(None, "--tenant", metavar="TENANT", help=TENANT_HELP),
+       redis: Optional[str] = typer.Option(None, "--redis", help=REDIS_HELP)) -> None:
     """Delete a knowledge base and its cache."""
     from . import api
 
     _use_redis(redis)
-    api.delete(name)
+    api.delete(_kb_key(name, tenant))
     out.print(f"deleted {name}")
 
 
@@ -449,12 +648,17 @@ def eval_(
     model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
+    kv_type: Optional[str] = typer.Option(None, "--kv-type", metavar="[f16|q8_0]", help=KV_TYPE_HELP),
+    context: Optional[int] = typer.Option(None, "--context", min=16, help=CONTEXT_HELP),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help=THREADS_HELP),
 ) -> None:
     """Compare CAG, in-context and BM25/dense RAG on datasets: accuracy, time to first token, tokens, build cost."""
     from .eval import report, runner
 
+    options = _model_options(model, dtype=dtype, kv_type=kv_type, context=context)
+    lm = _load_model(model, device=device, threads=threads, **options)
     result = runner.run(datasets, systems=_csv(systems, str), top_k=_csv(top_k, int), max_new_tokens=max_new_tokens,
-                        limit=limit, out=out_dir, model=model, device=device, dtype=dtype, log=_log)
+                        limit=limit, out=out_dir, lm=lm, log=_log)
     out.print(report.markdown(result["summary"]), markup=False)
     _log("wrote " + ", ".join(result["files"]))
 
@@ -502,6 +706,12 @@ def serve(
                                                "with continuous batching at least --max-batch)."),
     log_level: str = typer.Option("info", "--log-level", metavar="[debug|info|warning|error]",
                                   help="Least severe log lines shown (JSON access lines go to stdout at info)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", show_default=False,
+                                        help=MODEL_HELP + " Loaded at start; knowledge bases built with other "
+                                             "models load theirs on first use."),
+    kv_type: Optional[str] = typer.Option(None, "--kv-type", metavar="[f16|q8_0]", help=KV_TYPE_HELP),
+    context: Optional[int] = typer.Option(None, "--context", min=16, help=CONTEXT_HELP),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help=THREADS_HELP),
 ) -> None:
     """Serve the knowledge bases in CAG_HOME over an OpenAI-compatible HTTP API (model = knowledge base)."""
     import uvicorn
@@ -513,9 +723,11 @@ def serve(
         raise typer.BadParameter(f"{log_level!r} is not one of debug, info, warning, error", param_hint="'--log-level'")
     configure_logging(log_level)
     settings = with_flags(load_config(config), api_key=api_key, continuous_batching=continuous_batching,
-                          max_batch=max_batch, batch_window_ms=batch_window_ms, workers=workers)
-    lm = _load_model(settings.model, device=settings.device, dtype=settings.dtype)
-    if lm.packing is not None:
+                          max_batch=max_batch, batch_window_ms=batch_window_ms, workers=workers, model=model,
+                          kv_type=kv_type, context=context, threads=threads)
+    options = _model_options(settings.model, dtype=settings.dtype, kv_type=settings.kv_type, context=settings.context)
+    lm = _load_model(settings.model, device=settings.device, threads=settings.threads, **options)
+    if getattr(lm, "packing", None) is not None:
         _log(str(lm.packing))
     uvicorn.run(create_app(settings, lm), host=host, port=port, log_level=log_level, access_log=False)
 
@@ -534,6 +746,9 @@ def version(
                   f"native kernels unavailable: {kernels.why_not()} (decoding uses float32 matmuls)", markup=False)
 
 
+_NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # a full disk, a quota, a file size limit
+
+
 def main() -> None:
     _quiet_transformers()
     try:
@@ -545,7 +760,8 @@ def main() -> None:
         sys.exit(130)
     except OSError as e:  # a full disk, a read-only or missing folder: the user's to fix, not a bug
         where = f" ({e.filename})" if e.filename else ""
-        err.print(f"error: {e.strerror or e}{where}", markup=False, style="red")
+        room = "; make room and run it again (what was stored before is unchanged)" if e.errno in _NO_ROOM else ""
+        err.print(f"error: {e.strerror or e}{where}{room}", markup=False, style="red")
         sys.exit(1)
     except Exception as e:  # noqa: BLE001 - a bug, but still no traceback unless asked for
         from .settings import current

@@ -1,5 +1,5 @@
 """What building a knowledge base and asking it a question return: plain records, shared by cag.api and
-cag.shards (a leaf module, so neither has to import the other for them)."""
+cag.kb.shards (a leaf module, so neither has to import the other for them)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ class BuildStats:
 
     @property
     def tokens_per_s(self) -> float:
-        return self.tokens / self.seconds if self.seconds > 0 else float("inf")
+        """Tokens computed per second (reused ones were not computed, so they do not count)."""
+        done = self.prefilled if self.prefilled is not None else self.tokens
+        return done / self.seconds if self.seconds > 0 else float("inf")
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """How the next token is chosen from a row's logits: greedy, or sampled (temperature, top-p, seed).
 
-A leaf module so that the engine (one answer) and cag.batch (answers decoded together) pick tokens with
+A leaf module so that the engine (one answer) and cag.engines.torch.batch (answers decoded together) pick tokens with
 the same code: a row's choice depends only on its own logits and its own generator, so a seeded sampled
 answer is the same whether it was decoded alone or beside others.
 """

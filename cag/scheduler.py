@@ -1,20 +1,17 @@
-"""Continuous batching: one thread per workspace decodes every answer in progress on it, one step for all.
+"""Continuous batching: one thread per knowledge base decodes every answer in progress on it, one step for all.
 
 Why: decoding reads every weight once per step, whether for one answer or for many, so answers decoded
 together cost little more than one. An answer that arrives while others are decoding joins at the next
 step (after its question prefill, run by the same thread between two steps); one that ends (end of turn,
-max_new_tokens, its consumer gone) leaves it, and its buffer goes back to the workspace's pool. Every row
-is computed as it would be alone (cag.batch), so joining changes no answer's bits on the CPU.
+max_new_tokens, its consumer gone) leaves it, and its row goes back to the decoder. Every row is computed
+as it would be alone (cag.engines.base.Decoder), so joining changes no answer's tokens.
 
-Callers opt in with `together()`: inside it, engine.generate on a Workspace hands its job to the
-workspace's scheduler and yields the tokens as the scheduler produces them (a thread-safe queue per
-answer, so a slow consumer slows nobody else). Outside it, an answer decodes inline in its own thread.
+The path is chosen by the caller: KnowledgeBase.ask(batching=Batching(...)) hands the answer to the
+knowledge base's Scheduler; without it an answer decodes inline in its caller's thread (cag.decode).
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import queue
 import threading
 import time
@@ -22,13 +19,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from .engines.torch.batch import Decoder, Job
-from .engines.torch.workspace import Workspace
+from .engines.base import Decoder, Job
 
 IDLE_S = 5.0  # a scheduler thread with nothing to do ends after this long (the next answer starts another)
-_LIMIT: contextvars.ContextVar["Batching | None"] = contextvars.ContextVar("cag_together", default=None)
 _END = object()
-_CREATE = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -40,36 +34,11 @@ class Batching:
     max_batch: int = 32
     window_s: float = 0.0
 
-
-@contextlib.contextmanager
-def together(max_batch: int = 32, window_ms: float = 0):
-    """Answers generated on a Workspace inside this block are decoded with the others on it, at most
-    `max_batch` rows per step (the rest wait their turn); `window_ms` as in Batching."""
-    if max_batch < 1:
-        raise ValueError(f"max_batch must be at least 1 (got {max_batch})")
-    if window_ms < 0:
-        raise ValueError(f"window_ms must not be negative (got {window_ms})")
-    token = _LIMIT.set(Batching(max_batch, window_ms / 1000))
-    try:
-        yield
-    finally:
-        _LIMIT.reset(token)
-
-
-def limit() -> Batching | None:
-    """The batching of the enclosing `together()`, or None outside one."""
-    return _LIMIT.get()
-
-
-def of(model, workspace: Workspace) -> "Scheduler":
-    """The workspace's scheduler (one per workspace, made on first use)."""
-    found = workspace.scheduler
-    if found is None or found.model is not model:
-        with _CREATE:
-            found = workspace.scheduler
-            if found is None or found.model is not model:
-                found = workspace.scheduler = Scheduler(model, workspace)
-    return found
+    def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1 (got {self.max_batch})")
+        if self.window_s < 0:
+            raise ValueError(f"the batch window must not be negative (got {self.window_s} s)")
 
 
 @dataclass
@@ -80,11 +49,10 @@ class _Ticket:
 
 
 class Scheduler:
-    """The rows in progress on one workspace and the thread that steps them."""
+    """The rows in progress on one prefix and the thread that steps them."""
 
-    def __init__(self, model, workspace: Workspace):
-        self.model, self.workspace = model, workspace
-        self.decoder = Decoder(model, workspace)
+    def __init__(self, decoder: Decoder):
+        self.decoder = decoder
         self._cond = threading.Condition()
         self._waiting: deque[_Ticket] = deque()
         self._thread: threading.Thread | None = None
@@ -125,9 +93,9 @@ class Scheduler:
                         deadline = time.monotonic() + self._window_s
                         while len(self._waiting) < self._max_batch and (left := deadline - time.monotonic()) > 0:
                             self._cond.wait(left)
-                    joining = [self._waiting.popleft()
-                               for _ in range(min(len(self._waiting), max(0, self._max_batch - len(active))))]
-                for ticket in joining:
+                    slots = max(0, self._max_batch - len(active))
+                while slots > 0 and (ticket := self._next(bool(active))) is not None:
+                    slots -= 1
                     if self._start(ticket):
                         active.append(ticket)
                 active = self._leave(active)
@@ -145,6 +113,14 @@ class Scheduler:
                 self.decoder.finish(ticket.job)
                 ticket.out.put(err)
             raise
+
+    def _next(self, busy: bool) -> _Ticket | None:
+        """The first waiting answer, if the decoder has room for it now (while rows run, one that does not
+        fit waits for them to end; with none running it starts, and is refused if it can never fit)."""
+        with self._cond:
+            if not self._waiting or (busy and not self.decoder.admits(self._waiting[0].job)):
+                return None
+            return self._waiting.popleft()
 
     def _start(self, ticket: _Ticket) -> bool:
         """The question prefill and first token; False when the answer is already over."""

@@ -11,6 +11,9 @@
     CAG_FAST_DECODE     0: every decoding step through transformers' forward
     CAG_NATIVE          0: no C kernels (and so no packed weights)
     CAG_NATIVE_STEP     0: no whole-model C decoding step
+    CAG_THREADS         CPU threads for decoding and prefill, both engines (default: the engine's own choice)
+    CAG_MODEL_BYTES     budget of models `cag serve` keeps loaded at once (default 8G; least recently used first out)
+    CAG_SIMD            the CPU kernel set: auto (default: the best this CPU runs), avx512, avx2, neon, portable
     CC                  the C compiler for the kernels (default: cc, gcc or clang on PATH)
     CAG_DEBUG           1: the CLI shows tracebacks of internal errors
 
@@ -30,9 +33,12 @@ from pathlib import Path
 from .errors import CagError
 
 DEFAULT_MEMORY_BYTES = 2 << 30
+DEFAULT_MODEL_BYTES = 8 << 30
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _NAMES = ("CAG_HOME", "CAG_MEMORY_BYTES", "CAG_HOST_BYTES", "CAG_REDIS_URL", "CAG_REDIS_TTL", "CAG_SIGNING_KEY",
-          "CAG_API_KEYS", "CAG_PACKED_WEIGHTS", "CAG_FAST_DECODE", "CAG_NATIVE", "CAG_NATIVE_STEP", "CC", "CAG_DEBUG")
+          "CAG_API_KEYS", "CAG_PACKED_WEIGHTS", "CAG_FAST_DECODE", "CAG_NATIVE", "CAG_NATIVE_STEP", "CC", "CAG_DEBUG",
+          "CAG_THREADS", "CAG_MODEL_BYTES", "CAG_SIMD")
+SIMD_CHOICES = ("auto", "avx512", "avx2", "neon", "portable")
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,9 @@ class Settings:
     native_step: bool
     compiler: str | None
     debug: bool
+    threads: int | None = None
+    model_bytes: int = DEFAULT_MODEL_BYTES
+    simd: str = "auto"
 
     @classmethod
     def from_env(cls, env: dict[str, str | None]) -> "Settings":
@@ -72,6 +81,9 @@ class Settings:
             native_step=_on(env, "CAG_NATIVE_STEP"),
             compiler=env.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang"),
             debug=(env.get("CAG_DEBUG") or "0") not in ("", "0"),
+            threads=_count(env, "CAG_THREADS"),
+            model_bytes=parse_bytes(env.get("CAG_MODEL_BYTES") or DEFAULT_MODEL_BYTES, "CAG_MODEL_BYTES"),
+            simd=_simd(env.get("CAG_SIMD")),
         )
 
 
@@ -97,6 +109,22 @@ def parse_bytes(value: str | int, what: str) -> int:
     if not m:
         raise CagError(f"{what} must be a byte count like 1073741824, 512M or 2G (got {value!r})")
     return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def _count(env: dict[str, str | None], name: str) -> int | None:
+    value = env.get(name)
+    if not value:
+        return None
+    if not value.strip().isdigit() or int(value) < 1:
+        raise CagError(f"{name} must be a whole number of at least 1 (got {value!r})")
+    return int(value)
+
+
+def _simd(value: str | None) -> str:
+    simd = (value or "auto").strip().lower()
+    if simd not in SIMD_CHOICES:
+        raise CagError(f"CAG_SIMD must be one of {', '.join(SIMD_CHOICES)} (got {value!r})")
+    return simd
 
 
 def _on(env: dict[str, str | None], name: str) -> bool:

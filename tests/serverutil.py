@@ -149,3 +149,32 @@ def url(kb, sharp_lm):
 @pytest.fixture
 def client(url):
     return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+
+
+def chat_answer(url: str, body: dict, cancel_after: int | None = None, timeout: float = 600) -> tuple:
+    """(text, finish_reason, completion tokens) of a chat request, streamed (`body["stream"]`) or not; with
+    `cancel_after`, the stream is left after that many content chunks: ("cancelled", text so far)."""
+    if not body.get("stream"):
+        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=timeout)
+        assert r.status_code == 200, r.text
+        got = r.json()
+        return (got["choices"][0]["message"]["content"], got["choices"][0]["finish_reason"],
+                got["usage"]["completion_tokens"])
+    text, finish, usage, chunks = "", None, None, 0
+    body = {**body, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=timeout) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[6:])
+            assert "error" not in event, event
+            if event.get("usage"):
+                usage = event["usage"]["completion_tokens"]
+            elif event["choices"]:
+                text += event["choices"][0]["delta"].get("content") or ""
+                finish = event["choices"][0]["finish_reason"] or finish
+                chunks += bool(event["choices"][0]["delta"].get("content"))
+            if cancel_after and chunks >= cancel_after:
+                return "cancelled", text  # leaving the block closes the connection mid-stream
+    return text.strip(), finish, usage

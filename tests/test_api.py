@@ -111,7 +111,7 @@ def test_tampered_cache_is_refused(cag_home, tiny_model_dir, kb_docs):
 def test_list_and_delete(cag_home, tiny_model_dir, kb_docs):
     assert cag.list_kbs() == []
     kb = cag.build([kb_docs], name="one", model=str(tiny_model_dir))
-    rows = cag.list_kbs()
+    rows = cag.list_kbs(verify=True)
     assert [r["name"] for r in rows] == ["one"] and rows[0]["tokens"] == kb.tokens and rows[0]["status"] == "ok"
     cag.delete("one")
     assert cag.list_kbs() == []

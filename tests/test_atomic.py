@@ -12,7 +12,7 @@ from cag.cache import atomic
 def test_temp_file_of_a_killed_writer_is_removed_by_the_next_write(tmp_path):
     target = tmp_path / "cache.safetensors"
     # a real writer process, killed with SIGKILL in the middle of writing
-    code = ("import sys, time; from cag import atomic\n"
+    code = ("import sys, time; from cag.cache import atomic\n"
             "with atomic.replacing(sys.argv[1]) as tmp:\n"
             "    tmp.write_bytes(b'x' * 1_000_000); print('writing', flush=True); time.sleep(60)\n")
     proc = subprocess.Popen([sys.executable, "-c", code, str(target)], stdout=subprocess.PIPE, text=True)

@@ -13,10 +13,14 @@ import threading
 import pytest
 import torch
 
-from cag.engines.torch import batch, engine, fastdecode, models
-from cag import scheduler
-from cag.sampling import Sampling
+from cag.engines.torch import direct as eu
 from conftest import require_native
+
+from cag.engines.base import Job
+from cag.engines.torch import batch, fastdecode, models
+from cag.engines.torch.workspace import Workspace
+from cag.sampling import Sampling
+from cag.scheduler import Batching, Scheduler
 
 
 class _Module:
@@ -32,7 +36,7 @@ def test_segment_attention_equals_attention_over_the_concatenation(kernel, width
     monkeypatch.setattr(batch, "_kernel", lambda q: kernel)
     torch.manual_seed(0)
     b, hq, hkv, p, d = 3, 6, 2, 37, 16
-    ws = engine.Workspace([(torch.randn(1, hkv, p, d), torch.randn(1, hkv, p, d))])
+    ws = Workspace([(torch.randn(1, hkv, p, d), torch.randn(1, hkv, p, d))])
     own = [0, 4, 7] if width == 1 else [0, 0, 0]  # each row's own positions so far
     shared = [p, 20, p]  # the second row reads only part of the prefix (a token-seam mismatch)
     rows = [batch.Row(ws, s, ws.take(16, 1), n) for s, n in zip(shared, own)]
@@ -53,17 +57,17 @@ def test_segment_attention_equals_attention_over_the_concatenation(kernel, width
         torch.testing.assert_close(out[i].transpose(0, 1), ref, rtol=1e-5, atol=1e-5)
 
 
-def _decode(model, ws, plan, shuffle: random.Random | None = None) -> list[list[torch.Tensor]]:
+def _decode(lm, ws, plan, shuffle: random.Random | None = None) -> list[list[torch.Tensor]]:
     """Logits of each planned row: (question ids, reuse, steps, join at step). A row joins at its step (its
     question prefill), then gets one token per step, and leaves after `steps` tokens."""
-    layers = model.config.num_hidden_layers
+    layers = lm.config.num_hidden_layers
     logits: list[list[torch.Tensor]] = [[] for _ in plan]
     rows, last, t = {}, {}, 0
     while t <= max(at for *_, at in plan) or rows:
         for i, (ids, reuse, steps, at) in enumerate(plan):
             if at == t:
                 rows[i] = batch.Row(ws, reuse, ws.take(len(ids) + steps + 1, layers))
-                logits[i].append(batch.prefill(model, rows[i], ids).clone())
+                logits[i].append(batch.prefill(lm.state, rows[i], ids).clone())
                 last[i] = int(torch.argmax(logits[i][-1]))
         for i in [i for i in rows if len(logits[i]) > plan[i][2]]:
             ws.give(rows.pop(i).buffer)
@@ -71,15 +75,15 @@ def _decode(model, ws, plan, shuffle: random.Random | None = None) -> list[list[
         if shuffle:
             shuffle.shuffle(order)
         if order:
-            for i, out in zip(order, batch.step(model, [rows[i] for i in order], [last[i] for i in order])):
+            for i, out in zip(order, batch.step(lm.state, [rows[i] for i in order], [last[i] for i in order])):
                 logits[i].append(out.clone())
                 last[i] = int(torch.argmax(out))
         t += 1
     return logits
 
 
-def _alone(model, ws, plan):
-    return [_decode(model, ws, [(ids, reuse, steps, 0)])[0] for ids, reuse, steps, _ in plan]
+def _alone(lm, ws, plan):
+    return [_decode(lm, ws, [(ids, reuse, steps, 0)])[0] for ids, reuse, steps, _ in plan]
 
 
 def _same_bits(got, want) -> bool:
@@ -105,7 +109,7 @@ def _kb(lm, tokens: int = 300, seed: int = 1):
     rng = random.Random(seed)
     vocab = lm.model.config.vocab_size
     prefix = [rng.randrange(3, vocab) for _ in range(tokens)]
-    return prefix, engine.Workspace(engine.prefill(lm.model, prefix))
+    return prefix, Workspace(eu.prefill(lm, prefix))
 
 
 @pytest.mark.parametrize("size", [1, 2, 5, 8])
@@ -114,12 +118,12 @@ def test_batched_logits_equal_one_at_a_time_logits_bit_for_bit(path_lm, size):
     rng = random.Random(size)
     vocab = path_lm.model.config.vocab_size
     plan = [([rng.randrange(3, vocab) for _ in range(rng.randint(1, 15))], len(prefix), 10, 0) for _ in range(size)]
-    together = _decode(path_lm.model, ws, plan, shuffle=random.Random(7))
-    alone = _alone(path_lm.model, ws, plan)
+    together = _decode(path_lm, ws, plan, shuffle=random.Random(7))
+    alone = _alone(path_lm, ws, plan)
     assert _same_bits(together, alone)
     assert all(torch.isfinite(x.float()).all() for row in together for x in row)
     kind = {"c-step-float32": "native", "lean-float32": "lean", "torch-bf16": "lean"}[path_lm.path_kind]
-    assert fastdecode.verdict(path_lm.model, kind) is True  # that path ran (and was checked)
+    assert fastdecode.verdict(path_lm.state, kind) is True  # that path ran (and was checked)
     if size > 1:
         assert len({int(torch.argmax(row[3])) for row in together}) > 1  # rows differ, so equality means something
 
@@ -131,9 +135,9 @@ def test_rows_joining_and_leaving_mid_run_keep_their_bits(path_lm):
     # (question, reuse, tokens, join at step): some leave early, some join late, one reuses part of the prefix
     plan = [([rng.randrange(3, vocab) for _ in range(rng.randint(1, 12))], reuse, steps, at)
             for reuse, steps, at in ((300, 12, 0), (300, 3, 0), (300, 9, 2), (280, 6, 4), (300, 1, 5), (300, 8, 9))]
-    together = _decode(path_lm.model, ws, plan, shuffle=random.Random(4))
+    together = _decode(path_lm, ws, plan, shuffle=random.Random(4))
     assert [len(x) for x in together] == [13, 4, 10, 7, 2, 9]
-    assert _same_bits(together, _alone(path_lm.model, ws, plan))
+    assert _same_bits(together, _alone(path_lm, ws, plan))
 
 
 def test_twenty_sequential_questions_on_reused_buffers_never_leak(path_lm):
@@ -153,11 +157,11 @@ def test_twenty_sequential_questions_on_reused_buffers_never_leak(path_lm):
     answers = []
     for q, n in jobs:
         poison()
-        answers.append(list(engine.generate(path_lm.model, q, ws, reuse=len(prefix), max_new_tokens=n)))
+        answers.append(list(eu.generate(path_lm, q, ws, reuse=len(prefix), max_new_tokens=n)))
     assert len(ws._free) == 1  # one buffer, reused by every question
     for (q, n), answer in zip(jobs, answers):
-        fresh = engine.Workspace(ws.prefix)  # a new pool: nothing was ever written in it
-        assert answer == list(engine.generate(path_lm.model, q, fresh, reuse=len(prefix), max_new_tokens=n))
+        fresh = Workspace(ws.prefix)  # a new pool: nothing was ever written in it
+        assert answer == list(eu.generate(path_lm, q, fresh, reuse=len(prefix), max_new_tokens=n))
     assert len({tuple(a) for a in answers}) > 10
 
 
@@ -176,8 +180,14 @@ def test_ask_many_equals_ask_one_by_one(cag_home, sharp_lm, tmp_path):
     assert len({tuple(a.token_ids) for a in many}) > 1  # the model's answers depend on the question
 
 
+def _batched(sched: Scheduler, q, reuse: int, n: int, sampling: Sampling = Sampling(), **batching):
+    """An answer handed to the scheduler (continuous batching), as KnowledgeBase.ask(batching=...) does."""
+    return sched.answer(Job(list(q), reuse, n, sampling), Batching(**batching))
+
+
 def test_scheduler_decodes_concurrent_answers_together_each_as_alone(sharp_lm):
     prefix, ws = _kb(sharp_lm, seed=8)
+    sched = Scheduler(eu.decoder(sharp_lm, ws))
     rng = random.Random(9)
     vocab = sharp_lm.model.config.vocab_size
     jobs = [([rng.randrange(3, vocab) for _ in range(rng.randint(1, 12))], rng.randint(4, 24),
@@ -188,20 +198,17 @@ def test_scheduler_decodes_concurrent_answers_together_each_as_alone(sharp_lm):
     def ask(i: int) -> None:
         q, n, sampling = jobs[i]
         start.wait()
-        with scheduler.together(max_batch=4):
-            got[i] = list(engine.generate(sharp_lm.model, q, ws, reuse=len(prefix), max_new_tokens=n,
-                                          sampling=sampling))
+        got[i] = list(_batched(sched, q, len(prefix), n, sampling, max_batch=4))
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(jobs))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(120)
-    sched = ws.scheduler
-    assert sched is not None and sched.rows_stepped > sched.steps  # steps did run several rows at once
+    assert sched.rows_stepped > sched.steps  # steps did run several rows at once
     assert sched.rows_stepped <= 4 * sched.steps  # never more than max_batch
     for i, (q, n, sampling) in enumerate(jobs):
-        alone = list(engine.generate(sharp_lm.model, q, ws, reuse=len(prefix), max_new_tokens=n, sampling=sampling))
+        alone = list(eu.generate(sharp_lm, q, ws, reuse=len(prefix), max_new_tokens=n, sampling=sampling))
         assert got[i] == alone, i
     assert len({tuple(a) for a in got.values()}) > 5
 
@@ -209,12 +216,12 @@ def test_scheduler_decodes_concurrent_answers_together_each_as_alone(sharp_lm):
 @pytest.mark.parametrize("window_ms", [0, 3000])
 def test_a_batch_window_lets_answers_arriving_close_together_start_together(sharp_lm, window_ms):
     prefix, ws = _kb(sharp_lm, seed=12)
+    sched = Scheduler(eu.decoder(sharp_lm, ws))
     n = 16
     got: dict[int, list[int]] = {}
 
     def ask(i: int) -> None:
-        with scheduler.together(max_batch=2, window_ms=window_ms):
-            got[i] = list(engine.generate(sharp_lm.model, [5 + i, 6], ws, reuse=len(prefix), max_new_tokens=n))
+        got[i] = list(_batched(sched, [5 + i, 6], len(prefix), n, max_batch=2, window_s=window_ms / 1000))
 
     first = threading.Thread(target=ask, args=(0,))
     first.start()
@@ -223,24 +230,23 @@ def test_a_batch_window_lets_answers_arriving_close_together_start_together(shar
     second.start()
     first.join(120)
     second.join(120)
-    sched = ws.scheduler
     if window_ms:  # the first waited for the second (max_batch reached ends the wait), so every step ran both
         assert (sched.steps, sched.rows_stepped) == (n - 1, 2 * (n - 1))
     else:  # no wait: the first starts at once (the tiny model ends it long before the second arrives)
         assert sched.steps > n - 1 and sched.rows_stepped == 2 * (n - 1)
     for i in (0, 1):
-        assert got[i] == list(engine.generate(sharp_lm.model, [5 + i, 6], ws, reuse=len(prefix), max_new_tokens=n))
+        assert got[i] == list(eu.generate(sharp_lm, [5 + i, 6], ws, reuse=len(prefix), max_new_tokens=n))
 
 
 def test_an_answer_abandoned_mid_run_leaves_the_batch_and_frees_its_buffer(sharp_lm):
     prefix, ws = _kb(sharp_lm, seed=10)
-    with scheduler.together():
-        stream = engine.generate(sharp_lm.model, [5, 6, 7], ws, reuse=len(prefix), max_new_tokens=200)
-        first = [next(stream) for _ in range(3)]
-        other = list(engine.generate(sharp_lm.model, [8, 9], ws, reuse=len(prefix), max_new_tokens=6))
-        stream.close()  # the consumer goes away: the row leaves at the scheduler's next step
-        again = list(engine.generate(sharp_lm.model, [8, 9], ws, reuse=len(prefix), max_new_tokens=6))
-    assert first == list(engine.generate(sharp_lm.model, [5, 6, 7], ws, reuse=len(prefix), max_new_tokens=3))
+    sched = Scheduler(eu.decoder(sharp_lm, ws))
+    stream = _batched(sched, [5, 6, 7], len(prefix), 200)
+    first = [next(stream) for _ in range(3)]
+    other = list(_batched(sched, [8, 9], len(prefix), 6))
+    stream.close()  # the consumer goes away: the row leaves at the scheduler's next step
+    again = list(_batched(sched, [8, 9], len(prefix), 6))
+    assert first == list(eu.generate(sharp_lm, [5, 6, 7], ws, reuse=len(prefix), max_new_tokens=3))
     assert other == again
     deadline = threading.Event()
     for _ in range(100):

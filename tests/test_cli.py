@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -86,7 +87,7 @@ def test_errors_are_one_line(setup, tmp_path, tiny_model_dir):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"q": "ok"}\nnot json\n')
     assert_one_line_error(run(["ask", "kb", "-q", bad], home, check=False), f"{bad}:2")
-    assert_one_line_error(run(["ask", "kb"], home, check=False), "give either a question")
+    assert_one_line_error(run(["ask", "kb"], home, check=False), 'missing the question: cag ask kb "QUESTION"')
     assert_one_line_error(run(["build", docs, "--model", tmp_path / "no-model"], home, check=False),
                           f"model folder not found: {tmp_path / 'no-model'}")
     from conftest import SAMPLE_DOCS
@@ -220,6 +221,12 @@ def test_progress_shows_as_plain_lines_when_stderr_is_not_a_terminal(tmp_path, t
     percents = [line for line in lines if line.startswith("prefill: ")]
     assert sum("prefill: 100% (" in line for line in percents) >= 2, proc.stderr  # every shard's prefill reports
     assert len(percents) > sum("100%" in line for line in percents)  # and before it ends, not only at the end
+    # each prefill says when it starts, before its first piece, and its 100% line follows
+    starts = [i for i, line in enumerate(percents) if re.fullmatch(
+        r"prefill: \d+ tokens to compute \(reading and tokenizing took [\d.]+ s\)", line)]
+    ends = [i for i, line in enumerate(percents) if line.startswith("prefill: 100% (")]
+    assert len(starts) == len(ends) and all(s < e for s, e in zip(starts, ends)) and starts[0] == 0, proc.stderr
+    assert "\r" not in proc.stderr
 
 
 def test_ls_fits_80_columns_and_inspect_uses_iso_times(setup):
@@ -263,3 +270,184 @@ def test_chat_ctrl_c_stops_the_answer_and_keeps_the_chat(tmp_path, sharp_model_d
     assert stdout.count("cag> ") == 2  # the second question was still answered
     assert "(stopped)" in stderr and "history cleared (1 turn forgotten)" in stderr
     assert "Traceback" not in stderr
+
+
+def test_ls_does_not_call_an_unread_cache_ok_and_verify_reads_it(setup):
+    home, _ = setup
+    row = json.loads(run(["ls", "--json"], home).stdout)
+    assert row["status"] == "cached (not verified)" and row["verified"] is None  # nothing was read: no "ok"
+    assert json.loads(run(["ls", "--json", "--verify"], home).stdout)["status"] == "ok"
+    cache = Path(home) / "kbs" / "kb" / "cache.safetensors"
+    data = bytearray(cache.read_bytes())
+    data[-3] ^= 0xFF  # one byte of the tensors: the manifest still reads, the checksum fails
+    cache.write_bytes(bytes(data))
+    row = json.loads(run(["ls", "--json"], home).stdout)
+    assert row["status"] == "cached (not verified)" and row["verified"] is None  # still not read, still not "ok"
+    plain = run(["ls"], home)
+    assert [line.split()[-1] for line in plain.stdout.splitlines() if line.startswith("kb ")] == ["cached"]
+    assert "`cag ls --verify` checks" in plain.stderr
+    checked = json.loads(run(["ls", "--json", "--verify"], home).stdout)
+    assert checked["status"].startswith("broken: ") and "checksum" in checked["status"] and checked["verified"] is False
+    assert checked["tiers"] == ["disk"] and checked["bytes"] == row["bytes"]  # still there, and still listed as such
+    table = run(["ls", "--verify"], home).stdout
+    assert [line.split()[-1] for line in table.splitlines() if line.startswith("kb ")] == ["broken"]
+
+
+def test_ls_fits_80_columns_with_local_model_paths_and_tenants(tmp_path, tiny_model_dir, sharp_model_dir):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.md").write_text("The Heron lantern costs 148 crowns.")
+    home = tmp_path / "home"
+    run(["build", docs, "--name", "kb", "--model", tiny_model_dir], home)
+    run(["build", docs, "--name", "public__benefits", "--model", tiny_model_dir], home)  # a tenant's, as older
+    run(["build", docs, "--name", "lantern-handbook-2024", "--model", sharp_model_dir], home)  # versions named them
+    proc = subprocess.run(CAG + ["ls"], capture_output=True, text=True,
+                          env={**os.environ, "CAG_HOME": str(home), "COLUMNS": "80"})
+    lines = proc.stdout.splitlines()
+    assert lines and max(len(line) for line in lines) <= 80 and "…" not in proc.stdout, proc.stdout
+    headers = [line.split() for line in lines if line.startswith("name ")]
+    assert headers == [["name", "tenant", "tokens", "docs", "size", "tiers", "age", "hits", "status"]] * 2, proc.stdout
+    for name, tenant in (("kb", "-"), ("benefits", "public"), ("lantern-handbook-2024", "-")):
+        row = next(line.split() for line in lines if line.split()[:1] == [name])
+        assert row[1] == tenant and row[5] == "MB" and row[-1] == "cached", proc.stdout  # one line each
+    assert f"model: {tiny_model_dir.name}" in lines and f"model: {sharp_model_dir.name}" in lines
+    assert str(tiny_model_dir) not in proc.stdout
+
+
+def test_version_flag():
+    from cag import __version__
+
+    proc = subprocess.run(CAG + ["--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == __version__, proc.stderr
+
+
+def test_no_rebuild_is_refused_before_the_model_loads(setup):
+    home, docs = setup
+    (docs / "b.txt").write_text("Quillfeather was founded in 1990.")
+    proc = run(["ask", "kb", "Who?", "--no-rebuild"], home, check=False)
+    assert_one_line_error(proc, "changed since its cache was built", "drop --no-rebuild")
+    assert "loading model" not in proc.stderr
+    run(["invalidate", "kb"], home)
+    proc = run(["ask", "kb", "Who?", "--no-rebuild"], home, check=False)
+    assert_one_line_error(proc, "no servable cache of 'kb'")
+    assert "loading model" not in proc.stderr
+    assert "rebuilding" in run(["ask", "kb", "Who?", "--max-new-tokens", "2"], home).stderr  # without the flag
+
+
+def test_ask_without_a_question_says_what_is_missing(setup):
+    home, _ = setup
+    assert_one_line_error(run(["ask", "kb"], home, check=False), "missing the question", "--questions FILE.jsonl")
+    assert_one_line_error(run(["ask", "kb", "Who?", "-q", "x.jsonl"], home, check=False), "not both")
+
+
+def test_exit_codes_are_the_ones_the_readme_gives(monkeypatch, capsys):
+    """1: an error of the user's to fix; 2: a usage mistake or an internal error (a bug); as README.md says."""
+    from cag import cli
+
+    readme = " ".join((Path(__file__).parent.parent / "README.md").read_text().split())
+    assert "exit code 1" in readme and "exit code 2 for a usage mistake" in readme and "or an internal error" in readme
+    assert subprocess.run(CAG + ["ask"], capture_output=True, text=True).returncode == 2  # missing NAME
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.delenv("CAG_DEBUG", raising=False)
+    monkeypatch.setattr(cli, "app", broken)
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    assert exited.value.code == 2 and "internal error: RuntimeError: a bug" in capsys.readouterr().err
+
+
+class Terminal:
+    """`cag ARGS` on a pseudo-terminal (its stdin, stdout and stderr), as a person at a terminal runs it."""
+
+    def __init__(self, args, home):
+        import fcntl
+        import pty
+        import struct
+        import termios
+
+        self.master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+        env = {**os.environ, "CAG_HOME": str(home), "TERM": "xterm"}
+        env.pop("COLUMNS", None)
+        self.proc = subprocess.Popen(CAG + [str(a) for a in args], stdin=slave, stdout=slave, stderr=slave, env=env)
+        os.close(slave)
+        self.seen, self.pos = "", 0
+
+    def until(self, text: str, timeout: float = 180) -> str:
+        """What the terminal showed from the last match up to and including the next `text`."""
+        import time
+
+        deadline = time.time() + timeout
+        while text not in self.seen[self.pos:]:
+            if time.time() > deadline or not self._read(min(1.0, deadline - time.time())):
+                raise AssertionError(f"{text!r} never came; the terminal shows:\n{self.seen}")
+        end = self.seen.index(text, self.pos) + len(text)
+        shown, self.pos = self.seen[self.pos:end], end
+        return shown
+
+    def _read(self, wait: float) -> bool:
+        import select
+
+        if select.select([self.master], [], [], max(wait, 0))[0]:
+            try:
+                data = os.read(self.master, 65536)
+            except OSError:  # the program ended and closed the terminal
+                return self.proc.poll() is None
+            self.seen += data.decode("utf-8", "replace")
+        return self.proc.poll() is None or bool(select.select([self.master], [], [], 0)[0])
+
+    def type(self, keys: str) -> None:
+        os.write(self.master, keys.encode())
+
+    def exit(self) -> int:
+        """Leave the chat; its exit code."""
+        self.type("/exit\r")
+        return self.close()
+
+    def close(self) -> int:
+        try:
+            code = self.proc.wait(timeout=60)
+            while self._read(0.1):
+                pass
+            return code
+        finally:
+            os.close(self.master)
+
+
+UP, LEFT = "\x1b[A", "\x1b[D"
+
+
+def test_chat_on_a_terminal_edits_lines_recalls_questions_and_lists_commands(setup):
+    home, _ = setup
+    term = Terminal(["chat", "kb", "--max-new-tokens", "3"], home)
+    term.until("you> ")
+    term.type("Who founded it?\r")
+    term.until("cag> ")
+    term.until("you> ")
+    term.type(f"/hlp{LEFT}{LEFT}e\r")  # the arrows move in the line: this is /help
+    shown = term.until("you> ")
+    assert "/reset" in shown and "/exit" in shown and "cag> " not in shown, shown
+    term.type(f"{UP}{UP}\r")  # two lines back: the question again
+    assert "Who founded it?" in term.until("cag> ")
+    term.until("you> ")
+    assert term.exit() == 0
+    assert "^[[" not in term.seen and "unknown command" not in term.seen, term.seen
+    kept = Path(home) / "chat_history"
+    assert "Who founded it?" in kept.read_text() and kept.stat().st_mode & 0o777 == 0o600
+    again = Terminal(["chat", "kb", "--max-new-tokens", "3"], home)  # a later chat recalls the earlier one's lines
+    again.until("you> ")
+    again.type(UP)
+    assert "/exit" in again.until("/exit")
+    again.type("\x15/exit\r")  # Ctrl-U clears the recalled line
+    assert again.close() == 0 and "cag> " not in again.seen
+
+
+def test_chat_discards_what_is_typed_while_the_model_loads(setup):
+    term = Terminal(["chat", "kb", "--max-new-tokens", "3"], setup[0])
+    term.until("loading model")
+    term.type("typed too early\r")
+    term.until("you> ")
+    assert term.exit() == 0
+    assert "typed too early" not in term.seen and "cag> " not in term.seen, term.seen

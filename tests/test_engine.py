@@ -5,8 +5,12 @@ import random
 import pytest
 import torch
 
-from cag.engines.torch import engine, kvcompat
-from cag.engines.torch.engine import Sampling
+from cag.engines.torch import direct as eu
+
+from cag.engines.torch import codec, kvcompat
+from cag.engines.torch.codec import TextStream
+from cag.engines.torch.workspace import Workspace
+from cag.sampling import Sampling
 
 
 def _full_logits(model, ids):
@@ -20,7 +24,7 @@ def test_cached_logits_match_full_recompute_for_random_prefixes(tiny_lm):
     for trial in range(40):
         prefix = [rng.randrange(vocab) for _ in range(rng.randint(1, 300))]
         question = [rng.randrange(vocab) for _ in range(rng.randint(1, 40))]
-        layers = engine.prefill(tiny_lm.model, prefix, chunk_size=rng.choice([1, 7, 64, 512]))
+        layers = eu.prefill(tiny_lm, prefix, chunk_size=rng.choice([1, 7, 64, 512]))
         with torch.inference_mode():
             cached = kvcompat.forward(tiny_lm.model, torch.tensor([question]), kvcompat.from_layers(layers))
         full = _full_logits(tiny_lm.model, prefix + question)
@@ -33,24 +37,24 @@ def test_generate_from_prefix_equals_generate_from_scratch(tiny_lm):
     for _ in range(10):
         prefix = [rng.randrange(vocab) for _ in range(rng.randint(50, 400))]
         question = [rng.randrange(vocab) for _ in range(rng.randint(1, 20))]
-        layers = engine.prefill(tiny_lm.model, prefix, chunk_size=128)
-        cached = list(engine.generate(tiny_lm.model, question, prefix=layers, reuse=len(prefix), max_new_tokens=24))
-        scratch = list(engine.generate(tiny_lm.model, prefix + question, max_new_tokens=24))
+        layers = eu.prefill(tiny_lm, prefix, chunk_size=128)
+        cached = list(eu.generate(tiny_lm, question, prefix=layers, reuse=len(prefix), max_new_tokens=24))
+        scratch = list(eu.generate(tiny_lm, prefix + question, max_new_tokens=24))
         assert cached == scratch
         assert len(cached) == 24
 
 
 def test_prefix_is_never_written_and_never_copied(tiny_lm):
     prefix = list(range(3, 200))
-    layers = engine.prefill(tiny_lm.model, prefix)
+    layers = eu.prefill(tiny_lm, prefix)
     before = [(k.clone(), v.clone()) for k, v in layers]
     ptrs = [(k.data_ptr(), v.data_ptr()) for k, v in layers]
     cache = kvcompat.from_layers(layers)
     assert [(layer_k.data_ptr(), layer_v.data_ptr()) for layer_k, layer_v in kvcompat.to_layers(cache)] == ptrs
     for q in ([5, 6, 7], [9], list(range(10, 50))):
-        list(engine.generate(tiny_lm.model, q, prefix=layers, reuse=len(prefix), max_new_tokens=10))
+        list(eu.generate(tiny_lm, q, prefix=layers, reuse=len(prefix), max_new_tokens=10))
     # an abandoned stream (consumer stops early) must not leave anything behind either
-    stream = engine.generate(tiny_lm.model, [11, 12], prefix=layers, reuse=len(prefix), max_new_tokens=50)
+    stream = eu.generate(tiny_lm, [11, 12], prefix=layers, reuse=len(prefix), max_new_tokens=50)
     next(stream)
     stream.close()
     for (k, v), (k0, v0), (pk, pv) in zip(layers, before, ptrs):
@@ -62,45 +66,45 @@ def test_twenty_sequential_questions_show_no_contamination(tiny_lm):
     rng = random.Random(3)
     vocab = len(tiny_lm.tokenizer)
     prefix = [rng.randrange(vocab) for _ in range(250)]
-    layers = engine.prefill(tiny_lm.model, prefix)
+    layers = eu.prefill(tiny_lm, prefix)
     questions = [[rng.randrange(vocab) for _ in range(rng.randint(2, 15))] for _ in range(20)]
-    sequential = [list(engine.generate(tiny_lm.model, q, prefix=layers, reuse=len(prefix), max_new_tokens=12))
+    sequential = [list(eu.generate(tiny_lm, q, prefix=layers, reuse=len(prefix), max_new_tokens=12))
                   for q in questions]
     for q, got in zip(questions, sequential):
-        fresh = list(engine.generate(tiny_lm.model, prefix + q, max_new_tokens=12))
+        fresh = list(eu.generate(tiny_lm, prefix + q, max_new_tokens=12))
         assert got == fresh
 
 
 def test_partial_reuse_matches_scratch(tiny_lm):
     """The boundary-mismatch path: reuse only the first `reuse` cached positions, compute the rest."""
     prefix = list(range(5, 120))
-    layers = engine.prefill(tiny_lm.model, prefix)
+    layers = eu.prefill(tiny_lm, prefix)
     full = prefix[:-3] + [77, 78, 79, 80]
-    got = list(engine.generate(tiny_lm.model, full[len(prefix) - 3:], prefix=layers, reuse=len(prefix) - 3,
+    got = list(eu.generate(tiny_lm, full[len(prefix) - 3:], prefix=layers, reuse=len(prefix) - 3,
                                max_new_tokens=16))
-    assert got == list(engine.generate(tiny_lm.model, full, max_new_tokens=16))
+    assert got == list(eu.generate(tiny_lm, full, max_new_tokens=16))
 
 
 def test_sampling_is_seeded_and_differs_from_greedy(tiny_lm):
     prompt = list(range(5, 60))
     hot = Sampling(temperature=1.5, top_p=0.95, seed=7)
-    a = list(engine.generate(tiny_lm.model, prompt, max_new_tokens=30, sampling=hot))
-    b = list(engine.generate(tiny_lm.model, prompt, max_new_tokens=30, sampling=hot))
-    c = list(engine.generate(tiny_lm.model, prompt, max_new_tokens=30, sampling=Sampling(temperature=1.5, seed=8)))
-    greedy = list(engine.generate(tiny_lm.model, prompt, max_new_tokens=30))
+    a = list(eu.generate(tiny_lm, prompt, max_new_tokens=30, sampling=hot))
+    b = list(eu.generate(tiny_lm, prompt, max_new_tokens=30, sampling=hot))
+    c = list(eu.generate(tiny_lm, prompt, max_new_tokens=30, sampling=Sampling(temperature=1.5, seed=8)))
+    greedy = list(eu.generate(tiny_lm, prompt, max_new_tokens=30))
     assert a == b
     assert a != c or a != greedy
 
 
 def test_generation_stops_at_end_of_turn(tiny_lm):
     prompt = list(range(5, 40))
-    free = list(engine.generate(tiny_lm.model, prompt, max_new_tokens=10))
-    stopped = list(engine.generate(tiny_lm.model, prompt, max_new_tokens=10, stop_ids=[free[3]]))
+    free = list(eu.generate(tiny_lm, prompt, max_new_tokens=10))
+    stopped = list(eu.generate(tiny_lm, prompt, max_new_tokens=10, stop_ids=[free[3]]))
     assert stopped == free[:free.index(free[3])]
 
 
 def test_crop_goes_back_to_a_length(tiny_lm):
-    layers = engine.prefill(tiny_lm.model, list(range(5, 50)))
+    layers = eu.prefill(tiny_lm, list(range(5, 50)))
     cache = kvcompat.from_layers(layers)
     with torch.inference_mode():
         kvcompat.forward(tiny_lm.model, torch.tensor([[1, 2, 3]]), cache)
@@ -113,22 +117,22 @@ def test_crop_goes_back_to_a_length(tiny_lm):
 
 def test_generate_needs_a_token(tiny_lm):
     with pytest.raises(ValueError):
-        list(engine.generate(tiny_lm.model, [], max_new_tokens=3))
+        list(eu.generate(tiny_lm, [], max_new_tokens=3))
 
 
 def test_workspace_answers_equal_shared_prefix_and_scratch_answers(tiny_lm):
     rng = random.Random(4)
     vocab = len(tiny_lm.tokenizer)
     prefix = [rng.randrange(vocab) for _ in range(300)]
-    layers = engine.prefill(tiny_lm.model, prefix)
-    ws = engine.Workspace(layers, room=8)  # too little room: answers get buffers as big as they need
+    layers = eu.prefill(tiny_lm, prefix)
+    ws = Workspace(layers, room=8)  # too little room: answers get buffers as big as they need
     assert [k.data_ptr() for k, _ in ws.prefix] == [k.data_ptr() for k, _ in layers]  # held, not copied
     before = [(k.clone(), v.clone()) for k, v in ws.prefix]
     for _ in range(6):
         q = [rng.randrange(vocab) for _ in range(rng.randint(1, 20))]
-        via_ws = list(engine.generate(tiny_lm.model, q, prefix=ws, reuse=300, max_new_tokens=16))
-        via_shared = list(engine.generate(tiny_lm.model, q, prefix=layers, reuse=300, max_new_tokens=16))
-        scratch = list(engine.generate(tiny_lm.model, prefix + q, max_new_tokens=16))
+        via_ws = list(eu.generate(tiny_lm, q, prefix=ws, reuse=300, max_new_tokens=16))
+        via_shared = list(eu.generate(tiny_lm, q, prefix=layers, reuse=300, max_new_tokens=16))
+        scratch = list(eu.generate(tiny_lm, prefix + q, max_new_tokens=16))
         assert via_ws == via_shared == scratch
     assert ws._free and all(b.capacity < 300 for b in ws._free)  # an answer's own positions only, never the prefix
     for (k, v), (k0, v0) in zip(ws.prefix, before):
@@ -137,23 +141,23 @@ def test_workspace_answers_equal_shared_prefix_and_scratch_answers(tiny_lm):
 
 def test_concurrent_answers_on_one_workspace_share_its_prefix(tiny_lm):
     prefix = list(range(5, 205))
-    ws = engine.Workspace(engine.prefill(tiny_lm.model, prefix))
-    first = engine.generate(tiny_lm.model, [7, 8], prefix=ws, reuse=200, max_new_tokens=12)
+    ws = Workspace(eu.prefill(tiny_lm, prefix))
+    first = eu.generate(tiny_lm, [7, 8], prefix=ws, reuse=200, max_new_tokens=12)
     a0 = next(first)  # holds a row buffer mid-answer
-    second = list(engine.generate(tiny_lm.model, [9, 10], prefix=ws, reuse=200, max_new_tokens=12))
+    second = list(eu.generate(tiny_lm, [9, 10], prefix=ws, reuse=200, max_new_tokens=12))
     rest = [a0] + list(first)
     assert len(ws._free) == 2  # each answer had a buffer of its own; both went back to the pool
-    assert rest == list(engine.generate(tiny_lm.model, prefix + [7, 8], max_new_tokens=12))
-    assert second == list(engine.generate(tiny_lm.model, prefix + [9, 10], max_new_tokens=12))
+    assert rest == list(eu.generate(tiny_lm, prefix + [7, 8], max_new_tokens=12))
+    assert second == list(eu.generate(tiny_lm, prefix + [9, 10], max_new_tokens=12))
 
 
 def test_partial_reuse_on_a_workspace_never_writes_into_the_prefix(tiny_lm):
     prefix = list(range(5, 120))
-    ws = engine.Workspace(engine.prefill(tiny_lm.model, prefix))
+    ws = Workspace(eu.prefill(tiny_lm, prefix))
     before = [k.clone() for k, _ in ws.prefix]
     full = prefix[:-3] + [77, 78, 79]
-    got = list(engine.generate(tiny_lm.model, full[112:], prefix=ws, reuse=112, max_new_tokens=10))
-    assert got == list(engine.generate(tiny_lm.model, full, max_new_tokens=10))
+    got = list(eu.generate(tiny_lm, full[112:], prefix=ws, reuse=112, max_new_tokens=10))
+    assert got == list(eu.generate(tiny_lm, full, max_new_tokens=10))
     assert all(torch.equal(k, k0) for (k, _), k0 in zip(ws.prefix, before))
 
 
@@ -161,7 +165,7 @@ def test_text_stream_holds_back_split_characters_and_flushes_the_rest(tiny_lm):
     tok = tiny_lm.tokenizer
     first, second = tok.convert_tokens_to_ids(["Ã", "©"])  # the two bytes of "é" in byte-level BPE
     hello = tok("Hello", add_special_tokens=False)["input_ids"]
-    stream = engine.TextStream(tok)
+    stream = TextStream(tok)
     deltas = [stream.push(t) for t in hello] + [stream.push(first)]
     assert deltas[-1] == ""  # half a character is never sent
     deltas.append(stream.push(second))
@@ -178,13 +182,13 @@ def test_text_stream_is_incremental_and_exact_for_multibyte_text(tiny_lm):
     text = "Größe: 148 crowns 🏮 — “naïve” café 中文 ok"
     ids = tok(text, add_special_tokens=False)["input_ids"]
     for cut in range(1, len(ids) + 1):  # every length: many end inside a character
-        stream = engine.TextStream(tok)
+        stream = TextStream(tok)
         deltas = [stream.push(t) for t in ids[:cut]] + [stream.flush()]
         assert "".join(deltas) == stream.text() == tok.decode(ids[:cut]), cut
         assert "\ufffd" not in "".join(deltas[:-1])  # a half character is never streamed
-    assert engine.detokenize(tok, ids) == text
+    assert codec.decode(tok, ids) == text
     calls = []
-    stream = engine.TextStream(tok)
+    stream = TextStream(tok)
     original = tok.decode
     tok.decode = lambda *a, **k: calls.append(1) or original(*a, **k)
     try:

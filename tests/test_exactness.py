@@ -13,7 +13,10 @@ import torch
 from storeutil import make_docs
 
 import cag
-from cag.engines.torch import engine, models
+from cag.engines.torch import direct as eu
+
+from cag.engines.torch import models
+from cag.engines.torch.workspace import Workspace
 from cag.kb import incremental
 from cag.cache import kvfile, stores
 
@@ -62,14 +65,14 @@ def assert_bit_identical(kb):
     for q in QUESTIONS:
         (ids, logits), (ref_ids, ref_logits) = cached_and_reference(kb, q)
         assert ids == ref_ids, q
-        assert logits.dtype == kb.lm.dtype and torch.equal(logits, ref_logits), q
+        assert logits.dtype == kb.lm.torch_dtype and torch.equal(logits, ref_logits), q
 
 
 def test_a_cache_restored_from_disk_answers_bit_identically_to_the_reference(cag_home, lm, tmp_path):
     docs = make_docs(tmp_path / "docs")
     built = cag.build([docs], name="kb", lm=lm, chunk_size=CHUNK, log=lambda m: None)
     bounds = built.manifest["prefill_bounds"]
-    assert bounds == engine.chunk_ends(0, built.tokens, CHUNK) and len(bounds) > 3
+    assert bounds == incremental.chunk_ends(0, built.tokens, CHUNK) and len(bounds) > 3
     kb = cag.load("kb", lm=lm, store=stores.configure(memory_bytes=0))
     assert kb.cache_source == "disk" and kb.prefill_bounds() == bounds
     assert_bit_identical(kb)
@@ -94,13 +97,13 @@ def test_an_incrementally_extended_cache_answers_bit_identically_to_the_referenc
 def test_reuse_stops_at_the_piece_holding_the_first_change(tiny_lm):
     """Old pieces end at 10, 20, 25; the first change at 23 reuses the pieces up to 20, then chunks of 10."""
     old_ids, new_ids = list(range(3, 28)), list(range(3, 26)) + [99] * 14
-    old = engine.prefill_pieces(tiny_lm.model, old_ids, [10, 20, 25])
-    ext = incremental.extend(tiny_lm.model, old, old_ids, new_ids, chunk_size=10, old_bounds=[10, 20, 25])
+    old = eu.pieces(tiny_lm, old_ids, [10, 20, 25])
+    ext = incremental.extend(tiny_lm, Workspace(old), old_ids, new_ids, chunk_size=10, old_bounds=[10, 20, 25])
     assert (ext.reused, ext.prefilled, ext.changed_at, ext.bounds) == (20, 17, 23, [10, 20, 30, 37])
-    fresh = engine.prefill_pieces(tiny_lm.model, new_ids, ext.bounds)
-    assert all(torch.equal(a, b) for (k1, v1), (k2, v2) in zip(ext.layers, fresh) for a, b in ((k1, k2), (v1, v2)))
+    fresh = eu.pieces(tiny_lm, new_ids, ext.bounds)
+    assert all(torch.equal(a, b) for (k1, v1), (k2, v2) in zip(ext.prefix.layers, fresh) for a, b in ((k1, k2), (v1, v2)))
     assert "recomputed from token 20" in ext.describe(len(old_ids)) and "changed at token 23" in ext.describe(25)
-    same = incremental.extend(tiny_lm.model, old, old_ids, old_ids + [5, 6], chunk_size=10, old_bounds=[10, 20, 25])
+    same = incremental.extend(tiny_lm, Workspace(old), old_ids, old_ids + [5, 6], chunk_size=10, old_bounds=[10, 20, 25])
     assert (same.reused, same.bounds) == (25, [10, 20, 25, 27])
 
 
@@ -114,10 +117,10 @@ def test_a_cache_without_recorded_pieces_is_recomputed_in_chunks_of_the_kb_chunk
     kvfile.save(folder / "cache.safetensors", old.layers, old.prefix_ids, identity)  # no prefill_bounds
     kb = cag.load("kb", lm=lm, store=stores.configure(memory_bytes=0))
     assert "prefill_bounds" not in kb.manifest and kb.chunk_size == CHUNK
-    assert kb.prefill_bounds() == engine.chunk_ends(0, kb.tokens, CHUNK)
+    assert kb.prefill_bounds() == incremental.chunk_ends(0, kb.tokens, CHUNK)
     assert_bit_identical(kb)
     meta = json.loads((folder / "kb.json").read_text())
     del meta["chunk_size"]  # built before kb.json kept the chunk size: the default chunk
     (folder / "kb.json").write_text(json.dumps(meta))
     kb = cag.load("kb", lm=lm, store=stores.configure(memory_bytes=0))
-    assert kb.prefill_bounds() == engine.chunk_ends(0, kb.tokens, engine.DEFAULT_CHUNK)
+    assert kb.prefill_bounds() == incremental.chunk_ends(0, kb.tokens, incremental.DEFAULT_CHUNK)

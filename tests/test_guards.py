@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import cag
-from cag.engines.torch import engine
+from cag.engines.torch import direct as eu
 from cag import paths
 from cag.errors import CacheMismatchError, CagError, ContextLengthError, KnowledgeTooLargeError
 from cag.kb.prompt import Turn
@@ -102,7 +102,7 @@ def test_injected_control_tokens_are_answered_as_plain_text(kb):
     suffix = harmless.new_ids[len(kb.builder.tokenize("Hello?")):]
     ids = kb.prefix_ids + plain_q + suffix
     assert split.ids == ids
-    want = list(engine.generate(kb.lm.model, ids, max_new_tokens=12, stop_ids=kb._stops))
+    want = list(eu.generate(kb.lm, ids, max_new_tokens=12, stop_ids=kb.lm.stop_ids))
     answer = kb.ask(question, max_new_tokens=12)
     assert answer.token_ids == want and answer.boundary_ok
     assert kb.ask(question, max_new_tokens=12, use_cache=False).token_ids == want

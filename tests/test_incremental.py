@@ -11,7 +11,7 @@ QUESTIONS = ["Who founded the company?", "How much is the Heron?", "What is the 
 
 
 def build(docs, tiny_lm, store, **kw):
-    """Small prefill chunks: reuse stops at the start of the chunk holding the first change (cag.incremental),
+    """Small prefill chunks: reuse stops at the start of the chunk holding the first change (cag.kb.incremental),
     so with the default 512 these ~200-token knowledge bases would be recomputed whole."""
     logs = []
     kb = cag.build([docs], name="kb", lm=tiny_lm, store=store, log=logs.append, chunk_size=8, **kw)

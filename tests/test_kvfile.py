@@ -17,7 +17,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from cag.engines.torch import engine
+from cag.engines.torch import direct as eu
+
 from cag.cache import kvfile, kvquant
 from cag.errors import CacheFileError, CacheMismatchError
 from cag.cache.kvfile import Expect
@@ -42,7 +43,7 @@ def load(request):
 @pytest.fixture
 def cache(tiny_lm):
     ids = list(range(5, 105))
-    return engine.prefill(tiny_lm.model, ids), ids
+    return eu.prefill(tiny_lm, ids), ids
 
 
 @pytest.fixture
@@ -343,6 +344,20 @@ def test_a_manifest_that_is_not_an_object_is_refused_by_name(tmp_path, raw, fiel
 def test_manifest_fields_of_the_wrong_type_are_refused_by_name(saved, monkeypatch, field, value, load):
     monkeypatch.setenv("CAG_SIGNING_KEY", "s3cret")  # a signature check must not crash on a non-string
     _resave(saved, edit_manifest=lambda m: m.update({field: value}))
+    with pytest.raises(CacheFileError, match=f"field '{field}'"):
+        load(saved)
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda m: m["shapes"]["k"][0].__setitem__(0, True), "shapes"), (lambda m: m["shapes"].update(k="x"), "shapes"),
+    (lambda m: m["shapes"].update(extra=[1]), "shapes"), (lambda m: m["knowledge"].update(documents=True), "knowledge"),
+    (lambda m: m["model"].update(fingerprint=None), "model"), (lambda m: m["template"].update(f=1.5), "template"),
+    (lambda m: m.update(prefill_bounds=[True, m["tokens"]]), "prefill_bounds"),
+])
+def test_values_inside_manifest_fields_of_the_wrong_type_are_refused_by_name(saved, edit, field, load):
+    """A hand-made manifest (digest recomputed, no key set) with true where a whole number belongs, or text
+    where a list does, is refused naming the field, not read as 1 or failing later."""
+    _resave(saved, edit_manifest=edit, recompute=True)
     with pytest.raises(CacheFileError, match=f"field '{field}'"):
         load(saved)
 

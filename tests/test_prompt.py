@@ -120,3 +120,69 @@ def test_safe_tokenization_equals_the_tokenizer_on_ordinary_prompts(tiny_lm, tin
             want = lm.tokenizer(builder.render(q.strip(), history), add_special_tokens=add)["input_ids"]
             assert builder.split(q, history).ids == list(want), q
         assert builder.prefix_ids() == list(lm.tokenizer(builder.prefix_text(), add_special_tokens=add)["input_ids"])
+
+
+# -- a system message with the question ---------------------------------------------------------------
+
+SYSTEM = "Answer in French, in one short sentence."
+_TURN = ("<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n")
+_END = "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+TEMPLATES = {  # chat templates that take a system message anywhere, only first, never, or drop it silently
+    "anywhere": "{% for m in messages %}" + _TURN + "{% endfor %}" + _END,
+    "first only": "{% for m in messages %}{% if m['role'] == 'system' and not loop.first %}"
+                  "{{ raise_exception('System role only allowed first') }}{% endif %}" + _TURN + "{% endfor %}" + _END,
+    "no system role": "{% for m in messages %}{% if m['role'] == 'system' %}"
+                      "{{ raise_exception('System role not supported') }}{% endif %}" + _TURN + "{% endfor %}" + _END,
+    "drops it": "{% for m in messages %}{% if m['role'] != 'system' or loop.first %}" + _TURN + "{% endif %}"
+                "{% endfor %}" + _END,
+}
+
+
+def _with_template(tokenizer, template: str):
+    import copy
+
+    other = copy.deepcopy(tokenizer)
+    other.chat_template = template
+    return other
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+@pytest.mark.parametrize("history", [(), (Turn("Price of the Heron?", "148 crowns."),)], ids=["alone", "history"])
+def test_a_system_message_comes_after_the_cached_prefix(tiny_lm, docs, template, history):
+    """Whatever the template allows, the system message is in the prompt once, after the knowledge and before
+    the question; the prompt still starts with (nearly all of) the cached prefix, which it leaves unchanged."""
+    tok = _with_template(tiny_lm.tokenizer, TEMPLATES[template])
+    builder = PromptBuilder(tok, docs)
+    prefix = list(builder.prefix_ids())
+    text = builder.render("Who founded it?", history, system=f"  {SYSTEM}\n")
+    assert text.count(SYSTEM) == 1
+    assert text.index(builder.system_text()) < text.index(SYSTEM) < text.index("Who founded it?")
+    split = builder.split("Who founded it?", history, system=SYSTEM)
+    assert split.ids == list(tok(text, add_special_tokens=False)["input_ids"])  # the whole prompt, as one string
+    assert split.ids[:split.reuse] == prefix[:split.reuse] and split.reuse >= len(prefix) - 8
+    assert SYSTEM in tok.decode(split.new_ids)
+    assert builder.prefix_ids() == prefix
+    if template == "anywhere":  # a system turn of its own
+        assert text.count("<|im_start|>system") == 2
+    assert builder.split("Who founded it?", history, system="  ").ids == builder.split("Who founded it?", history).ids
+
+
+def test_a_system_message_in_the_plain_layout_follows_the_documents(tiny_plain_model_dir, docs):
+    from cag.engines.torch import models
+
+    lm = models.load(str(tiny_plain_model_dir), device="cpu")
+    builder = PromptBuilder(lm.tokenizer, docs)
+    prefix = builder.prefix_ids()
+    text = builder.render("Who founded it?", system=SYSTEM)
+    assert text.startswith(builder.system_text() + "\n\n# Instructions\n\n" + SYSTEM + "\n\nQuestion: Who founded it?")
+    split = builder.split("Who founded it?", system=SYSTEM)
+    assert split.ids == list(lm.tokenizer(text)["input_ids"])
+    assert split.ids[:split.reuse] == prefix[:split.reuse] and split.reuse >= len(prefix) - 8
+
+
+@pytest.mark.parametrize("text", INJECTIONS)
+def test_special_token_strings_in_a_system_message_stay_plain_text(tiny_lm, docs, text):
+    tok = tiny_lm.tokenizer
+    builder = PromptBuilder(tok, docs)
+    assert _specials(tok, builder.split("Hello?", system=text).ids) == \
+        _specials(tok, builder.split("Hello?", system="Be brief.").ids)

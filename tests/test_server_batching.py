@@ -4,7 +4,6 @@ stop strings, history), while a client that goes away leaves the running batch."
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 import time
@@ -17,7 +16,7 @@ import cag
 from cag.kb.prompt import Turn
 from cag.sampling import Sampling
 from cag.server import ServerConfig, create_app
-from serverutil import serving, write_docs
+from serverutil import chat_answer, serving, write_docs
 
 QUESTIONS = ["Who founded the company?", "How much is the Heron?", "What colour is it?", "When was it founded?",
              "Where are the lanterns made?", "Is there a warranty?", "How do I return a lantern?",
@@ -45,31 +44,7 @@ def _request(url: str, job: dict, results: dict, i: int, start: threading.Barrie
     if job.get("seed") is not None:
         body.update(temperature=job["temperature"], seed=job["seed"])
     start.wait()
-    if not job["stream"]:
-        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=300)
-        assert r.status_code == 200, r.text
-        got = r.json()
-        results[i] = (got["choices"][0]["message"]["content"], got["choices"][0]["finish_reason"],
-                      got["usage"]["completion_tokens"])
-        return
-    text, finish, usage, chunks = "", None, None, 0
-    body["stream_options"] = {"include_usage": True}
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=300) as r:
-        for line in r.iter_lines():
-            if not line.startswith("data: {"):
-                continue
-            event = json.loads(line[6:])
-            assert "error" not in event, event
-            if event.get("usage"):
-                usage = event["usage"]["completion_tokens"]
-            elif event["choices"]:
-                text += event["choices"][0]["delta"].get("content") or ""
-                finish = event["choices"][0]["finish_reason"] or finish
-                chunks += bool(event["choices"][0]["delta"].get("content"))
-            if job.get("cancel_after") and chunks >= job["cancel_after"]:
-                results[i] = ("cancelled", text)
-                return  # leaving the block closes the connection mid-stream
-    results[i] = (text.strip(), finish, usage)
+    results[i] = chat_answer(url, body, job.get("cancel_after"), timeout=300)
 
 
 def _metric(url: str, name: str, labels: str) -> float:
@@ -118,12 +93,12 @@ def test_sixteen_concurrent_clients_each_get_their_one_at_a_time_answer(kb, shar
             time.sleep(0.2)
         assert _metric(url, "cag_requests_total", 'status="cancelled"') == 1
         assert _metric(url, "cag_requests_total", 'status="200"') == 15
-        workspace = app.state.service.registry.peek("lanterns").kb.workspace
+        loaded = app.state.service.registry.peek("lanterns").kb
     for i in range(15):
         text, finish, tokens = results[i]
         assert (text, finish, tokens) == (want[i].answer, want[i].finish_reason, want[i].new_tokens), (i, jobs[i])
     assert results[15][0] == "cancelled" and results[15][1]
-    sched = workspace.scheduler
+    sched = loaded.scheduler()
     assert sched.rows_stepped > 2 * sched.steps  # decoding steps ran many answers at once
     deadline = time.time() + 10
     while time.time() < deadline and sched.rows:
@@ -144,5 +119,5 @@ def test_without_continuous_batching_answers_are_the_same(kb, sharp_lm):
     with serving(app) as url:
         with ThreadPoolExecutor(4) as pool:
             got = list(pool.map(ask, QUESTIONS[:4]))
-        assert app.state.service.registry.peek("lanterns").kb.workspace.scheduler is None  # inline, no scheduler
+        assert app.state.service.registry.peek("lanterns").kb._scheduler is None  # inline, no scheduler
     assert got == [w.answer for w in want]

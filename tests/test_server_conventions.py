@@ -245,12 +245,16 @@ def test_health_alias_and_the_model_behind_each_knowledge_base(url, client, kb, 
     assert str(sharp_model_dir) not in listed.text
 
 
-def test_a_hub_model_name_is_shown_as_given(kb, sharp_lm):
-    from dataclasses import replace as with_name
+def test_a_hub_model_name_is_shown_as_given(cag_home, sharp_lm, tmp_path):
+    """`root` is the model a knowledge base was built with: a hub id as given, a local folder by its name only."""
+    import cag
 
-    hub = with_name(sharp_lm, name="HuggingFaceTB/SmolLM2-135M-Instruct")
-    with serving(create_app(ServerConfig(), hub)) as base:
-        assert httpx.get(base + "/v1/models/lanterns").json()["root"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    docs = write_docs(tmp_path / "docs")
+    cag.build([docs], name="hub", model="HuggingFaceTB/SmolLM2-135M-Instruct", lm=sharp_lm, log=lambda _m: None)
+    cag.build([docs], name="local", lm=sharp_lm, log=lambda _m: None)
+    with serving(create_app(ServerConfig(), sharp_lm)) as base:
+        assert httpx.get(base + "/v1/models/hub").json()["root"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+        assert httpx.get(base + "/v1/models/local").json()["root"] == sharp_lm.path.name
 
 
 # -- access log --------------------------------------------------------------------------------------
@@ -345,15 +349,18 @@ def test_with_flags_overrides_the_config():
     c = with_flags(base, continuous_batching=False, max_batch=4, batch_window_ms=2.5, workers=2, api_key="k-1")
     assert (c.continuous_batching, c.max_batch, c.batch_window_ms, c.workers, c.api_keys, c.share_cli_kbs) == \
         (False, 4, 2.5, 2, {"k-1": OPEN_TENANT}, True)
-    assert (base.threads, c.threads) == (8, 2)  # batched answers each hold a thread while they wait
+    assert (base.answer_threads, c.answer_threads) == (8, 2)  # batched answers each hold a thread while they wait
     assert with_flags(base) == base
+    m = with_flags(base, model="m.gguf", kv_type="q8_0", context=2048, threads=3)
+    assert (m.model, m.kv_type, m.context, m.threads) == ("m.gguf", "q8_0", 2048, 3)
     with pytest.raises(ConfigError, match="already configured"):
         with_flags(ServerConfig(api_keys={"k": "teamA"}), api_key="k-2")
     with pytest.raises(ConfigError, match="empty"):
         with_flags(base, api_key=" ")
     for bad in ({"workers": 0}, {"workers": 2.5}, {"max_batch": 0}, {"max_batch": True},
                 {"continuous_batching": "yes"}, {"batch_window_ms": -1}, {"batch_window_ms": "5"},
-                {"batch_window_ms": 60_000}):
+                {"batch_window_ms": 60_000}, {"threads": 0}, {"context": True}, {"model_bytes": -1},
+                {"kv_type": "q4_0"}):
         with pytest.raises(ConfigError):
             ServerConfig(**bad)
 

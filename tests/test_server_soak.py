@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 import cag
-from cag.engines.torch.engine import Sampling
+from cag.sampling import Sampling
 from cag.server import ServerConfig, create_app
 from serverutil import serving
 

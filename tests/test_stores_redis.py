@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-import engineutil as eu
+from cag.engines.torch import direct as eu
 import redis as redis_py
 from storeutil import make_docs, redis_server, redis_url, settings, tiny_entry  # noqa: F401,F811 - fixtures
 
@@ -118,8 +118,6 @@ def test_events_and_versions_stop_every_process_serving_the_old_cache(tmp_path, 
 
 
 def test_redis_values_are_chunked_written_manifest_last_and_expire(redis_url, tiny_lm):
-    from cag.engines.torch import engine
-
     ids = list(range(5, 45))
     layers = eu.prefill(tiny_lm, ids)
     entry = Entry("kb", layers, ids, {"model": {"fingerprint": "m"}}, settings(policy={"ttl_s": 1.5}),
@@ -140,8 +138,6 @@ def test_redis_values_are_chunked_written_manifest_last_and_expire(redis_url, ti
 
 
 def test_a_reader_never_sees_a_half_written_cache(redis_url, tiny_lm):
-    from cag.engines.torch import engine
-
     ids = list(range(5, 25))
     entry = Entry("kb", eu.prefill(tiny_lm, ids), ids, {}, {}, [])
     store = RedisStore(redis_url, chunk_bytes=2048)

@@ -26,9 +26,10 @@ import torch
 from safetensors.torch import save_file
 
 from .. import __version__
-from . import atomic, checksum, kvquant, restore
 from ..errors import CacheFileError, CacheMismatchError
-from ..engines.torch.kvcompat import KV
+from . import atomic, checksum, kvquant, restore
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values), each [1, kv_heads, tokens, head_dim]
 
 FORMAT = "cag-kv"
 FORMAT_VERSION = 1
@@ -51,6 +52,9 @@ class Expect:
     knowledge: str | None = None
     dtype: str | None = None
     kv: str | None = None  # how the KV is stored: its dtype name, or the quantization ("int8")
+    engine: str | None = None  # "torch" or "llamacpp"
+    runtime: str | None = None  # the engine's own version and build (llama.cpp's: its state format follows it)
+    context: int | None = None  # the context size the prefix state was made in (llama.cpp)
 
 
 def kv_storage(manifest: dict) -> str:
@@ -63,6 +67,12 @@ class Loaded:
     manifest: dict
     layers: KV
     prefix_ids: list[int]
+    state: torch.Tensor | None = None  # an engine's opaque prefix state (llama.cpp), instead of layers
+
+
+def engine_of(manifest: dict) -> str:
+    """The engine a cache was made by ("torch" for files written before manifests named it)."""
+    return manifest.get("engine") or "torch"
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -70,11 +80,14 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def save(path: str | Path, layers: KV, prefix_ids: list[int], manifest: dict, kv_quant: str | None = None,
-         method: str | None = None) -> dict:
+         method: str | None = None, state: torch.Tensor | None = None) -> dict:
     """Write atomically (temp file in the same folder, fsync, rename): a crash leaves the old file intact.
 
-    kv_quant="int8" stores keys/values as int8 + per-vector scales (lossy, half of bf16); load restores the dtype.
-    `method` is the checksum method (default CHECKSUM: BLAKE3 where installed, else SHA-256 pieces).
+    The prefix is either per-layer keys/values (`layers`, the torch engine) or an engine's opaque state
+    bytes (`state`, a uint8 tensor: llama.cpp's per-sequence state; `manifest` then names the engine and
+    its "dtype"). kv_quant="int8" stores keys/values as int8 + per-vector scales (lossy, half of bf16);
+    load restores the dtype. `method` is the checksum method (default CHECKSUM: BLAKE3 where installed,
+    else SHA-256 pieces).
     """
     method = method or CHECKSUM
     if method not in (BLAKE3, SHA256):
@@ -82,17 +95,24 @@ def save(path: str | Path, layers: KV, prefix_ids: list[int], manifest: dict, kv
     path = Path(path)
     if kv_quant not in (None, *kvquant.MODES):
         raise CacheFileError(f"unknown KV quantization {kv_quant!r}: use one of {', '.join(kvquant.MODES)}")
-    tensors = _tensors(layers, prefix_ids, kv_quant)
-    k0 = layers[0][0]
+    if state is not None:
+        if layers or kv_quant or state.dtype != torch.uint8 or state.dim() != 1:
+            raise CacheFileError("an engine state is stored as one uint8 tensor, without layers or quantization")
+        if not isinstance(manifest.get("dtype"), str) or engine_of(manifest) == "torch":
+            raise CacheFileError("a cache of engine state needs its engine and KV type in the manifest")
+        tensors = {"prefix_ids": torch.tensor(prefix_ids, dtype=torch.int64), "state": state.contiguous()}
+        shape = {"layers": 0, "shapes": {"state": [state.numel()]}}
+    else:
+        tensors = _tensors(layers, prefix_ids, kv_quant)
+        shape = {"engine": engine_of(manifest), "dtype": dtype_name(layers[0][0].dtype), "layers": len(layers),
+                 "shapes": {"k": [list(k.shape) for k, _ in layers], "v": [list(v.shape) for _, v in layers]}}
     full = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "cag_version": __version__,
         **manifest,
         "tokens": len(prefix_ids),
-        "dtype": dtype_name(k0.dtype),
-        "layers": len(layers),
-        "shapes": {"k": [list(k.shape) for k, _ in layers], "v": [list(v.shape) for _, v in layers]},
+        **shape,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "checksum": method,
     }
@@ -104,7 +124,7 @@ def save(path: str | Path, layers: KV, prefix_ids: list[int], manifest: dict, kv
     key = signing_key()
     if key is not None:
         full["signature"] = _sign(full, key)
-    with atomic.replacing(path) as tmp:
+    with atomic.replacing(path) as tmp, atomic.os_errors(path):
         save_file(tensors, str(tmp), metadata={MANIFEST_KEY: json.dumps(full, sort_keys=True)})
     return full
 
@@ -142,7 +162,7 @@ def _manifest(where: str, meta: dict) -> dict:
         raise CacheFileError(f"cache file {where} has a damaged manifest (not a JSON object); rebuild it")
     if manifest.get("format") != FORMAT:
         raise CacheFileError(f"{where} is not a cag cache file (format {manifest.get('format')!r})")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if type(manifest.get("format_version")) is not int or manifest["format_version"] != FORMAT_VERSION:
         raise CacheMismatchError(where, "format version", FORMAT_VERSION, manifest.get("format_version"))
     for key, kinds in _FIELDS.items():
         optional = key in _OPTIONAL
@@ -153,9 +173,15 @@ def _manifest(where: str, meta: dict) -> dict:
             raise CacheFileError(f"cache file {where} has a damaged manifest: field {key!r} must be {want}; rebuild it")
     for key in IDENTITY:
         inner = manifest.get(key, {})
-        if not all(isinstance(v, (str, int)) for v in inner.values()):
-            raise CacheFileError(f"cache file {where} has a damaged manifest: field {key!r} holds a non-text value; "
-                                 "rebuild it")
+        if not all(isinstance(v, str) or _whole(v) for v in inner.values()):
+            raise CacheFileError(f"cache file {where} has a damaged manifest: field {key!r} holds a value that is "
+                                 "neither text nor a whole number; rebuild it")
+    if not _valid_shapes(manifest["shapes"]):
+        raise CacheFileError(f"cache file {where} has a damaged manifest: field 'shapes' must map k and v to lists "
+                             "of shapes (or state to one shape), each a list of whole numbers; rebuild it")
+    if engine_of(manifest) not in ENGINES:
+        raise CacheFileError(f"cache file {where} was made by an engine this cag does not know "
+                             f"({manifest['engine']!r}); rebuild it")
     bounds = manifest.get("prefill_bounds")
     if bounds is not None and not _valid_bounds(bounds, manifest["tokens"]):
         raise CacheFileError(f"cache file {where} has a damaged manifest: field 'prefill_bounds' must be rising "
@@ -163,19 +189,32 @@ def _manifest(where: str, meta: dict) -> dict:
     return manifest
 
 
+def _whole(value: object) -> bool:
+    return type(value) is int  # not a bool, which JSON's true would pass as 1
+
+
+def _valid_shapes(shapes: dict) -> bool:
+    def shape(value: object) -> bool:
+        return isinstance(value, list) and all(_whole(n) for n in value)
+
+    return all((key in ("k", "v") and isinstance(value, list) and all(shape(s) for s in value))
+               or (key == "state" and shape(value)) for key, value in shapes.items())
+
+
 def _valid_bounds(bounds: list, tokens: int) -> bool:
-    if not all(type(b) is int for b in bounds):
+    if not all(_whole(b) for b in bounds):
         return False
     return (not bounds and tokens == 0) or (bool(bounds) and bounds[-1] == tokens
                                             and all(a < b for a, b in zip([0, *bounds], bounds)))
 
 
 IDENTITY = ("model", "tokenizer", "template", "knowledge")  # what a cache was made for (dicts of text)
-CARRIED = (*IDENTITY, "prefill_bounds")  # what a copy of a cache into another tier keeps from its manifest
+CARRIED = (*IDENTITY, "prefill_bounds", "engine")  # what a copy of a cache into another tier keeps from its manifest
 _FIELDS = {"layers": (int,), "tokens": (int,), "dtype": (str,), "shapes": (dict,), "tensors_sha256": (str,),
            "checksum": (str,), "signature": (str,), "kv_quant": (str,), "created": (str,), "cag_version": (str,),
-           "prefill_bounds": (list,), **{key: (dict,) for key in IDENTITY}}
-_OPTIONAL = {"checksum", "signature", "kv_quant", "created", "cag_version", "prefill_bounds", *IDENTITY}
+           "prefill_bounds": (list,), "engine": (str,), **{key: (dict,) for key in IDENTITY}}
+_OPTIONAL = {"checksum", "signature", "kv_quant", "created", "cag_version", "prefill_bounds", "engine", *IDENTITY}
+ENGINES = ("torch", "llamacpp")
 
 
 def load(path: str | Path, expect: Expect = Expect(), device: torch.device | str = "cpu",
@@ -206,17 +245,24 @@ def _verified(where: str, source: restore.Source, expect: Expect, device, thread
             raise CacheFileError(f"cache file {where} has a bad signature: it was tampered with or signed with another key")
     tensors = restore.restore(source, lay, where, manifest.get("checksum"), manifest, manifest["tensors_sha256"],
                               device=device, host=HOST_TENSORS, threads=threads)
-    layers, prefix_ids = _unpack(where, tensors, manifest)
     wrong = mismatch(manifest, expect)
     if wrong is not None:
         raise CacheMismatchError(where, *wrong)
+    if engine_of(manifest) != "torch":
+        return Loaded(manifest=manifest, layers=[], prefix_ids=_state_ids(where, tensors, manifest),
+                      state=tensors["state"])
+    layers, prefix_ids = _unpack(where, tensors, manifest)
     return Loaded(manifest=manifest, layers=layers, prefix_ids=prefix_ids)
 
 
 def mismatch(manifest: dict, expect: Expect) -> tuple[str, str, str | None] | None:
     """The first thing a cache was made for that differs from `expect`: (field, wanted, found), or None."""
+    model = manifest.get("model", {})
     for field, want, have in (
-        ("model", expect.model, manifest.get("model", {}).get("fingerprint")),
+        ("engine", expect.engine, engine_of(manifest)),
+        ("model", expect.model, model.get("fingerprint")),
+        ("llama.cpp version and build", expect.runtime, model.get("runtime")),
+        ("context size", expect.context, model.get("context")),
         ("tokenizer", expect.tokenizer, manifest.get("tokenizer", {}).get("fingerprint")),
         ("prompt template", expect.template, manifest.get("template", {}).get("fingerprint")),
         ("knowledge", expect.knowledge, manifest.get("knowledge", {}).get("sha256")),
@@ -244,6 +290,18 @@ def _tensors(layers: KV, prefix_ids: list[int], kv_quant: str | None = None) -> 
             else:
                 out[f"{name}.{i}"] = t
     return out
+
+
+def _state_ids(path: str, tensors: dict[str, torch.Tensor], manifest: dict) -> list[int]:
+    """The prefix ids of a cache of engine state, after checking it holds just that state, as listed."""
+    state = tensors.get("state")
+    if set(tensors) != {"prefix_ids", "state"} or state.dtype != torch.uint8 or state.dim() != 1 \
+            or manifest.get("shapes") != {"state": [state.numel()]} or manifest.get("layers") != 0:
+        raise CacheFileError(f"cache file {path} does not hold the engine state its manifest lists; rebuild it")
+    prefix_ids = tensors["prefix_ids"].tolist()
+    if len(prefix_ids) != manifest.get("tokens"):
+        raise CacheFileError(f"cache file {path} holds a different number of tokens than its manifest says; rebuild it")
+    return prefix_ids
 
 
 def _unpack(path: str, tensors: dict[str, torch.Tensor], manifest: dict) -> tuple[KV, list[int]]:

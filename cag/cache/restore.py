@@ -35,8 +35,8 @@ from typing import Iterator
 
 import torch
 
-from . import checksum
 from ..errors import CacheFileError
+from . import checksum
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,

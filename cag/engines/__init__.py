@@ -1,0 +1,67 @@
+"""Engines: the code that runs a model, behind one seam (cag.engines.base.Engine).
+
+`load(spec)` picks the engine from what the user named:
+- a `.gguf` file or `ollama:NAME[:TAG]` -> llama.cpp (cag.engines.llamacpp): weights stay quantized and
+  memory-mapped, as Ollama and LM Studio run them;
+- the default model, a Hugging Face folder or hub id -> transformers (cag.engines.torch), the reference.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable
+
+from .base import Engine
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+Log = Callable[[str], None]
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def kind_of(spec: str | None) -> str:
+    """Which engine runs the model named `spec`: "llamacpp" or "torch"."""
+    if spec and (spec.startswith("ollama:") or Path(spec).suffix.lower() == ".gguf"):
+        return "llamacpp"
+    return "torch"
+
+
+def load(spec: str | None = None, *, device: str | None = None, dtype: str | None = None,
+         threads: int | None = None, kv_type: str | None = None, context: int | None = None,
+         log: Log = _stderr) -> Engine:
+    """The engine for the model named `spec` (None: the default model).
+
+    `threads` sets the CPU threads (both engines; default: CAG_THREADS, else torch's / llama.cpp's own
+    choice). `kv_type` ("f16", "q8_0") and `context` (the context size) apply to llama.cpp; `device`
+    and `dtype` to transformers."""
+    if kind_of(spec) == "llamacpp":
+        from .llamacpp import load as load_gguf
+
+        if dtype not in (None, "", "auto"):
+            from ..errors import ModelError
+
+            raise ModelError(f"--dtype {dtype} applies to Hugging Face models; a GGUF model runs in its own "
+                             "quantization (use --kv-type for the KV cache)")
+        return load_gguf(spec, threads=threads, kv_type=kv_type, context=context, log=log)
+    from .. import settings
+    from .torch import models
+
+    set_threads(threads if threads is not None else settings.current().threads)
+    return models.load(spec, device=device, dtype=dtype, log=log)
+
+
+def set_threads(threads: int | None) -> None:
+    """CPU threads for torch and cag's C kernels (they share torch's OpenMP runtime); None: unchanged."""
+    if threads is None:
+        return
+    import torch
+
+    if threads < 1:
+        from ..errors import CagError
+
+        raise CagError(f"threads must be at least 1 (got {threads})")
+    torch.set_num_threads(threads)

@@ -136,10 +136,10 @@ def write(out: str, tokens: int, questions: int, seed: int, estimate: bool = Fal
     """Generate and save, counting tokens with the default model's tokenizer unless `estimate`."""
     count = estimate_tokens
     if not estimate:
-        from ..engines.torch import models
+        from .. import engines
 
-        tok = models.load(None, log=lambda _m: None).tokenizer
-        count = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+        codec = engines.load(None, log=lambda _m: None).codec
+        count = lambda text: len(codec.encode(text))  # noqa: E731
     data = generate(tokens, questions, seed, count_tokens=count)
     data.save(out)
     print(f"wrote {out}: {len(data.documents)} documents, ~{tokens} tokens, {len(data.questions)} questions")

@@ -10,11 +10,13 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from .. import engines
+from ..engines.base import Engine
 from ..kb import knowledge
-from ..engines.torch import models
 from ..kb.prompt import PromptBuilder
 from . import dataset as ds
-from . import embed, report, scoring, systems as sysmod
+from . import embed, report, scoring
+from . import systems as sysmod
 from .retrieval import DEFAULT_CHUNK_TOKENS
 
 ALL_SYSTEMS = ("cag", "in-context", "bm25", "dense")
@@ -22,15 +24,15 @@ ALL_SYSTEMS = ("cag", "in-context", "bm25", "dense")
 
 def run(datasets: Sequence[str | Path | ds.Dataset], *, systems: Sequence[str] = ALL_SYSTEMS,
         top_k: Sequence[int] = (1, 3, 5), max_new_tokens: int = 48, limit: int | None = None,
-        out: str | Path | None = None, lm: models.LoadedModel | None = None, model: str | None = None,
+        out: str | Path | None = None, lm: Engine | None = None, model: str | None = None,
         device: str | None = None, dtype: str | None = None, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
         show_progress: bool = True, log=lambda _msg: None) -> dict:
     """Evaluate; returns {"meta", "summary", "questions", "files"} and writes them under `out` when given."""
     sysmod.check(list(systems), list(top_k))
     loaded = [d if isinstance(d, ds.Dataset) else ds.load(d) for d in datasets]
     loaded = [d.limited(limit) for d in loaded]
-    lm = lm or models.load(model, device=device, dtype=dtype, log=log)
-    meta = {"model": lm.name, "device": str(lm.device), "dtype": str(lm.dtype).replace("torch.", ""),
+    lm = lm or engines.load(model, device=device, dtype=dtype, log=log)
+    meta = {"model": lm.name, "device": str(lm.device), "dtype": lm.dtype,
             "max_new_tokens": max_new_tokens, "top_k": list(top_k), "chunk_tokens": chunk_tokens,
             "limit": limit, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     summary, rows, files = [], [], []
@@ -49,7 +51,7 @@ def run(datasets: Sequence[str | Path | ds.Dataset], *, systems: Sequence[str] =
 
 def _run_one(data: ds.Dataset, lm, names, top_k, max_new_tokens, chunk_tokens, bar):
     docs = [knowledge.Document(d["name"], d["text"]) for d in sysmod.titled(data)]
-    knowledge_tokens = len(PromptBuilder(lm.tokenizer, docs).prefix_ids())
+    knowledge_tokens = len(PromptBuilder(lm.codec, docs).prefix_ids())
     chosen, shared = sysmod.make(data, lm, names, top_k, embed.default, chunk_tokens)
     summary, rows = [], []
     try:

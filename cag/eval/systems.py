@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import api
-from ..engines.torch import engine
+from .. import api, decode
+from ..engines.base import Job
 from ..kb import knowledge
 from ..kb.prompt import DEFAULT_INSTRUCTION, PromptBuilder
 from . import retrieval
@@ -84,7 +84,6 @@ class RagSystem:
                  instruction: str = DEFAULT_INSTRUCTION):
         self.name, self.k, self.index, self.chunks, self.lm = f"{kind}@{k}", k, index, chunks, lm
         self.build_s, self.instruction = build_s, instruction
-        self.stops = engine.stop_ids(lm.tokenizer, lm.model)
 
     def build(self) -> float:
         return self.build_s
@@ -92,12 +91,18 @@ class RagSystem:
     def answer(self, question: str, max_new_tokens: int) -> Reply:
         start = time.perf_counter()
         picked = [self.chunks[i] for i in self.index.top(question, self.k)]
-        builder = PromptBuilder(self.lm.tokenizer, [knowledge.Document(c.name, c.text) for c in picked], self.instruction)
+        builder = PromptBuilder(self.lm.codec, [knowledge.Document(c.name, c.text) for c in picked], self.instruction)
         ids = builder.split(question).ids
-        stream, ttft = engine.TextStream(self.lm.tokenizer), None
-        for token in engine.generate(self.lm.model, ids, max_new_tokens=max_new_tokens, stop_ids=self.stops):
-            ttft = ttft if ttft is not None else time.perf_counter() - start
-            stream.push(token)
+        stream, ttft = self.lm.codec.stream(), None
+        empty = self.lm.prefill([], [])  # the whole prompt runs as the question, from scratch
+        try:
+            job = Job(ids, 0, max_new_tokens, stops=frozenset(self.lm.stop_ids))
+            for token in decode.tokens(self.lm.decoder(empty), job):
+                ttft = ttft if ttft is not None else time.perf_counter() - start
+                stream.push(token)
+        finally:
+            empty.release()
+        stream.flush()
         total = time.perf_counter() - start
         return Reply(stream.text().strip(), ttft if ttft is not None else total, total, len(ids), len(ids),
                      [c.text for c in picked])
@@ -109,7 +114,7 @@ def make(dataset: Dataset, lm, names: list[str], top_k: list[int], embedder_fact
     check(names, top_k)
     shared = KbSystems(dataset, lm)
     systems: list = []
-    count = lambda text: len(lm.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    count = lambda text: len(lm.codec.encode(text))  # noqa: E731
     chunks = None
     for name in names:
         if name in ("cag", "in-context"):

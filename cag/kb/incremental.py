@@ -19,19 +19,25 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-import torch
-
-from ..engines.torch import engine
-from ..engines.torch.kvcompat import KV
+from ..engines.base import Engine, Prefix
 from .prompt import common_prefix_len
+
+DEFAULT_CHUNK = 512  # tokens per prefill piece: bounded activation memory, and the pieces caches record
+
+
+def chunk_ends(start: int, end: int, chunk_size: int) -> list[int]:
+    """Where each piece of a prefill of positions [start, end) in chunks of `chunk_size` ends."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1 (got {chunk_size})")
+    return [*range(start + chunk_size, end, chunk_size), end] if end > start else []
 
 
 @dataclass
 class Extended:
-    layers: KV
+    prefix: Prefix
     reused: int  # leading positions taken from the previous cache
     prefilled: int  # positions computed now
-    bounds: list[int] = field(default_factory=list)  # where each piece the KV was computed in ends
+    bounds: list[int] = field(default_factory=list)  # where each piece the prefix was computed in ends
     changed_at: int | None = None  # the first position whose token differs from the previous cache's
 
     def describe(self, previous_tokens: int) -> str:
@@ -46,23 +52,23 @@ class Extended:
                 f"prefilled {self.prefilled})")
 
 
-@torch.inference_mode()
-def extend(model, old_layers: KV | None, old_ids: Sequence[int], new_ids: Sequence[int],
-           chunk_size: int = engine.DEFAULT_CHUNK, progress: Callable[[int], None] | None = None,
-           old_bounds: Sequence[int] | None = None) -> Extended:
-    """The KV of `new_ids`, computing only what the previous cache (`old_layers` of `old_ids`, computed in
+def extend(lm: Engine, old: Prefix | None, old_ids: Sequence[int], new_ids: Sequence[int],
+           chunk_size: int = DEFAULT_CHUNK, progress: Callable[[int], None] | None = None,
+           old_bounds: Sequence[int] | None = None, kv_quant: str | None = None) -> Extended:
+    """The prefix of `new_ids`, computing only what the previous one (`old`, of `old_ids`, computed in
     pieces ending at `old_bounds`; default: chunks of `chunk_size`) lacks. Reuse stops at the start of
-    the piece holding the first change, so the result is made of whole pieces (module docstring)."""
-    changed_at = common_prefix_len(old_ids, new_ids) if old_layers else 0
+    the piece holding the first change, so the result is made of whole pieces (module docstring).
+
+    `progress(n)` is called once before any piece runs, with the positions taken from `old` (0 when none),
+    then after each piece with the positions it computed: a progress display can time the prefill itself,
+    apart from what came before it."""
+    changed_at = common_prefix_len(old_ids, new_ids) if old is not None else 0
     if old_bounds is None:
-        old_bounds = engine.chunk_ends(0, len(old_ids), chunk_size)
+        old_bounds = chunk_ends(0, len(old_ids), chunk_size)
     start = max((b for b in old_bounds if b <= changed_at), default=0)
     kept = [b for b in old_bounds if b <= start]
-    if progress and start:
+    if progress:  # the prefill starts: before its first piece, with the positions reused (0 without any)
         progress(start)
-    if start == len(new_ids):
-        return Extended([(k[:, :, :start], v[:, :, :start]) for k, v in old_layers], start, 0, kept, changed_at)
-    past = [(k[:, :, :start], v[:, :, :start]) for k, v in old_layers] if start else None
-    ends = engine.chunk_ends(start, len(new_ids), chunk_size)
-    layers = engine.prefill_pieces(model, new_ids, ends, progress, past=past)
-    return Extended(layers, start, len(new_ids) - start, kept + ends, changed_at)
+    ends = chunk_ends(start, len(new_ids), chunk_size)
+    prefix = lm.prefill(new_ids, ends, base=old if start else None, keep=start, progress=progress, kv_quant=kv_quant)
+    return Extended(prefix, start, len(new_ids) - start, kept + ends, changed_at)

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from ..cache import atomic
 from .. import paths
+from ..cache import atomic
 from ..errors import KnowledgeError
 from .readers import sandbox
 

@@ -5,6 +5,14 @@ seam, so prefix tokens + question tokens need not equal the tokens of the whole 
 whole prompt is always rendered and tokenized as one string; the cache is reused only for the longest
 run of leading tokens that equals the cached prefix (all of it, in the normal case), and everything
 after that is computed. The model therefore always sees exactly the tokens of the full prompt.
+
+A system message given with a question (`system`: the server's system/developer messages, `cag ask
+--system`) is user text placed after the cached knowledge: a system turn of its own right after the
+knowledge's, where the template allows one there; else appended to the knowledge's system turn (templates
+that take a system message only first); else, like that turn, at the top of the first user turn
+(templates without a system role); in the plain layout, an "# Instructions" section after the documents.
+The cached prefix never changes: a system message only makes the computed part start a few tokens
+earlier (where its prompt first differs from the prefix), and the answer is still the no-cache one.
 """
 
 from __future__ import annotations
@@ -12,19 +20,21 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import threading
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from ..engines.base import Codec
 from ..errors import PromptError
 from .knowledge import Document
 
 LAYOUT_VERSION = 1
+PLAIN_NEXT_QUESTION = "\nQuestion:"
 DEFAULT_INSTRUCTION = (
     "You are a helpful assistant. Answer the user's question using only the documents below. "
     "If the documents do not contain the answer, say that you do not know. Answer briefly."
 )
 _SENTINEL = "\u2063CAG-QUESTION\u2063"
+_INSTRUCTIONS = "\n\n# Instructions\n\n"  # before a system message that shares the knowledge's turn
 
 
 @dataclass(frozen=True)
@@ -54,16 +64,27 @@ class Split:
 class PromptBuilder:
     """Renders knowledge + (history) + question with a tokenizer's chat template."""
 
-    tokenizer: object
+    tokenizer: object  # an engine's Codec, or a Hugging Face tokenizer (wrapped in one)
     docs: Sequence[Document]
     instruction: str = DEFAULT_INSTRUCTION
     _prefix_ids: list[int] | None = field(default=None, init=False, repr=False)
     _head: tuple[str, list[int]] | None = field(default=None, init=False, repr=False)
 
     # -- identity ---------------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        self.codec = codec_of(self.tokenizer)
+        self._safe = SafeEncoder(self.codec)
+
     @property
     def chat_template(self) -> str | None:
-        return getattr(self.tokenizer, "chat_template", None) or None
+        return self.codec.chat_template
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        """Where an answer ends besides the model's end-of-turn token. Without a chat template (a base
+        model) the prompt is a Question/Answer text that such a model goes on writing: the answer ends
+        where it starts the next question, as a reader of that text would expect."""
+        return () if self.chat_template is not None else (PLAIN_NEXT_QUESTION,)
 
     def fingerprint(self) -> str:
         """Changes whenever the same knowledge would be laid out differently in the prompt."""
@@ -77,30 +98,37 @@ class PromptBuilder:
     def system_text(self) -> str:
         return f"{self.instruction}\n\n# Documents\n\n{self.knowledge_block()}"
 
-    def render(self, question: str, history: Sequence[Turn] = ()) -> str:
+    def render(self, question: str, history: Sequence[Turn] = (), system: str | None = None) -> str:
         """The full prompt as text (for people and logs; the model gets `split(...).ids`)."""
-        return _unmark(self._render(question, history, mark=False))
+        return _unmark(self._render(question, history, mark=False, system=clean_system(system)))
 
-    def _render(self, question: str, history: Sequence[Turn], mark: bool) -> str:
-        """The prompt with every piece of user-supplied text (system block, history, question) between
-        _OPEN/_CLOSE when `mark`: what lies outside the marks is the template's own text."""
+    def _render(self, question: str, history: Sequence[Turn], mark: bool, system: str | None = None) -> str:
+        """The prompt with every piece of user-supplied text (system block, system message, history,
+        question) between _OPEN/_CLOSE when `mark`: what lies outside the marks is the template's own text."""
         wrap = (lambda text: f"{_OPEN}{_check(text)}{_CLOSE}") if mark else (lambda text: text)
-        system = wrap(self.system_text())
+        block = wrap(self.system_text())
+        extra = wrap(system) if system else None
+        merged = f"{block}{_INSTRUCTIONS}{extra}" if extra else block
         if self.chat_template is None:
             turns = "".join(f"Question: {wrap(t.question)}\nAnswer: {wrap(t.answer)}\n\n" for t in history)
-            return f"{system}\n\n{turns}Question: {wrap(question)}\nAnswer:"
-        messages = [{"role": "system", "content": system}]
+            return f"{merged}\n\n{turns}Question: {wrap(question)}\nAnswer:"
+        talk = []
         for t in history:
-            messages += [{"role": "user", "content": wrap(t.question)}, {"role": "assistant", "content": wrap(t.answer)}]
-        messages.append({"role": "user", "content": wrap(question)})
-        try:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception:  # noqa: BLE001 - templates without a system role raise template errors
-            messages = [{"role": "user", "content": f"{system}\n\n# Question\n\n{messages[1]['content']}"}] + messages[2:]
+            talk += [{"role": "user", "content": wrap(t.question)}, {"role": "assistant", "content": wrap(t.answer)}]
+        talk.append({"role": "user", "content": wrap(question)})
+        layouts = [[{"role": "system", "content": block}, {"role": "system", "content": extra}] + talk] if extra else []
+        layouts += [[{"role": "system", "content": merged}] + talk,  # refused by templates without a system role,
+                    [{"role": "user", "content": f"{merged}\n\n# Question\n\n{talk[0]['content']}"}] + talk[1:]]
+        for messages in layouts:
             try:
-                return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            except Exception as err:  # noqa: BLE001
-                raise PromptError(f"the model's chat template cannot render a prompt: {err}") from None
+                rendered = self.codec.render(messages)
+            except Exception as err:  # noqa: BLE001 - a template refusing this layout raises a template error
+                failure = err
+                continue
+            if extra is None or rendered.count(extra) >= sum(m["content"].count(extra) for m in messages):
+                return rendered  # (a template may also drop a role it does not know, silently)
+            failure = ValueError("the system message is missing from the rendered prompt")
+        raise PromptError(f"the model's chat template cannot render a prompt: {failure}")
 
     def prefix_text(self) -> str:
         """Everything the template puts before the first question's text."""
@@ -114,7 +142,7 @@ class PromptBuilder:
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of `text` as user-supplied text: special-token strings in it are plain characters."""
-        return self._encoder().encode([(text, True)], add_special=False)
+        return self._safe.encode([(text, True)], add_special=False)
 
     def prefix_ids(self) -> list[int]:
         if self._prefix_ids is None:
@@ -123,14 +151,14 @@ class PromptBuilder:
 
     def _encode(self, marked: str) -> list[int]:
         # A rendered chat template already holds its special tokens (BOS included where the model wants it).
-        return self._encoder().encode(_pieces(marked), add_special=self.chat_template is None)
+        return self._safe.encode(_pieces(marked), add_special=self.chat_template is None)
 
     def _encode_prompt(self, marked: str) -> list[int]:
         """_encode(marked), reusing the ids of the prefix up to its last special token: text runs between
         special tokens are tokenized independently, so that part never changes with the question, and
         re-tokenizing the whole knowledge for every question would cost time in proportion to its size."""
         if self._head is None:
-            head = self._encoder().head(self._prefix_marked()) if self.chat_template is not None else ""
+            head = self._safe.head(self._prefix_marked()) if self.chat_template is not None else ""
             self._head = (head, self._encode(head) if head else [])
         head, ids = self._head
         if head and marked.startswith(head):
@@ -142,29 +170,26 @@ class PromptBuilder:
         already over `limit`, else None. Tokenizing megabytes of text at once takes gigabytes of memory;
         this reads the length and then counts in pieces, stopping as soon as the count is clearly over."""
         text = self.system_text()
-        enc = self._encoder()
-        bound = len(text) // enc.longest_token()
+        bound = len(text) // self.codec.longest_token()
         if bound > limit:
             return bound
         count, start, piece = 0, 0, 1 << 15
         while start < len(text):
             end = len(text) if start + piece >= len(text) else max(text.rfind(" ", start, start + piece),
                                                                     text.rfind("\n", start, start + piece), start + 1)
-            count += len(enc.inert.encode(text[start:end], add_special_tokens=False).ids)  # cut before a space:
+            count += len(self.codec.encode(text[start:end]))  # cut before a space:
             start = end  # where the tokenizer's pre-tokenizer splits anyway, so the pieces add up to the whole
             if count > limit + limit // 50 + 64:  # clearly over; near the limit the exact count decides
                 return count
         return None
 
-    def _encoder(self) -> "SafeEncoder":
-        return SafeEncoder.of(self.tokenizer)
-
     # -- the split --------------------------------------------------------------------------------
-    def split(self, question: str, history: Sequence[Turn] = (), prefix_ids: Sequence[int] | None = None) -> Split:
+    def split(self, question: str, history: Sequence[Turn] = (), prefix_ids: Sequence[int] | None = None,
+              system: str | None = None) -> Split:
         """Tokenize the full prompt and find how much of it the cached prefix covers, verified token by token."""
         question = clean_question(question)
         prefix = list(self.prefix_ids() if prefix_ids is None else prefix_ids)
-        ids = self._encode_prompt(self._render(question, history, mark=True))
+        ids = self._encode_prompt(self._render(question, history, mark=True, system=clean_system(system)))
         reuse = common_prefix_len(prefix, ids)
         if reuse == len(ids):  # always leave at least one token to compute the next-token logits from
             reuse -= 1
@@ -218,37 +243,15 @@ class SafeEncoder:
     Here special tokens are recognised only in the template's own text; in user text they are ordinary
     characters. Between two of the template's special tokens the text (template and user text together)
     is tokenized as one run, exactly as the tokenizer would, so prompts without such strings get the
-    same ids as plain tokenization of the whole prompt (tested).
+    same ids as plain tokenization of the whole prompt (tested, on every engine's tokenizer).
     """
 
-    _cache: "dict[int, SafeEncoder]" = {}
-    _lock = threading.Lock()
-
-    def __init__(self, tokenizer):
-        from tokenizers import Tokenizer
-
-        self.tokenizer = tokenizer
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        if backend is None:
-            raise PromptError(f"cag needs a fast (Rust) tokenizer; {type(tokenizer).__name__} is not one")
-        self.normal = backend
-        self.inert = Tokenizer.from_str(backend.to_str())  # a private copy: no shared flag to race on
-        self.inert.encode_special_tokens = True
-        self.inert.no_truncation()
-        self.inert.no_padding()
-        self._longest: int | None = None
-        added = {t.content: i for i, t in backend.get_added_tokens_decoder().items()}
+    def __init__(self, codec: Codec):
+        self.codec = codec
+        added = codec.special
         self.added = added
         self.split_at = re.compile("(" + "|".join(re.escape(c) for c in sorted(added, key=len, reverse=True)) + ")") \
             if added else None
-
-    @classmethod
-    def of(cls, tokenizer) -> "SafeEncoder":
-        with cls._lock:
-            enc = cls._cache.get(id(tokenizer))
-            if enc is None or enc.tokenizer is not tokenizer:
-                enc = cls._cache[id(tokenizer)] = cls(tokenizer)
-            return enc
 
     def head(self, marked: str) -> str:
         """`marked` up to and including its last special token outside user text ("" if none)."""
@@ -259,14 +262,6 @@ class SafeEncoder:
                     end = pos + m.end()
             pos += len(text)
         return _prefix_of(marked, end)
-
-    def longest_token(self) -> int:
-        """Characters in the longest token: a text of N characters is at least N / this many tokens."""
-        if self._longest is None:
-            vocab = self.normal.get_vocab(with_added_tokens=False)
-            decoder = self.normal.decoder
-            self._longest = max(1, max((len(decoder.decode([t])) if decoder else len(t)) for t in vocab))
-        return self._longest
 
     def encode(self, pieces: list[tuple[str, bool]], add_special: bool) -> list[int]:
         """Ids of the concatenated pieces; added tokens count only inside template (is_user False) pieces."""
@@ -281,14 +276,23 @@ class SafeEncoder:
         if add_special:  # the plain layout: one run, the tokenizer's own BOS/EOS handling
             if len(runs) != 1:
                 raise PromptError("a prompt without a chat template cannot hold special tokens")
-            return list(self.inert.encode(runs[0], add_special_tokens=True).ids)
+            return self.codec.encode(runs[0], add_special=True)
         ids: list[int] = []
         for run in runs:
             if isinstance(run, int):
                 ids.append(run)
             elif run:
-                ids += self.inert.encode(run, add_special_tokens=False).ids
+                ids += self.codec.encode(run)
         return ids
+
+
+def codec_of(tokenizer) -> Codec:
+    """An engine's Codec as is; a Hugging Face tokenizer wrapped in one (tests, eval and tools pass those)."""
+    if isinstance(tokenizer, Codec):
+        return tokenizer
+    from ..engines.torch.codec import HFCodec
+
+    return HFCodec.of(tokenizer)
 
 
 def clean_question(question: str) -> str:
@@ -296,6 +300,11 @@ def clean_question(question: str) -> str:
     if not question:
         raise PromptError("the question is empty")
     return question
+
+
+def clean_system(system: str | None) -> str | None:
+    """A system message as the prompt holds it: without the whitespace around it; None when there is none."""
+    return (system or "").strip() or None
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:

@@ -13,9 +13,9 @@ from typing import Sequence
 import bm25s
 
 from ..errors import KnowledgeError
+from ..results import BuildStats
 from .knowledge import Document
 from .prompt import PromptBuilder
-from ..results import BuildStats
 
 
 def plan(docs: Sequence[Document], tokenizer, instruction: str, fits: int, context: int, reserve: int) -> list[list[Document]]:
@@ -122,11 +122,11 @@ class ShardedKnowledgeBase:
         answer.shard = kb.name
         return answer
 
-    def fit(self, question: str, history=(), max_new_tokens: int = 256):
-        return self.route(question).fit(question, history, max_new_tokens)
+    def fit(self, question: str, history=(), max_new_tokens: int = 256, system: str | None = None):
+        return self.route(question).fit(question, history, max_new_tokens, system=system)
 
-    def trim_history(self, question: str, history, max_new_tokens: int = 256):
-        return self.route(question).trim_history(question, history, max_new_tokens)
+    def trim_history(self, question: str, history, max_new_tokens: int = 256, system: str | None = None):
+        return self.route(question).trim_history(question, history, max_new_tokens, system=system)
 
     def ask_many(self, questions: Sequence[str], **kwargs) -> list:
         """Each shard decodes its own questions together; answers come back in the order asked."""

@@ -1,7 +1,7 @@
 """The FastAPI app: OpenAI-compatible chat and prompt completions over cag knowledge bases, KB management,
 metrics, health, and one JSON access-log line per request.
 
-`model` in a request names the knowledge base. Generation runs in a thread pool (config.threads) so the
+`model` in a request names the knowledge base. Generation runs in a thread pool (config.answer_threads) so the
 event loop stays free; concurrent requests on one KB read its cached prefix in place (never copied) and,
 with continuous batching, are decoded together by that KB's scheduler thread (cag.scheduler).
 """
@@ -9,6 +9,7 @@ with continuous batching, are decoded together by that KB's scheduler thread (ca
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import re
@@ -20,22 +21,23 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import BinaryIO, Callable, Optional
 
-from fastapi import FastAPI, File, Form, Header, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Header, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from .. import __version__
-from ..engines.torch import models
-from ..errors import CagError
+from .. import __version__, engines
+from ..engines.base import Engine
+from ..errors import CacheFileError, CagError
 from . import auth, guard
 from .chat import Cancelled, ChatService, Plan, Query, chat_query, prompt_query
 from .config import ServerConfig
 from .errors import ApiError, error_body, not_found
 from .metrics import Metrics
 from .middleware import AccessLog, BodyLimit, CatchAll, note, server_error
+from .models import public_name
 from .registry import Registry, safe_doc_name
 from .schemas import CHAT, TEXT, ChatRequest, CompletionRequest, GenerationRequest, KBCreate, KBReplace, Shape
 
@@ -45,14 +47,13 @@ _TYPE_TAG = re.compile(r"^(str|int|float|bool|none|(list|dict|union|literal|func
 STATIC = Path(__file__).parent / "static"
 
 
-def create_app(config: ServerConfig | None = None, lm: models.LoadedModel | None = None) -> FastAPI:
+def create_app(config: ServerConfig | None = None, lm: Engine | None = None) -> FastAPI:
     """Build the app; pass `lm` to share an already loaded model (otherwise it loads on first use)."""
     config = config or ServerConfig()
     registry = Registry(config, lm)
     metrics = Metrics(config.price_per_1k_tokens)
     service = ChatService(config, registry, metrics)
-    pool = ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="cag-gen")
-    served_by = _public_model_name(lm.name if lm is not None else config.model or models.DEFAULT_MODEL)
+    pool = ThreadPoolExecutor(max_workers=config.answer_threads, thread_name_prefix="cag-gen")
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -82,6 +83,21 @@ def create_app(config: ServerConfig | None = None, lm: models.LoadedModel | None
     async def cag_error(_request: Request, err: CagError):
         return refuse(error_body(str(err), "invalid_request_error"), 400)
 
+    @app.exception_handler(CacheFileError)
+    async def cache_error(_request: Request, err: CacheFileError):
+        """A knowledge base whose cache cannot be used (damaged, forged, made for something else) until rebuilt."""
+        return refuse(error_body(str(err), "invalid_request_error", "cache_unusable"), 409)
+
+    @app.exception_handler(OSError)
+    async def os_error(_request: Request, err: OSError):
+        """A full disk while a knowledge base is written: the server's to fix, and nothing stored changed
+        (builds commit in one step). Other OS errors are faults of the server: the catch-all's 500."""
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise err
+        return refuse(error_body("the server's disk is full: the knowledge base was not written (what was stored "
+                                 "before is unchanged); try again once there is room", "server_error",
+                                 "insufficient_storage"), 507)
+
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, err: RequestValidationError):
         first = err.errors()[0] if err.errors() else {}
@@ -108,10 +124,13 @@ def create_app(config: ServerConfig | None = None, lm: models.LoadedModel | None
             body = error_body(str(err.detail), "invalid_request_error" if err.status_code < 500 else "server_error")
         return refuse(body, err.status_code, err.headers)
 
-    def tenant(authorization: Optional[str]) -> str:
-        who = auth.tenant_for(config, authorization)
+    def tenant(authorization: Optional[str] = Header(None), x_api_key: Optional[str] = Header(None)) -> str:
+        """The caller's tenant: a dependency of every knowledge-base route, so a 401 comes before anything else."""
+        who = auth.tenant_for(config, authorization, x_api_key)
         note(tenant=who)
         return who
+
+    caller = Depends(tenant)
 
     # -- health, metrics, page --------------------------------------------------------------------
     @app.get("/healthz")
@@ -131,24 +150,24 @@ def create_app(config: ServerConfig | None = None, lm: models.LoadedModel | None
 
     # -- OpenAI-compatible -------------------------------------------------------------------------
     @app.get("/v1/models")
-    def list_models(authorization: Optional[str] = Header(None)):
-        return {"object": "list", "data": [_model(r, served_by) for r in registry.list(tenant(authorization))]}
+    def list_models(who: str = caller):
+        return {"object": "list", "data": [_model(r) for r in registry.list(who)]}
 
     @app.get("/v1/models/{model_id}")
-    def retrieve_model(model_id: str, authorization: Optional[str] = Header(None)):
+    def retrieve_model(model_id: str, who: str = caller):
         note(model=model_id)
-        row = next((r for r in registry.list(tenant(authorization)) if r["name"] == model_id), None)
+        row = next((r for r in registry.list(who) if r["name"] == model_id), None)
         if row is None:
             raise not_found(model_id)
-        return _model(row, served_by)
+        return _model(row)
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest, authorization: Optional[str] = Header(None)):
-        return await _complete(tenant(authorization), req, lambda: chat_query(config, req), CHAT)
+    async def chat(req: ChatRequest, who: str = caller):
+        return await _complete(who, req, lambda: chat_query(config, req), CHAT)
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, authorization: Optional[str] = Header(None)):
-        return await _complete(tenant(authorization), req, lambda: prompt_query(config, req), TEXT)
+    async def completions(req: CompletionRequest, who: str = caller):
+        return await _complete(who, req, lambda: prompt_query(config, req), TEXT)
 
     async def _complete(who: str, req: GenerationRequest, query: Callable[[], Query], shape: Shape):
         """The one path of both completion endpoints: checks, plan, response cache or the model, then the
@@ -245,26 +264,23 @@ def create_app(config: ServerConfig | None = None, lm: models.LoadedModel | None
         return [(safe_doc_name(f.filename or "", default_suffix=None), f.file) for f in files]
 
     @app.get("/v1/kbs")
-    def list_kbs(authorization: Optional[str] = Header(None)):
-        return {"object": "list", "data": registry.list(tenant(authorization))}
+    def list_kbs(who: str = caller):
+        return {"object": "list", "data": registry.list(who)}
 
     @app.get("/v1/kbs/{name}")
-    def get_kb(name: str, authorization: Optional[str] = Header(None)):
+    def get_kb(name: str, who: str = caller):
         note(model=name)
-        return _kb_body(name, registry.get(tenant(authorization), name))
+        return _kb_body(name, registry.get(who, name))
 
     @app.post("/v1/kbs", status_code=201)
-    async def create_kb(body: KBCreate, authorization: Optional[str] = Header(None)):
-        who = tenant(authorization)
+    async def create_kb(body: KBCreate, who: str = caller):
         note(model=body.name)
         docs = [(safe_doc_name(d.name), d.text.encode()) for d in body.documents]
         entry = await run_in_threadpool(registry.create, who, body.name, docs)
         return JSONResponse(_kb_body(body.name, entry), status_code=201)
 
     @app.post("/v1/kbs/upload", status_code=201)
-    async def upload_kb(name: str = Form(...), files: list[UploadFile] = File(...),
-                        authorization: Optional[str] = Header(None)):
-        who = tenant(authorization)
+    async def upload_kb(name: str = Form(...), files: list[UploadFile] = File(...), who: str = caller):
         note(model=name)
         entry = await run_in_threadpool(registry.create, who, name, _files(files))
         return JSONResponse(_kb_body(name, entry), status_code=201)
@@ -277,18 +293,15 @@ def create_app(config: ServerConfig | None = None, lm: models.LoadedModel | None
         return _kb_body(name, entry)
 
     @app.put("/v1/kbs/{name}")
-    async def replace_kb(name: str, body: KBReplace, authorization: Optional[str] = Header(None)):
-        return await _replace(tenant(authorization), name,
-                              [(safe_doc_name(d.name), d.text.encode()) for d in body.documents])
+    async def replace_kb(name: str, body: KBReplace, who: str = caller):
+        return await _replace(who, name, [(safe_doc_name(d.name), d.text.encode()) for d in body.documents])
 
     @app.put("/v1/kbs/{name}/upload")
-    async def replace_kb_upload(name: str, files: list[UploadFile] = File(...),
-                                authorization: Optional[str] = Header(None)):
-        return await _replace(tenant(authorization), name, _files(files))
+    async def replace_kb_upload(name: str, files: list[UploadFile] = File(...), who: str = caller):
+        return await _replace(who, name, _files(files))
 
     @app.delete("/v1/kbs/{name}")
-    async def delete_kb(name: str, authorization: Optional[str] = Header(None)):
-        who = tenant(authorization)
+    async def delete_kb(name: str, who: str = caller):
         note(model=name)
         folder = await run_in_threadpool(registry.delete, who, name)
         service.forget(who, folder)
@@ -297,20 +310,15 @@ def create_app(config: ServerConfig | None = None, lm: models.LoadedModel | None
     return app
 
 
-def _model(row: dict, served_by: str) -> dict:
-    """A knowledge base as an OpenAI model row; `root` names the language model that answers (as vLLM's rows
-    do), and `cag` carries cag's own numbers (tokens and documents also stay at the top level)."""
+def _model(row: dict) -> dict:
+    """A knowledge base as an OpenAI model row; `root` names the language model it was built with and is
+    answered by (as vLLM's rows name theirs), and `cag` carries cag's own numbers (tokens and documents also
+    stay at the top level)."""
+    root = public_name(row.get("model") or engines.DEFAULT_MODEL)
     return {"id": row["name"], "object": "model", "created": _epoch(row.get("created")), "owned_by": row["owned_by"],
-            "root": served_by, "tokens": row.get("tokens"), "documents": row.get("documents"),
-            "cag": {"model": served_by, "tokens": row.get("tokens"), "documents": row.get("documents"),
-                    "created": row.get("created")}}
-
-
-def _public_model_name(name: str) -> str:
-    """The model's name as clients may see it: a hub id or alias as given, a local folder by its last part only
-    (the server's file system stays private)."""
-    path = Path(name).expanduser()
-    return path.name if path.is_absolute() or path.exists() else name
+            "root": root, "tokens": row.get("tokens"), "documents": row.get("documents"),
+            "cag": {"model": root, "engine": row.get("engine") or "torch", "tokens": row.get("tokens"),
+                    "documents": row.get("documents"), "created": row.get("created")}}
 
 
 def _note_usage(result: dict) -> None:

@@ -2,27 +2,27 @@
 
 Both OpenAI endpoints become the same Query, so they share one plan/answer path (limits, context-window
 check, response cache, continuous batching, tenant checks). With continuous batching (on by default) every
-answer runs inside cag.scheduler.together(): it joins the answers in progress on its knowledge base at the
+answer is handed to its knowledge base's scheduler (cag.scheduler): it joins the answers in progress there at the
 next decoding step and leaves when it ends (end of turn, stop string, max_tokens, client gone); each row is
-computed as it would be alone, so answers are the same batched or not. Mapping from chat messages: system/developer messages are
-ignored (the knowledge base's own instruction is the system prompt, and it is part of the cached prefix);
-earlier user/assistant pairs become history turns after the cached knowledge; the last message must be the
-user's question. With a conversation_id, turns stored server-side come first, and everything is trimmed to
+computed as it would be alone, so answers are the same batched or not. Mapping from chat messages: system/developer
+messages are honoured: their text (joined, in order) is a system message placed after the cached knowledge
+(kb.prompt; the knowledge base's own instruction stays first, inside the cached prefix, which it leaves
+unchanged), and it is part of the response-cache key; earlier user/assistant pairs become history turns
+after the cached knowledge; the last message must be the user's question. With a conversation_id, turns stored server-side come first, and everything is trimmed to
 the history token budget. A prompt completion's prompt is the question, with no history.
 """
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .. import scheduler
-from ..engines.torch.engine import Sampling
 from ..errors import CagError, ContextLengthError
 from ..kb.prompt import Turn
+from ..sampling import Sampling
+from ..scheduler import Batching
 from . import conversations, guard
 from .config import ServerConfig
 from .conversations import Conversations
@@ -50,6 +50,7 @@ class Query:
     seed: int | None
     stop: tuple[str, ...] = ()
     conversation_id: str | None = None
+    system: str | None = None  # the system/developer messages' text, placed after the cached knowledge
 
 
 @dataclass
@@ -66,13 +67,14 @@ class Plan:
     key: tuple = field(default=())  # response-cache key, empty when not cacheable
     tenant: str = ""  # who asked: part of the response-cache key (no tenant learns what another asked)
     stop: tuple[str, ...] = ()  # the answer ends before the first of these strings
+    system: str | None = None  # see Query.system
 
 
 def chat_query(config: ServerConfig, req: ChatRequest) -> Query:
     guard.check_messages(config, req.messages)
-    question, history = split_messages(req)
+    question, history, system = split_messages(req)
     return Query(req.model, question, history, req.max_completion_tokens or req.max_tokens, req.temperature,
-                 req.top_p, req.seed, req.stop_sequences, req.conversation_id)
+                 req.top_p, req.seed, req.stop_sequences, req.conversation_id, system)
 
 
 def prompt_query(config: ServerConfig, req: CompletionRequest) -> Query:
@@ -83,7 +85,9 @@ def prompt_query(config: ServerConfig, req: CompletionRequest) -> Query:
     return Query(req.model, question, [], req.max_tokens, req.temperature, req.top_p, req.seed, req.stop_sequences)
 
 
-def split_messages(req: ChatRequest) -> tuple[str, list[Turn]]:
+def split_messages(req: ChatRequest) -> tuple[str, list[Turn], str | None]:
+    """(question, history, system message) of a chat request; the system message is None without one."""
+    system = "\n\n".join(t for m in req.messages if m.role in ("system", "developer") and (t := m.text.strip()))
     turns, pending = [], []
     talk = [m for m in req.messages if m.role in ("user", "assistant")]
     if not talk or talk[-1].role != "user":
@@ -97,7 +101,27 @@ def split_messages(req: ChatRequest) -> tuple[str, list[Turn]]:
     question = "\n".join(pending + [talk[-1].text]).strip()
     if not question:
         raise ApiError(400, "the question is empty", code="empty_question")
-    return question, turns
+    return question, turns, system or None
+
+
+class Trimmed:
+    """Streams text as the whole answer reads: an answer is returned stripped of leading and trailing
+    whitespace (KnowledgeBase.ask), so the stream drops whitespace before the first visible character and
+    holds whitespace back until visible text follows it; what is still held at the end is never sent.
+    The streamed pieces then add up to the non-streamed answer exactly."""
+
+    def __init__(self, send: Callable[[str], None]):
+        self.send, self.started, self.held = send, False, ""
+
+    def push(self, text: str) -> None:
+        if not self.started:
+            text = text.lstrip()
+            self.started = bool(text)
+        pending = self.held + text
+        visible = pending.rstrip()
+        self.held = pending[len(visible):]
+        if visible:
+            self.send(visible)
 
 
 class ChatService:
@@ -129,15 +153,17 @@ class ChatService:
         count = lambda text: len(kb.builder.tokenize(text))  # noqa: E731
         history = conversations.select(history, question, self.config.history_token_budget, count)
         try:
-            kb.fit(question, history, max_tokens)  # the exact prompt length, as kb.ask will check it
+            kb.fit(question, history, max_tokens, system=query.system)  # the exact prompt length, as kb.ask checks it
         except ContextLengthError as err:
             raise ApiError(400, str(err), code="context_length_exceeded") from None
-        temperature = query.temperature or 0.0
-        sampling = Sampling(temperature=temperature, top_p=query.top_p or 1.0, seed=query.seed)
+        sampling = Sampling(temperature=query.temperature or 0.0, seed=query.seed,
+                            top_p=1.0 if query.top_p is None else query.top_p)
         plan = Plan(query.model, folder, entry, question, history, sampling, max_tokens, conv, flagged,
-                    stop=query.stop)
+                    stop=query.stop, system=query.system)
         if self.cache is not None and sampling.greedy and not plan.stop:
-            plan.key = (folder, entry.content_hash, question, tuple((t.question, t.answer) for t in history), max_tokens)
+            # what the answer depends on besides question, history and limit: the knowledge and the system message
+            context = entry.content_hash if query.system is None else f"{entry.content_hash}\nsystem:{query.system}"
+            plan.key = (folder, context, question, tuple((t.question, t.answer) for t in history), max_tokens)
             plan.tenant = tenant
         return plan
 
@@ -156,19 +182,23 @@ class ChatService:
 
     def answer(self, plan: Plan, on_text: Callable[[str], None] | None = None,
                cancel: threading.Event | None = None) -> dict:
-        """Run the model (blocking). A set `cancel` stops it at the next token."""
+        """Run the model (blocking). A set `cancel` stops it at the next token. `on_text` gets the answer's
+        text as it is decoded, and those pieces add up to exactly the answer returned (see Trimmed)."""
+        trimmed = Trimmed(on_text) if on_text else None
+
         def emit(text: str) -> None:
             if cancel is not None and cancel.is_set():
                 raise Cancelled()
-            if on_text:
-                on_text(text)
+            if trimmed:
+                trimmed.push(text)
 
-        together = scheduler.together(self.config.max_batch, self.config.batch_window_ms) if self.config.continuous_batching \
-            else contextlib.nullcontext()
+        # with continuous batching the answer joins those in progress on its knowledge base (cag.scheduler)
+        batching = Batching(self.config.max_batch, self.config.batch_window_ms / 1000) \
+            if self.config.continuous_batching else None
         try:
-            with together:  # joins the answers in progress on this knowledge base (cag.scheduler)
-                a = plan.entry.kb.ask(plan.question, history=plan.history, max_new_tokens=plan.max_tokens,
-                                      sampling=plan.sampling, on_text=emit, stop=plan.stop)
+            a = plan.entry.kb.ask(plan.question, history=plan.history, max_new_tokens=plan.max_tokens,
+                                  sampling=plan.sampling, on_text=emit, stop=plan.stop, batching=batching,
+                                  system=plan.system)
         except CagError as err:
             raise ApiError(400, str(err), code="generation_failed") from None
         usage = {"prompt_tokens": a.prompt_tokens, "completion_tokens": a.new_tokens,

@@ -12,9 +12,9 @@ from pathlib import Path
 
 from .. import settings
 from ..errors import CagError
+from ..registry import OPEN_TENANT  # noqa: F401 - the tenant of every request when no API keys are configured
 
 _TENANT = re.compile(r"^[A-Za-z0-9]{1,16}$")
-OPEN_TENANT = "public"  # the tenant of every request when no API keys are configured
 
 
 class ConfigError(CagError):
@@ -25,9 +25,13 @@ class ConfigError(CagError):
 class ServerConfig:
     api_keys: dict[str, str] = field(default_factory=dict)  # API key -> tenant
     share_cli_kbs: bool = False  # with keys configured, may every tenant read CLI-built knowledge bases?
-    model: str | None = None  # None: the default model
+    model: str | None = None  # None: the default model; what knowledge bases created over HTTP are built with
     device: str | None = None
     dtype: str | None = None
+    kv_type: str | None = None  # a GGUF model's KV cache type (f16, q8_0)
+    context: int | None = None  # a GGUF model's context size
+    threads: int | None = None  # CPU threads each model computes with (default: CAG_THREADS, else the engine's choice)
+    model_bytes: int | None = None  # models kept loaded at once, least recently used out (default: CAG_MODEL_BYTES)
     workers: int = 4  # answers computed at once (each in a thread); with continuous batching at least max_batch
     continuous_batching: bool = True  # answers in progress on one knowledge base decoded together, one step for all
     max_batch: int = 32  # with continuous batching: most answers per decoding step per knowledge base
@@ -53,6 +57,12 @@ class ServerConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a whole number of at least 1, not {value!r}")
+        for name in ("threads", "context", "model_bytes"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{name} must be a whole number of at least 1 (or left out), not {value!r}")
+        if self.kv_type not in (None, "f16", "q8_0"):
+            raise ConfigError(f"kv_type must be f16 or q8_0, not {self.kv_type!r}")
         if not isinstance(self.continuous_batching, bool):
             raise ConfigError(f"continuous_batching must be true or false, not {self.continuous_batching!r}")
         if isinstance(self.batch_window_ms, bool) or not isinstance(self.batch_window_ms, (int, float)) \
@@ -77,9 +87,13 @@ class ServerConfig:
         return not self.api_keys
 
     @property
-    def threads(self) -> int:
+    def answer_threads(self) -> int:
         """Generation threads: each answer in progress holds one (waiting for its tokens when batched)."""
         return max(self.workers, self.max_batch) if self.continuous_batching else self.workers
+
+    def model_options(self) -> dict:
+        """The load options of the server's own model (those that apply to its engine are used)."""
+        return {"dtype": self.dtype, "kv_type": self.kv_type, "context": self.context}
 
 
 def parse_keys(text: str) -> dict[str, str]:
@@ -115,15 +129,16 @@ def load_config(path: str | Path | None = None) -> ServerConfig:
 
 
 def with_flags(config: ServerConfig, *, api_key: str | None = None, continuous_batching: bool | None = None,
-               max_batch: int | None = None, batch_window_ms: float | None = None,
-               workers: int | None = None) -> ServerConfig:
+               max_batch: int | None = None, batch_window_ms: float | None = None, workers: int | None = None,
+               model: str | None = None, kv_type: str | None = None, context: int | None = None,
+               threads: int | None = None) -> ServerConfig:
     """`cag serve`'s flags on top of the config file and environment (a flag wins over both).
 
     `api_key` is the single-tenant shortcut (as vLLM's and llama-server's --api-key): every request must
     carry it, and the server then shows what an open one shows (the CLI's knowledge bases and those created
     through it), only behind the key. With tenants configured already, the key belongs in their table."""
     flags = {"continuous_batching": continuous_batching, "max_batch": max_batch, "batch_window_ms": batch_window_ms,
-             "workers": workers}
+             "workers": workers, "model": model, "kv_type": kv_type, "context": context, "threads": threads}
     changes: dict = {name: value for name, value in flags.items() if value is not None}
     if api_key is not None:
         if not api_key.strip():

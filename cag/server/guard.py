@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable
 
+from ..sampling import GREEDY_BELOW
 from .config import ServerConfig
 from .errors import ApiError
 from .schemas import GenerationRequest
@@ -63,7 +64,7 @@ _SAMPLING: dict[str, tuple[Callable[[Any], bool], str]] = {
 def check_parameters(req: GenerationRequest) -> None:
     """Refuse a request that asks for something cag cannot do (harmless values such as n=1 pass). A chat
     request and a prompt completion each have their own subset of these parameters."""
-    checks = {**_NEUTRAL, **(_SAMPLING if req.temperature else {})}
+    checks = {**_NEUTRAL, **(_SAMPLING if (req.temperature or 0) >= GREEDY_BELOW else {})}  # as cag.sampling decides
     for name, (neutral, why) in checks.items():
         value = getattr(req, name, None)
         if value is not None and not neutral(value):

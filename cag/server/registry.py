@@ -1,10 +1,12 @@
 """Knowledge bases as the server sees them: one shared model, KBs loaded lazily and kept, tenant ownership.
 
-A KB created through the server is named `TENANT__NAME` and its owner is part of its record, which
-travels with it through every tier and replica (on disk, the `tenant.json` sidecar; in Redis, beside
-its settings): only that tenant sees it (as NAME). KBs without an owner were built by the CLI: every
-tenant sees them when the server is open (no keys) or when `share_cli_kbs` is on, nobody otherwise.
-A `TENANT__NAME` KB without an owner record (one copied by an older version) counts as TENANT's.
+A KB created through the server is the tenant's NAME (stored under the key cag.registry.key gives it,
+`TENANT__NAME`, which no other tenant's can take) and its owner is part of its record, which travels
+with it through every tier and replica (on disk, the `tenant.json` sidecar; in Redis, beside its
+settings): only that tenant sees it, as NAME, here and in `cag ls` (NAME with its tenant). KBs without
+an owner were built by the CLI: every tenant sees them when the server is open (no keys) or when
+`share_cli_kbs` is on, nobody otherwise. A `TENANT__NAME` KB without an owner record (one copied by an
+older version) counts as TENANT's.
 """
 
 from __future__ import annotations
@@ -17,14 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from .. import api, paths
+from .. import api, paths, settings
 from ..cache import events
-from ..kb import knowledge
-from ..engines.torch import models
-from ..errors import CagError
 from ..cache.stores.redis import RedisError
+from ..engines.base import Engine
+from ..errors import CagError
+from ..kb import knowledge
+from ..registry import key as stored_key
+from ..registry import owner_of
 from .config import ServerConfig
 from .errors import ApiError, not_found
+from .models import Models
 
 log = logging.getLogger("cag.server")
 DOCS_DIR = "docs"
@@ -44,21 +49,19 @@ class Entry:
 
 
 class Registry:
-    def __init__(self, config: ServerConfig, lm: models.LoadedModel | None = None):
+    def __init__(self, config: ServerConfig, lm: Engine | None = None):
         self.config = config
-        self._lm = lm
         self._lock = threading.Lock()
         self._folder_locks: dict[str, threading.Lock] = {}
         self._loaded: dict[str, Entry] = {}
+        budget = config.model_bytes if config.model_bytes is not None else settings.current().model_bytes
+        self.models = Models(config, budget, lm, on_drop=self._unload)
 
-    # -- the shared model --------------------------------------------------------------------------
-    @property
-    def lm(self) -> models.LoadedModel:
-        with self._lock:
-            if self._lm is None:
-                self._lm = models.load(self.config.model, device=self.config.device, dtype=self.config.dtype,
-                                       log=log.info)
-            return self._lm
+    def _unload(self, engine: Engine) -> None:
+        """An engine left the model cache: forget the knowledge bases loaded on it (answers running on them
+        keep what they hold until they end)."""
+        for folder in [f for f, e in self._loaded.items() if e.kb.lm is engine]:
+            self._loaded.pop(folder, None)
 
     def _folder_lock(self, folder: str) -> threading.Lock:
         with self._lock:
@@ -71,7 +74,7 @@ class Registry:
     def folder_for(self, tenant: str, name: str) -> str:
         """The folder behind `name` for this tenant, or a 404 that is the same for 'absent' and 'not yours'."""
         if _NAME.match(name or ""):
-            owned = f"{tenant}__{name}"
+            owned = stored_key(name, tenant)
             record = _record(owned)
             if record is not None and owner_of(owned, record.owner) == tenant:
                 return owned
@@ -85,12 +88,11 @@ class Registry:
         for row in api.list_kbs():
             if row.get("parent"):
                 continue  # one shard of a larger knowledge base: asked through its parent
-            folder = row["name"]
-            owner = owner_of(folder, row.get("owner"))
-            if owner == tenant:
-                rows.append({**row, "name": folder.split("__", 1)[1], "owned_by": tenant})
-            elif owner is None and self._cli_visible():
-                rows.append({**row, "owned_by": "cli"})
+            shown = {k: v for k, v in row.items() if k != "key"}  # the store's key is no client's business
+            if row["tenant"] == tenant and row["key"] == stored_key(row["name"], tenant):
+                rows.append({**shown, "owned_by": tenant})
+            elif row["tenant"] is None and self._cli_visible():
+                rows.append({**shown, "owned_by": "cli"})
         return rows
 
     # -- loading -----------------------------------------------------------------------------------
@@ -104,7 +106,11 @@ class Registry:
         with self._folder_lock(folder):
             entry = self._loaded.get(folder)
             if entry is None or entry.stamp != _stamp(folder):
-                entry = Entry(api.load(folder, lm=self.lm, log=log.info), _stamp(folder))
+                record = _record(folder)
+                if record is None:
+                    raise not_found(name)
+                lm = self.models.for_kb(name, record.meta)
+                entry = Entry(api.load(folder, lm=lm, log=log.info), _stamp(folder))
                 self._loaded[folder] = entry
             return entry
 
@@ -116,7 +122,7 @@ class Registry:
         if not _NAME.match(name or ""):
             raise ApiError(400, f"invalid knowledge base name {name!r}: use 1-46 letters, digits, '.', '_' or '-', "
                                 "starting with a letter or digit", code="invalid_name")
-        folder = f"{tenant}__{name}"
+        folder = stored_key(name, tenant)
         with self._folder_lock(folder):
             try:
                 self.folder_for(tenant, name)
@@ -174,27 +180,19 @@ class Registry:
 
     def _owned(self, tenant: str, name: str) -> str:
         folder = self.folder_for(tenant, name)
-        if folder != f"{tenant}__{name}":
+        if folder != stored_key(name, tenant):
             raise ApiError(403, f"knowledge base {name!r} was built with the CLI; change it with `cag build` "
                                 "or `cag rm`", "permission_error", "read_only_kb")
         return folder
 
     def _build(self, tenant: str, folder: str, target: Path) -> Entry:
         try:
-            kb = api.build([target / DOCS_DIR], name=folder, lm=self.lm, log=log.info, owner=tenant)
+            kb = api.build([target / DOCS_DIR], name=folder, lm=self.models.default(), log=log.info, owner=tenant)
         except CagError as err:
             raise ApiError(400, str(err), code="build_failed") from None
         entry = Entry(kb, _stamp(folder))
         self._loaded[folder] = entry
         return entry
-
-
-def owner_of(folder: str, recorded: str | None) -> str | None:
-    """The tenant a knowledge base belongs to; None for one built by the CLI. A `TENANT__NAME` one without
-    an owner record is TENANT's: names of that form are the server's, and must never become shared."""
-    if recorded is None and "__" in folder:
-        return folder.split("__", 1)[0]
-    return recorded
 
 
 def _record(folder: str):

@@ -44,7 +44,7 @@ class _Stored:
 
 
 def normalize(text: str) -> str:
-    """What the prompt makes of a question: cag.prompt strips it, and nothing else."""
+    """What the prompt makes of a question: cag.kb.prompt strips it, and nothing else."""
     return text.strip()
 
 

@@ -27,8 +27,7 @@ from ... import paths
 from ...errors import CagError
 from .. import kvfile
 from ..events import Event
-from ..kvfile import KV
-from ..kvfile import Expect
+from ..kvfile import KV, Expect
 
 log = logging.getLogger("cag.stores")
 

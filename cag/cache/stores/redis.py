@@ -47,12 +47,23 @@ from typing import Callable, Iterator
 
 import torch
 
-from .. import kvfile
 from ...errors import CagError
+from .. import kvfile
 from ..events import Event
 from ..kvfile import KV, Expect
-from .base import Entry, Record, Store, Tombstone, checked_number, checked_record, checked_snapshot, damaged, loads, \
-    save_file, valid_name
+from .base import (
+    Entry,
+    Record,
+    Store,
+    Tombstone,
+    checked_number,
+    checked_record,
+    checked_snapshot,
+    damaged,
+    loads,
+    save_file,
+    valid_name,
+)
 
 DEFAULT_CHUNK_BYTES = 64 << 20
 MAX_CHUNKS = 1 << 16  # far more than any cache has (4 TiB at the default size): a manifest claiming more is junk

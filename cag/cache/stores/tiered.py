@@ -32,8 +32,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from .. import events
 from ...errors import CagError
+from .. import events
 from ..events import Event
 from ..kvfile import Expect
 from .base import Entry, Record, Store, Tombstone

@@ -28,9 +28,10 @@ from typing import Sequence
 
 import torch
 
+from .. import base
+from ..base import Job
 from . import fastdecode, kvcompat, nativestep, packed
-from .kvcompat import KV
-from ...sampling import Sampling, pick
+from .state import ModelState
 from .workspace import RowBuffer, Workspace
 
 _IMPL = "cag_rows"
@@ -187,14 +188,14 @@ def _kernel(q: torch.Tensor) -> str:
     return "matmul"
 
 
-def _install(model) -> None:
+def _install(state: ModelState) -> None:
     """This module's attention as the model's (plain sdpa outside a rows forward, so prefills are unchanged)."""
-    if getattr(model.config, "_attn_implementation", None) == _IMPL:
+    if getattr(state.model.config, "_attn_implementation", None) == _IMPL:
         return
     with _INSTALL_LOCK:
-        if getattr(model.config, "_attn_implementation", None) != _IMPL:
+        if getattr(state.model.config, "_attn_implementation", None) != _IMPL:
             kvcompat.register_attention(_IMPL, _attention)
-            kvcompat.set_attention(model, _IMPL)
+            kvcompat.set_attention(state.model, _IMPL)
 
 
 class _rows_running:
@@ -212,71 +213,65 @@ class _rows_running:
 
 # -- one row's question, all rows' next token -----------------------------------------------------------
 
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.inference_mode()
-def prefill(model, row: Row, ids: Sequence[int]) -> torch.Tensor:
+def prefill(state: ModelState, row: Row, ids: Sequence[int]) -> torch.Tensor:
     """Logits [vocab] after the row's new tokens `ids` (its question), placed at its next positions."""
-    _install(model)
-    device = _device(model)
-    tokens = torch.tensor([list(ids)], dtype=torch.long, device=device)
-    positions = torch.arange(row.position, row.position + len(ids), device=device)[None]
+    _install(state)
+    tokens = torch.tensor([list(ids)], dtype=torch.long, device=state.device)
+    positions = torch.arange(row.position, row.position + len(ids), device=state.device)[None]
     with _rows_running([row], fold=False):
-        logits = kvcompat.forward_positions(model, tokens, positions, keep=1)[:, -1]
+        logits = kvcompat.forward_positions(state.model, tokens, positions, keep=1)[:, -1]
     row.length += len(ids)
     return logits[0]
 
 
 @torch.inference_mode()
-def step(model, rows: list[Row], tokens: Sequence[int]) -> torch.Tensor:
+def step(state: ModelState, rows: list[Row], tokens: Sequence[int]) -> torch.Tensor:
     """Logits [rows, vocab] for one new token per row; each row's are the bits it would get alone (CPU)."""
-    _install(model)
+    _install(state)
     try:
-        if fastdecode.supported(model):
-            plan = nativestep.plan(model)
-            if plan is not None and fastdecode.verdict(model, "native") is not False and plan.fits(rows):
-                return fastdecode.native(model, lambda: plan.run(rows, tokens),
-                                         lambda: _reference(model, rows, tokens), lambda: _new_kv(rows))
-        limit = _together(model)
+        if fastdecode.supported(state):
+            plan = nativestep.plan(state)
+            if plan is not None and fastdecode.verdict(state, "native") is not False and plan.fits(rows):
+                return fastdecode.native(state, lambda: plan.run(rows, tokens),
+                                         lambda: _reference(state, rows, tokens), lambda: _new_kv(rows))
+        limit = _together(state)
         if len(rows) <= limit:
-            return _step_torch(model, rows, tokens)
-        return torch.cat([_step_torch(model, rows[i:i + limit], tokens[i:i + limit])
+            return _step_torch(state, rows, tokens)
+        return torch.cat([_step_torch(state, rows[i:i + limit], tokens[i:i + limit])
                           for i in range(0, len(rows), limit)])
     finally:
         for r in rows:
             r.length += 1
 
 
-def _inputs(model, rows: list[Row], tokens: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, bool]:
+def _inputs(state: ModelState, rows: list[Row], tokens: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """One step's token ids [rows, 1], positions [rows, 1] and whether the prefix part is one call (GPUs)."""
-    device = _device(model)
-    ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=device)
-    positions = torch.tensor([[r.position] for r in rows], device=device)
-    return ids, positions, device.type == "cuda"
+    ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=state.device)
+    positions = torch.tensor([[r.position] for r in rows], device=state.device)
+    return ids, positions, state.device.type == "cuda"
 
 
-def _reference(model, rows: list[Row], tokens: Sequence[int]) -> torch.Tensor:
+def _reference(state: ModelState, rows: list[Row], tokens: Sequence[int]) -> torch.Tensor:
     """transformers' forward over the same rows: what the fast steps are checked against."""
-    ids, positions, fold = _inputs(model, rows, tokens)
+    ids, positions, fold = _inputs(state, rows, tokens)
     with _rows_running(rows, fold):
-        return kvcompat.forward_positions(model, ids, positions, keep=1)[:, -1]
+        return kvcompat.forward_positions(state.model, ids, positions, keep=1)[:, -1]
 
 
-def _step_torch(model, rows: list[Row], tokens: Sequence[int]) -> torch.Tensor:
-    if not fastdecode.supported(model):
-        return _reference(model, rows, tokens)
-    ids, positions, fold = _inputs(model, rows, tokens)
+def _step_torch(state: ModelState, rows: list[Row], tokens: Sequence[int]) -> torch.Tensor:
+    if not fastdecode.supported(state):
+        return _reference(state, rows, tokens)
+    ids, positions, fold = _inputs(state, rows, tokens)
 
     def attention(attn, q, k, v):
         return _attention(attn, q, k, v, None, scaling=attn.scaling)[0]
 
     def lean():
         with _rows_running(rows, fold):
-            return fastdecode.lean(model, ids, positions, attention)
+            return fastdecode.lean(state, ids, positions, attention)
 
-    return fastdecode.checked_lean(model, lean, lambda: _reference(model, rows, tokens))
+    return fastdecode.checked_lean(state, lean, lambda: _reference(state, rows, tokens))
 
 
 def _new_kv(rows: list[Row]) -> list[torch.Tensor]:
@@ -288,104 +283,48 @@ def _new_kv(rows: list[Row]) -> list[torch.Tensor]:
     return out
 
 
-def _together(model) -> int:
+def _together(state: ModelState) -> int:
     """How many rows torch may compute in one call with every row's bits as when computed alone."""
-    found = model.__dict__.get("_cag_rows_together")
-    if found is None:
-        first = next(model.parameters())
-        found = 1
-        if first.device.type == "cuda":
+    if state.rows_together is None:
+        model, found = state.model, 1
+        if state.device.type == "cuda":
             found = 1 << 30  # up to the kernels cuBLAS picks per shape (measured by bench/gpu.py)
-        elif first.dtype != torch.float32:
+        elif state.dtype != torch.float32:
             found = packed.ROW_LIMIT  # oneDNN's bf16/fp16 matmuls compute rows alone (tested)
         elif all(isinstance(m, packed.PackedLinear) for m in model.modules()
                  if isinstance(m, torch.nn.Linear) or isinstance(m, packed.PackedLinear)):
             found = packed.ROW_LIMIT  # cag's packed kernels compute each row on its own (beyond: float32 BLAS)
-        model._cag_rows_together = found
-    return found
+        state.rows_together = found
+    return state.rows_together
 
 
 # -- answers ------------------------------------------------------------------------------------------
 
-@dataclass
-class Job:
-    """One answer: its new tokens on top of `reuse` prefix positions, how to pick, and how far it is."""
-
-    new_ids: list[int]
-    reuse: int
-    max_new_tokens: int = 256
-    sampling: Sampling = Sampling()
-    stops: frozenset[int] = frozenset()
-    row: Row | None = None
-    generator: torch.Generator | None = None
-    produced: int = 0
-    last: int | None = None
-    done: bool = False
-
-    def pick(self, logits: torch.Tensor) -> int | None:
-        """The next token from this row's logits, or None when it is a stop token (the answer is over)."""
-        token = pick(logits, self.sampling, self.generator)
-        if token in self.stops:
-            self.done = True
-            return None
-        self.produced += 1
-        self.last = token
-        self.done = self.produced >= self.max_new_tokens
-        return token
-
-
-class Decoder:
+class Decoder(base.Decoder):
     """Rows on one workspace, decoded together one token per step.
 
     start() gives a job its row (a RowBuffer from the workspace's pool) and runs its question prefill for
     its first token; step() gives every listed job its next token; finish() hands the buffer back.
     """
 
-    def __init__(self, model, workspace: Workspace):
-        self.model, self.workspace = model, workspace
-        self.layers = model.config.num_hidden_layers
-        self.device = _device(model)
+    def __init__(self, state: ModelState, workspace: Workspace):
+        self.state, self.workspace = state, workspace
 
     def start(self, job: Job) -> int | None:
         if not job.new_ids:
             raise ValueError("an answer needs at least one new token to compute the next-token logits")
         if not 0 <= job.reuse <= self.workspace.length:
             raise ValueError(f"reuse {job.reuse} is outside the prefix of {self.workspace.length} positions")
-        buffer = self.workspace.take(len(job.new_ids) + job.max_new_tokens, self.layers)
-        job.row = Row(self.workspace, job.reuse, buffer)
-        job.generator = job.sampling.generator(self.device)
-        return job.pick(prefill(self.model, job.row, job.new_ids))
+        buffer = self.workspace.take(len(job.new_ids) + job.max_new_tokens, self.state.layers)
+        job.slot = Row(self.workspace, job.reuse, buffer)
+        job.generator = job.sampling.generator(self.state.device)
+        return job.pick(prefill(self.state, job.slot, job.new_ids))
 
     def step(self, jobs: list[Job]) -> list[int | None]:
-        logits = step(self.model, [j.row for j in jobs], [j.last for j in jobs])
+        logits = step(self.state, [j.slot for j in jobs], [j.last for j in jobs])
         return [j.pick(row_logits) for j, row_logits in zip(jobs, logits)]
 
     def finish(self, job: Job) -> None:
-        if job.row is not None:
-            self.workspace.give(job.row.buffer)
-            job.row = None
-
-
-def generate_batch(model, prefix: "KV | Workspace", questions: Sequence[Sequence[int]], max_new_tokens: int = 256,
-                   stop_ids: Sequence[int] = (), reuse: Sequence[int] | None = None) -> list[list[int]]:
-    """Greedy answers to several questions on one prefix, decoded together; each equals its answer alone.
-
-    Question i continues the first reuse[i] prefix positions (all of them by default)."""
-    workspace = prefix if isinstance(prefix, Workspace) else Workspace(prefix)
-    reuse = list(reuse) if reuse is not None else [workspace.length] * len(questions)
-    jobs = [Job(list(q), r, max_new_tokens, Sampling(), frozenset(stop_ids)) for q, r in zip(questions, reuse)]
-    out: list[list[int]] = [[] for _ in jobs]
-    decoder = Decoder(model, workspace)
-    try:
-        for i, job in enumerate(jobs):
-            token = decoder.start(job)
-            if token is not None:
-                out[i].append(token)
-        while active := [i for i, j in enumerate(jobs) if not j.done]:
-            for i, token in zip(active, decoder.step([jobs[i] for i in active])):
-                if token is not None:
-                    out[i].append(token)
-    finally:
-        for job in jobs:
-            decoder.finish(job)
-    return out
+        if job.slot is not None:
+            self.workspace.give(job.slot.buffer)
+            job.slot = None

@@ -22,36 +22,34 @@ transformers. CAG_FAST_DECODE=0 turns both off; CAG_NATIVE_STEP=0 only the C ste
 from __future__ import annotations
 
 import sys
-import threading
 
 import torch
 
-from . import packed
 from ... import settings
+from . import packed
+from .state import ModelState
 
-_ATTENTION = {"sdpa", "cag_rows"}  # the latter is plain sdpa outside a cag.batch forward
-_LOCK = threading.Lock()
+_ATTENTION = {"sdpa", "cag_rows"}  # the latter is plain sdpa outside a cag.engines.torch.batch forward
 
 
-def supported(model) -> bool:
+def supported(state: ModelState) -> bool:
     """A causal Llama whose layers this step reproduces, and not switched off (decided once per model)."""
-    ok = getattr(model, "_cag_fast_ok", None)
-    if ok is None:
-        ok = (settings.current().fast_decode
-              and getattr(model.config, "model_type", None) == "llama"
-              and getattr(model.config, "_attn_implementation", None) in _ATTENTION
-              and not getattr(model.config, "pretraining_tp", 1) > 1
-              and hasattr(model, "model") and hasattr(model, "lm_head"))
-        model._cag_fast_ok = ok
-    return ok
+    if state.fast_ok is None:
+        model = state.model
+        state.fast_ok = bool(settings.current().fast_decode
+                             and getattr(model.config, "model_type", None) == "llama"
+                             and getattr(model.config, "_attn_implementation", None) in _ATTENTION
+                             and not getattr(model.config, "pretraining_tp", 1) > 1
+                             and hasattr(model, "model") and hasattr(model, "lm_head"))
+    return state.fast_ok
 
 
-def verdict(model, kind: str) -> bool | None:
+def verdict(state: ModelState, kind: str) -> bool | None:
     """Whether the fast `kind` step ("native" or "lean") matched transformers on this model; None: not run yet."""
-    return getattr(model, "_cag_fast_verdicts", {}).get(kind)
+    return state.verdicts.get(kind)
 
 
-def native(model, run, reference, new_kv) -> torch.Tensor:
+def native(state: ModelState, run, reference, new_kv) -> torch.Tensor:
     """The C step (`run()`: logits [rows, vocab]); on the model's first one, also `reference()` (transformers'
     forward over the same rows), compared within TOLERANCE: logits and the keys/values written (`new_kv()`).
 
@@ -67,7 +65,7 @@ def native(model, run, reference, new_kv) -> torch.Tensor:
         return all(close(x, y) for x, y in pairs)
 
     # the reference's keys/values are taken at once: the fast step then writes the same positions
-    return _checked(model, "native", reference=lambda: (reference(), new_kv()), fast=lambda: (run(), new_kv),
+    return _checked(state, "native", reference=lambda: (reference(), new_kv()), fast=lambda: (run(), new_kv),
                     same=same)[0]
 
 
@@ -82,48 +80,47 @@ def close(got: torch.Tensor, expected: torch.Tensor, tolerance: float = TOLERANC
     return float((got - expected).abs().max()) <= tolerance * scale if got.numel() else True
 
 
-def checked_lean(model, lean, reference) -> torch.Tensor:
+def checked_lean(state: ModelState, lean, reference) -> torch.Tensor:
     """lean() (the lean Python step over some rows), checked bit for bit against reference() (transformers'
     forward over the same rows, same attention) on the model's first one; reference() if it ever disagreed."""
-    return _checked(model, "lean", reference=reference, fast=lean)
+    return _checked(state, "lean", reference=reference, fast=lean)
 
 
 @torch.inference_mode()
-def lean(model, ids: torch.Tensor, positions: torch.Tensor, attention) -> torch.Tensor:
+def lean(state: ModelState, ids: torch.Tensor, positions: torch.Tensor, attention) -> torch.Tensor:
     """Logits [rows, vocab] for one new token per row (ids, positions: [rows, 1]) through the model's own
-    modules; `attention(module, q, k, v)` is cag.batch's (it writes each row's keys/values at fixed positions,
-    so running a step twice is harmless)."""
-    return _forward(model, ids, positions, _fusions(model), lambda i, attn, q, k, v: attention(attn, q, k, v))
+    modules; `attention(module, q, k, v)` is cag.engines.torch.batch's (it writes each row's keys/values at
+    fixed positions, so running a step twice is harmless)."""
+    return _forward(state.model, ids, positions, _fusions(state), lambda i, attn, q, k, v: attention(attn, q, k, v))
 
 
-def _checked(model, kind: str, reference, fast, same=torch.equal):
+def _checked(state: ModelState, kind: str, reference, fast, same=torch.equal):
     """fast() once checked; on a model's first `kind` step, also reference() and compare (`same`)."""
-    ok = verdict(model, kind) if supported(model) else False
+    ok = verdict(state, kind) if supported(state) else False
     if ok:
         return fast()
     if ok is None:
-        with _LOCK:
-            if verdict(model, kind) is None:
+        with state.lock:
+            if verdict(state, kind) is None:
                 expected = reference()
                 got = fast()
                 agree = bool(same(got, expected))
-                model.__dict__.setdefault("_cag_fast_verdicts", {})[kind] = agree
+                state.verdicts[kind] = agree
                 if agree:
                     return got
                 print(f"cag: fast {kind} decode step disagrees with transformers' forward for this model; "
                       f"using {'the lean Python step' if kind == 'native' else 'transformers'}", file=sys.stderr)
-        return _checked(model, kind, reference, fast, same)  # decided now (here or by another thread)
+        return _checked(state, kind, reference, fast, same)  # decided now (here or by another thread)
     return reference()
 
 
-def _fusions(model) -> list:
+def _fusions(state: ModelState) -> list:
     """Per layer: one packed q/k/v projection and one packed gate/up projection, where the layers allow."""
-    fusions = getattr(model, "_cag_fusions", None)
-    if fusions is None:
-        fusions = [(packed.fuse([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]),
-                    packed.fuse([layer.mlp.gate_proj, layer.mlp.up_proj])) for layer in model.model.layers]
-        model._cag_fusions = fusions
-    return fusions
+    if state.fusions is None:
+        layers = state.model.model.layers
+        state.fusions = [(packed.fuse([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]),
+                          packed.fuse([layer.mlp.gate_proj, layer.mlp.up_proj])) for layer in layers]
+    return state.fusions
 
 
 def _forward(model, ids: torch.Tensor, positions: torch.Tensor, fusions: list, attend) -> torch.Tensor:

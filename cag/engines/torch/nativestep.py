@@ -13,11 +13,13 @@ calls it; cag.fastdecode decides when to use it and checks it against transforme
 from __future__ import annotations
 
 import ctypes
+import weakref
 
 import torch
 
-from . import native, packed
 from ... import settings
+from . import native, packed
+from .state import UNDECIDED, ModelState
 
 _STATIC_ROPE = {"default", "linear", "llama3", "yarn"}  # inv_freq fixed at load time: a table is exact
 MAX_HEAD_DIM = 512  # step.c's rotary scratch
@@ -54,6 +56,8 @@ class Plan:
             eps=layers[0].input_layernorm.variance_epsilon, scale=first.scaling, layers=self.layers,
             final_norm=self._tensor(base.norm.weight).data_ptr(), lm_head=self._mat(model.lm_head))
         self._rope = (torch.empty(0), torch.empty(0))
+        # pointer arrays of the buffers step.c reads, per workspace / row buffer (their tensors never move)
+        self._described: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def _tensor(self, t: torch.Tensor) -> torch.Tensor:
         t = t.detach()
@@ -115,16 +119,16 @@ class Plan:
             c.pos, c.shared, c.k, c.v, c.cap = r.position, r.shared, k, v, r.buffer.capacity
         logits = torch.empty(count, self.vocab)
         if self.kernels.step(ctypes.byref(self.model), ctypes.byref(self._shared(rows[0].workspace)), c_rows, count,
-                             logits.data_ptr()) != 0:
+                             logits.data_ptr()) < 0:
             raise MemoryError("cag_step could not allocate its scratch memory")
         return logits
 
     def _shared(self, workspace) -> native.Shared | None:
         """The prefix as step.c reads it (memoized on the workspace: its tensors never move), or None."""
-        memo = workspace.native
-        if memo is None or memo[0] is not self:
-            memo = workspace.native = (self, *self._describe(workspace.layers))
-        return memo[1]
+        memo = self._described.get(workspace)
+        if memo is None:
+            memo = self._described[workspace] = self._describe(workspace.layers)
+        return memo[0]
 
     def _describe(self, layers) -> tuple:
         """(Shared or None, the pointer arrays it points to)."""
@@ -143,9 +147,9 @@ class Plan:
     def _own(self, buffer):
         """A RowBuffer's per-layer pointer arrays (memoized once all its layers exist: they never move), or
         None where step.c cannot write them (not float32 on the CPU, layers not allocated yet)."""
-        memo = buffer.native
-        if memo is not None and memo[0] is self:
-            return memo[1]
+        memo = self._described.get(buffer)
+        if memo is not None:
+            return memo[0]
         shape = (1, self.kv_heads, buffer.capacity, self.head_dim)
         if len(buffer.k) != self.model.n_layers or not all(
                 t is not None and t.shape == shape and t.dtype == torch.float32 and t.device.type == "cpu"
@@ -153,7 +157,7 @@ class Plan:
             return None
         arrays = [(ctypes.c_void_p * len(ts))(*[t.data_ptr() for t in ts]) for ts in (buffer.k, buffer.v)]
         pointers = (ctypes.cast(arrays[0], ctypes.c_void_p), ctypes.cast(arrays[1], ctypes.c_void_p))
-        buffer.native = (self, pointers, arrays)
+        self._described[buffer] = (pointers, arrays)
         return pointers
 
 
@@ -161,20 +165,25 @@ class _Unsupported(Exception):
     pass
 
 
-def plan(model) -> Plan | None:
+def plan(state: ModelState) -> Plan | None:
     """The model's Plan, built once; None when step.c cannot run this model (decided once per model)."""
-    found = model.__dict__.get("_cag_native_plan", False)
-    if found is False:
-        found = None
-        if settings.current().native_step and _eligible(model):
-            kernels = native.load()
-            if kernels is not None:
-                try:
-                    found = Plan(model, kernels)
-                except _Unsupported:
-                    found = None
-        model._cag_native_plan = found
-    return found
+    if state.native_plan is UNDECIDED:
+        with state.lock:
+            if state.native_plan is UNDECIDED:
+                state.native_plan = _plan(state.model)
+    return state.native_plan
+
+
+def _plan(model) -> Plan | None:
+    if not (settings.current().native_step and _eligible(model)):
+        return None
+    kernels = native.load()
+    if kernels is None:
+        return None
+    try:
+        return Plan(model, kernels)
+    except _Unsupported:
+        return None
 
 
 def _eligible(model) -> bool:

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from . import native
 from ... import settings
+from . import native
 
 ROW_LIMIT = 48  # rows per call up to which the packed kernels beat float32 BLAS (measured on a 2-core EPYC)
 Q41_BLOCK_BYTES, Q80_BLOCK_BYTES = 20, 34
@@ -162,8 +162,9 @@ class PackReport:
                 f"{self.float32_bytes / 1e6:.0f} MB ({self.kernels})")
 
 
-def pack_model(model: torch.nn.Module, portable: bool = False) -> PackReport:
-    """Swap every exactly-representable float32 CPU linear layer for a PackedLinear, in place."""
+def pack_model(model: torch.nn.Module, simd: str | None = None) -> PackReport:
+    """Swap every exactly-representable float32 CPU linear layer for a PackedLinear, in place (kernels of
+    the kernel set `simd`; None: the CAG_SIMD setting)."""
     report = PackReport()
     if not settings.current().packed_weights:
         report.reason = "disabled by CAG_PACKED_WEIGHTS=0"
@@ -172,9 +173,9 @@ def pack_model(model: torch.nn.Module, portable: bool = False) -> PackReport:
     if first is None or first.device.type != "cpu" or first.dtype != torch.float32:
         report.reason = "only float32 models on the CPU use packed weights"
         return report
-    kernels = native.load(portable)
+    kernels = native.load(simd)
     if kernels is None:
-        report.reason = native.why_not(portable)
+        report.reason = native.why_not(simd)
         return report
     report.kernels = kernels.describe
     for parent in list(model.modules()):

@@ -12,6 +12,7 @@ import threading
 
 import torch
 
+from ..base import Prefix
 from .kvcompat import KV
 
 KEEP_FREE = 8  # row buffers a workspace keeps for reuse between answers
@@ -33,7 +34,6 @@ class RowBuffer:
         self.v: list[torch.Tensor | None] = [None] * layers
         for i, (k, v) in enumerate(like):
             self.k[i], self.v[i] = _room(k, capacity), _room(v, capacity)
-        self.native = None  # cag.nativestep's pointer arrays (the buffers never move once allocated)
 
     def write(self, layer: int, at: int, key: torch.Tensor, value: torch.Tensor) -> None:
         """Store key/value [kv_heads, s, head_dim] at own positions at..at+s-1 of `layer`."""
@@ -50,7 +50,7 @@ class RowBuffer:
         return self.k[layer][:, :, :length], self.v[layer][:, :, :length]
 
 
-class Workspace:
+class Workspace(Prefix):
     """A prefix's per-layer KV ([1, kv_heads, P, head_dim] each, held as given: never copied, never written)
     and a pool of RowBuffers for the answers decoded on top of it.
 
@@ -64,12 +64,13 @@ class Workspace:
         self.room = max(1, room)
         self._free: list[RowBuffer] = []
         self._lock = threading.Lock()
-        self.native = None  # cag.nativestep's pointer arrays of the prefix
-        self.scheduler = None  # cag.scheduler's thread for answers decoded together on this prefix
 
     @property
     def prefix(self) -> KV:
         return self.layers
+
+    def release(self) -> None:
+        """Nothing to do: the tensors are Python-managed memory."""
 
     def take(self, positions: int, layers: int) -> RowBuffer:
         """A RowBuffer with room for `positions` own positions: the smallest free one that fits, or a new one."""

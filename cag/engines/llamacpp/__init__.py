@@ -1,0 +1,57 @@
+"""GGUF models through llama.cpp (llama-cpp-python): `load("model.gguf")`, `load("ollama:NAME[:TAG]")`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable
+
+from ... import settings
+from ...errors import ModelError
+from ..files import file_sha256
+from . import lib
+from .engine import DEFAULT_CONTEXT, LlamaEngine, default_threads
+from .ollama import resolve as resolve_ollama
+
+__all__ = ["LlamaEngine", "load", "resolve"]
+
+Log = Callable[[str], None]
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def resolve(spec: str) -> Path:
+    """The GGUF file a model name stands for: a path to a .gguf file, or ollama:NAME[:TAG] in the local
+    Ollama store ($OLLAMA_MODELS, else ~/.ollama/models)."""
+    if spec.startswith("ollama:"):
+        return resolve_ollama(spec.removeprefix("ollama:"))
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise ModelError(f"GGUF model file not found: {path}")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ModelError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    return path.resolve()
+
+
+def load(spec: str, *, threads: int | None = None, kv_type: str | None = None, context: int | None = None,
+         log: Log = _stderr) -> LlamaEngine:
+    """Load a GGUF model for cag: memory-mapped, quantized as it is, with a KV cache of `kv_type`
+    ("f16" or "q8_0") and `context` positions per answer (default: the model's, at most 8192)."""
+    kv_type = kv_type or "f16"
+    if kv_type not in lib.KV_TYPES:
+        raise ModelError(f"unknown KV type {kv_type!r}: use one of {', '.join(lib.KV_TYPES)}")
+    threads = threads or settings.current().threads or default_threads()
+    if threads < 1:
+        raise ModelError(f"threads must be at least 1 (got {threads})")
+    path = resolve(spec)
+    lib.api()  # the one-line install message before any work, when llama-cpp-python is missing
+    fingerprint = file_sha256(path)
+    model = lib.Model(path)
+    trained = model.n_ctx_train if model.n_ctx_train > 0 else DEFAULT_CONTEXT
+    if context is not None and not 16 <= context <= trained:
+        model.close()
+        raise ModelError(f"context {context} is outside what this model supports (16 to {trained} positions)")
+    return LlamaEngine(spec, path, model, fingerprint, threads, kv_type, context or min(trained, DEFAULT_CONTEXT))

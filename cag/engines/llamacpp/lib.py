@@ -1,0 +1,224 @@
+"""Every call into llama-cpp-python's low-level API lives here, because that API moves between releases.
+
+cag drives llama.cpp through `llama_cpp.llama_cpp` (ctypes over libllama) rather than the `Llama` class:
+it needs several sequences sharing one KV cache (`llama_memory_seq_cp`), a sequence's state as bytes
+(`llama_state_seq_get_data` / `_set_data`) and batches it composes itself. The wrappers below own the
+C objects (model, context, batch) and free them; everything above speaks Python.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from ...errors import ModelError
+
+INSTALL = ('pip install "llama-cpp-python==0.3.36" (it builds llama.cpp from source: about 12 minutes on 2 '
+           "cores, once; `bash scripts/setup.sh --gguf` does it with the right flags)")
+VERSION = "0.3.36"  # the llama-cpp-python release cag is tested with
+KV_TYPES = ("f16", "q8_0")
+SHORTCUT_KV = ("f16",)  # keys and values of one float type: llama.cpp's attention takes batch-dependent shortcuts
+
+_LOCK = threading.Lock()
+_STATE: dict[str, object] = {}
+
+
+def api():
+    """llama_cpp.llama_cpp, imported and initialised once; ModelError with the install line when missing."""
+    with _LOCK:
+        if "api" not in _STATE:
+            try:
+                import llama_cpp
+                from llama_cpp import llama_cpp as low
+            except ImportError as err:
+                raise ModelError(f"GGUF models run through llama.cpp, which is not installed here ({err.name or err}); "
+                                 f"{INSTALL}") from None
+            low.llama_backend_init()
+            low.llama_log_set(_QUIET, None)
+            _STATE["api"], _STATE["version"] = low, llama_cpp.__version__
+        return _STATE["api"]
+
+
+@ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+def _QUIET(level, text, data):  # noqa: N802 - llama.cpp's log callback: cag reports errors itself
+    return None
+
+
+def version() -> str:
+    api()
+    return str(_STATE["version"])
+
+
+def build_id() -> str:
+    """llama-cpp-python's version and a digest of the llama.cpp libraries it loads: a cache's state bytes
+    are only read back by the build that wrote them (the state format and the kernels' rounding follow it)."""
+    with _LOCK:
+        found = _STATE.get("build")
+    if found is None:
+        import llama_cpp
+
+        from ..files import file_sha256
+
+        libs = sorted(p for p in (Path(llama_cpp.__file__).parent / "lib").glob("*.so*") if not p.is_symlink())
+        digest = hashlib.sha256("".join(file_sha256(p) for p in libs).encode()).hexdigest()[:16]
+        found = f"llama-cpp-python {version()}, libraries {digest}"
+        with _LOCK:
+            _STATE["build"] = found
+    return str(found)
+
+
+class Model:
+    """A GGUF file loaded by llama.cpp, memory-mapped; weights stay in their quantization."""
+
+    def __init__(self, path: Path):
+        L = api()
+        params = L.llama_model_default_params()
+        params.load_mode = L.LLAMA_LOAD_MODE_MMAP
+        params.n_gpu_layers = 0
+        # No repacked or AMX weight copies: their kernels compute a token's matmuls differently for one
+        # token and for several, and an answer must be the same bits alone or batched (and AMX tile
+        # instructions fault on some virtual machines that list them).
+        params.use_extra_bufts = False
+        self.ptr = L.llama_model_load_from_file(str(path).encode(), params)
+        if not self.ptr:
+            raise ModelError(f"llama.cpp could not load {path}: not a GGUF model it can run (see `cag version "
+                             "--native`), or a damaged file")
+        self.vocab = L.llama_model_get_vocab(self.ptr)
+        self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
+        self.n_ctx_train = L.llama_model_n_ctx_train(self.ptr)
+        self.nbytes = int(L.llama_model_size(self.ptr))
+
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(1 << 16)
+        n = api().llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
+    def chat_template(self) -> str | None:
+        found = api().llama_model_chat_template(self.ptr, None)
+        return found.decode("utf-8") if found else None
+
+    def token_text(self, token: int) -> str:
+        return (api().llama_vocab_get_text(self.vocab, token) or b"").decode("utf-8", "replace")
+
+    def token_attr(self, token: int) -> int:
+        return int(api().llama_vocab_get_attr(self.vocab, token))
+
+    def is_eog(self, token: int) -> bool:
+        return bool(api().llama_vocab_is_eog(self.vocab, token))
+
+    def bos_eos(self) -> tuple[int, int]:
+        L = api()
+        return int(L.llama_vocab_bos(self.vocab)), int(L.llama_vocab_eos(self.vocab))
+
+    def tokenize(self, text: str, add_special: bool) -> list[int]:
+        """Ids of `text`; special-token parsing always off (user text never becomes control tokens)."""
+        L = api()
+        data = text.encode("utf-8", "surrogatepass")
+        n = len(data) + 8
+        while True:
+            out = (ctypes.c_int32 * n)()
+            got = L.llama_tokenize(self.vocab, data, len(data), out, n, add_special, False)
+            if got >= 0:
+                return list(out[:got])
+            n = -got
+
+    def piece(self, token: int) -> bytes:
+        """The bytes token `token` stands for (control tokens: none)."""
+        L = api()
+        buf = ctypes.create_string_buffer(64)
+        n = L.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = L.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:n]
+
+    def close(self) -> None:
+        if self.ptr:
+            api().llama_model_free(self.ptr)
+            self.ptr = None
+
+
+ATTR_CONTROL, ATTR_USER_DEFINED = 1 << 3, 1 << 4  # llama_token_attr bits
+
+
+class Context:
+    """A llama.cpp context: one KV cache shared by up to `sequences` sequences (unified: a copy of a
+    sequence's positions into another shares its cells, it does not copy them), flash attention on."""
+
+    def __init__(self, model: Model, cells: int, threads: int, kv_type: str, sequences: int, batch: int = 512):
+        L = api()
+        params = L.llama_context_default_params()
+        params.n_ctx = cells
+        params.n_batch = params.n_ubatch = batch
+        params.n_seq_max = sequences
+        params.n_threads = params.n_threads_batch = threads
+        params.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        params.kv_unified = True
+        params.swa_full = True  # sliding-window layers keep every cell: a sequence's state is whole
+        params.type_k = params.type_v = {"f16": L.GGML_TYPE_F16, "q8_0": L.GGML_TYPE_Q8_0}[kv_type]
+        params.no_perf = True
+        self.model = model
+        self.ptr = L.llama_init_from_model(model.ptr, params)
+        if not self.ptr:
+            raise ModelError(f"llama.cpp could not make a context of {cells} cells for this model (out of memory?)")
+        self.mem = L.llama_get_memory(self.ptr)
+        self.cells = int(L.llama_n_ctx(self.ptr))
+        self.batch = batch
+
+    def decode(self, tokens: list[int], positions: list[int], seqs: list[int], outputs: list[bool]) -> np.ndarray:
+        """Run the tokens (each at its position in its sequence); logits [outputs, vocab] of those flagged."""
+        L = api()
+        n = len(tokens)
+        b = L.llama_batch_init(n, 0, 1)
+        try:
+            b.n_tokens = n
+            for i in range(n):
+                b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tokens[i], positions[i], 1, outputs[i]
+                b.seq_id[i][0] = seqs[i]
+            rc = L.llama_decode(self.ptr, b)
+            if rc != 0:
+                raise ModelError(f"llama.cpp could not run {n} tokens (llama_decode returned {rc}: "
+                                 f"{'no room left in the KV cache' if rc == 1 else 'an internal error'})")
+            rows = [i for i in range(n) if outputs[i]]
+            out = np.empty((len(rows), self.model.n_vocab), dtype=np.float32)
+            for j, i in enumerate(rows):
+                out[j] = np.ctypeslib.as_array(L.llama_get_logits_ith(self.ptr, i), shape=(self.model.n_vocab,))
+            return out
+        finally:
+            L.llama_batch_free(b)
+
+    def copy(self, src: int, dst: int, end: int) -> None:
+        """Sequence `dst` also holds positions [0, end) of `src` (the same cells: nothing is copied)."""
+        api().llama_memory_seq_cp(self.mem, src, dst, 0, end)
+
+    def remove(self, seq: int, start: int = -1, end: int = -1) -> None:
+        api().llama_memory_seq_rm(self.mem, seq, start, end)
+
+    def last_position(self, seq: int) -> int:
+        return int(api().llama_memory_seq_pos_max(self.mem, seq))
+
+    def state(self, seq: int) -> bytes:
+        L = api()
+        size = L.llama_state_seq_get_size(self.ptr, seq)
+        buf = (ctypes.c_ubyte * size)()
+        got = L.llama_state_seq_get_data(self.ptr, buf, size, seq)
+        if got != size:
+            raise ModelError(f"llama.cpp wrote {got} of {size} bytes of a sequence's state")
+        return bytes(buf)
+
+    def set_state(self, data: bytes | memoryview, seq: int) -> bool:
+        L = api()
+        buf = (ctypes.c_ubyte * len(data)).from_buffer_copy(data)
+        return L.llama_state_seq_set_data(self.ptr, buf, len(data), seq) == len(data)
+
+    def set_threads(self, threads: int) -> None:
+        api().llama_set_n_threads(self.ptr, threads, threads)
+
+    def close(self) -> None:
+        if self.ptr:
+            api().llama_free(self.ptr)
+            self.ptr = None

@@ -1,0 +1,53 @@
+"""Ollama models are GGUF files in Ollama's local store; this finds the one a name:tag stands for.
+
+Layout (Ollama's own): $OLLAMA_MODELS, else ~/.ollama/models, holds
+  manifests/registry.ollama.ai/library/NAME/TAG   (NAMESPACE/NAME for models not in the library)
+  blobs/sha256-<hex>
+and a manifest's layer of media type application/vnd.ollama.image.model names the model's blob.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from ...errors import ModelError
+
+MODEL_LAYER = "application/vnd.ollama.image.model"
+_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def store() -> Path:
+    return Path(os.environ.get("OLLAMA_MODELS") or Path.home() / ".ollama" / "models").expanduser()
+
+
+def resolve(name: str) -> Path:
+    """The blob of `name` ("smollm2", "smollm2:135m", "user/model:tag", "host/ns/model:tag")."""
+    base, _, tag = name.partition(":")
+    tag = tag or "latest"
+    parts = base.split("/")
+    if len(parts) == 1:
+        parts = ["registry.ollama.ai", "library", *parts]
+    elif len(parts) == 2:
+        parts = ["registry.ollama.ai", *parts]
+    if len(parts) != 3 or not all(_PART.match(p) for p in [*parts, tag]):
+        raise ModelError(f"not an Ollama model name: {name!r} (use NAME, NAME:TAG or NAMESPACE/NAME:TAG)")
+    root = store()
+    manifest = root / "manifests" / Path(*parts) / tag
+    if not manifest.is_file():
+        raise ModelError(f"Ollama model {name!r} is not in {root} (no {manifest}); run `ollama pull {name}` "
+                         "or set OLLAMA_MODELS to the store that has it")
+    try:
+        layers = json.loads(manifest.read_text())["layers"]
+        digest = next(layer["digest"] for layer in layers if layer.get("mediaType") == MODEL_LAYER)
+    except (OSError, ValueError, KeyError, TypeError, StopIteration):
+        raise ModelError(f"Ollama manifest {manifest} names no model layer; pull the model again") from None
+    algo, _, hexdigest = str(digest).partition(":")
+    if algo != "sha256" or not re.fullmatch(r"[0-9a-f]{64}", hexdigest):
+        raise ModelError(f"Ollama manifest {manifest} has a malformed model digest {digest!r}")
+    blob = root / "blobs" / f"sha256-{hexdigest}"
+    if not blob.is_file():
+        raise ModelError(f"the model blob of Ollama model {name!r} is missing ({blob}); pull the model again")
+    return blob
