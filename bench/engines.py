@@ -97,13 +97,13 @@ class RawLlama:
         self.prefix = len(ids)
         return {"seconds": time.perf_counter() - start}
 
-    def ask(self, ids: list[int], steps: int) -> dict:
-        self.L.llama_memory_seq_rm(self.mem, 0, self.prefix, -1)
+    def ask(self, ids: list[int], reuse: int, steps: int) -> dict:
+        self.L.llama_memory_seq_rm(self.mem, 0, reuse, -1)
         start = time.perf_counter()
-        self._decode(ids, self.prefix)
+        self._decode(ids, reuse)
         out, stamps = [self._next()], [time.perf_counter() - start]
         while len(out) < steps:
-            self._decode([out[-1]], self.prefix + len(ids) + len(out) - 1)
+            self._decode([out[-1]], reuse + len(ids) + len(out) - 1)
             out.append(self._next())
             stamps.append(time.perf_counter() - start)
         return {"tokens": out, "stamps": stamps}
@@ -125,13 +125,13 @@ class _Cag:
             self.prefix.release()
         return {"seconds": self._kb(self.lm, ids)}
 
-    def ask(self, ids: list[int], steps: int) -> dict:
+    def ask(self, ids: list[int], reuse: int, steps: int) -> dict:
         from cag import decode
         from cag.engines.base import Job
 
         out, stamps = [], []
         start = time.perf_counter()
-        for token in decode.tokens(self.lm.decoder(self.prefix), Job(ids, self.prefix.length, steps)):
+        for token in decode.tokens(self.lm.decoder(self.prefix), Job(ids, reuse, steps)):
             out.append(token)
             stamps.append(time.perf_counter() - start)
         return {"tokens": out, "stamps": stamps}
@@ -161,15 +161,15 @@ class CagTorch(_Cag):
 
 
 def _prompt(lm, docs: str, questions: list[str]) -> dict:
-    """cag's prompt for the knowledge in `docs`: the prefix ids and each question's ids after it."""
+    """cag's prompt for the knowledge in `docs`: the prefix ids, and each question's ids after the prefix
+    positions it reuses (all of them, or all but the last where the plain layout's seam merges a token)."""
     from cag.kb import knowledge
     from cag.kb.prompt import PromptBuilder
 
     builder = PromptBuilder(lm.codec, knowledge.load([docs]))
     prefix = builder.prefix_ids()
     splits = [builder.split(q, prefix_ids=prefix) for q in questions]
-    assert all(s.reuse == len(prefix) for s in splits), "every question continues the whole prefix"
-    return {"prefix": prefix, "questions": [s.new_ids for s in splits]}
+    return {"prefix": prefix, "questions": [{"ids": s.new_ids, "reuse": s.reuse} for s in splits]}
 
 
 class Worker:
@@ -211,7 +211,7 @@ def compare(systems: dict[str, Worker], prompt: dict, args) -> dict:
     for _ in range(args.rounds):
         for q in prompt["questions"]:
             for name, w in systems.items():
-                out[name]["runs"].append(w("ask", ids=q, steps=args.steps))
+                out[name]["runs"].append(w("ask", ids=q["ids"], reuse=q["reuse"], steps=args.steps))
     n = len(prompt["prefix"])
     for name, r in out.items():
         runs = r.pop("runs")
