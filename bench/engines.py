@@ -90,6 +90,10 @@ class RawLlama:
         return int(self.np.argmax(self.np.ctypeslib.as_array(self.L.llama_get_logits_ith(self.ctx, -1),
                                                              shape=(self.n_vocab,))))
 
+    def build(self) -> dict:
+        """Which llama.cpp this is: its version and the instruction sets it was compiled for."""
+        return {"version": self.L.__version__, "system_info": self.L.llama_print_system_info().decode().strip()}
+
     def prefill(self, ids: list[int]) -> dict:
         self.L.llama_memory_clear(self.mem, True)
         start = time.perf_counter()
@@ -229,6 +233,7 @@ def section_default(args, work: Path) -> dict:
     questions = [r["q"] for r in common.sample_questions()][: args.questions]
     rows = {}
     raw = Worker({"system": "raw", "gguf": gguf, "n_ctx": 4096, "threads": args.threads}, work, _peer_env(args))
+    peer = raw("build")
     for simd in args.simd:
         torch_w = Worker({"system": "cag-torch", "threads": args.threads}, work, {"CAG_SIMD": simd})
         prompt = torch_w("prompt", docs=str(common.SAMPLE_DOCS), questions=questions)
@@ -237,7 +242,7 @@ def section_default(args, work: Path) -> dict:
         torch_w.close()
         rows[simd] = found
     raw.close()
-    return {"gguf": Path(gguf).name, "by_simd": rows}
+    return {"gguf": Path(gguf).name, "llama_cpp": peer, "by_simd": rows}
 
 
 def section_gguf(args, work: Path) -> dict:
@@ -256,6 +261,7 @@ def section_gguf(args, work: Path) -> dict:
         job = {"gguf": path, "n_ctx": 4096, "threads": args.threads}
         cag_w = Worker({**job, "system": "cag-gguf"}, work, _peer_env(args))
         raw = Worker({**job, "system": "raw"}, work, _peer_env(args))
+        out.setdefault("llama_cpp", raw("build"))
         prompt = cag_w("prompt", docs=str(common.SAMPLE_DOCS), questions=questions)
         out[label] = compare({"cag llama.cpp engine": cag_w, "raw llama-cpp-python": raw}, prompt, args)
         cag_w.close()
@@ -381,6 +387,9 @@ def report(results: dict) -> str:
     lines.append(f"{m['cpu']} ({results['simd_flags']}), {results['threads']} threads, {m['date']}, "
                  f"commit {m.get('git', '?')}; load average at start {results['load_average'][0]:.1f}")
     if "default" in results:
+        if "llama_cpp" in results["default"]:
+            peer = results["default"]["llama_cpp"]
+            lines.append(f"llama.cpp: llama-cpp-python {peer['version']}, {peer['system_info']}")
         for simd, found in results["default"]["by_simd"].items():
             rows = [(name, f"{r['decode_tok_s']:.1f}", f"{r['cached_ttft_ms']:.0f}", f"{r['prefill_tok_s']:.0f}")
                     for name, r in found.items()]
@@ -391,6 +400,8 @@ def report(results: dict) -> str:
                       common.table(rows, ("system", "decode tok/s", "cached TTFT ms", "prefill tok/s"))]
     if "gguf" in results:
         for label, found in results["gguf"].items():
+            if label == "llama_cpp":
+                continue
             names = list(found)
             a, b = found[names[0]], found[names[1]]
             lines += ["", f"{label}: cag's llama.cpp engine / raw llama-cpp-python: decode "
