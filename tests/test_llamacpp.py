@@ -105,7 +105,7 @@ def test_user_text_stays_text(cag_home, smollm2_gguf, gguf_engines):
     assert answer.token_ids == kb.ask(question, max_new_tokens=10, use_cache=False).token_ids
 
 
-@pytest.mark.parametrize("kv_type", ["f16", "q8_0"])
+@pytest.mark.parametrize("kv_type", ["bf16", "f16", "q8_0"])
 def test_answers_decoded_together_are_each_the_answer_alone(kv_type, cag_home, smollm2_gguf, gguf_engines):
     """Rows join and leave a running batch (continuous batching as the server does it): every row's tokens
     are its tokens alone, seeded sampling included; an abandoned row leaves without harming the others."""

@@ -16,12 +16,16 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import ModelError
+from .. import GGUF_KV_TYPES
 
 INSTALL = ('pip install "llama-cpp-python==0.3.36" (it builds llama.cpp from source: about 12 minutes on 2 '
            "cores, once; `bash scripts/setup.sh --gguf` does it with the right flags)")
 VERSION = "0.3.36"  # the llama-cpp-python release cag is tested with
-KV_TYPES = ("f16", "q8_0")
-SHORTCUT_KV = ("f16",)  # keys and values of one float type: llama.cpp's attention takes batch-dependent shortcuts
+KV_TYPES = GGUF_KV_TYPES  # the first is the default
+# Keys and values both f16: llama.cpp's CPU attention takes batch-dependent shortcuts (engine.py pads around
+# them). bf16 and q8_0 take none, so a one-row step needs no padding row: bf16 is the default for that.
+SHORTCUT_KV = ("f16",)
+GGML_TYPE_BF16 = 30  # ggml.h's enum ggml_type (llama-cpp-python 0.3.36 names F16 and Q8_0 but not BF16)
 
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
@@ -159,7 +163,7 @@ class Context:
         params.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_ENABLED
         params.kv_unified = True
         params.swa_full = True  # sliding-window layers keep every cell: a sequence's state is whole
-        params.type_k = params.type_v = {"f16": L.GGML_TYPE_F16, "q8_0": L.GGML_TYPE_Q8_0}[kv_type]
+        params.type_k = params.type_v = {"bf16": GGML_TYPE_BF16, "f16": L.GGML_TYPE_F16, "q8_0": L.GGML_TYPE_Q8_0}[kv_type]
         params.no_perf = True
         self.model = model
         self.ptr = L.llama_init_from_model(model.ptr, params)
