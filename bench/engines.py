@@ -13,7 +13,7 @@ Sections:
   memory      peak RSS of `cag ask` on a GGUF model against the file size and the KV bytes.
   llama-1b    a Llama-3.2-1B-shaped Q4_K_M (random weights, written by cag.engines.llamacpp.synth) at 2k
               and 8k tokens: build time, cache size, verified restore, cached vs no-cache TTFT, decode.
-  mistral-7b  the seed's model size: a Mistral-7B-shaped Q4_K_M (~4.1 GB): `cag build` of a 1k-token
+  mistral-7b  a 7B model: a Mistral-7B-shaped Q4_K_M (~4.5 GB): `cag build` of a 1k-token
               knowledge base and `cag ask` from its cache, with peak RSS; prefill, restore, TTFT, decode.
 
 Every system runs in a worker process of its own (one OpenMP runtime each, the same thread count), fed

@@ -29,7 +29,7 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 MODEL_HELP = ("Model: the default SmolLM2-135M-Instruct, a GGUF file (llama.cpp), ollama:NAME[:TAG] (a model in the "
               "local Ollama store), a Hugging Face id or a local model folder (transformers).")
 THREADS_HELP = "CPU threads to compute with (default: $CAG_THREADS, else the engine's choice)."
-KV_TYPE_HELP = "GGUF models: the KV cache type, bf16, f16 or q8_0 (default bf16)."
+KV_TYPE_HELP = "GGUF models: the KV cache type, f16, bf16 or q8_0 (default f16)."
 CONTEXT_HELP = "GGUF models: positions per answer (default: the model's, at most 8192)."
 DEVICE_HELP = "cpu, cuda, cuda:1, … (default: cuda if present)."
 DTYPE_HELP = "float32, bfloat16 or float16 (default: float32 on cpu, bfloat16 on cuda; ask uses the build's)."
@@ -190,7 +190,7 @@ def build(
     shard: bool = typer.Option(False, "--shard", help="Split knowledge too large for one context into shards (BM25 routes questions)."),
     redis: Optional[str] = typer.Option(None, "--redis", help=REDIS_HELP),
     kv_int8: bool = typer.Option(False, "--kv-int8", help="Store the KV cache as int8 (half of bf16; lossy, answers may change)."),
-    kv_type: Optional[str] = typer.Option(None, "--kv-type", metavar="[bf16|f16|q8_0]", help=KV_TYPE_HELP),
+    kv_type: Optional[str] = typer.Option(None, "--kv-type", metavar="[f16|bf16|q8_0]", help=KV_TYPE_HELP),
     context: Optional[int] = typer.Option(None, "--context", min=16, help=CONTEXT_HELP),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help=THREADS_HELP),
 ) -> None:
@@ -649,7 +649,7 @@ def eval_(
     model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
-    kv_type: Optional[str] = typer.Option(None, "--kv-type", metavar="[bf16|f16|q8_0]", help=KV_TYPE_HELP),
+    kv_type: Optional[str] = typer.Option(None, "--kv-type", metavar="[f16|bf16|q8_0]", help=KV_TYPE_HELP),
     context: Optional[int] = typer.Option(None, "--context", min=16, help=CONTEXT_HELP),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help=THREADS_HELP),
 ) -> None:
@@ -710,7 +710,7 @@ def serve(
     model: Optional[str] = typer.Option(None, "--model", "-m", show_default=False,
                                         help=MODEL_HELP + " Loaded at start; knowledge bases built with other "
                                              "models load theirs on first use."),
-    kv_type: Optional[str] = typer.Option(None, "--kv-type", metavar="[bf16|f16|q8_0]", help=KV_TYPE_HELP),
+    kv_type: Optional[str] = typer.Option(None, "--kv-type", metavar="[f16|bf16|q8_0]", help=KV_TYPE_HELP),
     context: Optional[int] = typer.Option(None, "--context", min=16, help=CONTEXT_HELP),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help=THREADS_HELP),
 ) -> None:

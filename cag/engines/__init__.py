@@ -15,7 +15,7 @@ from typing import Callable
 from .base import Engine
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-GGUF_KV_TYPES = ("bf16", "f16", "q8_0")  # a GGUF model's KV cache types; the first is the default
+GGUF_KV_TYPES = ("f16", "bf16", "q8_0")  # a GGUF model's KV cache types; the first is the default
 
 Log = Callable[[str], None]
 
@@ -37,7 +37,7 @@ def load(spec: str | None = None, *, device: str | None = None, dtype: str | Non
     """The engine for the model named `spec` (None: the default model).
 
     `threads` sets the CPU threads (both engines; default: CAG_THREADS, else torch's / llama.cpp's own
-    choice). `kv_type` ("bf16", "f16", "q8_0") and `context` (the context size) apply to llama.cpp; `device`
+    choice). `kv_type` ("f16", "bf16", "q8_0") and `context` (the context size) apply to llama.cpp; `device`
     and `dtype` to transformers."""
     if kind_of(spec) == "llamacpp":
         from .llamacpp import load as load_gguf

@@ -39,7 +39,7 @@ def resolve(spec: str) -> Path:
 def load(spec: str, *, threads: int | None = None, kv_type: str | None = None, context: int | None = None,
          log: Log = _stderr) -> LlamaEngine:
     """Load a GGUF model for cag: memory-mapped, quantized as it is, with a KV cache of `kv_type`
-    (lib.KV_TYPES: "bf16", the default, "f16" or "q8_0") and `context` positions per answer (default: the
+    (lib.KV_TYPES: "f16", the default, "bf16" or "q8_0") and `context` positions per answer (default: the
     model's, at most 8192)."""
     kv_type = kv_type or lib.KV_TYPES[0]
     if kv_type not in lib.KV_TYPES:

@@ -10,8 +10,8 @@ row on its own over the cells its sequence sees, in cell order, except in two sh
 and values are both f16 (or f32), which depend on the company a row keeps: a single query token splits
 the cells over the threads, and 64 or more tokens are computed in tiles. With such a KV type every
 decode call here has at least two tokens (a padding token in a spare sequence when a step has one row)
-and at most QUESTION_PIECE of a question (bf16, the default, and q8_0 need neither: the padding row
-costs a small model ~15-25 % of a step). And no cell is freed while any answer runs
+and at most QUESTION_PIECE of a question (bf16 and q8_0 need neither: the padding row costs a small
+model ~15-25 % of a step, but their prefill lacks the tiled path). And no cell is freed while any answer runs
 (finished answers give theirs back when the last one ends), so cells are always taken in order and every
 row sees its cells in the order of its positions. Weights are not repacked (those kernels compute one
 token and several differently). The no-cache reference runs the same code on a prefix recomputed in the

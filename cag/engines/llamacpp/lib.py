@@ -23,7 +23,8 @@ INSTALL = ('pip install "llama-cpp-python==0.3.36" (it builds llama.cpp from sou
 VERSION = "0.3.36"  # the llama-cpp-python release cag is tested with
 KV_TYPES = GGUF_KV_TYPES  # the first is the default
 # Keys and values both f16: llama.cpp's CPU attention takes batch-dependent shortcuts (engine.py pads around
-# them). bf16 and q8_0 take none, so a one-row step needs no padding row: bf16 is the default for that.
+# them). bf16 and q8_0 take none, so their one-row steps need no padding row, but without the tiled path
+# their prefill is far slower (bench/engines.py: 2x at 1.5k tokens, 4.5x at 8k): f16 is the default.
 SHORTCUT_KV = ("f16",)
 GGML_TYPE_BF16 = 30  # ggml.h's enum ggml_type (llama-cpp-python 0.3.36 names F16 and Q8_0 but not BF16)
 
