@@ -19,7 +19,7 @@ from ...errors import ModelError
 from .. import GGUF_KV_TYPES
 
 INSTALL = ('pip install "llama-cpp-python==0.3.36" (it builds llama.cpp from source: about 12 minutes on 2 '
-           "cores, once; `bash scripts/setup.sh --gguf` does it with the right flags)")
+           "cores, once; in a cag checkout `bash scripts/setup-llamacpp.sh` builds it for this CPU and keeps the wheel)")
 VERSION = "0.3.36"  # the llama-cpp-python release cag is tested with
 KV_TYPES = GGUF_KV_TYPES  # the first is the default
 # Keys and values both f16: llama.cpp's CPU attention takes batch-dependent shortcuts (engine.py pads around
