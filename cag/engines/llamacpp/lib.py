@@ -19,7 +19,8 @@ from ...errors import ModelError
 from .. import GGUF_KV_TYPES
 
 INSTALL = ('pip install "llama-cpp-python==0.3.36" (it builds llama.cpp from source: about 12 minutes on 2 '
-           "cores, once; in a cag checkout `bash scripts/setup-llamacpp.sh` builds it for this CPU and keeps the wheel)")
+           "cores, once; in a cag checkout `bash scripts/setup-llamacpp.sh` builds it for this CPU and keeps "
+           "the wheel)")
 VERSION = "0.3.36"  # the llama-cpp-python release cag is tested with
 KV_TYPES = GGUF_KV_TYPES  # the first is the default
 # Keys and values both f16: llama.cpp's CPU attention takes batch-dependent shortcuts (engine.py pads around
@@ -164,7 +165,8 @@ class Context:
         params.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_ENABLED
         params.kv_unified = True
         params.swa_full = True  # sliding-window layers keep every cell: a sequence's state is whole
-        params.type_k = params.type_v = {"bf16": GGML_TYPE_BF16, "f16": L.GGML_TYPE_F16, "q8_0": L.GGML_TYPE_Q8_0}[kv_type]
+        types = {"f16": L.GGML_TYPE_F16, "bf16": GGML_TYPE_BF16, "q8_0": L.GGML_TYPE_Q8_0}
+        params.type_k = params.type_v = types[kv_type]
         params.no_perf = True
         self.model = model
         self.ptr = L.llama_init_from_model(model.ptr, params)
