@@ -211,8 +211,7 @@ def build(
 
 def _model_options(model: Optional[str], dtype=None, kv_type=None, context=None) -> dict:
     """The load options that apply to the model's engine; one that does not is refused before any work."""
-    from .engines import GGUF_KV_TYPES as KV_TYPES
-    from .engines import kind_of
+    from .engines import kind_of, kv_type_problem
 
     gguf = kind_of(model) == "llamacpp"
     wrong = [flag for flag, value, own in (("--dtype", dtype, not gguf), ("--kv-type", kv_type, gguf),
@@ -220,8 +219,9 @@ def _model_options(model: Optional[str], dtype=None, kv_type=None, context=None)
     if wrong:
         raise CagError(f"{wrong[0]} does not apply to {'GGUF models' if gguf else 'Hugging Face models'} "
                        f"({'use --kv-type and --context' if gguf else '--kv-type and --context are for GGUF models'})")
-    if kv_type is not None and kv_type not in KV_TYPES:
-        raise CagError(f"--kv-type must be {', '.join(KV_TYPES[:-1])} or {KV_TYPES[-1]} (got {kv_type!r})")
+    problem = kv_type_problem(kv_type)
+    if problem:
+        raise CagError(f"--kv-type {problem}")
     found = {"dtype": dtype, "kv_type": kv_type, "context": context}
     return {k: v for k, v in found.items() if v is not None}
 

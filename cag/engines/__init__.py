@@ -17,6 +17,14 @@ from .base import Engine
 DEFAULT_MODEL = "smollm2-135m-instruct"
 GGUF_KV_TYPES = ("f16", "bf16", "q8_0")  # a GGUF model's KV cache types; the first is the default
 
+
+def kv_type_problem(kv_type: str | None) -> str | None:
+    """What is wrong with `kv_type` as a GGUF model's KV cache type (None: nothing, or none was given), for
+    the CLI, the server config and the engine to refuse it alike."""
+    if kv_type is None or kv_type in GGUF_KV_TYPES:
+        return None
+    return f"must be {', '.join(GGUF_KV_TYPES[:-1])} or {GGUF_KV_TYPES[-1]} (got {kv_type!r})"
+
 Log = Callable[[str], None]
 
 

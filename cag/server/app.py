@@ -31,13 +31,13 @@ from starlette.exceptions import HTTPException
 from .. import __version__, engines
 from ..engines.base import Engine
 from ..errors import CacheFileError, CagError
+from ..registry import model_label
 from . import auth, guard
 from .chat import Cancelled, ChatService, Plan, Query, chat_query, prompt_query
 from .config import ServerConfig
 from .errors import ApiError, error_body, not_found
 from .metrics import Metrics
 from .middleware import AccessLog, BodyLimit, CatchAll, note, server_error
-from .models import public_name
 from .registry import Registry, safe_doc_name
 from .schemas import CHAT, TEXT, ChatRequest, CompletionRequest, GenerationRequest, KBCreate, KBReplace, Shape
 
@@ -314,7 +314,7 @@ def _model(row: dict) -> dict:
     """A knowledge base as an OpenAI model row; `root` names the language model it was built with and is
     answered by (as vLLM's rows name theirs), and `cag` carries cag's own numbers (tokens and documents also
     stay at the top level)."""
-    root = public_name(row.get("model") or engines.DEFAULT_MODEL)
+    root = model_label(row.get("model") or engines.DEFAULT_MODEL)
     return {"id": row["name"], "object": "model", "created": _epoch(row.get("created")), "owned_by": row["owned_by"],
             "root": root, "tokens": row.get("tokens"), "documents": row.get("documents"),
             "cag": {"model": root, "engine": row.get("engine") or "torch", "tokens": row.get("tokens"),

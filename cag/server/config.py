@@ -61,10 +61,11 @@ class ServerConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ConfigError(f"{name} must be a whole number of at least 1 (or left out), not {value!r}")
-        from ..engines import GGUF_KV_TYPES as KV_TYPES
+        from ..engines import kv_type_problem
 
-        if self.kv_type is not None and self.kv_type not in KV_TYPES:
-            raise ConfigError(f"kv_type must be {', '.join(KV_TYPES[:-1])} or {KV_TYPES[-1]}, not {self.kv_type!r}")
+        problem = kv_type_problem(self.kv_type)
+        if problem:
+            raise ConfigError(f"kv_type {problem}")
         if not isinstance(self.continuous_batching, bool):
             raise ConfigError(f"continuous_batching must be true or false, not {self.continuous_batching!r}")
         if isinstance(self.batch_window_ms, bool) or not isinstance(self.batch_window_ms, (int, float)) \

@@ -54,7 +54,7 @@ class Models:
         try:
             return self._load(meta.get("model"), api.engine_options(meta))
         except CagError as err:
-            model = public_name(meta.get("model") or engines.DEFAULT_MODEL)
+            model = model_label(meta.get("model") or engines.DEFAULT_MODEL)
             raise ApiError(503, f"knowledge base {name!r} is answered by the model {model}, which cannot be loaded "
                                 f"on this server: {err}", "server_error", "model_unavailable") from None
 
@@ -74,7 +74,7 @@ class Models:
                     return self._touch(key)
             engine = engines.load(model, device=self.config.device, threads=self.config.threads, log=log.info,
                                   **{k: v for k, v in options.items() if v is not None})
-            log.info("loaded model %s (%s, %.0f MB)", public_name(engine.name), engine.kind, engine.nbytes / 1e6)
+            log.info("loaded model %s (%s, %.0f MB)", model_label(engine.name), engine.kind, engine.nbytes / 1e6)
             with self._lock:
                 self._engines[key] = engine
                 self._make_room(keep=key)
@@ -90,11 +90,5 @@ class Models:
         while sum(e.nbytes for e in self._engines.values()) > self.budget and len(self._engines) > 1:
             key = next(k for k in self._engines if k != keep)
             engine = self._engines.pop(key)
-            log.info("unloaded model %s to stay within %.0f MB of models", public_name(engine.name), self.budget / 1e6)
+            log.info("unloaded model %s to stay within %.0f MB of models", model_label(engine.name), self.budget / 1e6)
             self.on_drop(engine)
-
-
-def public_name(name: str) -> str:
-    """A model's name as clients may see it: as `cag ls` shows it (a hub id, alias or ollama:NAME as given,
-    a local folder or file by its last part only: the server's file system stays private)."""
-    return model_label(name)

@@ -8,6 +8,7 @@ from typing import Callable
 
 from ... import settings
 from ...errors import ModelError
+from .. import GGUF_KV_TYPES, kv_type_problem
 from ..files import file_sha256
 from . import lib
 from .engine import DEFAULT_CONTEXT, LlamaEngine, default_threads
@@ -39,11 +40,12 @@ def resolve(spec: str) -> Path:
 def load(spec: str, *, threads: int | None = None, kv_type: str | None = None, context: int | None = None,
          log: Log = _stderr) -> LlamaEngine:
     """Load a GGUF model for cag: memory-mapped, quantized as it is, with a KV cache of `kv_type`
-    (lib.KV_TYPES: "f16", the default, "bf16" or "q8_0") and `context` positions per answer (default: the
+    (GGUF_KV_TYPES: "f16", the default, "bf16" or "q8_0") and `context` positions per answer (default: the
     model's, at most 8192)."""
-    kv_type = kv_type or lib.KV_TYPES[0]
-    if kv_type not in lib.KV_TYPES:
-        raise ModelError(f"unknown KV type {kv_type!r}: use one of {', '.join(lib.KV_TYPES)}")
+    kv_type = kv_type or GGUF_KV_TYPES[0]
+    problem = kv_type_problem(kv_type)
+    if problem:
+        raise ModelError(f"the KV type {problem}")
     threads = threads or settings.current().threads or default_threads()
     if threads < 1:
         raise ModelError(f"threads must be at least 1 (got {threads})")

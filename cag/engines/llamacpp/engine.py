@@ -182,15 +182,19 @@ class LlamaDecoder(Decoder):
 
     def admits(self, job: Job) -> bool:
         with self.lock:
-            if self._need(job) > self.ctx.cells - self.prefix.length - 1:
+            if self._need(job) > self._capacity():
                 return True  # it can never fit: start() says so at once
             return bool(self.free) and self._room_left() >= self._need(job)
 
     def _need(self, job: Job) -> int:
         return len(job.new_ids) + job.max_new_tokens
 
+    def _capacity(self) -> int:
+        """Cells for answers beside the prefix: all but one, kept for the padding token."""
+        return self.ctx.cells - self.prefix.length - 1
+
     def _room_left(self) -> int:
-        return self.ctx.cells - self.prefix.length - self.reserved - 1  # one cell for the padding token
+        return self._capacity() - self.reserved
 
     def start(self, job: Job) -> int | None:
         if not job.new_ids:
@@ -198,7 +202,7 @@ class LlamaDecoder(Decoder):
         if not 0 <= job.reuse <= self.prefix.length:
             raise ValueError(f"reuse {job.reuse} is outside the prefix of {self.prefix.length} positions")
         need = self._need(job)
-        if need > self.ctx.cells - self.prefix.length - 1:
+        if need > self._capacity():
             raise ContextLengthError(job.reuse, len(job.new_ids), job.max_new_tokens, self.ctx.cells)
         with self.room:
             if not self.room.wait_for(lambda: self.free and self._room_left() >= need, timeout=600):

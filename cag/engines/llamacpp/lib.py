@@ -16,13 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import ModelError
-from .. import GGUF_KV_TYPES
 
 INSTALL = ('pip install "llama-cpp-python==0.3.36" (it builds llama.cpp from source: about 12 minutes on 2 '
            "cores, once; in a cag checkout `bash scripts/setup-llamacpp.sh` builds it for this CPU and keeps "
            "the wheel)")
 VERSION = "0.3.36"  # the llama-cpp-python release cag is tested with
-KV_TYPES = GGUF_KV_TYPES  # the first is the default
 # Keys and values both f16: llama.cpp's CPU attention takes batch-dependent shortcuts (engine.py pads around
 # them). bf16 and q8_0 take none, so their one-row steps need no padding row, but without the tiled path
 # their prefill is far slower (bench/engines.py: 2x at 1.5k tokens, 4.5x at 8k): f16 is the default.
@@ -174,7 +172,6 @@ class Context:
             raise ModelError(f"llama.cpp could not make a context of {cells} cells for this model (out of memory?)")
         self.mem = L.llama_get_memory(self.ptr)
         self.cells = int(L.llama_n_ctx(self.ptr))
-        self.batch = batch
 
     def decode(self, tokens: list[int], positions: list[int], seqs: list[int], outputs: list[bool]) -> np.ndarray:
         """Run the tokens (each at its position in its sequence); logits [outputs, vocab] of those flagged."""
@@ -221,9 +218,6 @@ class Context:
         L = api()
         buf = (ctypes.c_ubyte * len(data)).from_buffer_copy(data)
         return L.llama_state_seq_set_data(self.ptr, buf, len(data), seq) == len(data)
-
-    def set_threads(self, threads: int) -> None:
-        api().llama_set_n_threads(self.ptr, threads, threads)
 
     def close(self) -> None:
         if self.ptr:
