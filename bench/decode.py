@@ -14,7 +14,7 @@ Each question decodes exactly --steps tokens (end-of-turn ignored) on top of a c
 ~--tokens knowledge tokens, and once with no prefix at all (short context). Time per token excludes the
 question's prefill (time to first token). Token ids are compared across systems. --simd runs cag on
 one kernel set (CAG_SIMD: avx512, avx2, neon, portable; default the best this CPU has); the packing line
-of the results names the set that ran. bench/kernels.py compares the sets side by side.
+of the results names the set that ran. bench/simd_kernels.py compares the sets side by side.
 """
 
 from __future__ import annotations

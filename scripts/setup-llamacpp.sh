@@ -8,7 +8,7 @@
 # which also turns on AMX tiles on CPUs that list them, and some virtual machines fault on those.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VERSION=0.3.36
+VERSION=0.3.36  # and its source archive's hash in requirements/llama-cpp-python.txt (scripts/lock.sh)
 PY=.venv/bin/python
 "$PY" -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$VERSION')" 2>/dev/null && exit 0
 PIP=("$PY" -m pip install --quiet --disable-pip-version-check)
@@ -29,7 +29,8 @@ if ! ls "$WHEELS"/llama_cpp_python-$VERSION-*.whl >/dev/null 2>&1; then
   echo "building llama-cpp-python $VERSION for this CPU (about 12 minutes on 2 cores, once)..." >&2
   mkdir -p "$WHEELS"
   CMAKE_ARGS="$ARGS" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) "$PY" -m pip wheel --quiet --disable-pip-version-check \
-    --no-cache-dir --no-deps --no-binary llama-cpp-python -w "$WHEELS" "llama-cpp-python==$VERSION"
+    --no-cache-dir --no-deps --no-binary llama-cpp-python --require-hashes -r requirements/llama-cpp-python.txt \
+    -w "$WHEELS"
 fi
 "${PIP[@]}" "numpy>=1.20" "diskcache>=5.6" "jinja2>=2.11" "typing-extensions>=4.5"
 "${PIP[@]}" --no-deps --force-reinstall "$WHEELS"/llama_cpp_python-$VERSION-*.whl

@@ -1,6 +1,6 @@
 """cag's CPU kernel sets (cag/engines/torch/native) on the default model, each against the others.
 
-    .venv/bin/python bench/kernels.py [--sets avx512,avx2,portable] [--threads 2] [--prefix 1500]
+    .venv/bin/python bench/simd_kernels.py [--sets avx512,avx2,portable] [--threads 2] [--prefix 1500]
 
 Two measurements, for every kernel set this CPU runs (or --sets), on the same weights:
 
