@@ -102,10 +102,11 @@ def current() -> Settings:
 
 
 def parse_bytes(value: str | int, what: str) -> int:
-    """'2G', '512M', '1048576' -> bytes; anything else is a one-line error naming the setting."""
-    if isinstance(value, int):
+    """'2G', '512M', '1048576' (or the number 1048576) -> bytes; anything else is a one-line error naming the
+    setting. One parser for the environment and the server config, so both take the same forms."""
+    if type(value) is int and value >= 0:  # not True, which would pass as 1 byte
         return value
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*", str(value).lower())
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*", value.lower()) if isinstance(value, str) else None
     if not m:
         raise CagError(f"{what} must be a byte count like 1073741824, 512M or 2G (got {value!r})")
     return int(float(m.group(1)) * _UNITS[m.group(2)])

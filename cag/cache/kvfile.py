@@ -255,7 +255,7 @@ def _verified(where: str, source: restore.Source, expect: Expect, device, thread
     return Loaded(manifest=manifest, layers=layers, prefix_ids=prefix_ids)
 
 
-def mismatch(manifest: dict, expect: Expect) -> tuple[str, str, str | None] | None:
+def mismatch(manifest: dict, expect: Expect) -> tuple[str, object, object] | None:
     """The first thing a cache was made for that differs from `expect`: (field, wanted, found), or None."""
     model = manifest.get("model", {})
     for field, want, have in (
@@ -269,7 +269,7 @@ def mismatch(manifest: dict, expect: Expect) -> tuple[str, str, str | None] | No
         ("dtype", expect.dtype, manifest.get("dtype")),
         ("KV storage type", expect.kv, kv_storage(manifest)),
     ):
-        if want is not None and want != have:
+        if want is not None and (type(want) is not type(have) or want != have):  # the text "8192" is not 8192
             return field, want, have
     return None
 

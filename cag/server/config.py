@@ -23,6 +23,9 @@ class ConfigError(CagError):
 
 @dataclass
 class ServerConfig:
+    """The server's settings. Byte sizes (model_bytes, max_body_bytes, max_upload_bytes) may be given as the
+    environment's byte variables are, "300M" or "8G" as well as a number of bytes; they are numbers once made."""
+
     api_keys: dict[str, str] = field(default_factory=dict)  # API key -> tenant
     share_cli_kbs: bool = False  # with keys configured, may every tenant read CLI-built knowledge bases?
     model: str | None = None  # None: the default model; what knowledge bases created over HTTP are built with
@@ -57,10 +60,13 @@ class ServerConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a whole number of at least 1, not {value!r}")
-        for name in ("threads", "context", "model_bytes"):
+        for name in ("threads", "context"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ConfigError(f"{name} must be a whole number of at least 1 (or left out), not {value!r}")
+        for name in ("model_bytes", "max_body_bytes", "max_upload_bytes"):
+            if getattr(self, name) is not None or name != "model_bytes":  # model_bytes may be left to the environment
+                setattr(self, name, _byte_count(name, getattr(self, name)))
         from ..engines import kv_type_problem
 
         problem = kv_type_problem(self.kv_type)
@@ -97,6 +103,18 @@ class ServerConfig:
     def model_options(self) -> dict:
         """The load options of the server's own model (those that apply to its engine are used)."""
         return {"dtype": self.dtype, "kv_type": self.kv_type, "context": self.context}
+
+
+def _byte_count(name: str, value: object) -> int:
+    """A byte-sized setting in bytes, read by the parser of CAG_MODEL_BYTES and the other byte variables, so
+    that the file takes what the environment takes ("300M" as well as 314572800)."""
+    try:
+        count = settings.parse_bytes(value, name)
+    except CagError as err:
+        raise ConfigError(str(err)) from None
+    if count < 1:
+        raise ConfigError(f"{name} must be at least 1 byte, not {value!r}")
+    return count
 
 
 def parse_keys(text: str) -> dict[str, str]:

@@ -15,6 +15,12 @@ from .config import ServerConfig
 from .errors import ApiError
 from .schemas import GenerationRequest
 
+
+def _number(*neutral: float) -> Callable[[Any], bool]:
+    """A JSON number equal to one of `neutral` asks for nothing; true is not 1, nor "0" 0 (as in cag.server.schemas)."""
+    return lambda v: type(v) in (int, float) and v in neutral
+
+
 # OpenAI parameters cag cannot honour: name -> (the values that ask for nothing, why). Any other value is
 # refused with a 400 naming the parameter, rather than silently answering something else than was asked.
 _NEUTRAL: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -40,9 +46,9 @@ _NEUTRAL: dict[str, tuple[Callable[[Any], bool], str]] = {
     "suffix": (lambda v: v == "", "cag does not insert text between a prompt and a suffix"),
     # Extensions of vLLM, llama-server and Ollama that OpenAI clients pass through (extra_body): also refused
     # rather than ignored, because each would change the answer.
-    "repetition_penalty": (lambda v: v == 1, "cag applies no repetition penalties; send 1 or leave it out"),
-    "repeat_penalty": (lambda v: v == 1, "cag applies no repetition penalties; send 1 or leave it out"),
-    "min_tokens": (lambda v: v == 0, "cag ends an answer at the model's end of turn; send 0 or leave it out"),
+    "repetition_penalty": (_number(1), "cag applies no repetition penalties; send 1 or leave it out"),
+    "repeat_penalty": (_number(1), "cag applies no repetition penalties; send 1 or leave it out"),
+    "min_tokens": (_number(0), "cag ends an answer at the model's end of turn; send 0 or leave it out"),
     "ignore_eos": (lambda v: v is False, "cag ends an answer at the model's end of turn"),
     "grammar": (lambda v: not v, "cag does not constrain answers to a grammar"),
     "json_schema": (lambda v: not v, "cag does not constrain answers to a schema"),
@@ -54,10 +60,10 @@ _NEUTRAL: dict[str, tuple[Callable[[Any], bool], str]] = {
 # Sampling extensions that change only a sampled answer: refused when the request samples (temperature > 0),
 # harmless for a greedy one.
 _SAMPLING: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "top_k": (lambda v: v in (0, -1), "cag samples with temperature and top_p only; send 0 or -1 or leave it out"),
-    "min_p": (lambda v: v == 0, "cag samples with temperature and top_p only; send 0 or leave it out"),
-    "typical_p": (lambda v: v == 1, "cag samples with temperature and top_p only; send 1 or leave it out"),
-    "mirostat": (lambda v: v == 0, "cag samples with temperature and top_p only; send 0 or leave it out"),
+    "top_k": (_number(0, -1), "cag samples with temperature and top_p only; send 0 or -1 or leave it out"),
+    "min_p": (_number(0), "cag samples with temperature and top_p only; send 0 or leave it out"),
+    "typical_p": (_number(1), "cag samples with temperature and top_p only; send 1 or leave it out"),
+    "mirostat": (_number(0), "cag samples with temperature and top_p only; send 0 or leave it out"),
 }
 
 

@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Annotated, Any, Callable, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, field_validator
 
 from .. import stoptext
 from ..errors import CagError
 from ..sampling import GREEDY_BELOW
 
 _SURROGATE = re.compile(r"[\ud800-\udfff]")  # in a str decoded from JSON, only a lone one can remain
+# Numbers and flags as JSON spells them, nothing pydantic would convert: true is no count, "8" no number,
+# "yes" no flag. A client sending those has a bug that a silent conversion would hide.
+Whole = StrictInt
+Flag = StrictBool
+Real = Annotated[float, Strict()]  # a whole number is a number too
 
 
 class Body(BaseModel):
@@ -98,7 +103,7 @@ class Message(Body):
 
 
 class StreamOptions(Body):
-    include_usage: bool = False
+    include_usage: Flag = False
 
 
 class GenerationRequest(Body):
@@ -107,22 +112,22 @@ class GenerationRequest(Body):
     that asks for something: n > 1, best_of > 1, non-zero penalties, a logit bias)."""
 
     model: str = Field(description="The knowledge base to answer from.")
-    stream: bool = False
+    stream: Flag = False
     stream_options: Optional[StreamOptions] = None
-    temperature: Optional[float] = Field(None, ge=0, le=2, allow_inf_nan=False,
+    temperature: Optional[Real] = Field(None, ge=0, le=2, allow_inf_nan=False,
                                          description=f"0 to 2; below {GREEDY_BELOW:g} the answer is greedy.")
-    top_p: Optional[float] = Field(None, ge=0, le=1, allow_inf_nan=False,
+    top_p: Optional[Real] = Field(None, ge=0, le=1, allow_inf_nan=False,
                                    description="0 to 1; the most likely token is always kept (0: only it).")
-    seed: Optional[int] = Field(None, ge=-(2**63), le=2**64 - 1, description="A 64-bit integer.")
-    max_tokens: Optional[int] = Field(None, ge=1)
+    seed: Optional[Whole] = Field(None, ge=-(2**63), le=2**64 - 1, description="A 64-bit integer.")
+    max_tokens: Optional[Whole] = Field(None, ge=1)
     stop: Union[str, list[str], None] = Field(None, description=f"Up to {stoptext.MAX_STOPS} strings; the answer ends "
                                                                 "before the first one and does not include it.")
     user: Optional[str] = None
-    n: Optional[int] = Field(None, ge=1)
-    best_of: Optional[int] = Field(None, ge=1)
-    logit_bias: Optional[dict[str, float]] = None
-    presence_penalty: Optional[float] = Field(None, ge=-2, le=2, allow_inf_nan=False)
-    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2, allow_inf_nan=False)
+    n: Optional[Whole] = Field(None, ge=1)
+    best_of: Optional[Whole] = Field(None, ge=1)
+    logit_bias: Optional[dict[str, Real]] = None
+    presence_penalty: Optional[Real] = Field(None, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: Optional[Real] = Field(None, ge=-2, le=2, allow_inf_nan=False)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -140,20 +145,20 @@ class GenerationRequest(Body):
 
 class ChatRequest(GenerationRequest):
     messages: list[Message]
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[Whole] = Field(None, ge=1)
     metadata: Optional[dict[str, Any]] = None
-    store: Optional[bool] = None
+    store: Optional[Flag] = None
     conversation_id: Optional[str] = Field(None, max_length=128,
                                            description="Keep turns server-side under this id (cag extension).")
     # OpenAI chat parameters cag cannot honour: typed so their shape is checked; guard.check_parameters
     # refuses any value that asks for something (tools, logprobs…).
-    logprobs: Optional[bool] = None
-    top_logprobs: Optional[int] = Field(None, ge=0)
+    logprobs: Optional[Flag] = None
+    top_logprobs: Optional[Whole] = Field(None, ge=0)
     tools: Optional[list[dict[str, Any]]] = None
     tool_choice: Union[str, dict[str, Any], None] = None
     functions: Optional[list[dict[str, Any]]] = None
     function_call: Union[str, dict[str, Any], None] = None
-    parallel_tool_calls: Optional[bool] = None
+    parallel_tool_calls: Optional[Flag] = None
     response_format: Optional[dict[str, Any]] = None
     modalities: Optional[list[str]] = None
     audio: Optional[dict[str, Any]] = None
@@ -168,9 +173,9 @@ class CompletionRequest(GenerationRequest):
 
     prompt: str = Field(description="The question: a string, or a list of exactly one string.")
     # OpenAI completion parameters cag cannot honour (refused by guard.check_parameters unless neutral).
-    echo: Optional[bool] = None
+    echo: Optional[Flag] = None
     suffix: Optional[str] = None
-    logprobs: Optional[int] = Field(None, ge=0, le=5)
+    logprobs: Optional[Whole] = Field(None, ge=0, le=5)
 
     @field_validator("prompt", mode="before")
     @classmethod
