@@ -21,10 +21,13 @@ from .cache.policies import Policy
 from .cache.stores import Entry, Record, TieredStore
 from .engines.base import Engine, Job, Payload, Prefix
 from .errors import (
+    CacheMismatchError,
     CagError,
     ContextLengthError,
     KnowledgeError,
     KnowledgeTooLargeError,
+    ModelChangedError,
+    ModelMissingError,
     NotFoundError,
     StaleKnowledgeError,
 )
@@ -74,6 +77,18 @@ class KnowledgeBase:
     @property
     def tokens(self) -> int:
         return len(self.prefix_ids)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the loaded prefix holds (Prefix.nbytes): what a server's memory budget counts for it."""
+        return self.prefix.nbytes
+
+    def release(self) -> None:
+        """Let go of the prefix now rather than whenever it is collected (a llama.cpp context is hundreds of
+        MB): a server unloading an idle knowledge base to stay within its budget. It answers nothing after."""
+        with self._lock:
+            self._scheduler = None
+        self.prefix.release()
 
     def ask(self, question: str, *, history: Sequence[Turn] = (), use_cache: bool = True,
             max_new_tokens: int = 256, sampling: Sampling = Sampling(),
@@ -334,8 +349,9 @@ def _build(settings: dict, docs, lm: Engine, policy: Policy, store: TieredStore,
     how = ext.describe(len(old_ids))
     if old is not None:
         log(f"{name}: {how}")
-    meta = {**settings, "policy": policy.to_json(), "built_at": time.time()}
-    identity = {**_identity(lm, builder, docs), "prefill_bounds": ext.bounds}
+    meta = {**settings, "model_fingerprint": lm.identity()["fingerprint"], "policy": policy.to_json(),
+            "built_at": time.time()}
+    identity = {**_identity(lm, builder, docs, name), "prefill_bounds": ext.bounds}
     if settings.get("kv_quant"):  # the prefix was kept as the tiers will hold it: "built" and "disk" answers agree
         identity["kv_quant"] = settings["kv_quant"]
     payload = lm.export(ext.prefix)
@@ -368,14 +384,16 @@ def _previous(name: str, lm: Engine, builder: PromptBuilder, store: TieredStore,
     return hit[0] if hit else None
 
 
-def _identity(lm: Engine, builder: PromptBuilder, docs) -> dict:
+def _identity(lm: Engine, builder: PromptBuilder, docs, name: str) -> dict:
+    """What a cache is made for. The knowledge base's name goes with the knowledge, so that a cache file
+    copied over another knowledge base's is told apart from knowledge files that changed."""
     return {
         "engine": lm.kind,
         "dtype": lm.storage["dtype"],
         "model": lm.identity(),
         "tokenizer": {"fingerprint": lm.codec.fingerprint()},
         "template": {"fingerprint": builder.fingerprint()},
-        "knowledge": {"sha256": knowledge.content_hash(docs), "documents": len(docs)},
+        "knowledge": {"sha256": knowledge.content_hash(docs), "documents": len(docs), "name": name},
     }
 
 
@@ -421,8 +439,8 @@ def load(name: str, *, device: str | None = None, dtype: str | None = None, thre
     sha = knowledge.content_hash(docs)
     generation = events.generation(name)
     published = store.published(name)
-    hit = store.get(name, _expect(lm, builder, None, meta), lm.device,
-                    valid=lambda entry, tier: policies.servable(entry, published))
+    _same_model(name, meta, lm)
+    hit = _get(store, name, _expect(lm, builder, None, meta), lm, published)
     policy = Policy.from_meta(meta)
     if hit is not None and hit[0].manifest.get("knowledge", {}).get("sha256") == sha:
         entry, source = hit
@@ -433,9 +451,10 @@ def load(name: str, *, device: str | None = None, dtype: str | None = None, thre
         return KnowledgeBase(name, lm, docs, meta["sources"], builder, prefix, entry.prefix_ids, entry.manifest,
                              source, chunk_size=_chunk_size(meta), _store=store, _generation=generation)
     if hit is not None:
+        why = _stale(name, hit[0].manifest)
         if not rebuild:
-            raise _not_rebuilt(_changed(name))
-        log(f"The knowledge files of {name!r} changed since the cache was built: rebuilding.")
+            raise _not_rebuilt(why)
+        log(f"{why[:1].upper()}{why[1:]}: rebuilding.")
     else:
         why = _unservable(name, published)
         if not rebuild:
@@ -444,6 +463,33 @@ def load(name: str, *, device: str | None = None, dtype: str | None = None, thre
     settings = {k: v for k, v in meta.items() if k not in ("policy", "built_at")}
     return _build({**settings, "name": name}, docs, lm, Policy(policy.ttl_s, published), store,
                   _chunk_size(meta), progress, log, previous=hit[0] if hit else None, owner=record.owner)
+
+
+def _same_model(name: str, meta: dict, lm: Engine) -> None:
+    """Refuse a model other than the one `name` was built with (kb.json's fingerprint; one built before it
+    was kept there is checked against its cache only): with no servable cache, load would otherwise rebuild
+    it silently with whatever model now sits at that path, and answer from another model."""
+    built, now = meta.get("model_fingerprint"), lm.identity()["fingerprint"]
+    if built is not None and built != now:
+        raise ModelChangedError(name, _model_where(lm), now, built)
+
+
+def _get(store: TieredStore, name: str, expect: kvfile.Expect, lm: Engine,
+         published: int | None) -> tuple[Entry, str] | None:
+    """The servable cache of `name`, if any; a cache made with another model is a ModelChangedError that
+    names the model file, so the user learns which file changed, not only that a cache does not match."""
+    try:
+        return store.get(name, expect, lm.device, valid=lambda entry, tier: policies.servable(entry, published))
+    except CacheMismatchError as err:
+        if err.field != "model":
+            raise
+        raise ModelChangedError(name, _model_where(lm), err.expected, err.found) from None
+
+
+def _model_where(lm: Engine) -> str:
+    """The model as the user named it, with the file it resolved to when that says more (an Ollama blob)."""
+    path = str(lm.identity().get("path") or "")
+    return lm.name if not path or path == lm.name else f"{lm.name} ({path})"
 
 
 def check_servable(name: str, store: TieredStore | None = None) -> None:
@@ -462,11 +508,12 @@ def check_servable(name: str, store: TieredStore | None = None) -> None:
         raise _not_rebuilt(_unservable(name, published))
     disk = paths.kb_dir(name) / CACHE_FILE
     try:
-        made_from = kvfile.read_manifest(disk).get("knowledge", {}).get("sha256") if disk.is_file() else None
+        made = kvfile.read_manifest(disk) if disk.is_file() else {}
     except CagError:
         return  # a damaged file: loading it says what is wrong
+    made_from = made.get("knowledge", {}).get("sha256")
     if made_from is not None and made_from != knowledge.content_hash(_knowledge_now(name, meta, store, lambda _m: None)):
-        raise _not_rebuilt(_changed(name))
+        raise _not_rebuilt(_stale(name, made))
 
 
 def _knowledge_now(name: str, meta: dict, store: TieredStore, log: Log) -> list[knowledge.Document]:
@@ -478,7 +525,13 @@ def _knowledge_now(name: str, meta: dict, store: TieredStore, log: Log) -> list[
     return docs
 
 
-def _changed(name: str) -> str:
+def _stale(name: str, manifest: dict) -> str:
+    """Why a cache of `name` made from other knowledge than its files hold now cannot serve: it was made for
+    another knowledge base (copied over this one's, as the name its manifest records says), or the files
+    changed since. Caches made before manifests recorded the name can only be told the latter way."""
+    made_for = manifest.get("knowledge", {}).get("name")
+    if isinstance(made_for, str) and made_for != name:
+        return f"the cache file of {name!r} was made for the knowledge base {made_for!r}"
     return f"the knowledge files of {name!r} changed since its cache was built"
 
 
@@ -508,7 +561,12 @@ def load_engine(meta: dict, *, device: str | None = None, dtype: str | None = No
     options = engine_options(meta)
     if dtype:
         options["dtype"] = dtype
-    return engines.load(meta.get("model"), device=device, threads=threads, log=log, **options)
+    try:
+        return engines.load(meta.get("model"), device=device, threads=threads, log=log, **options)
+    except ModelMissingError as err:
+        raise ModelMissingError(f"{err}; the knowledge base {meta.get('name')!r} was built with it: put it back, "
+                                "or build the knowledge base again with another model (`cag build SOURCES --name "
+                                f"{meta.get('name')} --model NEWMODEL`; nothing of its cache is reused)") from None
 
 
 def _current_docs(meta: dict, snapshot: Callable[[], list[dict] | None], log: Log) -> list[knowledge.Document]:

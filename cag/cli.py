@@ -237,16 +237,14 @@ def _load_kb(name: str, device, dtype, rebuild: bool = True, threads: Optional[i
              tenant: Optional[str] = None):
     """A knowledge base with its model loaded under a status line (the slow part of starting up). Without
     `rebuild`, a cache that would have to be rebuilt is refused first, before the model loads."""
-    from . import api
+    from . import api, engines
 
     name = _kb_key(name, tenant)
     if not rebuild:
         api.check_servable(name)
     meta = api.read_meta(name)
-    options = api.engine_options(meta)
-    if dtype:
-        options["dtype"] = dtype
-    lm = _load_model(meta.get("model"), device=device, threads=threads, **options)
+    with _status(f"loading model {meta.get('model') or engines.DEFAULT_MODEL}"):
+        lm = api.load_engine(meta, device=device, dtype=dtype, threads=threads, log=_log)
     with _Bar() as bar:
         return api.load(name, rebuild=rebuild, lm=lm, log=_log, progress=bar)
 
@@ -491,7 +489,8 @@ def list_(
     as_json: bool = typer.Option(False, "--json", help="One JSON object per knowledge base."),
     show_all: bool = typer.Option(False, "--all", "-a", help="Also list the shards of sharded knowledge bases."),
     verify: bool = typer.Option(False, "--verify", help="Read every local cache file and check it as a load does "
-                                                        "(checksum, signature): slow for large caches."),
+                                                        "(checksum, signature, the model's fingerprint): slow for "
+                                                        "large caches."),
     redis: Optional[str] = typer.Option(None, "--redis", help=REDIS_HELP),
 ) -> None:
     """List knowledge bases: tenant, tokens, documents, size, where their caches live (tiers), age, hits, status."""
@@ -555,8 +554,9 @@ def _age_text(seconds: float | None) -> str:
 
 
 def _short_status(status: str) -> str:
-    """The first clause: details (which shards, why broken) are in `cag ls --json` and `cag inspect`."""
-    return status.split(":", 1)[0] if status.startswith("broken") else status.split(" (", 1)[0]
+    """The first clause: details (which shards, why broken, which model file) are in `cag ls --json` and
+    `cag inspect`."""
+    return status.split(":", 1)[0] if status.startswith(("broken", "model ")) else status.split(" (", 1)[0]
 
 
 @app.command()

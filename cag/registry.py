@@ -21,13 +21,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from . import paths
+from . import engines, paths
 from .cache import kvfile
 from .cache.policies import Policy
 from .cache.stores import TieredStore
 from .cache.stores.base import valid_name
 from .cache.stores.disk import CACHE_FILE
-from .errors import CacheFileError, CagError, NotFoundError
+from .errors import CacheFileError, CagError, ModelMissingError, NotFoundError
 
 SEPARATOR = "__"
 OPEN_TENANT = "public"  # the tenant of every request to a server without API keys
@@ -111,7 +111,8 @@ def rows(store: TieredStore, verify: bool = False) -> list[dict]:
     """name, tenant, key, owner, model, tokens, documents, bytes, created, status, tiers, hits, age_s, policy, parent.
 
     `status` says whether a cache is there ("cached") and, with `verify`, whether its file passes the
-    checks every load makes (checksum, signature): "ok", or "broken: why". Without `verify` nothing is
+    checks every load makes (checksum, signature; and that the model is still the one it was made with): "ok",
+    "broken: why", "model changed: …" or "model missing: …". Without `verify` nothing is
     read but the manifests, which a damaged cache can still have intact: the status then says so.
     A sharded knowledge base's row adds up its shards (tokens, bytes, hits; the latest creation time); each
     shard has a row of its own too, naming its `parent`."""
@@ -121,7 +122,7 @@ def rows(store: TieredStore, verify: bool = False) -> list[dict]:
     for row in out:
         shards = [by_key[s] for s in row.pop("shards", None) or () if s in by_key]
         if shards:
-            unfit = sum(not r["tiers"] or r["status"].startswith("broken") for r in shards)
+            unfit = sum(not r["tiers"] or r["verified"] is False for r in shards)
             row.update(tokens=sum(r["tokens"] or 0 for r in shards), bytes=sum(r["bytes"] or 0 for r in shards),
                        created=max((r["created"] for r in shards if r["created"]), default=None),
                        tiers=sorted({t for r in shards for t in r["tiers"]}), hits=sum(r["hits"] for r in shards),
@@ -146,7 +147,7 @@ def _row(stored: str, store: TieredStore, verify: bool) -> dict | None:
         status, verified = f"broken: {err}", False
     else:
         try:
-            status, verified = _status(stored, tiers, verify)
+            status, verified = _status(stored, tiers, verify, meta)
         except CacheFileError as err:  # what only reading the whole file shows: a checksum or signature
             status, verified = f"broken: {err}", False
     where = tiers.get("disk") or next(iter(tiers.values()), {})
@@ -158,17 +159,35 @@ def _row(stored: str, store: TieredStore, verify: bool) -> dict | None:
     return row
 
 
-def _status(stored: str, tiers: dict, verify: bool) -> tuple[str, bool | None]:
+def _status(stored: str, tiers: dict, verify: bool, meta: dict) -> tuple[str, bool | None]:
     """(status, verified) of a cache held by `tiers`. Verifying reads the local file whole, as a load does
-    (a cache held only in Redis is checked by the process that fetches it)."""
+    (a cache held only in Redis is checked by the process that fetches it), and checks its model as a load
+    would refuse it (_model_problem)."""
     if not tiers:
         return "not cached (the next load rebuilds it)", None
     if not verify:
         return "cached (not verified)", None
     if "disk" not in tiers:
         return f"cached (only in {', '.join(tiers)}: not verified)", None
-    kvfile.load(paths.kb_dir(stored) / CACHE_FILE)  # checksum and signature; a CacheFileError says what is wrong
-    return "ok", True
+    loaded = kvfile.load(paths.kb_dir(stored) / CACHE_FILE)  # checksum, signature: a CacheFileError says what is wrong
+    problem = _model_problem(meta.get("model"), loaded.manifest.get("model") or {})
+    return (problem, False) if problem else ("ok", True)
+
+
+def _model_problem(spec: str | None, made: dict) -> str | None:
+    """Why the model `spec` names is no longer the one a cache was made with (`made`: its manifest's model
+    section), as its fingerprint tells without loading it; None when it is the same. A load refuses such a
+    cache, so a listing must not call it ok."""
+    try:
+        where, now = engines.fingerprint_now(spec, made.get("path"))
+    except ModelMissingError as err:
+        return f"model missing: {err}; put it back, or rebuild with `cag build --model`"
+    except (CagError, OSError) as err:
+        return f"model unusable: {err}"
+    if now != made.get("fingerprint"):
+        return (f"model changed: {where} is not the model the cache was made with; put it back, or rebuild "
+                "with `cag build`")
+    return None
 
 
 def model_label(model: str | None) -> str | None:

@@ -63,6 +63,26 @@ def load(spec: str | None = None, *, device: str | None = None, dtype: str | Non
     return models.load(spec, device=device, dtype=dtype, log=log)
 
 
+def fingerprint_now(spec: str | None, recorded: str | None) -> tuple[Path, str]:
+    """(where, fingerprint) of the model named `spec` as it is on disk now, computed as a load computes it
+    but without loading it, so that a cache can be checked against its model cheaply (`cag ls --verify`):
+    file hashes are memoized (cag.engines.files). A GGUF file or Ollama blob is the one `spec` resolves to;
+    a transformers model is the folder its cache recorded (`recorded`: a hub id or the default model are not
+    fetched or converted again). ModelMissingError when it is gone."""
+    if kind_of(spec) == "llamacpp":
+        from .llamacpp import fingerprint, resolve
+
+        path = resolve(spec)
+        return path, fingerprint(spec, path)
+    from ..errors import ModelMissingError
+    from .torch.models import model_fingerprint
+
+    folder = Path(recorded or "")
+    if not recorded or not (folder / "config.json").is_file():
+        raise ModelMissingError(f"model folder not found: {folder}")
+    return folder, model_fingerprint(folder)
+
+
 def set_threads(threads: int | None) -> None:
     """CPU threads for torch and cag's C kernels (they share torch's OpenMP runtime); None: unchanged."""
     if threads is None:

@@ -7,14 +7,15 @@ from pathlib import Path
 from typing import Callable
 
 from ... import settings
-from ...errors import ModelError
+from ...errors import ModelError, ModelMissingError
 from .. import GGUF_KV_TYPES, kv_type_problem
 from ..files import file_sha256
 from . import lib
 from .engine import DEFAULT_CONTEXT, LlamaEngine, default_threads
+from .ollama import check_blob
 from .ollama import resolve as resolve_ollama
 
-__all__ = ["LlamaEngine", "load", "resolve"]
+__all__ = ["LlamaEngine", "fingerprint", "load", "resolve"]
 
 Log = Callable[[str], None]
 
@@ -30,11 +31,21 @@ def resolve(spec: str) -> Path:
         return resolve_ollama(spec.removeprefix("ollama:"))
     path = Path(spec).expanduser()
     if not path.is_file():
-        raise ModelError(f"GGUF model file not found: {path}")
+        raise ModelMissingError(f"GGUF model file not found: {path}")
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise ModelError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
     return path.resolve()
+
+
+def fingerprint(spec: str, path: Path) -> str:
+    """The sha256 of the GGUF file `path` that `spec` resolved to: what ties a cache to its model. Memoized
+    (cag.engines.files), so a large file is hashed once, not at every load; for an Ollama model the same
+    hash checks the blob against its name (check_blob), so a damaged blob is never used."""
+    sha = file_sha256(path)
+    if spec.startswith("ollama:"):
+        check_blob(spec.removeprefix("ollama:"), path, sha)
+    return sha
 
 
 def load(spec: str, *, threads: int | None = None, kv_type: str | None = None, context: int | None = None,
@@ -51,10 +62,10 @@ def load(spec: str, *, threads: int | None = None, kv_type: str | None = None, c
         raise ModelError(f"threads must be at least 1 (got {threads})")
     path = resolve(spec)
     lib.api()  # the one-line install message before any work, when llama-cpp-python is missing
-    fingerprint = file_sha256(path)
+    sha = fingerprint(spec, path)
     model = lib.Model(path)
     trained = model.n_ctx_train if model.n_ctx_train > 0 else DEFAULT_CONTEXT
     if context is not None and not 16 <= context <= trained:
         model.close()
         raise ModelError(f"context {context} is outside what this model supports (16 to {trained} positions)")
-    return LlamaEngine(spec, path, model, fingerprint, threads, kv_type, context or min(trained, DEFAULT_CONTEXT))
+    return LlamaEngine(spec, path, model, sha, threads, kv_type, context or min(trained, DEFAULT_CONTEXT))

@@ -13,7 +13,7 @@ import os
 import re
 from pathlib import Path
 
-from ...errors import ModelError
+from ...errors import ModelError, ModelMissingError
 
 MODEL_LAYER = "application/vnd.ollama.image.model"
 _PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -37,8 +37,8 @@ def resolve(name: str) -> Path:
     root = store()
     manifest = root / "manifests" / Path(*parts) / tag
     if not manifest.is_file():
-        raise ModelError(f"Ollama model {name!r} is not in {root} (no {manifest}); run `ollama pull {name}` "
-                         "or set OLLAMA_MODELS to the store that has it")
+        raise ModelMissingError(f"Ollama model {name!r} is not in {root} (no {manifest}); run `ollama pull {name}` "
+                                "or set OLLAMA_MODELS to the store that has it")
     try:
         layers = json.loads(manifest.read_text())["layers"]
         digest = next(layer["digest"] for layer in layers if layer.get("mediaType") == MODEL_LAYER)
@@ -49,5 +49,13 @@ def resolve(name: str) -> Path:
         raise ModelError(f"Ollama manifest {manifest} has a malformed model digest {digest!r}")
     blob = root / "blobs" / f"sha256-{hexdigest}"
     if not blob.is_file():
-        raise ModelError(f"the model blob of Ollama model {name!r} is missing ({blob}); pull the model again")
+        raise ModelMissingError(f"the model blob of Ollama model {name!r} is missing ({blob}); pull the model again")
     return blob
+
+
+def check_blob(name: str, blob: Path, sha256: str) -> None:
+    """Refuse a blob whose content is not what its name says: Ollama names every blob by its sha256, so a
+    mismatch is a damaged or altered file, and a model that silently differs from the one pulled."""
+    if blob.name != f"sha256-{sha256}":
+        raise ModelError(f"the Ollama blob of model {name} ({blob}) does not match its sha256 name: it is damaged "
+                         f"or was altered; run `ollama pull {name}`")

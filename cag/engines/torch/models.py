@@ -26,7 +26,7 @@ import torch
 
 from ... import paths
 from ...cache import atomic
-from ...errors import ModelError
+from ...errors import ModelError, ModelMissingError
 from ..files import file_sha256
 from . import packed
 from .engine import TorchEngine
@@ -247,10 +247,10 @@ def resolve(name: str | None, log: Log = _stderr) -> Path:
     local = Path(name).expanduser()
     if local.exists():
         if not (local / "config.json").is_file():
-            raise ModelError(f"model folder {local} has no config.json")
+            raise ModelMissingError(f"model folder {local} has no config.json")
         return local.resolve()
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise ModelError(f"model folder not found: {local}")
+        raise ModelMissingError(f"model folder not found: {local}")
     try:
         from huggingface_hub import snapshot_download
 
