@@ -48,6 +48,12 @@ class Prefix(abc.ABC):
 
     length: int
 
+    @property
+    def nbytes(self) -> int:
+        """Memory the prefix holds while it is loaded (its KV tensors, or a llama.cpp context's buffers): what
+        a server's memory budget counts for a loaded knowledge base."""
+        return 0
+
     @abc.abstractmethod
     def release(self) -> None:
         """Let go of what the prefix holds outside Python's memory management (llama.cpp contexts)."""
@@ -199,7 +205,12 @@ class Engine(abc.ABC):
 
     @property
     def nbytes(self) -> int:
-        """Memory the loaded model holds (weights, contexts): what a server's model budget counts."""
+        """Memory the loaded model's weights hold (prefixes count their own: Prefix.nbytes)."""
+        return 0
+
+    def prefix_nbytes(self, tokens: int) -> int:
+        """About what a prefix of `tokens` positions will hold once loaded (Prefix.nbytes), before it is: a
+        server makes room for a knowledge base before loading it, not after."""
         return 0
 
     # -- the prefix ----------------------------------------------------------------------------------------

@@ -112,6 +112,14 @@ class ShardedKnowledgeBase:
                 "created": max((m.get("created", "") for m in parts), default=""),
                 "tokens": self.tokens, "shards": [kb.name for kb in self.shards]}
 
+    @property
+    def nbytes(self) -> int:
+        return sum(kb.nbytes for kb in self.shards)
+
+    def release(self) -> None:
+        for kb in self.shards:
+            kb.release()
+
     def route(self, question: str):
         return self.shards[self.router.best(question)]
 

@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException
 
 from .. import __version__, engines
 from ..engines.base import Engine
-from ..errors import CacheFileError, CagError
+from ..errors import CacheFileError, CagError, json_kind
 from ..registry import model_label
 from . import auth, guard
 from .chat import Cancelled, ChatService, Plan, Query, chat_query, prompt_query
@@ -106,7 +106,7 @@ def create_app(config: ServerConfig | None = None, lm: Engine | None = None) -> 
             return refuse(error_body(f"the request body is not valid JSON: {why}", "invalid_request_error",
                                      "invalid_json"), 400)
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body" and not _TYPE_TAG.match(str(p)))
-        msg = str(first.get("msg", "malformed")).removeprefix("Value error, ")
+        msg = str(first.get("msg", "malformed")).removeprefix("Value error, ") + _given(first)
         return refuse(error_body(f"invalid request: {where}: {msg}", "invalid_request_error", "invalid_request",
                                  where or None), 400)
 
@@ -120,6 +120,8 @@ def create_app(config: ServerConfig | None = None, lm: Engine | None = None) -> 
                               "invalid_request_error", "method_not_allowed")
         elif err.status_code == 413:
             body = error_body(str(err.detail), "invalid_request_error", "request_too_large")
+        elif err.status_code == 400 and isinstance(err.__cause__, (RecursionError, UnicodeDecodeError)):
+            body = error_body(_unparsable(err.__cause__), "invalid_request_error", "invalid_json")
         else:
             body = error_body(str(err.detail), "invalid_request_error" if err.status_code < 500 else "server_error")
         return refuse(body, err.status_code, err.headers)
@@ -140,6 +142,7 @@ def create_app(config: ServerConfig | None = None, lm: Engine | None = None) -> 
 
     @app.get("/metrics")
     def metrics_endpoint():
+        metrics.memory(registry.models.usage(), registry.models.budget)
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/", include_in_schema=False)
@@ -308,6 +311,26 @@ def create_app(config: ServerConfig | None = None, lm: Engine | None = None) -> 
         return {"id": name, "object": "knowledge_base", "deleted": True}
 
     return app
+
+
+def _given(error: dict) -> str:
+    """What a field of the wrong type was sent as. Pydantic says only what it should be, and "Input should be
+    a valid integer" alone puzzles a client that sent "8"."""
+    if not str(error.get("type", "")).endswith("_type") or "input" not in error:
+        return ""
+    value = error["input"]
+    if isinstance(value, (list, dict)):  # its kind says enough; its text may be long or deep
+        return f" (got {json_kind(value)})"
+    text = json.dumps(value, default=str)  # ASCII: a lone surrogate stays an escape
+    return f" (got {text if len(text) <= 40 else text[:37] + '...'}, {json_kind(value)})"
+
+
+def _unparsable(cause: BaseException) -> str:
+    """Why FastAPI could not parse a JSON body that is not malformed in a way json reports (its own 400 says
+    only "There was an error parsing the body")."""
+    if isinstance(cause, RecursionError):
+        return "the request body nests arrays or objects too deeply to be read as JSON; send a flatter body"
+    return f"the request body is not valid JSON: it is not UTF-8 text ({cause.reason} at byte {cause.start})"
 
 
 def _model(row: dict) -> dict:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -68,6 +69,7 @@ class Plan:
     tenant: str = ""  # who asked: part of the response-cache key (no tenant learns what another asked)
     stop: tuple[str, ...] = ()  # the answer ends before the first of these strings
     system: str | None = None  # see Query.system
+    done: Callable[[], object] = field(default=lambda: None, repr=False)  # lets the knowledge base go (once)
 
 
 def chat_query(config: ServerConfig, req: ChatRequest) -> Query:
@@ -136,13 +138,24 @@ class ChatService:
         if max_tokens > self.config.max_tokens_limit:
             raise ApiError(400, f"max_tokens {max_tokens} is over this server's limit of "
                                 f"{self.config.max_tokens_limit}", code="max_tokens_too_large")
-        question, history = query.question, query.history
-        flagged = guard.injection(self.config, question)
+        flagged = guard.injection(self.config, query.question)
         if flagged:
             self.metrics.guard.labels("flagged").inc()
         folder = self.registry.folder_for(tenant, query.model)
         warm = self.registry.peek(folder) is not None
-        entry = self.registry.get(tenant, query.model)
+        entry = self.registry.lease(tenant, query.model)  # held until the answer ends (Plan.done)
+        try:
+            plan = self._plan(tenant, query, folder, entry, warm, max_tokens, flagged)
+        except BaseException:
+            self.registry.release(entry)
+            raise
+        # a plan dropped without an answer (a stream whose client left before it began) lets go when collected
+        plan.done = weakref.finalize(plan, self.registry.release, entry)
+        return plan
+
+    def _plan(self, tenant: str, query: Query, folder: str, entry: Entry, warm: bool, max_tokens: int,
+              flagged: bool) -> Plan:
+        question, history = query.question, query.history
         # resident in this server, else the tier the prefix was loaded from (memory/host/disk/redis) or "built"
         self.metrics.kb_loads.labels("resident" if warm and self.registry.peek(folder) is entry
                                      else entry.kb.cache_source).inc()
@@ -168,13 +181,19 @@ class ChatService:
         return plan
 
     def cached(self, plan: Plan) -> dict | None:
+        """The response cache's answer, if it has one (then the knowledge base is let go: no model runs)."""
         if not plan.key:
             return None
         start = time.perf_counter()
-        hit = self.cache.get(*plan.key, tenant=plan.tenant)
+        try:
+            hit = self.cache.get(*plan.key, tenant=plan.tenant)
+        except BaseException:
+            plan.done()
+            raise
         self.metrics.response_cache.labels(hit.kind if hit else "miss").inc()
         if hit is None:
             return None
+        plan.done()
         result = {**hit.value, "response_cache": hit.kind, "ttft_s": None,
                   "total_s": time.perf_counter() - start, "cache_source": None}
         self._finish(plan, result)
@@ -201,6 +220,8 @@ class ChatService:
                                   system=plan.system)
         except CagError as err:
             raise ApiError(400, str(err), code="generation_failed") from None
+        finally:
+            plan.done()  # the model is done with it: the knowledge base may be let go
         usage = {"prompt_tokens": a.prompt_tokens, "completion_tokens": a.new_tokens,
                  "total_tokens": a.prompt_tokens + a.new_tokens, "cached_tokens": a.cached_tokens}
         result = {"text": a.answer, "usage": usage, "finish_reason": a.finish_reason,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -29,6 +29,22 @@ class Metrics:
                                  "the whole knowledge base and no response cache", registry=r)
         self.guard = Counter("cag_guard_flags", "Requests matching the prompt-injection heuristic", ["action"],
                              registry=r)
+        self.model_bytes = Gauge("cag_model_bytes", "Memory each loaded model holds: its weights and the prefixes "
+                                 "of the knowledge bases loaded on it", ["model", "engine", "part"], registry=r)
+        self.model_kbs = Gauge("cag_model_knowledge_bases", "Knowledge bases loaded on each model",
+                               ["model", "engine"], registry=r)
+        self.budget = Gauge("cag_model_budget_bytes", "The memory budget of models and their knowledge bases "
+                            "(model_bytes)", registry=r)
+
+    def memory(self, usage: list[dict], budget: int) -> None:
+        """What the loaded models hold now (cag.server.models.Models.usage); models no longer loaded vanish."""
+        self.model_bytes.clear()
+        self.model_kbs.clear()
+        for row in usage:
+            for part in ("weights", "prefixes"):
+                self.model_bytes.labels(row["model"], row["engine"], part).set(row[part])
+            self.model_kbs.labels(row["model"], row["engine"]).set(row["knowledge_bases"])
+        self.budget.set(budget)
 
     def answered(self, usage: dict, ttft_s: float | None, total_s: float, cached_response: bool) -> None:
         """Record one answer; a response-cache hit computed nothing, so all its prompt tokens are saved."""

@@ -1,28 +1,47 @@
-"""The models a server keeps loaded: each knowledge base is answered by the model it was built with.
+"""What a server keeps loaded, under one byte budget: models, and the knowledge bases loaded on them.
 
-Like Ollama's keep-alive, a model loads on first use and stays loaded while there is room: engines are
-kept least recently used first out under a byte budget (model_bytes / CAG_MODEL_BYTES). An engine that
-is dropped here stays alive for the answers still running on it (they hold it) and is freed after them.
-A model that cannot be loaded (a missing file, llama.cpp not installed) is a clear error with a code,
-for the knowledge bases that need it only.
+Each knowledge base is answered by the model it was built with. A model loads on first use and stays while
+there is room; `model_bytes` (CAG_MODEL_BYTES) bounds what the models hold together: each model's weights
+plus the prefix of every knowledge base loaded on it (on llama.cpp a context of the whole window, hundreds of
+MB; on transformers the KV tensors). Room is made before anything loads, not after: first models that no
+loaded knowledge base uses, then the least recently used knowledge bases that no answer is running on, each
+freed at once (a llama.cpp context or model is closed, not left to the garbage collector). When the answers
+running now leave no room, the load waits for them to end, and new answers wait behind it: a server whose
+knowledge bases need more than the budget answers one model at a time instead of exceeding it. A model or
+knowledge base larger than the whole budget still loads, alone.
+
+Answers lease the knowledge base they run on (`lease` / `release`); nothing leased, and no model under a
+leased knowledge base, is ever freed. A model that cannot be loaded (a missing or changed file, llama.cpp
+not installed) is a 503 with code `model_unavailable` for the knowledge bases that need it only.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import logging
 import threading
+import time
 from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
-from .. import api, engines
+from .. import engines
 from ..engines.base import Engine
 from ..errors import CagError
 from ..registry import model_label
 from .config import ServerConfig
 from .errors import ApiError
 
+
+class ModelUnavailable(CagError):
+    """A model that cannot be loaded here (a missing or changed file, llama.cpp not installed)."""
+
 log = logging.getLogger("cag.server")
 Key = tuple
+WAIT_S = 600.0  # the longest a load waits for running answers to make room
 
 
 def key_of(model: str | None, options: dict) -> Key:
@@ -31,13 +50,35 @@ def key_of(model: str | None, options: dict) -> Key:
     return (model or engines.DEFAULT_MODEL, *sorted((k, v) for k, v in options.items() if v is not None))
 
 
+@dataclass(eq=False)
+class Entry:
+    """A knowledge base loaded on one of the server's models."""
+
+    kb: object  # api.KnowledgeBase or kb.shards.ShardedKnowledgeBase
+    stamp: tuple[int, int]  # (cache file mtime_ns, events generation) when loaded: a rebuild, invalidation or
+    # delete by the CLI or another replica changes it
+    key: Key = ()  # the model it is loaded on
+    users: int = 0  # answers (and lookups) holding it now: it is freed only at zero
+    retired: bool = field(default=False, repr=False)  # replaced or forgotten: freed when its last user leaves
+
+    @property
+    def content_hash(self) -> str:
+        return self.kb.manifest.get("knowledge", {}).get("sha256", "") + self.kb.manifest.get("created", "")
+
+
 class Models:
-    def __init__(self, config: ServerConfig, budget: int, loaded: Engine | None = None,
-                 on_drop: Callable[[Engine], None] = lambda engine: None):
-        self.config, self.budget, self.on_drop = config, budget, on_drop
+    """The models and loaded knowledge bases of one server, under one byte budget (see the module)."""
+
+    def __init__(self, config: ServerConfig, budget: int, loaded: Engine | None = None):
+        self.config, self.budget = config, budget
+        self._cond = threading.Condition()
+        self._gate = threading.Lock()  # one load or build at a time: each makes room for itself in turn
         self._engines: OrderedDict[Key, Engine] = OrderedDict()
-        self._lock = threading.Lock()
-        self._loading: dict[Key, threading.Lock] = {}
+        self._kbs: OrderedDict[str, Entry] = OrderedDict()  # by folder, least recently used first
+        self._retired: list[Entry] = []  # replaced while answers ran on them
+        self._reserved = 0  # bytes promised to the load in progress
+        self._waiting = 0  # loads waiting for answers to end: new leases wait behind them
+        self._weights: dict[Key, int] = {}  # what each model's weights took when it was last loaded
         options = self.config.model_options()
         mine = ("kv_type", "context") if engines.kind_of(self.config.model) == "llamacpp" else ("dtype",)
         self._default = (self.config.model, {k: options[k] for k in mine})
@@ -45,50 +86,188 @@ class Models:
             self._default = (self.config.model or loaded.name, loaded.options())
             self._engines[key_of(*self._default)] = loaded
 
-    def default(self) -> Engine:
-        """The server's own model (--model / config model): what knowledge bases created over HTTP use."""
-        return self._load(*self._default)
-
-    def for_kb(self, name: str, meta: dict) -> Engine:
-        """The engine a knowledge base was built with (kb.json's model and engine options)."""
-        try:
-            return self._load(meta.get("model"), api.engine_options(meta))
-        except CagError as err:
-            model = model_label(meta.get("model") or engines.DEFAULT_MODEL)
-            raise ApiError(503, f"knowledge base {name!r} is answered by the model {model}, which cannot be loaded "
-                                f"on this server: {err}", "server_error", "model_unavailable") from None
-
+    # -- what is loaded --------------------------------------------------------------------------------
     def loaded(self) -> list[Engine]:
-        with self._lock:
+        with self._cond:
             return list(self._engines.values())
 
-    def _load(self, model: str | None, options: dict) -> Engine:
-        key = key_of(model, options)
-        with self._lock:
+    def usage(self) -> list[dict]:
+        """Each loaded model: its weights, its loaded knowledge bases' prefixes and their sum (`/metrics`)."""
+        with self._cond:
+            rows = []
+            for key, engine in self._engines.items():
+                kbs = [e for e in self._all() if e.key == key]
+                prefixes = sum(e.kb.nbytes for e in kbs)
+                rows.append({"model": model_label(engine.name), "engine": engine.kind, "weights": engine.nbytes,
+                             "prefixes": prefixes, "bytes": engine.nbytes + prefixes, "knowledge_bases": len(kbs)})
+            return rows
+
+    def used(self) -> int:
+        with self._cond:
+            return self._used()
+
+    def _all(self) -> list[Entry]:
+        return [*self._kbs.values(), *self._retired]
+
+    def _used(self) -> int:
+        return sum(e.nbytes for e in self._engines.values()) + sum(e.kb.nbytes for e in self._all()) + self._reserved
+
+    # -- leases --------------------------------------------------------------------------------------
+    def lease(self, folder: str, stamp: tuple[int, int]) -> Entry | None:
+        """The loaded knowledge base of `folder`, held until `release`, if it is loaded and current."""
+        with self._cond:
+            self._cond.wait_for(lambda: not self._waiting, timeout=WAIT_S)
+            entry = self._kbs.get(folder)
+            if entry is None or entry.stamp != stamp:
+                return None
+            entry.users += 1
+            self._kbs.move_to_end(folder)
+            return entry
+
+    def release(self, entry: Entry) -> None:
+        with self._cond:
+            entry.users -= 1
+            if entry.retired and entry.users <= 0 and entry in self._retired:
+                self._retired.remove(entry)
+                self._free(entry)
+            self._cond.notify_all()
+
+    def forget(self, folder: str) -> None:
+        """`folder` was deleted or changed: let its knowledge base go (once no answer runs on it)."""
+        with self._cond:
+            self._retire(self._kbs.pop(folder, None))
+
+    def peek(self, folder: str) -> Entry | None:
+        return self._kbs.get(folder)
+
+    # -- loading -------------------------------------------------------------------------------------
+    def load(self, folder: str, stamp: Callable[[], tuple[int, int]], model: str | None, options: dict,
+             tokens: Callable[[Engine], int], open_kb: Callable[[Engine], object], reuse: bool = True) -> Entry:
+        """The knowledge base of `folder` on its model, loaded with room made for both, and leased.
+        `tokens(engine)` is about how long its prefix is; `open_kb(engine)` loads (or builds) it; `reuse`:
+        a current one already loaded will do (a build wants a new one). ModelUnavailable when the model
+        cannot be loaded."""
+        with self._gate:
+            entry = self.lease(folder, stamp()) if reuse else None
+            if entry is not None:  # loaded by the request this one waited behind
+                return entry
+            key = key_of(model, options)
+            engine = self._engine(key, model, options)
+            need = engine.prefix_nbytes(tokens(engine))
+            self._make_room(need, keep=key)
+            try:
+                kb = open_kb(engine)
+            finally:
+                with self._cond:
+                    self._reserved -= need
+            with self._cond:
+                entry = Entry(kb, stamp(), key, users=1)
+                self._retire(self._kbs.pop(folder, None))
+                self._kbs[folder] = entry
+                while self._used() > self.budget and self._evict_one(key):
+                    pass  # the prefix may hold more than was estimated
+            return entry
+
+    def default_model(self) -> tuple[str | None, dict]:
+        """The server's own model (--model / config model) and its options: what knowledge bases created
+        over HTTP are built with."""
+        return self._default
+
+    def _engine(self, key: Key, model: str | None, options: dict) -> Engine:
+        """The model of `key`, loaded (after making room for its weights) if it is not; called under the gate."""
+        with self._cond:
             if key in self._engines:
-                return self._touch(key)
-            gate = self._loading.setdefault(key, threading.Lock())
-        with gate:  # one load per model at a time; others wait for it
-            with self._lock:
-                if key in self._engines:
-                    return self._touch(key)
+                self._engines.move_to_end(key)
+                return self._engines[key]
+        need = self._weights.get(key) or _file_bytes(model)
+        self._make_room(need, keep=key)
+        try:
             engine = engines.load(model, device=self.config.device, threads=self.config.threads, log=log.info,
                                   **{k: v for k, v in options.items() if v is not None})
-            log.info("loaded model %s (%s, %.0f MB)", model_label(engine.name), engine.kind, engine.nbytes / 1e6)
-            with self._lock:
-                self._engines[key] = engine
-                self._make_room(keep=key)
-                self._loading.pop(key, None)
-            return engine
+        except CagError as err:
+            raise ModelUnavailable(str(err)) from None
+        finally:
+            with self._cond:
+                self._reserved -= need
+        log.info("loaded model %s (%s, %.0f MB)", model_label(engine.name), engine.kind, engine.nbytes / 1e6)
+        with self._cond:
+            self._weights[key] = engine.nbytes
+            self._engines[key] = engine
+        return engine
 
-    def _touch(self, key: Key) -> Engine:
-        self._engines.move_to_end(key)
-        return self._engines[key]
+    # -- room --------------------------------------------------------------------------------------------
+    def _make_room(self, need: int, keep: Key) -> None:
+        """Free what is idle until `need` more bytes fit the budget, waiting for running answers when that is
+        not enough; then reserve them. Alone (nothing running) a load goes ahead even over the budget."""
+        with self._cond:
+            deadline = time.monotonic() + WAIT_S
+            while self._used() + need > self.budget and not self._evict_one(keep):
+                if not any(e.users > 0 for e in self._all()):
+                    if self._used() > 0 or need > self.budget:
+                        log.warning("%.0f MB more do not fit the %.0f MB budget of models with nothing else "
+                                    "loaded: loading it alone", need / 1e6, self.budget / 1e6)
+                    break
+                self._waiting += 1
+                try:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not self._cond.wait(left):
+                        raise ApiError(503, "no room in this server's memory budget for the model of this knowledge "
+                                            "base while others answer; try again shortly", "server_error",
+                                       "server_busy")
+                finally:
+                    self._waiting -= 1
+                    self._cond.notify_all()
+            self._reserved += need
 
-    def _make_room(self, keep: Key) -> None:
-        """Drop least recently used engines (never `keep`) until the loaded ones fit the budget."""
-        while sum(e.nbytes for e in self._engines.values()) > self.budget and len(self._engines) > 1:
-            key = next(k for k in self._engines if k != keep)
-            engine = self._engines.pop(key)
+    def _evict_one(self, keep: Key) -> bool:
+        """Free one idle thing: a model no loaded knowledge base uses, else the least recently used idle
+        knowledge base. False when everything loaded is in use."""
+        used_keys = {e.key for e in self._all()} | {keep}
+        idle_model = next((k for k in self._engines if k not in used_keys), None)
+        if idle_model is not None:
+            engine = self._engines.pop(idle_model)
             log.info("unloaded model %s to stay within %.0f MB of models", model_label(engine.name), self.budget / 1e6)
-            self.on_drop(engine)
+            engine.close()
+            gc.collect()  # a transformers model's modules refer to each other: free them now, not later
+            _give_back()
+            return True
+        folder = next((f for f, e in self._kbs.items() if e.users <= 0), None)
+        if folder is None:
+            return False
+        log.info("unloaded knowledge base %s to stay within %.0f MB of models", folder, self.budget / 1e6)
+        self._free(self._kbs.pop(folder))
+        _give_back()
+        return True
+
+    def _retire(self, entry: Entry | None) -> None:
+        if entry is None:
+            return
+        entry.retired = True
+        if entry.users <= 0:
+            self._free(entry)
+        else:
+            self._retired.append(entry)
+
+    @staticmethod
+    def _free(entry: Entry) -> None:
+        entry.kb.release()
+
+
+def _give_back() -> None:
+    """Return freed heap pages to the system (glibc keeps freed blocks under its mmap threshold, some MB, in
+    the heap): what was let go leaves the process's resident memory, not just its allocator's books."""
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):  # not glibc
+        pass
+
+
+def _file_bytes(model: str | None) -> int:
+    """About what a model's weights will take before it is loaded: its GGUF file's size (0 if unknown)."""
+    if model and engines.kind_of(model) == "llamacpp" and not model.startswith("ollama:"):
+        try:
+            return Path(model).expanduser().stat().st_size
+        except OSError:
+            return 0
+    return 0

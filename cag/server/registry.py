@@ -15,21 +15,20 @@ import logging
 import re
 import shutil
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from .. import api, paths, settings
-from ..cache import events
+from .. import api, engines, paths, settings
+from ..cache import events, kvfile
 from ..cache.stores.redis import RedisError
 from ..engines.base import Engine
-from ..errors import CagError
+from ..errors import CagError, ModelChangedError
 from ..kb import knowledge
 from ..registry import key as stored_key
-from ..registry import owner_of
+from ..registry import model_label, owner_of
 from .config import ServerConfig
 from .errors import ApiError, not_found
-from .models import Models
+from .models import Entry, Models, ModelUnavailable
 
 log = logging.getLogger("cag.server")
 DOCS_DIR = "docs"
@@ -37,31 +36,13 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,45}$")
 _DOC = re.compile(r"[^A-Za-z0-9._ -]")
 
 
-@dataclass
-class Entry:
-    kb: api.KnowledgeBase
-    stamp: tuple[int, int]  # (cache file mtime_ns, events generation) when loaded: a rebuild, invalidation or
-    # delete by the CLI or another replica changes it
-
-    @property
-    def content_hash(self) -> str:
-        return self.kb.manifest.get("knowledge", {}).get("sha256", "") + self.kb.manifest.get("created", "")
-
-
 class Registry:
     def __init__(self, config: ServerConfig, lm: Engine | None = None):
         self.config = config
         self._lock = threading.Lock()
         self._folder_locks: dict[str, threading.Lock] = {}
-        self._loaded: dict[str, Entry] = {}
         budget = config.model_bytes if config.model_bytes is not None else settings.current().model_bytes
-        self.models = Models(config, budget, lm, on_drop=self._unload)
-
-    def _unload(self, engine: Engine) -> None:
-        """An engine left the model cache: forget the knowledge bases loaded on it (answers running on them
-        keep what they hold until they end)."""
-        for folder in [f for f, e in self._loaded.items() if e.kb.lm is engine]:
-            self._loaded.pop(folder, None)
+        self.models = Models(config, budget, lm)  # models and loaded knowledge bases, under the budget
 
     def _folder_lock(self, folder: str) -> threading.Lock:
         with self._lock:
@@ -96,26 +77,37 @@ class Registry:
         return rows
 
     # -- loading -----------------------------------------------------------------------------------
-    def get(self, tenant: str, name: str) -> Entry:
-        """The loaded KB; loaded on first use and reloaded when its cache file was rebuilt meanwhile."""
+    def lease(self, tenant: str, name: str) -> Entry:
+        """The loaded KB, held for an answer until `release`: loaded on first use (room made for it under
+        the memory budget) and reloaded when its cache file was rebuilt meanwhile."""
         folder = self.folder_for(tenant, name)
-        stamp = _stamp(folder)
-        entry = self._loaded.get(folder)
-        if entry is not None and entry.stamp == stamp:
+        entry = self.models.lease(folder, _stamp(folder))
+        if entry is not None:
             return entry
-        with self._folder_lock(folder):
-            entry = self._loaded.get(folder)
-            if entry is None or entry.stamp != _stamp(folder):
-                record = _record(folder)
-                if record is None:
-                    raise not_found(name)
-                lm = self.models.for_kb(name, record.meta)
-                entry = Entry(api.load(folder, lm=lm, log=log.info), _stamp(folder))
-                self._loaded[folder] = entry
-            return entry
+        record = _record(folder)
+        if record is None:
+            raise not_found(name)
+        meta = record.meta
+        try:
+            return self.models.load(folder, lambda: _stamp(folder), meta.get("model"), api.engine_options(meta),
+                                    tokens=lambda lm: _prefix_tokens(folder, meta, lm),
+                                    open_kb=lambda lm: api.load(folder, lm=lm, log=log.info))
+        except (ModelUnavailable, ModelChangedError) as err:  # a file gone, or another model in its place
+            model = model_label(meta.get("model") or engines.DEFAULT_MODEL)
+            raise ApiError(503, f"knowledge base {name!r} is answered by the model {model}, which cannot be loaded "
+                                f"on this server: {err}", "server_error", "model_unavailable") from None
+
+    def release(self, entry: Entry) -> None:
+        self.models.release(entry)
+
+    def get(self, tenant: str, name: str) -> Entry:
+        """The loaded KB, for what it says about itself (no answer runs on it: it is not held)."""
+        entry = self.lease(tenant, name)
+        self.release(entry)
+        return entry
 
     def peek(self, folder: str) -> Entry | None:
-        return self._loaded.get(folder)
+        return self.models.peek(folder)
 
     # -- management (server-created KBs only) ------------------------------------------------------
     def create(self, tenant: str, name: str, docs: list[tuple[str, bytes | BinaryIO]]) -> Entry:
@@ -175,7 +167,7 @@ class Registry:
                 raise ApiError(503, f"knowledge base {name!r} was not deleted: the shared cache store is unreachable "
                                     "and a delete must reach every replica; nothing changed, try again shortly",
                                "server_error", "store_unavailable") from None
-            self._loaded.pop(folder, None)
+            self.models.forget(folder)
         return folder
 
     def _owned(self, tenant: str, name: str) -> str:
@@ -186,12 +178,21 @@ class Registry:
         return folder
 
     def _build(self, tenant: str, folder: str, target: Path) -> Entry:
+        """Build on the server's own model, with room made for it and the new prefix (not held afterwards)."""
+        def build(lm: Engine):
+            try:
+                return api.build([target / DOCS_DIR], name=folder, lm=lm, log=log.info, owner=tenant)
+            except CagError as err:
+                raise ApiError(400, str(err), code="build_failed") from None
+
+        model, options = self.models.default_model()
         try:
-            kb = api.build([target / DOCS_DIR], name=folder, lm=self.models.default(), log=log.info, owner=tenant)
-        except CagError as err:
-            raise ApiError(400, str(err), code="build_failed") from None
-        entry = Entry(kb, _stamp(folder))
-        self._loaded[folder] = entry
+            entry = self.models.load(folder, lambda: _stamp(folder), model, options, reuse=False,
+                                     tokens=lambda lm: lm.context_window, open_kb=build)
+        except ModelUnavailable as err:
+            raise ApiError(503, f"the server's model {model_label(model or engines.DEFAULT_MODEL)} cannot be loaded: "
+                                f"{err}", "server_error", "model_unavailable") from None
+        self.release(entry)
         return entry
 
 
@@ -201,6 +202,18 @@ def _record(folder: str):
         return api.record(folder)
     except CagError:
         return None
+
+
+def _prefix_tokens(folder: str, meta: dict, lm: Engine) -> int:
+    """About how many positions the prefix of `folder` holds, before loading it: its cache file's manifest
+    (each shard's, for a sharded one), else the model's whole window."""
+    tokens = 0
+    for part in meta.get("shards") or [folder]:
+        try:
+            tokens += int(kvfile.read_manifest(paths.kb_dir(part) / api.CACHE_FILE)["tokens"])
+        except (CagError, OSError, KeyError, TypeError, ValueError):
+            tokens += lm.context_window
+    return tokens
 
 
 def _stamp(folder: str) -> tuple[int, int]:

@@ -51,6 +51,7 @@ class LlamaEngine(Engine):
         self.codec = LlamaCodec(model)
         self.stop_ids = sorted(self.codec.stop_ids)
         self.runtime = lib.build_id()
+        self._context_nbytes = 0  # what one of this engine's contexts holds, once one was made (all are alike)
 
     # -- identity ------------------------------------------------------------------------------------------
     def identity(self) -> dict:
@@ -68,10 +69,16 @@ class LlamaEngine(Engine):
     def nbytes(self) -> int:
         return self.lm.nbytes
 
+    def prefix_nbytes(self, tokens: int) -> int:
+        """Every prefix has a context of the whole window, whatever its length."""
+        return self._context_nbytes or self.lm.kv_bytes(self.context_window + 1, self.kv_type)
+
     # -- the prefix ----------------------------------------------------------------------------------------
     def _context(self) -> lib.Context:
         # one cell more than the window: the padding token of a step never takes an answer's room
-        return lib.Context(self.lm, self.context_window + 1, self.threads, self.kv_type, SEQUENCES, PREFILL_BATCH)
+        ctx = lib.Context(self.lm, self.context_window + 1, self.threads, self.kv_type, SEQUENCES, PREFILL_BATCH)
+        self._context_nbytes = ctx.nbytes
+        return ctx
 
     def prefill(self, ids: Sequence[int], ends: Sequence[int], base: "LlamaPrefix | None" = None, keep: int = 0,
                 progress: Progress | None = None, kv_quant: str | None = None) -> "LlamaPrefix":
@@ -136,7 +143,11 @@ class LlamaPrefix(Prefix):
     def __init__(self, engine: LlamaEngine, ctx: lib.Context, length: int, state: bytes | None = None):
         self.engine, self.ctx, self.length = engine, ctx, length
         self._state = state
-        self.decoder = LlamaDecoder(self)
+        self.decoder = LlamaDecoder(ctx, length, engine.kv_type)
+
+    @property
+    def nbytes(self) -> int:
+        return self.ctx.nbytes if self.ctx.ptr else 0
 
     def state_bytes(self) -> bytes:
         """llama.cpp's state of the prefix's sequence (what a cache file holds), read once."""
@@ -147,13 +158,7 @@ class LlamaPrefix(Prefix):
 
     def release(self) -> None:
         with self.decoder.lock:
-            self.ctx.close()
-
-    def __del__(self):  # a prefix dropped without release() (a knowledge base replaced in memory)
-        try:
-            self.ctx.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
+            self.ctx.close()  # (a prefix dropped without release() is closed when its context is collected)
 
 
 class _Row:
@@ -162,12 +167,13 @@ class _Row:
 
 
 class LlamaDecoder(Decoder):
-    """Rows (sequences 2..) on one prefix. Thread-safe: inline answers on several threads and a scheduler
-    thread may share it; each call holds the context for its duration."""
+    """Rows (sequences 2..) on one prefix of `length` positions, sequence 0 of `ctx`. Thread-safe: inline
+    answers on several threads and a scheduler thread may share it; each call holds the context for its
+    duration. It holds the context, not the prefix: no reference cycle, so a prefix nobody holds is freed at once."""
 
-    def __init__(self, prefix: LlamaPrefix):
-        self.prefix = prefix
-        shortcuts = prefix.engine.kv_type in lib.SHORTCUT_KV  # llama.cpp's company-dependent attention paths
+    def __init__(self, ctx: lib.Context, length: int, kv_type: str):
+        self.ctx, self.length = ctx, length
+        shortcuts = kv_type in lib.SHORTCUT_KV  # llama.cpp's company-dependent attention paths
         self.pad, self.piece = shortcuts, QUESTION_PIECE if shortcuts else PREFILL_BATCH
         self.lock = threading.RLock()
         self.room = threading.Condition(self.lock)
@@ -175,10 +181,6 @@ class LlamaDecoder(Decoder):
         self.active = 0  # rows running
         self.finished: list[int] = []  # sequences of ended rows, whose cells go back when no row runs
         self.reserved = 0  # cells promised to running rows and held by ended ones
-
-    @property
-    def ctx(self) -> lib.Context:
-        return self.prefix.ctx
 
     def admits(self, job: Job) -> bool:
         with self.lock:
@@ -191,7 +193,7 @@ class LlamaDecoder(Decoder):
 
     def _capacity(self) -> int:
         """Cells for answers beside the prefix: all but one, kept for the padding token."""
-        return self.ctx.cells - self.prefix.length - 1
+        return self.ctx.cells - self.length - 1
 
     def _room_left(self) -> int:
         return self._capacity() - self.reserved
@@ -199,8 +201,8 @@ class LlamaDecoder(Decoder):
     def start(self, job: Job) -> int | None:
         if not job.new_ids:
             raise ValueError("an answer needs at least one new token to compute the next-token logits")
-        if not 0 <= job.reuse <= self.prefix.length:
-            raise ValueError(f"reuse {job.reuse} is outside the prefix of {self.prefix.length} positions")
+        if not 0 <= job.reuse <= self.length:
+            raise ValueError(f"reuse {job.reuse} is outside the prefix of {self.length} positions")
         need = self._need(job)
         if need > self._capacity():
             raise ContextLengthError(job.reuse, len(job.new_ids), job.max_new_tokens, self.ctx.cells)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import re
 import threading
 from pathlib import Path
 
@@ -47,9 +48,16 @@ def api():
         return _STATE["api"]
 
 
+_HEARD: list[str] | None = None  # llama.cpp's log lines while a context is made (Context._made), else None
+_MAKING = threading.Lock()  # one context made at a time: the lines heard are that context's
+_BUFFER = re.compile(r"buffer size =\s*([0-9.]+) MiB")
+
+
 @ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
 def _QUIET(level, text, data):  # noqa: N802 - llama.cpp's log callback: cag reports errors itself
-    return None
+    heard = _HEARD
+    if heard is not None and text:
+        heard.append(text.decode("utf-8", "replace"))
 
 
 def version() -> str:
@@ -95,6 +103,9 @@ class Model:
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
         self.n_ctx_train = L.llama_model_n_ctx_train(self.ptr)
         self.nbytes = int(L.llama_model_size(self.ptr))
+        self.contexts = 0  # contexts alive on the model: it is freed after the last of them
+        self.closing = False
+        self._lock = threading.Lock()
 
     def meta(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(1 << 16)
@@ -140,10 +151,37 @@ class Model:
             n = L.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
         return buf.raw[:n]
 
+    def kv_bytes(self, cells: int, kv_type: str) -> int:
+        """Bytes of keys and values for `cells` cells of every layer, from the file's attention shape."""
+        L = api()
+        arch = self.meta("general.architecture") or ""
+        heads = max(1, int(L.llama_model_n_head(self.ptr)))
+        kv_heads = int(L.llama_model_n_head_kv(self.ptr))
+        key = int(self.meta(f"{arch}.attention.key_length") or int(L.llama_model_n_embd(self.ptr)) // heads)
+        value = int(self.meta(f"{arch}.attention.value_length") or key)
+        per = {"f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}[kv_type]
+        return int(cells * int(L.llama_model_n_layer(self.ptr)) * kv_heads * (key + value) * per)
+
     def close(self) -> None:
-        if self.ptr:
-            api().llama_model_free(self.ptr)
-            self.ptr = None
+        """Free the model, or, while contexts made on it are alive, once the last of them is closed."""
+        with self._lock:
+            self.closing = True
+            if self.ptr and not self.contexts:
+                api().llama_model_free(self.ptr)
+                self.ptr = None
+
+    def adopt(self, delta: int) -> None:
+        """A context was made on the model (+1) or closed (-1)."""
+        with self._lock:
+            self.contexts += delta
+        if self.closing and not self.contexts:
+            self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
 
 
 ATTR_CONTROL, ATTR_USER_DEFINED = 1 << 3, 1 << 4  # llama_token_attr bits
@@ -167,14 +205,34 @@ class Context:
         params.type_k = params.type_v = types[kv_type]
         params.no_perf = True
         self.model = model
-        self.ptr = L.llama_init_from_model(model.ptr, params)
+        self.ptr, self.nbytes = self._made(params)
         if not self.ptr:
             raise ModelError(f"llama.cpp could not make a context of {cells} cells for this model (out of memory?)")
+        model.adopt(+1)
         self.mem = L.llama_get_memory(self.ptr)
         self.cells = int(L.llama_n_ctx(self.ptr))
+        if not self.nbytes:  # no buffer sizes heard (another llama.cpp's log lines): at least the KV cells
+            self.nbytes = model.kv_bytes(self.cells, kv_type)
+
+    def _made(self, params) -> tuple[object, int]:
+        """The new context and the bytes of the buffers llama.cpp allocated for it (KV cells, outputs, compute
+        graph), as its log reports them while making it: what a loaded knowledge base holds beyond the model."""
+        global _HEARD
+        with _MAKING:
+            _HEARD = heard = []
+            try:
+                ptr = api().llama_init_from_model(self.model.ptr, params)
+            finally:
+                _HEARD = None
+        return ptr, int(sum(float(m[1]) for line in heard if (m := _BUFFER.search(line))) * (1 << 20))
+
+    def _live(self) -> None:
+        if not self.ptr:
+            raise ModelError("this knowledge base's llama.cpp context was closed (it was unloaded); ask again")
 
     def decode(self, tokens: list[int], positions: list[int], seqs: list[int], outputs: list[bool]) -> np.ndarray:
         """Run the tokens (each at its position in its sequence); logits [outputs, vocab] of those flagged."""
+        self._live()
         L = api()
         n = len(tokens)
         b = L.llama_batch_init(n, 0, 1)
@@ -197,15 +255,19 @@ class Context:
 
     def copy(self, src: int, dst: int, end: int) -> None:
         """Sequence `dst` also holds positions [0, end) of `src` (the same cells: nothing is copied)."""
+        self._live()
         api().llama_memory_seq_cp(self.mem, src, dst, 0, end)
 
     def remove(self, seq: int, start: int = -1, end: int = -1) -> None:
-        api().llama_memory_seq_rm(self.mem, seq, start, end)
+        if self.ptr:  # a closed context holds no cells
+            api().llama_memory_seq_rm(self.mem, seq, start, end)
 
     def last_position(self, seq: int) -> int:
+        self._live()
         return int(api().llama_memory_seq_pos_max(self.mem, seq))
 
     def state(self, seq: int) -> bytes:
+        self._live()
         L = api()
         size = L.llama_state_seq_get_size(self.ptr, seq)
         buf = (ctypes.c_ubyte * size)()
@@ -215,6 +277,7 @@ class Context:
         return bytes(buf)
 
     def set_state(self, data: bytes | memoryview, seq: int) -> bool:
+        self._live()
         L = api()
         buf = (ctypes.c_ubyte * len(data)).from_buffer_copy(data)
         return L.llama_state_seq_set_data(self.ptr, buf, len(data), seq) == len(data)
@@ -223,3 +286,10 @@ class Context:
         if self.ptr:
             api().llama_free(self.ptr)
             self.ptr = None
+            self.model.adopt(-1)
+
+    def __del__(self):  # a context nobody holds any more (a knowledge base let go without release())
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass

@@ -94,11 +94,19 @@ class TorchEngine(Engine):
         self._check(payload, len(ids), manifest.get("kv_quant") is not None)
         return Workspace(payload.layers)
 
+    def prefix_nbytes(self, tokens: int) -> int:
+        layers, kv_heads, head_dim = self._kv_shape()
+        return 2 * layers * kv_heads * head_dim * tokens * self._dtype.itemsize
+
+    def _kv_shape(self) -> tuple[int, int, int]:
+        """(layers, KV heads, head size) of the model's attention: the shape of a prefix's keys and values."""
+        cfg = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        return cfg.num_hidden_layers, kv_heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
     def _check(self, payload: Payload, tokens: int, quantized: bool) -> None:
         """A cache's tensors must be this model's: layer count, KV heads, head size, dtype, and finite."""
-        cfg = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
-        layers, kv_heads = cfg.num_hidden_layers, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        layers, kv_heads, head_dim = self._kv_shape()
         if payload.state is not None or len(payload.layers) != layers:
             raise CacheFileError(f"the cache holds {len(payload.layers)} layers of keys/values, but the model has "
                                  f"{layers}; it was made for another model: rebuild it")

@@ -69,6 +69,10 @@ class Workspace(Prefix):
     def prefix(self) -> KV:
         return self.layers
 
+    @property
+    def nbytes(self) -> int:
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.layers)
+
     def release(self) -> None:
         """Nothing to do: the tensors are Python-managed memory."""
 
