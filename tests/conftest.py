@@ -115,6 +115,40 @@ def sharp_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def endless_model_dir(tmp_path_factory) -> Path:
+    """The tiny model rewired so that its answers never end early: whatever the prompt, every greedy token is
+    one of the vocabulary's two longest words (never an end-of-turn token), so each answer runs to
+    max_new_tokens and its text is at least ENDLESS_MIN_BYTES bytes per token.
+
+    How: the final norm keeps one hidden unit (weight e_0), and an untied output head scores the first word
+    +h_0 and the second -h_0, every other token 0; so one of the two words always wins (h_0 is a float that
+    is never exactly 0). For tests that must interrupt an answer while it is provably still being written.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    plain = make_tiny_model(tmp_path_factory.mktemp("tiny-for-endless"))
+    tokenizer = AutoTokenizer.from_pretrained(plain)
+    words = sorted((len(tokenizer.decode([i]).encode()), i) for t, i in tokenizer.get_vocab().items()
+                   if not t.startswith("<|"))[-2:]
+    assert min(n for n, _ in words) >= ENDLESS_MIN_BYTES, words
+    model = AutoModelForCausalLM.from_pretrained(plain)
+    with torch.no_grad():
+        model.config.tie_word_embeddings = False
+        head = torch.zeros_like(model.lm_head.weight)
+        head[words[0][1], 0], head[words[1][1], 0] = 1.0, -1.0
+        model.lm_head.weight = torch.nn.Parameter(head)
+        model.model.norm.weight.zero_()
+        model.model.norm.weight[0] = 1.0
+    folder = tmp_path_factory.mktemp("tiny-endless")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+ENDLESS_MIN_BYTES = 10  # the endless model's shortest word, in UTF-8 bytes (" Brackwater": 11)
+
+
+@pytest.fixture(scope="session")
 def sharp_lm(sharp_model_dir):
     from cag.engines.torch import models
 

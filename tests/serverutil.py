@@ -29,7 +29,7 @@ def serving(app):
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.time() + 20
+    deadline = time.time() + 60
     while not server.started:
         if time.time() > deadline or not thread.is_alive():
             raise RuntimeError("uvicorn did not start")
@@ -39,6 +39,50 @@ def serving(app):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def visible_pieces(kb, question: str, tokens: int) -> int:
+    """How many pieces of visible (not blank) text kb.ask streams for `question` within `tokens` tokens: the
+    pieces a streaming client gets as content chunks."""
+    pieces: list[str] = []
+    kb.ask(question, max_new_tokens=tokens, on_text=pieces.append)
+    return sum(bool(p.strip()) for p in pieces)
+
+
+def hold_until_the_client_leaves(monkeypatch, max_tokens: int, after: int, seconds: float = 120) -> dict:
+    """Answers asked with `max_tokens` pause in the decoder once they have `after` tokens, and go on only
+    when their client has gone (the server set the request's cancel event): such an answer is provably still
+    being generated when its client leaves, however fast or slow the machine. One such request at a time.
+
+    While one is paused nothing is sent, so the server must notice the client leaving from the connection
+    itself (uvicorn reports http.disconnect: ASGI spec 2.3). Returns what happened, for the test to check:
+    "rows" (rows in each decoding step), "produced" (the most tokens a held answer reached), "held" (steps
+    that waited) and "late" (holds that ran out of `seconds` without the client leaving).
+    """
+    from cag.engines.torch import batch
+    from cag.server.chat import ChatService
+
+    seen = {"cancels": [], "rows": [], "produced": 0, "held": 0, "late": 0}
+    answer, step = ChatService.answer, batch.Decoder.step
+
+    def answering(self, plan, on_text=None, cancel=None):
+        if plan.max_tokens == max_tokens and cancel is not None:
+            seen["cancels"].append(cancel)
+        return answer(self, plan, on_text, cancel)
+
+    def stepping(self, jobs):
+        held = [j for j in jobs if j.max_new_tokens == max_tokens]
+        if any(j.produced >= after for j in held) and not seen["cancels"][-1].is_set():
+            seen["held"] += 1
+            seen["late"] += not seen["cancels"][-1].wait(seconds)
+        seen["rows"].append(len(jobs))
+        tokens = step(self, jobs)
+        seen["produced"] = max([seen["produced"]] + [j.produced for j in held])
+        return tokens
+
+    monkeypatch.setattr(ChatService, "answer", answering)
+    monkeypatch.setattr(batch.Decoder, "step", stepping)
+    return seen
 
 
 def write_docs(folder: Path, docs: dict[str, str] = LANTERN_DOCS) -> Path:

@@ -61,7 +61,8 @@ class RedisServer:
                                       "--appendonly", "no", "--dir", str(self.folder)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis(port=self.port)
-        for _ in range(100):
+        deadline = time.monotonic() + 60  # milliseconds when idle; a busy machine may take seconds
+        while time.monotonic() < deadline and self.proc.poll() is None:
             try:
                 client.ping()
                 return

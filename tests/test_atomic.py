@@ -11,16 +11,19 @@ from cag.cache import atomic
 
 def test_temp_file_of_a_killed_writer_is_removed_by_the_next_write(tmp_path):
     target = tmp_path / "cache.safetensors"
-    # a real writer process, killed with SIGKILL in the middle of writing
-    code = ("import sys, time; from cag.cache import atomic\n"
+    # a real writer process, killed with SIGKILL in the middle of writing (it waits there, on its stdin, for
+    # as long as the test takes: it cannot finish the write first)
+    code = ("import sys; from cag.cache import atomic\n"
             "with atomic.replacing(sys.argv[1]) as tmp:\n"
-            "    tmp.write_bytes(b'x' * 1_000_000); print('writing', flush=True); time.sleep(60)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(target)], stdout=subprocess.PIPE, text=True)
+            "    tmp.write_bytes(b'x' * 1_000_000); print('writing', flush=True); sys.stdin.read()\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(target)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
     assert proc.stdout.readline().strip() == "writing"
     leftovers = list(tmp_path.glob(".cache.safetensors.*.tmp"))
     assert len(leftovers) == 1 and leftovers[0].stat().st_size == 1_000_000
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    proc.stdin.close()
     assert leftovers[0].exists()  # what kill -9 leaves behind
     atomic.write_text(target, "new")
     assert target.read_text() == "new" and not list(tmp_path.glob("*.tmp"))

@@ -185,6 +185,33 @@ def _batched(sched: Scheduler, q, reuse: int, n: int, sampling: Sampling = Sampl
     return sched.answer(Job(list(q), reuse, n, sampling), Batching(**batching))
 
 
+WINDOW_S = 120.0  # a batch window no test waits out: max_batch arrivals end it (bounds a hang if they never come)
+
+
+def _until(check, seconds: float, what: str) -> None:
+    """Wait for `check()` (state another thread changes), failing after `seconds` with `what`."""
+    pause = threading.Event()
+    for _ in range(int(seconds / 0.01)):
+        if check():
+            return
+        pause.wait(0.01)
+    assert check(), f"not within {seconds} s: {what}"
+
+
+def _first_waits_for_the_rest(sched: Scheduler, answers: int) -> None:
+    """The first answer's question prefill waits until the other answers are queued, so the first step runs
+    max_batch rows however the threads that ask are scheduled (later rows join as rows end)."""
+    real_start, first = sched.decoder.start, []
+
+    def start(job):
+        if not first:
+            first.append(job)
+            _until(lambda: len(sched._waiting) == answers - 1, 60, f"all {answers} answers reached the scheduler")
+        return real_start(job)
+
+    sched.decoder.start = start
+
+
 def test_scheduler_decodes_concurrent_answers_together_each_as_alone(sharp_lm):
     prefix, ws = _kb(sharp_lm, seed=8)
     sched = Scheduler(eu.decoder(sharp_lm, ws))
@@ -194,6 +221,7 @@ def test_scheduler_decodes_concurrent_answers_together_each_as_alone(sharp_lm):
              Sampling(temperature=0.9, seed=i) if i % 3 == 0 else Sampling()) for i in range(9)]
     got: dict[int, list[int]] = {}
     start = threading.Barrier(len(jobs))
+    _first_waits_for_the_rest(sched, len(jobs))
 
     def ask(i: int) -> None:
         q, n, sampling = jobs[i]
@@ -213,26 +241,29 @@ def test_scheduler_decodes_concurrent_answers_together_each_as_alone(sharp_lm):
     assert len({tuple(a) for a in got.values()}) > 5
 
 
-@pytest.mark.parametrize("window_ms", [0, 3000])
-def test_a_batch_window_lets_answers_arriving_close_together_start_together(sharp_lm, window_ms):
+@pytest.mark.parametrize("window_s", [0, WINDOW_S])
+def test_a_batch_window_lets_answers_arriving_close_together_start_together(sharp_lm, window_s):
     prefix, ws = _kb(sharp_lm, seed=12)
     sched = Scheduler(eu.decoder(sharp_lm, ws))
     n = 16
-    got: dict[int, list[int]] = {}
 
-    def ask(i: int) -> None:
-        got[i] = list(_batched(sched, [5 + i, 6], len(prefix), n, max_batch=2, window_s=window_ms / 1000))
+    def answer(i: int):
+        return _batched(sched, [5 + i, 6], len(prefix), n, max_batch=2, window_s=window_s)
 
-    first = threading.Thread(target=ask, args=(0,))
-    first.start()
-    threading.Event().wait(0.3)  # the second answer comes 0.3 s later
-    second = threading.Thread(target=ask, args=(1,))
-    second.start()
-    first.join(120)
-    second.join(120)
-    if window_ms:  # the first waited for the second (max_batch reached ends the wait), so every step ran both
-        assert (sched.steps, sched.rows_stepped) == (n - 1, 2 * (n - 1))
-    else:  # no wait: the first starts at once (the tiny model ends it long before the second arrives)
+    if window_s:  # the first waits for company: the second comes once the first is queued, and joins it
+        got: dict[int, list[int]] = {}
+        first = threading.Thread(target=lambda: got.__setitem__(0, list(answer(0))))
+        first.start()
+        _until(lambda: sched._thread is not None, 60, "the first answer reached the scheduler")
+        got[1] = list(answer(1))
+        first.join(120)
+        assert (sched.steps, sched.rows_stepped) == (n - 1, 2 * (n - 1))  # every step ran both
+        got = [got[0], got[1]]
+    else:  # no wait: the first starts at once; the second comes once the first has run a step alone
+        one, two = answer(0), answer(1)
+        head = [next(one), next(one)]  # its first token (question prefill), then one decoding step
+        second = [next(two)]  # joins the running batch, if the first is not over yet
+        got = [head + list(one), second + list(two)]
         assert sched.steps > n - 1 and sched.rows_stepped == 2 * (n - 1)
     for i in (0, 1):
         assert got[i] == list(eu.generate(sharp_lm, [5 + i, 6], ws, reuse=len(prefix), max_new_tokens=n))
@@ -241,16 +272,27 @@ def test_a_batch_window_lets_answers_arriving_close_together_start_together(shar
 def test_an_answer_abandoned_mid_run_leaves_the_batch_and_frees_its_buffer(sharp_lm):
     prefix, ws = _kb(sharp_lm, seed=10)
     sched = Scheduler(eu.decoder(sharp_lm, ws))
+    # The tiny model would finish the 200 tokens long before the test abandons them; so while it is alone in
+    # the batch, the long answer waits for company or for its consumer to go: it is provably still running
+    # when abandoned, however fast the machine.
+    closed, step, long = threading.Event(), sched.decoder.step, []
+
+    def paced(jobs):
+        if [j.max_new_tokens for j in jobs] == [200] and jobs[0].produced >= 3:  # past the 3 tokens read first
+            long[:] = jobs
+            _until(lambda: closed.is_set() or sched._waiting, 60, "company or the consumer leaving")
+        return step(jobs)
+
+    sched.decoder.step = paced
     stream = _batched(sched, [5, 6, 7], len(prefix), 200)
     first = [next(stream) for _ in range(3)]
     other = list(_batched(sched, [8, 9], len(prefix), 6))
     stream.close()  # the consumer goes away: the row leaves at the scheduler's next step
+    closed.set()
     again = list(_batched(sched, [8, 9], len(prefix), 6))
+    assert long and long[0].produced < 200  # it was abandoned mid-run, not after it ended
     assert first == list(eu.generate(sharp_lm, [5, 6, 7], ws, reuse=len(prefix), max_new_tokens=3))
     assert other == again
-    deadline = threading.Event()
-    for _ in range(100):
-        if len(ws._free) == 2:
-            break
-        deadline.wait(0.05)
-    assert len(ws._free) == 2  # both buffers back in the pool, none held by the abandoned answer
+    # both buffers back in the pool, none held by the abandoned answer (the scheduler gives the last one back
+    # just after its consumer got the end: wait for it)
+    _until(lambda: len(ws._free) == 2, 60, "both row buffers back in the pool")

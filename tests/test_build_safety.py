@@ -230,7 +230,11 @@ DRIVER = textwrap.dedent(r'''
     first = run(False)  # the first version, complete: how long a build and its save take here
     assert first["status"] == 0 and first["save"], first
     print(json.dumps({"calibration": first}), flush=True)
-    for i in range(attempts):
+    # At least `attempts`; more (up to four times as many) while fewer than a third of the kills hit a save or
+    # one version never answered: the kill moments are random and the machine's speed varies, so the test
+    # keeps going until it has tested what it means to, rather than passing or failing on a thin sample.
+    hits, kinds, i = 0, set(), 0
+    while i < attempts or (i < 4 * attempts and (hits < attempts // 3 or len(kinds) < 2)):
         int8 = i % 2 == 0  # every attempt changes the KV storage type: a mix of versions cannot load
         if i % 4 == 3:
             row = run(int8, rng.uniform(0, first["took"]), after_change=False)
@@ -238,6 +242,9 @@ DRIVER = textwrap.dedent(r'''
             row = run(int8, rng.uniform(0, 1.3 * first["save"]))
         row.update(attempt=i, int8=int8, check=check())
         print(json.dumps(row), flush=True)
+        hits += bool(row["killed"] and row["during_save"])
+        kinds |= {row["check"]["kv"]} if isinstance(row["check"], dict) and row["check"].get("ok") else set()
+        i += 1
 ''')
 
 
@@ -253,11 +260,11 @@ def test_builds_killed_at_random_moments_leave_a_knowledge_base_that_answers(tmp
     env.pop("CAG_SIGNING_KEY", None)
     attempts = 24
     proc = subprocess.run([sys.executable, str(driver), str(docs), str(tiny_model_dir), str(home / "kbs" / "kb"),
-                           str(attempts), "7"], capture_output=True, text=True, env=env, timeout=240)
+                           str(attempts), "7"], capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     kills = [r for r in rows if r.get("killed")]
-    assert len(rows) == attempts + 1
+    assert attempts + 1 <= len(rows) <= 4 * attempts + 1
     assert len([r for r in kills if r["during_save"]]) >= attempts // 3, rows  # the kills did hit the saves
     broken = [r for r in rows[1:] if not (isinstance(r["check"], dict) and r["check"].get("ok"))]
     assert not broken, "\n".join(json.dumps(r) for r in broken)

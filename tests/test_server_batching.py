@@ -16,7 +16,7 @@ import cag
 from cag.kb.prompt import Turn
 from cag.sampling import Sampling
 from cag.server import ServerConfig, create_app
-from serverutil import chat_answer, serving, write_docs
+from serverutil import chat_answer, hold_until_the_client_leaves, serving, visible_pieces, write_docs
 
 QUESTIONS = ["Who founded the company?", "How much is the Heron?", "What colour is it?", "When was it founded?",
              "Where are the lanterns made?", "Is there a warranty?", "How do I return a lantern?",
@@ -52,7 +52,7 @@ def _metric(url: str, name: str, labels: str) -> float:
     return float(found.group(1)) if found else 0.0
 
 
-def test_sixteen_concurrent_clients_each_get_their_one_at_a_time_answer(kb, sharp_lm):
+def test_sixteen_concurrent_clients_each_get_their_one_at_a_time_answer(kb, sharp_lm, monkeypatch):
     history = [Turn("Who founded the company?", "Odalys Renn founded it.")]
     jobs = []
     for i in range(16):
@@ -78,8 +78,15 @@ def test_sixteen_concurrent_clients_each_get_their_one_at_a_time_answer(kb, shar
     jobs[15] = {"q": long, "max": 300, "stream": True, "history": [], "cancel_after": 3,
                 "messages": [{"role": "user", "content": long}]}
     assert len({want[i].answer for i in range(15)}) > 5  # different answers: equality means something
+    # The cancelled answer pauses at its 20th token until its client has gone: by then the client has its 3
+    # chunks (4 visible pieces come in 20 tokens), and more text is still to come (the answer's next piece
+    # raises the cancel), so it is cancelled mid-answer however fast or slow the machine.
+    before, whole = visible_pieces(kb, long, 20), visible_pieces(kb, long, 300)
+    assert before >= 4 and whole >= before + 2, (before, whole)
+    seen = hold_until_the_client_leaves(monkeypatch, max_tokens=300, after=20)
 
-    app = create_app(ServerConfig(response_cache=False, max_batch=16), sharp_lm)
+    # the window: the batch starts once all 16 have arrived (they come together, released by a barrier)
+    app = create_app(ServerConfig(response_cache=False, max_batch=16, batch_window_ms=10_000), sharp_lm)
     with serving(app) as url:
         results: dict = {}
         start = threading.Barrier(len(jobs))
@@ -98,9 +105,12 @@ def test_sixteen_concurrent_clients_each_get_their_one_at_a_time_answer(kb, shar
         text, finish, tokens = results[i]
         assert (text, finish, tokens) == (want[i].answer, want[i].finish_reason, want[i].new_tokens), (i, jobs[i])
     assert results[15][0] == "cancelled" and results[15][1]
+    assert not seen["late"] and seen["produced"] < 300, seen  # stopped mid-answer (held there if need be)
+    # decoding steps ran many answers at once: all 16 in the first (none ends at its first token)
+    assert seen["rows"][0] == len(jobs), (f"the first step ran {seen['rows'][0]} answers, not all {len(jobs)}: "
+                                          "they did not all reach the server within its 10 s batch window")
     sched = loaded.scheduler()
-    assert sched.rows_stepped > 2 * sched.steps  # decoding steps ran many answers at once
-    deadline = time.time() + 10
+    deadline = time.time() + 60
     while time.time() < deadline and sched.rows:
         time.sleep(0.1)
     assert sched.rows == 0 and not sched._waiting  # every answer left the batch, the cancelled one included

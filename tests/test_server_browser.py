@@ -17,10 +17,9 @@ import httpx
 import pytest
 
 import cag
-from cag.engines.torch import batch
 from cag.server import ServerConfig, create_app, with_flags
 from conftest import SAMPLE_DOCS
-from serverutil import serving, write_docs
+from serverutil import hold_until_the_client_leaves, serving, visible_pieces, write_docs
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -129,10 +128,12 @@ def test_enter_sends_and_the_streamed_answer_renders_through_the_markdown_path(l
 
 
 def test_stop_ends_the_stream_and_the_server_stops_generating(lanterns, sharp_lm, browser, monkeypatch):
-    # The tiny model decodes 800 tokens in well under a second; paced at 10 ms a step, the answer is
-    # still running when the click lands, however fast the machine is.
-    step = batch.Decoder.step
-    monkeypatch.setattr(batch.Decoder, "step", lambda self, jobs: (time.sleep(0.01), step(self, jobs))[1])
+    # The tiny model decodes 800 tokens in well under a second. So the answer pauses at its 20th token
+    # until the page has left (its visible text has begun by then, and more is to come): the answer is
+    # still running when the click lands, however fast or slow the machine is.
+    before, whole = visible_pieces(lanterns, QUESTION, 20), visible_pieces(lanterns, QUESTION, 800)
+    assert before >= 1 and whole >= before + 2, (before, whole)
+    seen = hold_until_the_client_leaves(monkeypatch, max_tokens=800, after=20)
     with serving(create_app(ServerConfig(semantic_threshold=None, response_cache=False), sharp_lm)) as url:
         page = open_page(browser, url)
         page.locator("#settings summary").click()
@@ -157,6 +158,7 @@ def test_stop_ends_the_stream_and_the_server_stops_generating(lanterns, sharp_lm
         assert metric(url, "cag_requests_total", 'status="cancelled"') == 1
         assert metric(url, "cag_requests_total", 'status="200"') == 0
         assert metric(url, "cag_tokens_total", 'kind="generated"') == 0  # no answer was completed
+        assert not seen["late"] and seen["produced"] < 800, seen  # the decoder stopped mid-answer
 
         # and the page is ready again: a new conversation answers in full
         page.locator("#new").click()

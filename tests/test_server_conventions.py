@@ -263,7 +263,7 @@ def _access(caplog) -> list[dict]:
     return [json.loads(r.getMessage()) for r in caplog.records if r.name == "cag.access"]
 
 
-def _logged(caplog, rid: str, seconds: float = 10) -> dict:
+def _logged(caplog, rid: str, seconds: float = 60) -> dict:
     """The access line of request `rid` (written just after the response ends, so wait for it a moment)."""
     deadline = time.time() + seconds
     while time.time() < deadline:
@@ -310,7 +310,7 @@ def test_a_stream_is_logged_when_it_ends(url, caplog, monkeypatch):
     def held(self, question, *, on_text=None, **kwargs):  # the real answer, paused after its first piece
         def first_then_wait(text):
             on_text(text)
-            gate.wait(30)
+            assert gate.wait(300), "the test never let the answer go on"
         return real(self, question, on_text=first_then_wait if on_text else None, **kwargs)
 
     monkeypatch.setattr(KnowledgeBase, "ask", held)
@@ -392,6 +392,18 @@ class Served:
             self.proc.wait(timeout=30)
         return self.out.read_text(), self.err.read_text()
 
+    def logged(self, ids, seconds: float = 60) -> None:
+        """Wait until the access log has a line for each request id in `ids` (a line is written just after its
+        response's last byte, so it may come a moment after the client has the whole response)."""
+        deadline = time.time() + seconds
+        while True:
+            done = [line for line in self.out.read_text().splitlines(keepends=True) if line.endswith("\n")]
+            missing = set(ids) - {json.loads(line)["request_id"] for line in done}
+            if not missing:
+                return
+            assert time.time() < deadline, f"no access line within {seconds} s for {sorted(missing)}"
+            time.sleep(0.05)
+
 
 def test_cag_serve_api_key_env_address_and_access_log(kb, sharp_model_dir, tmp_path, cag_home):
     port, key, question = free_port(), "sk-cag-test-7f3a9", "Who founded Quillfeather, said the marmoset?"
@@ -414,7 +426,7 @@ def test_cag_serve_api_key_env_address_and_access_log(kb, sharp_model_dir, tmp_p
                             json={"model": "lanterns", "max_tokens": 4, "stream": True,
                                   "messages": [{"role": "user", "content": question}]}, timeout=60)
         assert stream.headers["x-request-id"] == "client-chosen-1"
-        time.sleep(0.5)  # the stream's line is written just after its last byte
+        served.logged([rid, "client-chosen-1"])  # the stream's line is written just after its last byte
     finally:
         out, err = served.stop()
     lines = [json.loads(line) for line in out.splitlines()]  # stdout is nothing but JSON lines
@@ -445,7 +457,7 @@ def test_cag_serve_writes_one_access_line_for_text_it_cannot_print(kb, sharp_mod
                     assert r.status_code in ((400, 404) if model == "\ud800" else (status,)), r.text
                     sent[r.headers["x-request-id"]] = model
             sent[http.get("/v1/models/%C3%9Cn%C3%AFcode").headers["x-request-id"]] = "Ünïcode"
-        time.sleep(0.5)  # a line is written just after its response's last byte
+        served.logged(sent)  # a line is written just after its response's last byte
     finally:
         out, err = served.stop()
     lines = [json.loads(line) for line in out.splitlines()]  # stdout is nothing but JSON lines

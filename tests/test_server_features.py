@@ -16,7 +16,7 @@ from cag.kb.prompt import Turn
 from cag.server import ServerConfig, create_app, load_config
 from cag.server.config import ConfigError
 from cag.server.conversations import select
-from serverutil import free_port, serving, write_docs
+from serverutil import free_port, serving, wait_until_serving, write_docs
 
 MAX = 8
 
@@ -182,12 +182,7 @@ def test_cag_serve_command(kb, sharp_model_dir, tmp_path, cag_home):
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        for _ in range(300):
-            try:
-                if httpx.get(url + "/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        wait_until_serving(url, proc)  # loading the model: seconds, more on a busy machine
         assert [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]] == ["lanterns"]
         answer = _chat(url, "Who founded the company?")["choices"][0]["message"]["content"]
         assert answer == kb.ask("Who founded the company?", max_new_tokens=MAX).answer

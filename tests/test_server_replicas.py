@@ -158,8 +158,8 @@ def test_a_delete_reaches_every_replica_and_survives_their_restart(tenant_replic
     assert _create(a.url, "alpha", "notes").status_code == 201
     assert _chat(b.url, "notes", tenant="alpha").status_code == 200  # B now holds a copy of its own
     assert httpx.delete(a.url + "/v1/kbs/notes", headers={"Authorization": "Bearer key-a"}).status_code == 200
-    _until(lambda: not (b.home / "kbs" / "alpha__notes").exists(), 5, "the delete event removes B's copy")
-    _until(lambda: _chat(b.url, "notes", tenant="alpha").status_code == 404, 5, "replica B refuses the deleted KB")
+    _until(lambda: not (b.home / "kbs" / "alpha__notes").exists(), 60, "the delete event removes B's copy")
+    _until(lambda: _chat(b.url, "notes", tenant="alpha").status_code == 404, 60, "replica B refuses the deleted KB")
     assert "notes" not in _models(b.url, "alpha")
     b.restart()
     assert _chat(b.url, "notes", tenant="alpha").status_code == 404 and "notes" not in _models(b.url, "alpha")
@@ -203,17 +203,17 @@ def test_replicas_serve_local_copies_while_redis_is_down_and_recover(tenant_repl
 
     redis_server.start()  # same port, empty
     # what A built while Redis was down is written through once it is back
-    _until(lambda: _chat(b.url, "offline", tenant="alpha").status_code == 200, 30, "B answers the KB A built offline")
+    _until(lambda: _chat(b.url, "offline", tenant="alpha").status_code == 200, 60, "B answers the KB A built offline")
     # events flow again: an invalidation on A makes B rebuild instead of answering from its resident copy
     before = _chat(b.url, "notes", tenant="alpha").json()["cag"]["cache_source"]
     assert before != "built"
     cli = subprocess.run([sys.executable, "-m", "cag", "invalidate", "alpha__notes"], capture_output=True, text=True,
                          env={**os.environ, "CAG_HOME": str(a.home), "CAG_REDIS_URL": redis_server.url}, timeout=120)
     assert cli.returncode == 0, cli.stderr
-    _until(lambda: _chat(b.url, "notes", tenant="alpha").json()["cag"]["cache_source"] == "built", 10,
+    _until(lambda: _chat(b.url, "notes", tenant="alpha").json()["cag"]["cache_source"] == "built", 60,
            "B hears the invalidation after Redis came back")
     assert httpx.delete(a.url + "/v1/kbs/notes", headers={"Authorization": "Bearer key-a"}).status_code == 200
-    _until(lambda: _chat(b.url, "notes", tenant="alpha").status_code == 404, 5, "B refuses the deleted KB")
+    _until(lambda: _chat(b.url, "notes", tenant="alpha").status_code == 404, 60, "B refuses the deleted KB")
 
 
 # -- a shared Redis that holds junk, or lost everything -----------------------------------------------
@@ -248,7 +248,7 @@ def test_a_kb_built_before_redis_lost_everything_reaches_every_replica_again(ten
     assert _create(a.url, "alpha", "notes").status_code == 201  # B never touches it before the restart
     redis_server.stop()  # kill -9 ...
     redis_server.start()  # ... and back without RDB or AOF: empty
-    first = _until(lambda: (r := _chat(b.url, "notes", tenant="alpha")).status_code == 200 and r, 30,
+    first = _until(lambda: (r := _chat(b.url, "notes", tenant="alpha")).status_code == 200 and r, 60,
                    "replica A publishes what it holds once Redis is back, and B answers from it")
     assert first.json()["cag"]["cache_source"] == "redis"  # A's cache, not a rebuild from its record alone
     assert "notes" in _models(b.url, "alpha")

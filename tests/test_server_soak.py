@@ -54,7 +54,7 @@ def test_eight_clients_for_a_minute_no_errors_no_leakage(url, sharp_lm):
     def client(worker: int) -> None:
         with httpx.Client(timeout=120) as http:
             n = 0
-            while time.monotonic() < stop_at:
+            while n < 2 or time.monotonic() < stop_at:  # every client asks twice at least, however slow the machine
                 with lock:
                     if done[0] >= MAX_REQUESTS:
                         return
@@ -88,4 +88,4 @@ def test_eight_clients_for_a_minute_no_errors_no_leakage(url, sharp_lm):
     for t in threads:
         t.join(SOAK_SECONDS + 180)
     assert not failures, failures[:5]
-    assert done[0] >= 16, f"only {done[0]} requests completed"
+    assert done[0] >= 16, f"only {done[0]} requests were made"

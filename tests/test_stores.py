@@ -64,17 +64,26 @@ def test_load_promotes_a_disk_hit_into_memory_and_counts_hits(cag_home, tiny_lm,
     assert row["documents"] == 2 and row["status"] == "cached (not verified)" and row["age_s"] >= 0
 
 
-def test_expired_cache_is_rebuilt_not_served(cag_home, tiny_lm, docs):
+def test_expired_cache_is_rebuilt_not_served(cag_home, tiny_lm, docs, monkeypatch):
+    # the TTL's clock (cag.cache.policies) is the wall clock plus what the test says has passed: an hour's
+    # TTL never runs out while the test works, however slow the machine, and two hours later it has
+    from types import SimpleNamespace
+
+    from cag.cache import policies
+
+    later = {"s": 0.0}
+    monkeypatch.setattr(policies, "time", SimpleNamespace(time=lambda: time.time() + later["s"]))
     store = stores.configure(memory_bytes=1 << 30)
-    cag.build([docs], name="kb", lm=tiny_lm, store=store, ttl_s=0.5)
+    cag.build([docs], name="kb", lm=tiny_lm, store=store, ttl_s=3600)
     assert cag.load("kb", lm=tiny_lm, store=store).cache_source == "disk"
-    time.sleep(0.7)
+    later["s"] = 7200
     logs = []
     again = cag.load("kb", lm=tiny_lm, store=store, log=logs.append)
     assert again.cache_source == "built" and any("expired" in m for m in logs)
+    later["s"] = 0.0  # just after that rebuild
     assert cag.load("kb", lm=tiny_lm, store=store).cache_source == "disk"  # the rebuilt one is fresh
+    later["s"] = 7200
     with pytest.raises(cag.CagError, match="no servable cache"):
-        time.sleep(0.7)
         cag.load("kb", lm=tiny_lm, store=store, rebuild=False)
 
 

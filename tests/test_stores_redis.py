@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -57,6 +58,15 @@ class Probe:
         self.proc.stdin.flush()
         return self._line()
 
+    def generation(self) -> int:
+        """The knowledge base's event generation in the probe (cag.cache.events)."""
+        return self.ask("!generation")["generation"]
+
+    def heard(self, since: int) -> None:
+        """Wait until an event after generation `since` reached the probe's listener (and was acted on)."""
+        now = self.ask(f"!await {since}")["generation"]
+        assert now > since, "no event reached the other process's listener within 60 s"
+
     def close(self) -> None:
         self.proc.stdin.close()
         self.proc.wait(timeout=60)
@@ -103,13 +113,15 @@ def test_events_and_versions_stop_every_process_serving_the_old_cache(tmp_path, 
     assert replica.ask("Who?")["cache_source"] == "redis"
     assert replica.ask("Who?")["forwards"] == 0  # no reload between questions
 
+    seen = replica.generation()
     cag_cli(["invalidate", "kb", "--redis", redis_url], first)
-    time.sleep(0.5)  # pub/sub delivery to the replica's listener thread
+    replica.heard(seen)  # pub/sub delivery to the replica's listener thread
     after = replica.ask("Who?")
     assert after["cache_source"] == "built" and after["forwards"] > 0  # it did not serve the dropped cache
 
+    seen = replica.generation()
     cag_cli(["publish", "kb", "2", "--redis", redis_url], first)
-    time.sleep(0.5)
+    replica.heard(seen)
     bumped = replica.ask("Who?")
     assert bumped["cache_source"] == "built" and bumped["forwards"] > 0  # version None/1 refused, rebuilt as 2
     again = replica.ask("Who?")
@@ -120,21 +132,30 @@ def test_events_and_versions_stop_every_process_serving_the_old_cache(tmp_path, 
 def test_redis_values_are_chunked_written_manifest_last_and_expire(redis_url, tiny_lm):
     ids = list(range(5, 45))
     layers = eu.prefill(tiny_lm, ids)
-    entry = Entry("kb", layers, ids, {"model": {"fingerprint": "m"}}, settings(policy={"ttl_s": 1.5}),
+    # an hour's TTL: every key carries it, and none runs out while the test looks, however slow the machine
+    entry = Entry("kb", layers, ids, {"model": {"fingerprint": "m"}}, settings(policy={"ttl_s": 3600}),
                   [{"name": "a", "text": "t"}])
     store = RedisStore(redis_url, chunk_bytes=4096)
     store.put(entry)
     client = redis_py.Redis.from_url(redis_url)
     head = json.loads(client.get("cag:kb:manifest"))
     assert head["chunks"] == -(-head["bytes"] // 4096) > 1
-    assert all(len(client.get(f"cag:kb:chunk:{head['gen']}:{i}")) <= 4096 for i in range(head["chunks"]))
-    assert 0 < client.pttl("cag:kb:manifest") <= 1500
+    chunks = [f"cag:kb:chunk:{head['gen']}:{i}" for i in range(head["chunks"])]
+    assert all(len(client.get(key)) <= 4096 for key in chunks)
+    assert all(0 < client.pttl(key) <= 3_600_000 for key in ["cag:kb:manifest", *chunks])
     got = store.get("kb", kvfile.Expect(model="m"), "cpu")
     assert got.prefix_ids == ids and all(k.equal(k2) and v.equal(v2) for (k, v), (k2, v2) in zip(layers, got.layers))
     with pytest.raises(CacheMismatchError, match="different model"):
         store.get("kb", kvfile.Expect(model="other"), "cpu")
-    time.sleep(1.7)
-    assert store.get("kb", kvfile.Expect(), "cpu") is None  # expired with its keys
+    # a TTL that runs out: once Redis has let the manifest go, the entry reads as absent, chunks gone too
+    store.put(Entry("brief", layers, ids, {"model": {"fingerprint": "m"}}, settings(policy={"ttl_s": 0.2}),
+                    [{"name": "a", "text": "t"}]))
+    deadline = time.monotonic() + 60
+    while client.exists("cag:brief:manifest"):
+        assert time.monotonic() < deadline, "Redis kept the manifest past its TTL"
+        time.sleep(0.05)
+    assert store.get("brief", kvfile.Expect(), "cpu") is None  # expired with its keys
+    assert client.keys("cag:brief:chunk:*") == []
 
 
 def test_a_reader_never_sees_a_half_written_cache(redis_url, tiny_lm):
@@ -234,21 +255,32 @@ def test_while_redis_is_down_local_tiers_serve_and_it_is_not_asked_again_at_once
 
 def test_the_listener_survives_redis_restarts_and_writes_through_what_waited(tmp_path, redis_server, machine):
     one, two = machine(tmp_path / "one", redis_server.url), machine(tmp_path / "two", redis_server.url)
+    listener, failed = two.tier("redis"), threading.Event()
+    subscribe = listener._subscribe
+
+    def noted():  # the listener's attempts to subscribe again: one that fails shows it noticed the outage
+        try:
+            return subscribe()
+        except Exception:
+            failed.set()
+            raise
+
+    listener._subscribe = noted
     two.listen()
     one.put(tiny_entry("kb", 4))
     two.get("kb", kvfile.Expect(), "cpu")
     redis_server.stop()
     two.put(tiny_entry("offline", 4, owner="beta"))  # Redis is down: only on two's disk for now
-    time.sleep(1.5)  # the listener notices
+    assert failed.wait(60), "the listener never noticed that Redis went down"
     redis_server.start()  # same port, empty
-    deadline = time.time() + 20
+    deadline = time.time() + 60  # the listener retries on a backoff of up to 10 s
     while RedisStore(redis_server.url).record("offline") is None:
         assert time.time() < deadline, "what two built while Redis was down was never written through"
         time.sleep(0.2)
     assert one.record("offline").owner == "beta"
     assert two.get("kb", kvfile.Expect(), "cpu")[1] == "memory"
     one.invalidate("kb")  # reaches two's listener again: its local copies go
-    deadline = time.time() + 5
+    deadline = time.time() + 60
     while two.tier("memory").has("kb") or two.tier("disk").has("kb"):
         assert time.time() < deadline, "the invalidation did not reach the listening store"
         time.sleep(0.1)
@@ -289,7 +321,7 @@ def test_junk_on_the_events_channel_does_not_stop_the_listener(tmp_path, redis_u
     for junk in ("[" * 100_000, "not json", "[1]", '{"name": []}'):
         client.publish("cag:events", junk)
     one.invalidate("kb")  # still heard after the junk: two drops its own copies
-    deadline = time.time() + 5
+    deadline = time.time() + 60
     while two.tier("memory").has("kb") or two.tier("disk").has("kb"):
         assert time.time() < deadline, "the listener stopped at junk on the events channel"
         time.sleep(0.1)
@@ -306,7 +338,7 @@ def test_a_redis_restarted_without_persistence_gets_every_kb_back_from_the_repli
     redis_server.stop()  # kill -9, and back empty: no RDB, no AOF
     redis_server.start()
     fresh = machine(tmp_path / "fresh", redis_server.url)  # a replica that never saw either
-    deadline = time.time() + 20
+    deadline = time.time() + 60  # replica one's listener retries on a backoff of up to 10 s
     while fresh.record("kb") is None or fresh.record("parent") is None:
         assert time.time() < deadline, "what replica one holds never reached the restarted Redis"
         time.sleep(0.2)
