@@ -102,10 +102,6 @@ class Models:
                              "prefixes": prefixes, "bytes": engine.nbytes + prefixes, "knowledge_bases": len(kbs)})
             return rows
 
-    def used(self) -> int:
-        with self._cond:
-            return self._used()
-
     def _all(self) -> list[Entry]:
         return [*self._kbs.values(), *self._retired]
 
@@ -201,11 +197,12 @@ class Models:
         not enough; then reserve them. Alone (nothing running) a load goes ahead even over the budget."""
         with self._cond:
             deadline = time.monotonic() + WAIT_S
-            while self._used() + need > self.budget and not self._evict_one(keep):
+            while self._used() + need > self.budget:
+                if self._evict_one(keep):
+                    continue  # freed one idle thing: look again
                 if not any(e.users > 0 for e in self._all()):
-                    if self._used() > 0 or need > self.budget:
-                        log.warning("%.0f MB more do not fit the %.0f MB budget of models with nothing else "
-                                    "loaded: loading it alone", need / 1e6, self.budget / 1e6)
+                    log.warning("%.0f MB more do not fit the %.0f MB budget of models with nothing idle left to "
+                                "free: loading it alone", need / 1e6, self.budget / 1e6)
                     break
                 self._waiting += 1
                 try:
