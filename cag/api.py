@@ -31,7 +31,8 @@ from .errors import (
     NotFoundError,
     StaleKnowledgeError,
 )
-from .kb import incremental, knowledge
+from .kb import grounding, incremental, knowledge, passages
+from .kb.grounding import DEFAULT_SOURCES, Citer
 from .kb.prompt import DEFAULT_INSTRUCTION, PromptBuilder, Split, Turn
 from .results import Answer, BuildStats
 from .sampling import Sampling
@@ -64,6 +65,7 @@ class KnowledgeBase:
     cache_source: str
     build_stats: BuildStats | None = None
     chunk_size: int = incremental.DEFAULT_CHUNK  # the build's prefill chunk (pieces of caches that do not record theirs)
+    citer: Citer | None = None  # sources and support from the knowledge base's passage index (made from docs if None)
     _store: TieredStore | None = field(default=None, repr=False)
     _generation: int = field(default=-1, repr=False)  # events.generation(name) when loaded; -1: never reloads
     _scheduler: Scheduler | None = field(default=None, repr=False)
@@ -83,6 +85,10 @@ class KnowledgeBase:
         """Memory the loaded prefix holds (Prefix.nbytes): what a server's memory budget counts for it."""
         return self.prefix.nbytes
 
+    def __post_init__(self) -> None:
+        if self.citer is None:
+            self.citer = Citer(passages.PassageIndex.build(self.docs, knowledge.content_hash(self.docs)))
+
     def release(self) -> None:
         """Let go of the prefix now rather than whenever it is collected (a llama.cpp context is hundreds of
         MB): a server unloading an idle knowledge base to stay within its budget. It answers nothing after."""
@@ -93,7 +99,8 @@ class KnowledgeBase:
     def ask(self, question: str, *, history: Sequence[Turn] = (), use_cache: bool = True,
             max_new_tokens: int = 256, sampling: Sampling = Sampling(),
             on_text: Callable[[str], None] | None = None, stop: Sequence[str] = (),
-            batching: Batching | None = None, system: str | None = None) -> Answer:
+            batching: Batching | None = None, system: str | None = None, sources: int = DEFAULT_SOURCES,
+            unsupported: str = "flag", citer: Citer | None = None) -> Answer:
         """Answer from the cached prefix (or, with use_cache=False, from the full prompt: the reference).
 
         The reference computes the whole prompt from its tokens, the prefix in the pieces the cache was
@@ -106,9 +113,15 @@ class KnowledgeBase:
         continuous batching, the same tokens); without it, it decodes in the calling thread.
         `system` is a system message for this answer (tone, language, format): it goes after the cached
         knowledge (kb.prompt), so the cache still serves the prefix and the answer still equals the reference.
+        The answer comes with up to `sources` passages of the knowledge base it rests on and whether they
+        support it (cag.kb.grounding, computed from the finished text: the tokens never depend on it).
+        unsupported="refuse" replaces an unsupported answer with grounding.REFUSAL (the model's text stays
+        in Answer.generated); then `on_text` receives the answer only once it is judged.
         """
+        grounding.check_options(sources, unsupported)
         self._refresh_if_invalidated()
         start = time.perf_counter()
+        deliver, on_text = on_text, on_text if unsupported == "flag" else None  # refuse: sent once judged
         split = self.fit(question, history, max_new_tokens, system=system)
         stream = self.lm.codec.stream()
         cut = StopText(stop, self.builder.stops)
@@ -125,16 +138,19 @@ class KnowledgeBase:
         tail = cut.push(stream.flush()) + cut.flush()
         if on_text and tail:
             on_text(tail)
+        judged = (citer or self.citer).judge(question, cut.text.strip(), sources, unsupported)
+        if deliver and not on_text and judged["answer"]:
+            deliver(judged["answer"])
         total = time.perf_counter() - start
         stopped = cut.stopped or len(stream.ids) < max_new_tokens
         return Answer(
-            question=question.strip(), answer=cut.text.strip(), token_ids=stream.ids,
+            question=question.strip(), token_ids=stream.ids,
             ttft_s=ttft if ttft is not None else total, total_s=total,
             prompt_tokens=len(split.ids), cached_tokens=split.reuse if use_cache else 0,
             question_tokens=len(split.new_ids) if use_cache else len(split.ids),
             new_tokens=len(stream.ids), boundary_ok=split.boundary_ok,
             mode="cache" if use_cache else "no-cache", cache_source=self.cache_source,
-            finish_reason="stop" if stopped else "length",
+            finish_reason="stop" if stopped else "length", **judged,
         )
 
     @contextlib.contextmanager
@@ -201,25 +217,29 @@ class KnowledgeBase:
                     raise
                 kept.pop(0)
 
-    def ask_many(self, questions: Sequence[str], *, max_new_tokens: int = 256) -> list[Answer]:
+    def ask_many(self, questions: Sequence[str], *, max_new_tokens: int = 256, sources: int = DEFAULT_SOURCES,
+                 unsupported: str = "flag", citer: Citer | None = None) -> list[Answer]:
         """Greedy answers to several questions decoded together on the one shared prefix (cag.decode).
 
         Throughput, not latency: every answer arrives when the longest is done. Each answer is the one
         `ask` gives (every row is computed as it would be alone).
         """
+        grounding.check_options(sources, unsupported)
         self._refresh_if_invalidated()
         start = time.perf_counter()
         splits = [self.fit(q, max_new_tokens=max_new_tokens) for q in questions]
         stops = frozenset(self.lm.stop_ids)
         jobs = [Job(list(sp.new_ids), sp.reuse, max_new_tokens, Sampling(), stops) for sp in splits]
         outs = [self._replayed(ids) for ids in decode.together(self.lm.decoder(self.prefix), jobs)]
+        judged = [(citer or self.citer).judge(q, text.strip(), sources, unsupported)
+                  for q, (text, _, _) in zip(questions, outs)]
         total = time.perf_counter() - start
         return [Answer(
-            question=q.strip(), answer=text.strip(), token_ids=ids,
+            question=q.strip(), token_ids=ids,
             ttft_s=total, total_s=total, prompt_tokens=len(sp.ids), cached_tokens=sp.reuse,
             question_tokens=len(sp.new_ids), new_tokens=len(ids), boundary_ok=sp.boundary_ok, mode="cache-batch",
-            cache_source=self.cache_source, finish_reason="stop" if stopped or len(ids) < max_new_tokens else "length")
-            for q, sp, (text, ids, stopped) in zip(questions, splits, outs)]
+            cache_source=self.cache_source, finish_reason="stop" if stopped or len(ids) < max_new_tokens else "length",
+            **j) for q, sp, (_, ids, stopped), j in zip(questions, splits, outs, judged)]
 
     def _replayed(self, ids: list[int]) -> tuple[str, list[int], bool]:
         """An answer's tokens read as `ask` reads them as they come: the text up to the layout's stop
@@ -239,7 +259,7 @@ class KnowledgeBase:
             fresh = load(self.name, lm=self.lm, store=self._store)
             with self._lock:
                 for f in ("docs", "sources", "builder", "prefix", "prefix_ids", "manifest", "cache_source",
-                          "build_stats", "chunk_size", "_generation"):
+                          "build_stats", "chunk_size", "citer", "_generation"):
                     setattr(self, f, getattr(fresh, f))
                 self._scheduler = None  # the next batched answer starts one on the new prefix
 
@@ -351,7 +371,8 @@ def _build(settings: dict, docs, lm: Engine, policy: Policy, store: TieredStore,
         log(f"{name}: {how}")
     meta = {**settings, "model_fingerprint": lm.identity()["fingerprint"], "policy": policy.to_json(),
             "built_at": time.time()}
-    identity = {**_identity(lm, builder, docs, name), "prefill_bounds": ext.bounds}
+    index = passages.PassageIndex.build(docs, knowledge.content_hash(docs))
+    identity = {**_identity(lm, builder, docs, name), "prefill_bounds": ext.bounds, "passages": index.to_json()}
     if settings.get("kv_quant"):  # the prefix was kept as the tiers will hold it: "built" and "disk" answers agree
         identity["kv_quant"] = settings["kv_quant"]
     payload = lm.export(ext.prefix)
@@ -363,7 +384,7 @@ def _build(settings: dict, docs, lm: Engine, policy: Policy, store: TieredStore,
     size = disk.stat().st_size if disk.is_file() else entry.nbytes
     stats = BuildStats(len(prefix_ids), seconds, size, ext.reused, ext.prefilled, how)
     return KnowledgeBase(name, lm, docs, settings["sources"], builder, ext.prefix, prefix_ids,
-                         manifest, "built", stats, chunk_size=chunk_size, _store=store,
+                         manifest, "built", stats, chunk_size=chunk_size, citer=Citer(index), _store=store,
                          _generation=events.generation(name))
 
 
@@ -445,11 +466,12 @@ def load(name: str, *, device: str | None = None, dtype: str | None = None, thre
     if hit is not None and hit[0].manifest.get("knowledge", {}).get("sha256") == sha:
         entry, source = hit
         builder._prefix_ids = entry.prefix_ids  # verified against the template + knowledge hashes
+        citer = Citer(passages.load(entry.manifest, docs, sha))  # checked before the prefix costs anything
         prefix = lm.restore(Payload(entry.layers, entry.state), entry.prefix_ids, entry.manifest)
         if entry.layers:
             store.share(name, prefix.layers)  # its prefix region is never written: safe to share
         return KnowledgeBase(name, lm, docs, meta["sources"], builder, prefix, entry.prefix_ids, entry.manifest,
-                             source, chunk_size=_chunk_size(meta), _store=store, _generation=generation)
+                             source, chunk_size=_chunk_size(meta), citer=citer, _store=store, _generation=generation)
     if hit is not None:
         why = _stale(name, hit[0].manifest)
         if not rebuild:

@@ -3,7 +3,7 @@ cag.kb.shards (a leaf module, so neither has to import the other for them)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass
@@ -38,6 +38,11 @@ class Answer:
     cache_source: str  # "memory", "host", "disk", "redis" or "built": where this process got the prefix from
     finish_reason: str = "stop"  # "stop": end of turn or a stop string; "length": max_new_tokens reached
     shard: str | None = None  # the shard that answered, for knowledge split over several caches
+    sources: list = field(default_factory=list)  # cag.kb.grounding.Source: the passages the answer rests on
+    supported: bool = False  # whether its sources hold the answer's facts (support >= grounding.SUPPORTED_AT)
+    support: float = 0.0  # the share of the answer's facts its sources hold, 0..1
+    generated: str | None = None  # the model's own text when `answer` is the refusal (unsupported="refuse")
+    grounding_s: float = 0.0  # time spent finding the sources and measuring the support (inside total_s)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -54,9 +54,36 @@ def test_every_sample_answer_from_the_cache_is_token_identical_to_no_cache(sampl
         assert cached.boundary_ok, row["q"]
         assert cached.cached_tokens == sample_kb.tokens and reference.cached_tokens == 0
         assert cached.token_ids == reference.token_ids, f"{row['q']!r}: {cached.answer!r} != {reference.answer!r}"
-        correct += row["a"].lower() in cached.answer.lower()
+        # sources come from the answer's text: the same cached and not, and never a reason to change a token
+        assert (cached.sources, cached.support, cached.supported) == \
+            (reference.sources, reference.support, reference.supported), row["q"]
+        assert len(cached.sources) == 3
+        right = row["a"].lower() in cached.answer.lower()
+        if right:  # the first source is in the document that holds the expected fact
+            holder = sample_kb.docs[[d.name for d in sample_kb.docs].index(cached.sources[0].document)]
+            assert row["a"].lower() in holder.text.lower(), (row["q"], cached.answer, cached.sources[0])
+        correct += right
     # The cache must carry the knowledge: a 135M model gets many, not all, of these right.
     assert correct >= 8, f"only {correct} answers contain the reference fact"
+
+
+def test_refuse_replaces_unsupported_answers_and_only_those(sample_kb):
+    """unsupported="refuse" swaps the text of exactly the answers marked unsupported; the tokens, the
+    sources and the model's own text are those of the flagged answer (both kinds occur on the sample)."""
+    from cag.kb.grounding import REFUSAL
+
+    questions = [row["q"] for row in _questions()]
+    flagged = sample_kb.ask_many(questions, max_new_tokens=MAX_NEW)
+    refused = sample_kb.ask_many(questions, max_new_tokens=MAX_NEW, unsupported="refuse")
+    kinds = set()
+    for f, r in zip(flagged, refused):
+        assert r.token_ids == f.token_ids and r.sources == f.sources and r.supported == f.supported
+        if f.supported:
+            assert r.answer == f.answer and r.generated is None
+        else:
+            assert r.answer == REFUSAL and r.generated == f.answer and f.answer != REFUSAL
+        kinds.add(f.supported)
+    assert kinds == {True, False}, "the sample should hold supported and unsupported answers"
 
 
 def test_cli_end_to_end_on_the_default_model(real_home, real_lm, tmp_path):

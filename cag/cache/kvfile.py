@@ -209,11 +209,14 @@ def _valid_bounds(bounds: list, tokens: int) -> bool:
 
 
 IDENTITY = ("model", "tokenizer", "template", "knowledge")  # what a cache was made for (dicts of text)
-CARRIED = (*IDENTITY, "prefill_bounds", "engine")  # what a copy of a cache into another tier keeps from its manifest
+# what a copy of a cache into another tier keeps from its manifest (the passage index, cag.kb.passages, is the
+# knowledge base's and is checked where it is used: here only its type)
+CARRIED = (*IDENTITY, "prefill_bounds", "engine", "passages")
 _FIELDS = {"layers": (int,), "tokens": (int,), "dtype": (str,), "shapes": (dict,), "tensors_sha256": (str,),
            "checksum": (str,), "signature": (str,), "kv_quant": (str,), "created": (str,), "cag_version": (str,),
-           "prefill_bounds": (list,), "engine": (str,), **{key: (dict,) for key in IDENTITY}}
-_OPTIONAL = {"checksum", "signature", "kv_quant", "created", "cag_version", "prefill_bounds", "engine", *IDENTITY}
+           "prefill_bounds": (list,), "engine": (str,), "passages": (dict,), **{key: (dict,) for key in IDENTITY}}
+_OPTIONAL = {"checksum", "signature", "kv_quant", "created", "cag_version", "prefill_bounds", "engine", "passages",
+             *IDENTITY}
 ENGINES = ("torch", "llamacpp")
 
 

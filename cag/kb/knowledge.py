@@ -109,7 +109,7 @@ def read_file(path: Path) -> str:
     return normalize(text)
 
 
-EXTRACTED_VERSION = 1  # bump when a reader's output changes: earlier extractions are then ignored
+EXTRACTED_VERSION = 2  # 2: PDF pages start with form feeds. Bump when a reader's output changes: earlier extractions are then ignored
 
 
 def _parsed(fmt: str, path: Path, limits: list[int], memory: int, seconds: int, label: str) -> str:

@@ -7,14 +7,16 @@ from that shard's cache exactly as a single knowledge base would answer it. The 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import bm25s
 
 from ..errors import KnowledgeError
 from ..results import BuildStats
+from .grounding import Citer
 from .knowledge import Document
+from .passages import PassageIndex
 from .prompt import PromptBuilder
 
 
@@ -72,6 +74,7 @@ class ShardedKnowledgeBase:
     name: str
     shards: list  # list[api.KnowledgeBase]
     router: Router
+    _citer: tuple | None = field(default=None, repr=False)  # (the shards' citers it was made from, the merged one)
 
     @classmethod
     def of(cls, name: str, shards: list) -> "ShardedKnowledgeBase":
@@ -123,10 +126,19 @@ class ShardedKnowledgeBase:
     def route(self, question: str):
         return self.shards[self.router.best(question)]
 
+    @property
+    def citer(self) -> Citer:
+        """Sources from every shard's passages: an answer cites across the whole knowledge base (made again
+        when a shard reloaded with another index)."""
+        parts = tuple(kb.citer for kb in self.shards)
+        if self._citer is None or self._citer[0] != parts:
+            self._citer = (parts, Citer(PassageIndex.merge([c.index for c in parts])))
+        return self._citer[1]
+
     def ask(self, question: str, **kwargs):
-        """Answer from the best shard's cache; Answer.shard says which one."""
+        """Answer from the best shard's cache, with sources from all of them; Answer.shard says which one."""
         kb = self.route(question)
-        answer = kb.ask(question, **kwargs)
+        answer = kb.ask(question, citer=self.citer, **kwargs)
         answer.shard = kb.name
         return answer
 
@@ -144,7 +156,7 @@ class ShardedKnowledgeBase:
         answers: list = [None] * len(questions)
         for shard, members in groups.items():
             kb = self.shards[shard]
-            for i, answer in zip(members, kb.ask_many([questions[i] for i in members], **kwargs)):
+            for i, answer in zip(members, kb.ask_many([questions[i] for i in members], citer=self.citer, **kwargs)):
                 answer.shard = kb.name
                 answers[i] = answer
         return answers

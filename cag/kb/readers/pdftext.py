@@ -47,4 +47,17 @@ def extract(path: str, max_pages: int, max_bytes: int, max_stream: int) -> str:
                 raise Refused(f"a stream in it decompresses to more than {max_stream} bytes (the limit per stream)") \
                     from None
             raise Refused(f"it passes one of pypdf's safety limits: {err}") from None
-    return "\n\n".join(texts)
+    return _paged(texts)
+
+
+def _paged(texts: list[str]) -> str:
+    """The pages' texts, each page after the first starting with a form feed (one per page since the last
+    page with text): how a passage knows its page (cag.kb.passages). The form feed opens the page's first
+    line, so the normalization that strips line ends keeps it."""
+    out, breaks = texts[0] if texts else "", 0
+    for text in texts[1:]:
+        breaks += 1
+        if text.strip():
+            out += "\n\n" + "\f" * breaks + text.lstrip()
+            breaks = 0
+    return out
