@@ -205,9 +205,9 @@ def create_app(config: ServerConfig | None = None, lm: Engine | None = None) -> 
             "usage": _usage(result), "cag": _extra(plan, result)})
 
     async def _stream(plan: Plan, hit: dict | None, cid: str, created: int, include_usage: bool, shape: Shape):
-        def chunk(choice: dict) -> str:
+        def chunk(choice: dict | None, **more: dict) -> str:
             body = {"id": cid, "object": shape.chunk_object, "created": created, "model": plan.name,
-                    "choices": [choice]}
+                    "choices": [] if choice is None else [choice], **more}
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
         loop = asyncio.get_running_loop()
@@ -243,11 +243,11 @@ def create_app(config: ServerConfig | None = None, lm: Engine | None = None) -> 
             cancel.set()  # a client that went away stops the generation at its next token
         metrics.requests.labels("200").inc()
         _note_usage(result)
-        yield chunk(shape.piece(None, result["finish_reason"]))
+        # the last chunk before [DONE] carries cag's object (sources, support): the usage chunk when asked for
+        extra = {"cag": _extra(plan, result)}
+        yield chunk(shape.piece(None, result["finish_reason"]), **({} if include_usage else extra))
         if include_usage:
-            body = {"id": cid, "object": shape.chunk_object, "created": created, "model": plan.name,
-                    "choices": [], "usage": _usage(result), "cag": _extra(plan, result)}
-            yield f"data: {json.dumps(body)}\n\n"
+            yield chunk(None, usage=_usage(result), **extra)
         yield "data: [DONE]\n\n"
 
     def _stopped(plan: Plan, future: asyncio.Future) -> None:
@@ -357,10 +357,13 @@ def _usage(result: dict) -> dict:
 
 
 def _extra(plan: Plan, result: dict) -> dict:
-    """cag's own numbers, beside OpenAI's fields (clients ignore unknown keys)."""
+    """cag's own numbers, beside OpenAI's fields (clients ignore unknown keys): timings, where the answer came
+    from, and what a reader checks it with: its sources, whether they support it (`support`: the share of its
+    facts they hold) and, when it was refused, what the model had said (`generated`)."""
     return {"ttft_s": result["ttft_s"], "total_s": result["total_s"], "response_cache": result["response_cache"],
             "cache_source": result.get("cache_source"), "mode": result.get("mode"), "history_turns": len(plan.history),
-            "injection_flagged": plan.flagged}
+            "injection_flagged": plan.flagged, "sources": result["sources"], "supported": result["supported"],
+            "support": result["support"], "generated": result["generated"], "grounding_s": result["grounding_s"]}
 
 
 def _epoch(created: str | None) -> int:

@@ -10,6 +10,11 @@ messages are honoured: their text (joined, in order) is a system message placed 
 unchanged), and it is part of the response-cache key; earlier user/assistant pairs become history turns
 after the cached knowledge; the last message must be the user's question. With a conversation_id, turns stored server-side come first, and everything is trimmed to
 the history token budget. A prompt completion's prompt is the question, with no history.
+
+Every answer comes with the passages it rests on and whether they support it (cag.kb.grounding), as many
+sources as the request's `cag.sources` asks (else the server's `sources`); with `unsupported` "refuse" an
+unsupported answer is replaced by grounding.REFUSAL. The response cache keeps the model's own text and judges
+it again for each request that hits it, so no request's options decide what another one is given.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import CagError, ContextLengthError
+from ..kb.grounding import DEFAULT_SOURCES, REFUSAL
 from ..kb.prompt import Turn
 from ..sampling import Sampling
 from ..scheduler import Batching
@@ -31,7 +37,7 @@ from .errors import ApiError
 from .metrics import Metrics
 from .registry import Entry, Registry
 from .respcache import ResponseCache
-from .schemas import ChatRequest, CompletionRequest
+from .schemas import ChatRequest, CompletionRequest, GenerationRequest
 
 
 class Cancelled(Exception):
@@ -52,6 +58,8 @@ class Query:
     stop: tuple[str, ...] = ()
     conversation_id: str | None = None
     system: str | None = None  # the system/developer messages' text, placed after the cached knowledge
+    sources: int | None = None  # sources given with the answer; None: the server's default
+    unsupported: str | None = None  # "flag" or "refuse"; None: the server's default
 
 
 @dataclass
@@ -69,6 +77,8 @@ class Plan:
     tenant: str = ""  # who asked: part of the response-cache key (no tenant learns what another asked)
     stop: tuple[str, ...] = ()  # the answer ends before the first of these strings
     system: str | None = None  # see Query.system
+    sources: int = DEFAULT_SOURCES  # sources given with the answer
+    unsupported: str = "flag"  # what an answer its sources do not hold gets: "flag" or "refuse"
     done: Callable[[], object] = field(default=lambda: None, repr=False)  # lets the knowledge base go (once)
 
 
@@ -76,7 +86,7 @@ def chat_query(config: ServerConfig, req: ChatRequest) -> Query:
     guard.check_messages(config, req.messages)
     question, history, system = split_messages(req)
     return Query(req.model, question, history, req.max_completion_tokens or req.max_tokens, req.temperature,
-                 req.top_p, req.seed, req.stop_sequences, req.conversation_id, system)
+                 req.top_p, req.seed, req.stop_sequences, req.conversation_id, system, **_answer_options(req))
 
 
 def prompt_query(config: ServerConfig, req: CompletionRequest) -> Query:
@@ -84,7 +94,13 @@ def prompt_query(config: ServerConfig, req: CompletionRequest) -> Query:
     question = req.prompt.strip()
     if not question:
         raise ApiError(400, "the prompt is empty", code="empty_question", param="prompt")
-    return Query(req.model, question, [], req.max_tokens, req.temperature, req.top_p, req.seed, req.stop_sequences)
+    return Query(req.model, question, [], req.max_tokens, req.temperature, req.top_p, req.seed, req.stop_sequences,
+                 **_answer_options(req))
+
+
+def _answer_options(req: GenerationRequest) -> dict:
+    """The request's `cag` options (sources, unsupported) that it set; the rest are the server's defaults."""
+    return {} if req.cag is None else {"sources": req.cag.sources, "unsupported": req.cag.unsupported}
 
 
 def split_messages(req: ChatRequest) -> tuple[str, list[Turn], str | None]:
@@ -172,21 +188,30 @@ class ChatService:
         sampling = Sampling(temperature=query.temperature or 0.0, seed=query.seed,
                             top_p=1.0 if query.top_p is None else query.top_p)
         plan = Plan(query.model, folder, entry, question, history, sampling, max_tokens, conv, flagged,
-                    stop=query.stop, system=query.system)
+                    stop=query.stop, system=query.system,
+                    sources=self.config.sources if query.sources is None else query.sources,
+                    unsupported=query.unsupported or self.config.unsupported)
         if self.cache is not None and sampling.greedy and not plan.stop:
             # what the answer depends on besides question, history and limit: the knowledge and the system message
+            # (not `sources` nor `unsupported`: the cache keeps the model's text, judged again at each hit)
             context = entry.content_hash if query.system is None else f"{entry.content_hash}\nsystem:{query.system}"
             plan.key = (folder, context, question, tuple((t.question, t.answer) for t in history), max_tokens)
             plan.tenant = tenant
         return plan
 
     def cached(self, plan: Plan) -> dict | None:
-        """The response cache's answer, if it has one (then the knowledge base is let go: no model runs)."""
+        """The response cache's answer, if it has one (then the knowledge base is let go: no model runs).
+
+        The cache holds the model's text, never what a request's options made of it: its sources and the
+        refusal are worked out again here for this request's question, `sources` and `unsupported` (the same
+        text always gets the same sources, so a hit carries what a model answer would)."""
         if not plan.key:
             return None
         start = time.perf_counter()
         try:
             hit = self.cache.get(*plan.key, tenant=plan.tenant)
+            judged = None if hit is None else _grounded(
+                plan.entry.kb.citer.judge(plan.question, hit.value["text"], plan.sources, plan.unsupported))
         except BaseException:
             plan.done()
             raise
@@ -194,7 +219,7 @@ class ChatService:
         if hit is None:
             return None
         plan.done()
-        result = {**hit.value, "response_cache": hit.kind, "ttft_s": None,
+        result = {**hit.value, **judged, "response_cache": hit.kind, "ttft_s": None,
                   "total_s": time.perf_counter() - start, "cache_source": None}
         self._finish(plan, result)
         return result
@@ -202,8 +227,13 @@ class ChatService:
     def answer(self, plan: Plan, on_text: Callable[[str], None] | None = None,
                cancel: threading.Event | None = None) -> dict:
         """Run the model (blocking). A set `cancel` stops it at the next token. `on_text` gets the answer's
-        text as it is decoded, and those pieces add up to exactly the answer returned (see Trimmed)."""
-        trimmed = Trimmed(on_text) if on_text else None
+        text as it is decoded, and those pieces add up to exactly the answer returned (see Trimmed).
+
+        The model is always asked in "flag" mode, so that every token passes `emit` (where a client that left
+        is noticed); with unsupported="refuse" nothing is sent until the answer is judged, then the answer
+        (or the refusal) is sent whole, as KnowledgeBase.ask does in that mode."""
+        streams = on_text is not None and plan.unsupported == "flag"
+        trimmed = Trimmed(on_text) if streams else None
 
         def emit(text: str) -> None:
             if cancel is not None and cancel.is_set():
@@ -217,24 +247,28 @@ class ChatService:
         try:
             a = plan.entry.kb.ask(plan.question, history=plan.history, max_new_tokens=plan.max_tokens,
                                   sampling=plan.sampling, on_text=emit, stop=plan.stop, batching=batching,
-                                  system=plan.system)
+                                  system=plan.system, sources=plan.sources, unsupported="flag")
         except CagError as err:
             raise ApiError(400, str(err), code="generation_failed") from None
         finally:
             plan.done()  # the model is done with it: the knowledge base may be let go
         usage = {"prompt_tokens": a.prompt_tokens, "completion_tokens": a.new_tokens,
                  "total_tokens": a.prompt_tokens + a.new_tokens, "cached_tokens": a.cached_tokens}
-        result = {"text": a.answer, "usage": usage, "finish_reason": a.finish_reason,
-                  "response_cache": None, "ttft_s": a.ttft_s, "total_s": a.total_s, "cache_source": a.cache_source,
-                  "mode": a.mode}
-        if plan.key:
-            self.cache.put(*plan.key, {k: result[k] for k in ("text", "usage", "finish_reason")}, tenant=plan.tenant)
+        result = {"usage": usage, "finish_reason": a.finish_reason, "response_cache": None, "ttft_s": a.ttft_s,
+                  "total_s": a.total_s, "cache_source": a.cache_source, "mode": a.mode,
+                  **_grounded(_refused(vars(a), plan.unsupported))}
+        if on_text is not None and not streams and result["text"]:
+            on_text(result["text"])
+        if plan.key:  # the model's own text: what a hit makes of it depends on that request's options
+            self.cache.put(*plan.key, {"text": a.answer, "usage": usage, "finish_reason": a.finish_reason},
+                           tenant=plan.tenant)
         self._finish(plan, result)
         return result
 
     def _finish(self, plan: Plan, result: dict) -> None:
         self.metrics.answered(result["usage"], result["ttft_s"], result["total_s"], bool(result["response_cache"]))
-        if plan.conversation:
+        self.metrics.grounded(result["supported"], result["grounding_s"])
+        if plan.conversation:  # what the user was given (the refusal, when the answer was refused)
             self.conversations.add(plan.conversation, Turn(plan.question, result["text"]))
 
     def forget(self, tenant: str, folder: str) -> None:
@@ -242,3 +276,18 @@ class ChatService:
         if self.cache is not None:
             self.cache.drop(folder)
         self.conversations.drop_kb(tenant, folder)
+
+
+def _refused(judged: dict, unsupported: str) -> dict:
+    """A "flag"-mode judgement (an Answer's fields or Citer.judge's) as `unsupported` wants it: with "refuse",
+    an unsupported answer becomes grounding.REFUSAL and the model's text moves to `generated` (as Citer.judge)."""
+    if unsupported != "refuse" or judged["supported"]:
+        return judged
+    return {**judged, "answer": REFUSAL, "generated": judged["answer"]}
+
+
+def _grounded(judged: dict) -> dict:
+    """Citer.judge's fields (or an Answer's) as a result's: the answer given is `text`, sources are JSON."""
+    return {"text": judged["answer"], "generated": judged["generated"],
+            "sources": [s.to_dict() for s in judged["sources"]], "supported": judged["supported"],
+            "support": judged["support"], "grounding_s": judged["grounding_s"]}

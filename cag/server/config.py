@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .. import settings
 from ..errors import CagError
+from ..kb import grounding
 from ..registry import OPEN_TENANT  # noqa: F401 - the tenant of every request when no API keys are configured
 
 _TENANT = re.compile(r"^[A-Za-z0-9]{1,16}$")
@@ -51,6 +52,8 @@ class ServerConfig:
     response_cache_size: int = 1024
     history_token_budget: int = 512  # server-side conversation turns kept per request
     price_per_1k_tokens: float = 0.0  # for the estimated-cost metric
+    sources: int = grounding.DEFAULT_SOURCES  # sources given with each answer unless a request asks otherwise
+    unsupported: str = "flag"  # flag | refuse: what an answer its sources do not hold gets, unless a request asks
 
     def __post_init__(self) -> None:
         for key, tenant in self.api_keys.items():
@@ -78,6 +81,7 @@ class ServerConfig:
                 or not 0 <= self.batch_window_ms <= 10_000:
             raise ConfigError(f"batch_window_ms must be a number of milliseconds from 0 to 10000, "
                               f"not {self.batch_window_ms!r}")
+        _check_grounding(self.sources, self.unsupported)
         if self.injection not in ("off", "flag", "refuse"):
             raise ConfigError(f"injection must be off, flag or refuse, not {self.injection!r}")
         if self.semantic_threshold is not None:
@@ -103,6 +107,15 @@ class ServerConfig:
     def model_options(self) -> dict:
         """The load options of the server's own model (those that apply to its engine are used)."""
         return {"dtype": self.dtype, "kv_type": self.kv_type, "context": self.context}
+
+
+def _check_grounding(sources: object, unsupported: object) -> None:
+    """The defaults of a request's `cag` options, refused at start by the check every request's own options
+    pass (grounding.check_options), so no request can fail later for a default it did not choose."""
+    try:
+        grounding.check_options(sources, unsupported)
+    except CagError as err:
+        raise ConfigError(f"server config: {err}") from None
 
 
 def _byte_count(name: str, value: object) -> int:

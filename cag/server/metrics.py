@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_GROUNDING = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)  # sources take milliseconds
 
 
 class Metrics:
@@ -33,6 +34,12 @@ class Metrics:
                                  "of the knowledge bases loaded on it", ["model", "engine", "part"], registry=r)
         self.model_kbs = Gauge("cag_model_knowledge_bases", "Knowledge bases loaded on each model",
                                ["model", "engine"], registry=r)
+        self.supported = Counter("cag_answers_supported", "Answers given, by whether their sources support them "
+                                 "(response-cache hits included)", ["supported"], registry=r)
+        for label in ("true", "false"):
+            self.supported.labels(label)  # both shown from the start, at 0
+        self.grounding = Histogram("cag_grounding_seconds", "Time finding an answer's sources and measuring its "
+                                   "support", buckets=_GROUNDING, registry=r)
         self.budget = Gauge("cag_model_budget_bytes", "The memory budget of models and their knowledge bases "
                             "(model_bytes)", registry=r)
 
@@ -61,6 +68,11 @@ class Metrics:
         self.latency.observe(total_s)
         if ttft_s is not None:
             self.ttft.observe(ttft_s)
+
+    def grounded(self, supported: bool, seconds: float) -> None:
+        """Record one answer's support (response-cache hits too: their sources are found again)."""
+        self.supported.labels("true" if supported else "false").inc()
+        self.grounding.observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

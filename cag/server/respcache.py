@@ -12,7 +12,8 @@ their MiniLM sentence embeddings (cag.embed) reach the threshold. The cosine alo
 week" and "every month" score 0.98, "order QLW123456" and "order QLW654321" 0.94 (see bench/respcache.py).
 Only greedy requests are cached (a sampled answer is meant to vary). Every key carries the knowledge base's
 folder and content hash + build time, so a rebuilt KB never serves an old answer, and `drop(kb)` frees its
-entries at once.
+entries at once. A stored value holds the model's own text, never a refusal made of it: its sources and whether
+it is refused depend on the asking request's options, and are worked out again at each hit (cag.server.chat).
 """
 
 from __future__ import annotations

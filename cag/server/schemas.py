@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt
 
 from .. import stoptext
 from ..errors import CagError
+from ..kb import grounding
 from ..sampling import GREEDY_BELOW
 
 _SURROGATE = re.compile(r"[\ud800-\udfff]")  # in a str decoded from JSON, only a lone one can remain
@@ -106,6 +107,43 @@ class StreamOptions(Body):
     include_usage: Flag = False
 
 
+class AnswerOptions(Body):
+    """cag's own request options (the `cag` object): how many sources come with the answer and what an
+    unsupported answer gets. Left out, each takes the server's default (ServerConfig.sources, .unsupported).
+    Checked by the library's own check (grounding.check_options), so the server refuses exactly what
+    KnowledgeBase.ask would. A misspelt key is refused rather than ignored: a client that asked for
+    refusals and silently got flagged answers would show unsupported text as if it were checked."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sources: Optional[Whole] = Field(None, description=f"Sources given with the answer, 0 to {grounding.MAX_SOURCES}.")
+    unsupported: Optional[str] = Field(None, description="What an answer its sources do not hold gets: 'flag' "
+                                                         "(sent as it is, marked unsupported) or 'refuse' (replaced "
+                                                         "by a refusal).")
+
+    @field_validator("sources")
+    @classmethod
+    def _sources(cls, value: Optional[int]) -> Optional[int]:
+        if value is not None:
+            _check_grounding(value, grounding.MODES[0])
+        return value
+
+    @field_validator("unsupported")
+    @classmethod
+    def _unsupported(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None:
+            _check_grounding(grounding.DEFAULT_SOURCES, value)
+        return value
+
+
+def _check_grounding(sources: int, unsupported: str) -> None:
+    """grounding.check_options, its error worded as a field's (pydantic names the field)."""
+    try:
+        grounding.check_options(sources, unsupported)
+    except CagError as err:
+        raise ValueError(str(err)) from None
+
+
 class GenerationRequest(Body):
     """What chat and prompt completions share: the knowledge base, sampling, limits, stop strings, streaming,
     and the OpenAI parameters of both that cag cannot honour (guard.check_parameters refuses any value
@@ -128,6 +166,7 @@ class GenerationRequest(Body):
     logit_bias: Optional[dict[str, Real]] = None
     presence_penalty: Optional[Real] = Field(None, ge=-2, le=2, allow_inf_nan=False)
     frequency_penalty: Optional[Real] = Field(None, ge=-2, le=2, allow_inf_nan=False)
+    cag: Optional[AnswerOptions] = Field(None, description="cag's options: sources, unsupported (cag extension).")
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -1,5 +1,6 @@
 // The chat page: conversations kept in this browser (localStorage), answers streamed from
-// POST v1/chat/completions and rendered as sanitized Markdown. User text is only ever set as text.
+// POST v1/chat/completions and rendered as sanitized Markdown, each with the sources it rests on and a mark
+// when they do not support it. User text, and the documents' snippets, are only ever set as text.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -151,11 +152,58 @@ function userNode(text) {
 
 function assistantNode() {
   const row = el("div", "msg assistant");
-  const body = el("div", "body md"), stats = el("div", "stats");
+  const body = el("div", "body md"), checks = el("div", "grounding"), stats = el("div", "stats");
   const content = el("div", "content");
-  content.append(body, stats);
+  checks.hidden = true;
+  content.append(body, checks, stats);
   row.append(el("span", "avatar", "c"), content);
-  return { row, body, stats };
+  return { row, body, checks, stats };
+}
+
+const percent = (x) => `${Math.round(Math.min(Math.max(Number(x) || 0, 0), 1) * 100)}%`;
+
+/** What an answer is checked with, from the response's `cag` object: kept with the conversation. */
+function groundingOf(extra) {
+  if (!extra || typeof extra !== "object" || !Array.isArray(extra.sources)) return undefined;
+  return { sources: extra.sources, supported: extra.supported === true, support: Number(extra.support) || 0,
+           generated: typeof extra.generated === "string" ? extra.generated : null };
+}
+
+/** One source: its document and where in it, opening to the passage itself (the user's text: never HTML). */
+function sourceNode(source) {
+  const item = el("li", "source"), details = el("details"), summary = el("summary");
+  const score = el("span", "source-score", percent(source.score));
+  score.title = "Share of the answer's facts this passage holds";
+  summary.append(el("span", "source-doc", String(source.document ?? "")), " · ",
+                 el("span", "source-loc", String(source.locator ?? "")), " · ", score);
+  details.append(summary, el("blockquote", "source-snippet", String(source.snippet ?? "")));
+  item.append(details);
+  return item;
+}
+
+/** Under an answer: a mark when its sources do not support it (with the model's own text when it was
+ *  refused), then its sources. Nothing at all for answers stored before sources existed. */
+function renderGrounding(node, grounding) {
+  const parts = [];
+  if (grounding && !grounding.supported) {
+    const badge = el("span", "badge unsupported", `not supported by the knowledge base · support ${percent(grounding.support)}`);
+    badge.title = "Its sources hold too few of what the answer says: check it against them before relying on it";
+    parts.push(badge);
+  }
+  if (grounding && grounding.generated) {
+    const details = el("details", "generated");
+    details.append(el("summary", "", "What the model answered"), el("div", "generated-text", grounding.generated));
+    parts.push(details);
+  }
+  const sources = grounding && Array.isArray(grounding.sources) ? grounding.sources.filter((x) => x && typeof x === "object") : [];
+  if (sources.length) {
+    const list = el("ol", "sources");
+    list.setAttribute("aria-label", "Sources");
+    list.append(...sources.map(sourceNode));
+    parts.push(el("div", "sources-title", "Sources"), list);
+  }
+  node.replaceChildren(...parts);
+  node.hidden = !parts.length;
 }
 
 function fill(view, message) {
@@ -165,6 +213,7 @@ function fill(view, message) {
     view.body.replaceChildren(el("em", "muted", message.stopped ? "Stopped before the answer began." : "No answer."));
   }
   else view.body.innerHTML = renderMarkdown(message.content);
+  renderGrounding(view.checks, message.error ? undefined : message.grounding);
   view.stats.textContent = message.stats || "";
   view.stats.title = message.statsTitle || "";
   view.stats.dataset.cached = message.cached ?? "";
@@ -363,7 +412,8 @@ async function ask(question) {
           if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
           const event = JSON.parse(line.slice(6));
           if (event.error) { answer.error = event.error.message; continue; }
-          if (event.usage) { usage = event.usage; extra = event.cag; }
+          if (event.usage) usage = event.usage;
+          if (event.cag) { extra = event.cag; answer.grounding = groundingOf(extra); }  // the last chunk's
           const text = event.choices && event.choices[0] && event.choices[0].delta.content;
           if (text) {
             if (firstToken === null) firstToken = performance.now() - start;
