@@ -9,15 +9,19 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import TYPE_CHECKING, Iterator, List, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from . import __version__
+from .cli_render import answer_row, show_grounding
 from .errors import CagError, ContextLengthError
 from .stoptext import StopText
+
+if TYPE_CHECKING:
+    from .kb.prompt import Turn
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -38,6 +42,13 @@ TENANT_HELP = ("Whose knowledge base of that name: a tenant's, created through t
                "tenants). Default: the one built with the CLI, else the open server's (public).")
 SYSTEM_HELP = ("A system message: instructions for the answer (tone, language, format), placed after the cached "
                "knowledge, so the cache still serves it.")
+SOURCES = 3  # cag.kb.grounding.DEFAULT_SOURCES, MAX_SOURCES and MODES: not imported here, as importing
+MAX_SOURCES = 20  # grounding would slow every command's start (`cag --help` included); a test keeps them equal
+UNSUPPORTED_MODES = ("flag", "refuse")
+SOURCES_HELP = (f"Passages of the knowledge base to show under each answer, 0 to {MAX_SOURCES} (0: none; the "
+                "support is still checked).")
+UNSUPPORTED_HELP = ("An answer its sources do not support: flag shows it with a warning; refuse answers that the "
+                    "knowledge base does not contain the answer instead.")
 CHAT_HISTORY = "chat_history"  # in CAG_HOME: questions typed in `cag chat` on a terminal, for the up arrow
 CHAT_HELP = ("commands: /help lists them; /reset clears the history; /exit or /quit (or Ctrl-D) quits. Ctrl-C stops "
              "the answer being written. On a terminal the arrows edit the line and recall earlier questions.")
@@ -270,38 +281,65 @@ def ask(
     no_rebuild: bool = typer.Option(False, "--no-rebuild", help="Fail (before the model loads) instead of rebuilding "
                                                                 "when knowledge files changed or the cache is gone."),
     system: Optional[str] = typer.Option(None, "--system", metavar="TEXT", help=SYSTEM_HELP),
+    sources: int = typer.Option(SOURCES, "--sources", metavar="N", help=SOURCES_HELP),
+    unsupported: str = typer.Option("flag", "--unsupported", metavar="[flag|refuse]", help=UNSUPPORTED_HELP),
     tenant: Optional[str] = typer.Option(None, "--tenant", metavar="TENANT", help=TENANT_HELP),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
     redis: Optional[str] = typer.Option(None, "--redis", help=REDIS_HELP),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help=THREADS_HELP),
 ) -> None:
-    """Answer questions from a knowledge base's cache (streams the answer)."""
+    """Answer questions from a knowledge base's cache (streams the answer).
+
+    The answer goes to stdout; its sources, a warning when they do not support it, and timings go to stderr,
+    so a pipe or a file gets the answer alone. --json writes everything, sources and support included.
+    """
     from .sampling import Sampling
 
     _use_redis(redis)
     items = _questions(name, question, questions)
     StopText(stop or ())  # refuse bad stop strings before loading anything
     _check_system(system)
+    unsupported = _check_grounding(sources, unsupported)
     sampling = Sampling(temperature=temperature, top_p=top_p, seed=seed)  # a bad value fails before loading
     kb = _load_kb(name, device, dtype, rebuild=not no_rebuild, threads=threads, tenant=tenant)
+    options = dict(use_cache=not no_cache, max_new_tokens=max_new_tokens, sampling=sampling, stop=stop or (),
+                   system=system, sources=sources, unsupported=unsupported)
     for q in items:
-        if not as_json:
-            if len(items) > 1:
-                out.print(f"[bold]Q: {q}[/bold]")
-            on_text = lambda t: (out.file.write(t), out.file.flush())  # noqa: E731
-        else:
-            on_text = None
-        a = kb.ask(q, use_cache=not no_cache, max_new_tokens=max_new_tokens, sampling=sampling, on_text=on_text,
-                   stop=stop or (), system=system)
         if as_json:
-            row = a.to_dict()
-            row.pop("token_ids")
-            print(json.dumps(row, ensure_ascii=False), flush=True)
-        else:
-            out.file.write("\n")
-            _log(f"[{a.mode}] ttft {a.ttft_s * 1000:.0f} ms, total {a.total_s:.2f} s, "
-                 f"{a.cached_tokens} cached + {a.question_tokens} computed prompt tokens, {a.new_tokens} generated")
+            print(json.dumps(answer_row(kb.ask(q, **options)), ensure_ascii=False), flush=True)
+            continue
+        if len(items) > 1:
+            out.print(f"[bold]Q: {q}[/bold]")
+        a = kb.ask(q, on_text=_write_out, **options)
+        _end_answer(a, sources)
+        _log(f"[{a.mode}] ttft {a.ttft_s * 1000:.0f} ms, total {a.total_s:.2f} s, {a.cached_tokens} cached + "
+             f"{a.question_tokens} computed prompt tokens, {a.new_tokens} generated, support {a.support:.2f}")
+
+
+def _write_out(text: str) -> None:
+    """Stream a piece of an answer to stdout as it comes."""
+    out.file.write(text)
+    out.file.flush()
+
+
+def _end_answer(answer, sources: int) -> None:
+    """Finish a streamed answer's line, then show its sources and support on stderr. stdout is flushed
+    first so that, on a terminal, they come under the answer and not inside it."""
+    out.file.write("\n")
+    out.file.flush()
+    show_grounding(err, answer, sources)
+
+
+def _check_grounding(sources: int, unsupported: str) -> str:
+    """Refuse --sources and --unsupported values no answer can be given with, in one line before the model
+    loads (as cag.kb.grounding.check_options would, named by their flags); the mode, lower-cased."""
+    mode = unsupported.strip().lower()
+    if not 0 <= sources <= MAX_SOURCES:
+        raise CagError(f"--sources must be from 0 to {MAX_SOURCES} (got {sources})")
+    if mode not in UNSUPPORTED_MODES:
+        raise CagError(f"--unsupported must be {' or '.join(UNSUPPORTED_MODES)} (got {unsupported!r})")
+    return mode
 
 
 def _check_system(system: Optional[str]) -> None:
@@ -348,6 +386,8 @@ def chat(
     seed: Optional[int] = typer.Option(None, help="Seed for repeatable sampling."),
     stop: Optional[List[str]] = typer.Option(None, "--stop", help="End each answer before this text (repeatable, up to 4)."),
     system: Optional[str] = typer.Option(None, "--system", metavar="TEXT", help=SYSTEM_HELP),
+    sources: int = typer.Option(SOURCES, "--sources", metavar="N", help=SOURCES_HELP),
+    unsupported: str = typer.Option("flag", "--unsupported", metavar="[flag|refuse]", help=UNSUPPORTED_HELP),
     tenant: Optional[str] = typer.Option(None, "--tenant", metavar="TENANT", help=TENANT_HELP),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
@@ -364,6 +404,7 @@ def chat(
 
     StopText(stop or ())
     _check_system(system)
+    unsupported = _check_grounding(sources, unsupported)
     sampling = Sampling(temperature=temperature, top_p=top_p, seed=seed)  # a bad value fails before loading
     with _typeahead_discarded():
         kb = _load_kb(name, device, dtype, threads=threads, tenant=tenant)
@@ -392,23 +433,32 @@ def chat(
             if len(kept) < len(history):
                 _log(f"(the {len(history) - len(kept)} oldest turn(s) no longer fit the context window: dropped)")
                 history[:] = kept
-            out.file.write("cag> ")
-            pieces: list[str] = []
+            history.append(_chat_answer(kb, q, history, dict(
+                max_new_tokens=max_new_tokens, sampling=sampling, stop=stop or (), system=system, sources=sources,
+                unsupported=unsupported)))
 
-            def show(text: str) -> None:
-                pieces.append(text)
-                out.file.write(text)
-                out.file.flush()
 
-            try:
-                answer = kb.ask(q, history=history, max_new_tokens=max_new_tokens, sampling=sampling, on_text=show,
-                                stop=stop or (), system=system).answer
-            except KeyboardInterrupt:  # the turn keeps what was shown of its answer
-                answer = "".join(pieces).strip()
-                out.file.write("\n")
-                _log("(stopped)")
-            out.file.write("\n")
-            history.append(Turn(q, answer))
+def _chat_answer(kb, question: str, history: list[Turn], options: dict) -> Turn:
+    """Stream one chat answer after `cag> `, then its sources and support; the turn to keep in the history.
+    Ctrl-C stops it: the turn keeps what was shown of its answer (it has no sources: it was never judged)."""
+    from .kb.prompt import Turn
+
+    out.file.write("cag> ")
+    pieces: list[str] = []
+
+    def show(text: str) -> None:
+        pieces.append(text)
+        _write_out(text)
+
+    try:
+        a = kb.ask(question, history=history, on_text=show, **options)
+    except KeyboardInterrupt:
+        out.file.write("\n")
+        _log("(stopped)")
+        out.file.write("\n")
+        return Turn(question, "".join(pieces).strip())
+    _end_answer(a, options["sources"])
+    return Turn(question, a.answer)
 
 
 def _chat_command(line: str, history: list) -> bool:
