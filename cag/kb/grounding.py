@@ -17,6 +17,7 @@ judged on its own words where it has some, and is otherwise unsupported.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 import unicodedata
@@ -36,7 +37,9 @@ CANDIDATES = 24  # passages BM25 hands to the fact-share ranking
 MODES = ("flag", "refuse")
 REFUSAL = "The knowledge base does not contain the answer to this question."
 WEIGHTS = {"number": 3.0, "quote": 3.0, "name": 2.0, "word": 1.0}
-UNIT_REACH = 3  # a number's unit must follow it within this many words in a source
+UNIT_REACH = 3
+ANCHORED_AT = 0.5  # the share of a question's names (by rarity) a passage holds to be about its subject
+BRIDGE_SHARE = 0.05  # a name in at most this share of passages (or 2) links its passages to the subject  # a number's unit must follow it within this many words in a source
 
 _STOP = frozenset("""
 a about above after again against all also am an and any are as at be because been before being below between
@@ -158,6 +161,13 @@ def facts(question: str, answer: str) -> list[Fact]:
     return list(found)
 
 
+def _anchors(question: str) -> list[str]:
+    """What a question is about: its names (capitalized words after its first) and its numbers."""
+    toks = _TOKEN.findall(question)
+    named = [_stem(t.lower()) for t in toks[1:] if t[:1].isupper()] + [w for w in words(question) if w[:1].isdigit()]
+    return [w for w in dict.fromkeys(named) if w not in _STOP]
+
+
 def _after_number(toks: list[str], i: int) -> bool:
     """A number's unit is part of the number's fact, not a fact of its own."""
     return i > 0 and toks[i - 1][:1].isdigit()
@@ -184,6 +194,9 @@ class _Passage:
         self.at: dict[str, list[int]] = {}
         for i, w in enumerate(self.toks):
             self.at.setdefault(w, []).append(i)
+        # each sentence's words and the names in it (capitalized words, a sentence's first one included)
+        self.sentences = [(set(words(s)), {_stem(t.lower()) for t in _TOKEN.findall(s) if t[:1].isupper()} - _STOP)
+                          for s in _SENTENCES.split(text)]
 
     def holds(self, fact: Fact) -> bool:
         first = fact.terms[0]
@@ -211,7 +224,11 @@ class Citer:
     def __init__(self, index: PassageIndex):
         self.index = index
         self._bm25 = None
-        self._parsed: dict[int, _Passage] = {}
+        self._parsed = [_Passage(t) for t in index.texts]
+        self._postings: dict[str, list[int]] = {}  # word -> the passages holding it
+        for i, p in enumerate(self._parsed):
+            for w in p.set:
+                self._postings.setdefault(w, []).append(i)
         self._retriever()
 
     def _retriever(self):
@@ -226,9 +243,30 @@ class Citer:
         return self._bm25
 
     def _passage(self, i: int) -> _Passage:
-        if i not in self._parsed:
-            self._parsed[i] = _Passage(self.index.texts[i])
         return self._parsed[i]
+
+    def _linked(self, question: str) -> set[int] | None:
+        """The passages about the question's subject (None: it names none, every passage may be): those that
+        hold its names and numbers (ANCHORED_AT of their weight, rarer words weighing more), and those that
+        share a rare name with a sentence of theirs that holds one (the town a person of the question lives
+        in, for the river that flows through it). A name the knowledge base never mentions links nothing."""
+        named = _anchors(question)
+        if not named:
+            return None
+        n = len(self._parsed)
+        weight = {a: math.log(1 + n / len(self._postings[a])) if a in self._postings else 0.0 for a in named}
+        total = sum(weight.values())
+        if total == 0:
+            return set()
+        held: dict[int, float] = {}
+        for a, w in weight.items():
+            for i in self._postings.get(a, ()):
+                held[i] = held.get(i, 0.0) + w
+        about = {i for i, w in held.items() if w >= ANCHORED_AT * total}
+        rare = max(2, BRIDGE_SHARE * n)
+        bridges = {name for i in about for ws, names in self._parsed[i].sentences if not ws.isdisjoint(weight)
+                   for name in names if name not in weight and len(self._postings.get(name, ())) <= rare}
+        return about | {i for name in bridges for i in self._postings.get(name, ())}
 
     def ground(self, question: str, answer: str, sources: int = DEFAULT_SOURCES) -> Grounding:
         """The answer's first `sources` sources and its support (measured on SUPPORT_SOURCES of them)."""
@@ -236,7 +274,7 @@ class Citer:
             return Grounding()
         fs = facts(question, answer)
         own = fs or [Fact("word", (w,)) for w in dict.fromkeys(words(answer)) if w not in _STOP and len(w) > 1]
-        ranked = self._ranked(question, fs, own)
+        ranked = self._ranked(question, fs, own, self._linked(question))
         top = ranked[:max(sources, SUPPORT_SOURCES)]
         held = [[self._passage(i).holds(f) for f in own] for i, score in top[:SUPPORT_SOURCES] if score > 0]
         together = [any(col) for col in zip(*held)] if held else []
@@ -254,9 +292,10 @@ class Citer:
                 "sources": g.sources, "supported": g.supported, "support": g.support,
                 "grounding_s": time.perf_counter() - start}
 
-    def _ranked(self, question: str, fs: list[Fact], own: list[Fact]) -> list[tuple[int, float]]:
-        """Passages by the share of the answer's facts they hold, then by BM25 of the answer's facts and
-        the question's words."""
+    def _ranked(self, question: str, fs: list[Fact], own: list[Fact],
+                linked: set[int] | None) -> list[tuple[int, float]]:
+        """Passages by the share of the answer's facts they hold (none for a passage not about the question's
+        subject: `_linked`), then by BM25 of the answer's facts and the question's words."""
         bm25 = self._retriever()
         asked = [w for w in dict.fromkeys(words(question)) if w not in _STOP]
         query = [t for f in (fs or own) for t in f.terms if t] * 2 + asked
@@ -266,7 +305,8 @@ class Citer:
         top = max(float(scores[order[0]]), 1e-9) if order else 1.0
         rows = []
         for i in order:
-            share = _share([self._passage(i).holds(f) for f in own], own) if own else 0.0
+            mine = own and (linked is None or i in linked)
+            share = _share([self._passage(i).holds(f) for f in own], own) if mine else 0.0
             rows.append((i, round(share, 4), float(scores[i]) / top))
         rows.sort(key=lambda r: (-r[1], -r[2], r[0]))
         return [(i, share) for i, share, _ in rows]
