@@ -92,6 +92,33 @@ def test_what_the_question_already_says_is_not_evidence(sample):
     assert grounding.facts(q, "An employee gets paid annual leave.") == []
 
 
+REGISTER = [
+    knowledge.Document("towns.md", "# Towns\n\nJormirford was founded in 1301. The river Varro flows through "
+                                   "Jormirford.\n\nYendumcrag was founded in 1707. The river Yolde flows through "
+                                   "Yendumcrag."),
+    knowledge.Document("people.md", "# Residents\n\nSelfen Broaesel is a cooper who lives in Jormirford.\n\n"
+                                    "Pelce Pelzordum is a glassblower who lives in Yendumcrag.\n\n"
+                                    "Kaka Tovishka is a weaver who lives in Yendumcrag."),
+    knowledge.Document("guilds.md", "# Guilds\n\nThe Xalce Guild was founded in 1872 by Yendum Nikstoka.\n\n"
+                                    "The Mirae Guild was founded in 1914 by Kayen Thaishsto."),
+]
+
+
+@pytest.mark.parametrize("question, answer, supported", [
+    ("Who founded The Mirae Guild?", "Kayen Thaishsto founded it.", True),
+    ("Who founded The Mirae Guild?", "Yendum Nikstoka founded it.", False),  # the founder of another guild
+    ("What is the profession of Selfen Broaesel?", "Selfen Broaesel is a cooper.", True),
+    ("What is the profession of Selfen Broaesel?", "Selfen Broaesel is a glassblower.", False),  # another's
+    ("Which river flows through the town where Selfen Broaesel lives?", "The Varro.", True),  # two hops
+    ("Which river flows through the town where Selfen Broaesel lives?", "The Yolde.", False),
+    ("What is the profession of Ilse Varnocky?", "Ilse Varnocky is a cooper.", False),  # nobody of that name
+])
+def test_a_fact_of_another_subject_does_not_support_the_answer(question, answer, supported):
+    citer = Citer(passages.PassageIndex.build(REGISTER, knowledge.content_hash(REGISTER)))
+    got = citer.ground(question, answer)
+    assert got.supported is supported, (question, answer, got.support, got.sources[:1])
+
+
 def test_the_first_source_is_the_passage_holding_the_answer(sample):
     _, citer = sample
     got = citer.ground("Who bought the first Heron lantern?", "The lighthouse keeper Amund Fell bought it.")

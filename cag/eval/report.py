@@ -6,12 +6,16 @@ import json
 import statistics
 from pathlib import Path
 
+from . import sources
+
 COLUMNS = [  # (key, header, format)
     ("dataset", "dataset", "{}"), ("system", "system", "{}"), ("n", "n", "{}"),
     ("contains", "contains", "{:.2f}"), ("exact", "exact", "{:.2f}"), ("f1", "F1", "{:.2f}"),
     ("similarity", "similarity", "{:.3f}"), ("ttft_s", "TTFT s (med)", "{:.3f}"),
     ("seconds_per_q", "s/question (med)", "{:.2f}"), ("prompt_tokens", "prompt tokens/q", "{:.0f}"),
     ("build_s", "build s", "{:.2f}"), ("retrieval_hit", "answer retrieved", "{}"),
+    ("source_precision", "source precision", "{:.2f}"), ("wrong_flagged", "wrong flagged", "{:.2f}"),
+    ("right_flagged", "right flagged", "{:.2f}"), ("support_auc", "support AUC", "{:.2f}"),
 ]
 
 
@@ -25,6 +29,7 @@ def summarize(dataset: str, system: str, rows: list[dict], build_s: float, knowl
         "ttft_s": median("ttft_s"), "seconds_per_q": median("total_s"), "prompt_tokens": mean("prompt_tokens"),
         "context_tokens": mean("context_tokens"), "build_s": build_s,
         "retrieval_hit": round(statistics.fmean(hits), 2) if hits else "-",
+        **sources.summary(rows),
     }
 
 
@@ -36,6 +41,8 @@ def markdown(summary: list[dict]) -> str:
 
 
 def _cell(fmt: str, value) -> str:
+    if value is None:  # nothing to measure (a RAG system's support, no wrong answers)
+        return "-"
     try:
         return fmt.format(value)
     except (ValueError, TypeError):

@@ -15,7 +15,7 @@ from ..engines.base import Engine
 from ..kb import knowledge
 from ..kb.prompt import PromptBuilder
 from . import dataset as ds
-from . import embed, report, scoring
+from . import embed, report, scoring, sources
 from . import systems as sysmod
 from .retrieval import DEFAULT_CHUNK_TOKENS
 
@@ -83,6 +83,9 @@ def _row(dataset: str, system: str, index: int, q: ds.Question, reply: sysmod.Re
         "answer": reply.answer, "exact": scoring.exact(reply.answer, q.a), "contains": scoring.contains(reply.answer, q.a),
         "f1": scoring.token_f1(reply.answer, q.a), "ttft_s": reply.ttft_s, "total_s": reply.total_s,
         "prompt_tokens": reply.prompt_tokens, "context_tokens": reply.context_tokens, "retrieval_hit": hit,
+        "first_source": reply.sources[0] if reply.sources else None,
+        "first_source_contains": sources.first_source_holds(reply.sources, q.a),
+        "supported": reply.supported, "support": reply.support, "grounding_s": reply.grounding_s,
     }
 
 

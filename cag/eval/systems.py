@@ -5,6 +5,9 @@ in-context  the same knowledge base asked with use_cache=False: the whole prompt
 bm25@k      a prompt holding only the top-k BM25 chunks, run from scratch with cag's generation loop
 dense@k     the same with MiniLM top-k chunks
 
+cag and in-context answers come with the knowledge base's sources and support (cag.kb.grounding); a RAG
+system's sources are the chunks it retrieved, best first, and it gives no support signal.
+
 Build cost is what a system does once before its first question: cag's prefill (+ writing the cache),
 nothing for in-context, the index for RAG (chunk embedding for dense; the embedder load is excluded).
 """
@@ -35,6 +38,10 @@ class Reply:
     prompt_tokens: int  # tokens the model computed for this question's prompt
     context_tokens: int  # tokens of the whole prompt it conditioned on (cached + computed)
     retrieved: list[str] = field(default_factory=list)  # chunk texts a RAG system put in the prompt
+    sources: list[str] = field(default_factory=list)  # the texts it cites, first source first
+    supported: bool | None = None  # cag's support signal (None: the system gives none)
+    support: float | None = None
+    grounding_s: float | None = None
 
 
 class KbSystems:
@@ -76,7 +83,9 @@ class CacheSystem:
 
     def answer(self, question: str, max_new_tokens: int) -> Reply:
         a = self.shared.kb.ask(question, use_cache=self.use_cache, max_new_tokens=max_new_tokens)
-        return Reply(a.answer, a.ttft_s, a.total_s, a.question_tokens, a.prompt_tokens)
+        return Reply(a.answer, a.ttft_s, a.total_s, a.question_tokens, a.prompt_tokens,
+                     sources=[s.snippet for s in a.sources], supported=a.supported, support=a.support,
+                     grounding_s=a.grounding_s)
 
 
 class RagSystem:
@@ -104,8 +113,9 @@ class RagSystem:
             empty.release()
         stream.flush()
         total = time.perf_counter() - start
+        texts = [c.text for c in picked]
         return Reply(stream.text().strip(), ttft if ttft is not None else total, total, len(ids), len(ids),
-                     [c.text for c in picked])
+                     texts, sources=texts)  # the top retrieved chunk is its first source
 
 
 def make(dataset: Dataset, lm, names: list[str], top_k: list[int], embedder_factory,
