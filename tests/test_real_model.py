@@ -61,7 +61,8 @@ def test_every_sample_answer_from_the_cache_is_token_identical_to_no_cache(sampl
         right = row["a"].lower() in cached.answer.lower()
         if right:  # the first source is in the document that holds the expected fact
             holder = sample_kb.docs[[d.name for d in sample_kb.docs].index(cached.sources[0].document)]
-            assert row["a"].lower() in holder.text.lower(), (row["q"], cached.answer, cached.sources[0])
+            assert row["a"].lower() in " ".join(holder.text.lower().split()), (row["q"], cached.answer,
+                                                                                cached.sources[0])
         correct += right
     # The cache must carry the knowledge: a 135M model gets many, not all, of these right.
     assert correct >= 8, f"only {correct} answers contain the reference fact"
