@@ -65,14 +65,21 @@ _STATE: contextvars.ContextVar[_Running | None] = contextvars.ContextVar("cag_ro
 # -- attention over the two segments -------------------------------------------------------------------
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """The rows' attention while cag.batch runs a forward; plain sdpa otherwise (building a prefix)."""
+    """The rows' attention while cag.batch runs a forward; plain sdpa otherwise (building a prefix).
+
+    A sliding-window layer (Gemma 2/3's local layers: `sliding_window` W) lets the query at absolute
+    position p see only positions p-W+1..p, as transformers' sliding mask does; the prefix part and the own
+    part each read only the positions some query of the row may see."""
     state = _STATE.get()
     if state is None:
         return kvcompat.sdpa_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                        **kwargs)
-    for name in ("sliding_window", "softcap", "s_aux"):
+    for name in ("softcap", "s_aux"):
         if kwargs.get(name) is not None:
             raise NotImplementedError(f"attention with {name} is not supported yet")
+    window = kwargs.get("sliding_window")
+    if window is not None and not (isinstance(window, int) and window > 0):
+        raise NotImplementedError(f"attention with a sliding window of {window!r} is not supported")
     layer = module.layer_idx
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     for i, row in enumerate(state.rows):
@@ -80,10 +87,10 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     out = torch.empty_like(query)
     s = query.shape[2]
     prefix = {}
-    for group in _groups(state.rows, state.fold):
-        prefix.update(_prefix_part(query, group, state.rows, layer, scale))
+    for group in _groups(state.rows, state.fold and window is None):  # a window depends on each row's position
+        prefix.update(_prefix_part(query, group, state.rows, layer, scale, window))
     for i, row in enumerate(state.rows):
-        own = _own_part(query[i:i + 1], row, layer, s, scale)
+        own = _own_part(query[i:i + 1], row, layer, s, scale, window)
         out[i] = _merge(prefix.get(i), own).to(query.dtype)[0]
     return out.transpose(1, 2).contiguous(), None
 
@@ -99,32 +106,58 @@ def _groups(rows: list[Row], fold: bool) -> list[list[int]]:
     return list(by_length.values())
 
 
-def _prefix_part(query: torch.Tensor, group: list[int], rows: list[Row], layer: int, scale: float) -> dict:
+def _prefix_part(query: torch.Tensor, group: list[int], rows: list[Row], layer: int, scale: float,
+                 window: int | None = None) -> dict:
     """{row: (output, lse)} of the group's queries against the prefix; query heads that share a KV head are
-    folded into its query dimension (with the group's rows), so the prefix is read once and never expanded."""
+    folded into its query dimension (with the group's rows), so the prefix is read once and never expanded.
+    With a sliding `window` the group is one row, and only the prefix positions its queries may see are read."""
     pk, pv = rows[group[0]].workspace.layers[layer]
     length = rows[group[0]].shared
-    pk, pv = pk[:, :, :length], pv[:, :, :length]
     b, (_, hq, s, d), hkv = len(group), query.shape, pk.shape[1]
     g = hq // hkv
+    start, allowed = 0, None
+    if window is not None:
+        first = rows[group[0]].position  # the absolute position of the row's first query
+        start = max(0, first - window + 1)
+        if start >= length:
+            return {}  # no query of the row sees any prefix position
+        if first + s - 1 - window + 1 > start:  # later queries see fewer: mask per query
+            keys = torch.arange(start, length, device=query.device)
+            last_hidden = first + torch.arange(s, device=query.device) - window  # position j sees keys > this
+            allowed = (keys[None, :] > last_hidden[:, None]).repeat(g, 1)  # [g*s, keys], heads folded as below
+    pk, pv = pk[:, :, start:length], pv[:, :, start:length]
     q = query[group] if b < query.shape[0] else query
     q = q.reshape(b, hkv, g * s, d).transpose(0, 1).reshape(1, hkv, b * g * s, d)
-    o, lse = _attend(q, pk, pv, scale, causal=False)
+    if allowed is None:
+        o, lse = _attend(q, pk, pv, scale, causal=False)
+    else:
+        o, lse = _attend_matmul(q, pk, pv, scale, allowed)
+        o = torch.where(torch.isneginf(lse)[..., None], 0.0, o)  # a query that sees none of the prefix: weight 0
     o = o.view(hkv, b, g * s, d).transpose(0, 1).reshape(b, hq, s, d)
     lse = lse.view(hkv, b, g * s).transpose(0, 1).reshape(b, hq, s)
     return {i: (o[j:j + 1], lse[j:j + 1]) for j, i in enumerate(group)}
 
 
-def _own_part(query: torch.Tensor, row: Row, layer: int, s: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One row's queries [1, hq, s, d] against its own positions, causally (query j sits at own position length+j)."""
+def _own_part(query: torch.Tensor, row: Row, layer: int, s: int, scale: float,
+              window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One row's queries [1, hq, s, d] against its own positions, causally (query j sits at own position
+    length+j); with a sliding `window`, query j sees own positions length+j-window+1..length+j only."""
     keys, values = row.buffer.own(layer, row.length + s)
     hq, hkv = query.shape[1], keys.shape[1]
     g = hq // hkv
-    if s == 1:  # one query per head sees every own position: fold the heads, no copy
+    start = max(0, row.length - window + 1) if window is not None else 0
+    if s == 1:  # one query per head sees every own position (from `start`): fold the heads, no copy
+        keys, values = keys[:, :, start:], values[:, :, start:]
         o, lse = _attend(query.reshape(1, hkv, g, query.shape[-1]), keys, values, scale, causal=False)
         return o.reshape(1, hq, 1, -1), lse.reshape(1, hq, 1)
     if g > 1:
         keys, values = keys.repeat_interleave(g, dim=1), values.repeat_interleave(g, dim=1)  # own positions only
+    if window is not None and row.length + s - window > 0:  # the window cuts some query's view: mask it
+        keys, values = keys[:, :, start:], values[:, :, start:]
+        at = start + torch.arange(keys.shape[2], device=query.device)
+        mine = row.length + torch.arange(s, device=query.device)
+        allowed = (at[None, :] <= mine[:, None]) & (at[None, :] > mine[:, None] - window)
+        return _attend_matmul(query, keys, values, scale, allowed)
     if row.length == 0:
         return _attend(query, keys, values, scale, causal=True)
     rel = torch.arange(row.length + s, device=query.device)

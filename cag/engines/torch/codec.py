@@ -32,7 +32,10 @@ class HFCodec(Codec):
         self.inert.encode_special_tokens = True
         self.inert.no_truncation()
         self.inert.no_padding()
-        self._special = {t.content: i for i, t in backend.get_added_tokens_decoder().items()}
+        # Only the special added tokens: those `encode_special_tokens` makes inert in user text. Other added
+        # tokens (Gemma's "\n", "\n\n", tab runs, "<table>"…: SentencePiece's user-defined pieces) are
+        # ordinary text that user text and the template's own text both tokenize to.
+        self._special = {t.content: i for i, t in backend.get_added_tokens_decoder().items() if t.special}
         self._longest: int | None = None
         self._fingerprint: str | None = None
 
@@ -129,8 +132,10 @@ def stop_ids(tokenizer, generation_config=None) -> list[int]:
         elif isinstance(value, (list, tuple)):
             ids.update(v for v in value if isinstance(v, int))
     vocab = tokenizer.get_vocab()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    plain = {i for i, t in backend.get_added_tokens_decoder().items() if not t.special} if backend else set()
     for marker in END_MARKERS:
-        if marker in vocab:
+        if marker in vocab and vocab[marker] not in plain:  # Gemma's "</s>" is an HTML tag, not an end
             ids.add(vocab[marker])
     return sorted(ids)
 

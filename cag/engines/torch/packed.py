@@ -24,6 +24,7 @@ from . import native
 
 ROW_LIMIT = 48  # rows per call up to which the packed kernels beat float32 BLAS (measured on a 2-core EPYC)
 Q41_BLOCK_BYTES, Q80_BLOCK_BYTES = 20, 34
+_SAMPLE_ROWS = 16  # rows checked first: a matrix whose first rows are not exact blocks is not packed at all
 
 
 def pack_q41(w: torch.Tensor) -> torch.Tensor | None:
@@ -46,14 +47,30 @@ def pack_q41(w: torch.Tensor) -> torch.Tensor | None:
 
 
 def pack_q80(w: torch.Tensor) -> torch.Tensor | None:
-    """[N, K] float32 weights as Q8_0 blocks ([N, K/32, 34] bytes), or None if they are not exactly Q8_0."""
+    """[N, K] float32 weights as Q8_0 blocks ([N, K/32, 34] bytes), or None if they are not exactly Q8_0.
+
+    Each block takes ggml's own Q8_0 scale (its largest magnitude / 127) where that reproduces it, else the
+    largest magnitude / 16: Q5_0 and Q4_0 blocks (d*(q-16), d*(q-8), the largest one at -16*d or -8*d) are
+    Q8_0 blocks of that scale with small q, so a Q4_K_M model's Q5_0 projections decode from 34 bytes per 32
+    weights instead of 128. Either way every block is checked to give the float32 weights back exactly."""
     n, k = w.shape
     if k % 32 or w.dtype != torch.float32:
         return None
     b = w.detach().reshape(n, k // 32, 32)
-    d = (b.abs().amax(-1) / 127).half().float()
-    q = torch.round(b / torch.where(d > 0, d, 1.0)[..., None]).clamp_(-127, 127)
-    if not torch.equal(d[..., None] * q, b):
+    amax = b.abs().amax(-1)
+    d = q = None
+    for divisor in (127, 16):
+        dd = (amax / divisor).half().float()
+        qq = torch.round(b / torch.where(dd > 0, dd, 1.0)[..., None]).clamp_(-127, 127)
+        exact = (dd[..., None] * qq == b).all(-1)
+        if d is None:
+            d, q, ok = dd, qq, exact
+        else:
+            use = ~ok & exact
+            d, q, ok = torch.where(use, dd, d), torch.where(use[..., None], qq, q), ok | exact
+        if bool(ok.all()):
+            break
+    if not bool(ok.all()):
         return None
     out = torch.empty(n, k // 32, Q80_BLOCK_BYTES, dtype=torch.uint8)
     out[..., 0:2] = d.half().view(torch.uint8).view(n, k // 32, 2)
@@ -186,6 +203,8 @@ def pack_model(model: torch.nn.Module, simd: str | None = None) -> PackReport:
                 report.kept += 1
                 continue
             for kind, pack in (("q4_1", pack_q41), ("q8_0", pack_q80)):
+                if pack(child.weight[:_SAMPLE_ROWS]) is None:  # most weights that are not such blocks show it
+                    continue                                    # in their first rows: skip the whole check
                 blocks = pack(child.weight)
                 if blocks is not None:
                     setattr(parent, name, PackedLinear(child, kind, blocks, kernels))
