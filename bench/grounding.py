@@ -151,6 +151,52 @@ def behind(goal: str, rows: list[dict]) -> list[dict]:
     return sorted(rows, key=lambda r: -r["grounding_s"])[:3]
 
 
+def regrade(data: dict, replay: int) -> dict:
+    """An earlier run's answers (they do not depend on grounding) with sources and support from this checkout;
+    grounding_s is then the first grounding of each answer on a fresh index, replay_s as in a run."""
+    from cag.kb import grounding
+
+    out = {**data, "results": [], "regraded_from": data.get("grounding_sha256"),
+           "grounding_sha256": hashlib.sha256(Path(grounding.__file__).read_bytes()).hexdigest()[:16],
+           "supported_at": grounding.SUPPORTED_AT, "machine": {**common.machine(), **cpu()}}
+    for r in data["results"]:
+        citer = citer_for(r["dataset"])
+        rows = [_regraded(citer, q, replay) for q in r["rows"]]
+        out["results"].append({**r, "rows": rows, "summary": summarize(rows)})
+    out["pooled"] = pooled(out["results"])
+    return out
+
+
+def citer_for(key: str):
+    """The Citer a knowledge base of this dataset gets (its documents as the run built them)."""
+    from cag.eval import dataset as ds
+    from cag.eval.systems import titled
+    from cag.kb import knowledge, passages
+    from cag.kb.grounding import Citer
+
+    if DATASETS[key] is None:
+        docs = knowledge.load([str(common.SAMPLE_DOCS)], log=lambda _m: None)
+    else:
+        docs = [knowledge.Document(d["name"], d["text"]) for d in titled(ds.load(DATASETS[key]))]
+    return Citer(passages.PassageIndex.build(docs))
+
+
+def _regraded(citer, row: dict, replay: int) -> dict:
+    from cag.eval import sources
+
+    times = []
+    for _ in range(1 + replay):
+        start = time.perf_counter()
+        g = citer.ground(row["question"], row["answer"], 3)
+        times.append(time.perf_counter() - start)
+    snippets = [s.snippet for s in g.sources]
+    return {**row, "supported": g.supported, "support": g.support, "first_source": snippets[0] if snippets else None,
+            "first_locator": f"{g.sources[0].document} › {g.sources[0].locator}" if g.sources else None,
+            "first_source_contains": sources.first_source_holds(snippets, row["reference"]),
+            "grounding_s": times[0], "replay_s": statistics.median(times[1:]) if replay else None,
+            "support_before": row["support"]}
+
+
 # -- output ---------------------------------------------------------------------------------------------
 
 def _f(value, fmt: str = "{:.2f}") -> str:
@@ -260,10 +306,17 @@ def main() -> None:
     ap.add_argument("--verbose", action="store_true", help="print the answers behind every missed goal")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--from-json", type=Path, default=None, help="print the tables of an earlier run's JSON again")
+    ap.add_argument("--regrade", type=Path, default=None,
+                    help="ground an earlier run's answers again with this checkout's grounding (no model runs)")
     args = ap.parse_args()
     THRESHOLDS = tuple(float(t) for t in args.thresholds.split(","))
     if args.from_json:
         return report(json.loads(args.from_json.read_text()), args.verbose)
+    if args.regrade:
+        path = common.write_results("grounding-regraded", regrade(json.loads(args.regrade.read_text()), args.replay),
+                                    args.out)
+        report(json.loads(path.read_text()), args.verbose)
+        return print(f"\nwrote {path}")
     models = _keys(args.models, MODELS)
     datasets = _keys(args.datasets or ("sample,1k" if args.quick else ",".join(DATASETS)), DATASETS)
     args.limit = args.limit or (4 if args.quick else None)
