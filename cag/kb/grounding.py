@@ -6,7 +6,7 @@ and a no-cache answer, or a streamed and a non-streamed one, get the same source
 
 An answer's facts are what it says beyond its question: numbers with the unit that follows them, quoted
 phrases, names (capitalized words inside a sentence) and other content words. Passages are first found by
-BM25 (bm25s) over the answer's facts and the question's words, then ranked by the share of the answer's
+BM25 over the answer's facts and the question's words, then ranked by the share of the answer's
 facts each one holds. A number counts only with its unit beside it ("12 months" is not "12 days") and in a
 passage that also holds a word of its context (its sentence in the answer, and the question): "12 days" of
 travel expenses do not support "12 days of annual leave". A source's score is that share; `support` is the
@@ -217,30 +217,54 @@ def _share(found: Sequence[bool], fs: Sequence[Fact]) -> float:
     return sum(f.weight for f, ok in zip(fs, found) if ok) / total if total else 0.0
 
 
+class _Bm25:
+    """BM25 scores of a fixed set of documents (lists of words) for a query (a list of words, repeats count)."""
+
+    K1, B = 1.5, 0.75
+
+    def __init__(self, docs: list[list[str]]):
+        self.n = len(docs)
+        lengths = np.array([len(d) for d in docs], dtype=np.float64)
+        norm = self.K1 * (1 - self.B + self.B * lengths / max(lengths.mean() if self.n else 1.0, 1e-9))
+        counts: dict[str, dict[int, int]] = {}
+        for i, doc in enumerate(docs):
+            for w in doc:
+                at = counts.setdefault(w, {})
+                at[i] = at.get(i, 0) + 1
+        self.terms: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # word -> (passages, their weight for it)
+        for w, at in counts.items():
+            ids = np.fromiter(at, dtype=np.int64, count=len(at))
+            tf = np.fromiter(at.values(), dtype=np.float64, count=len(at))
+            idf = math.log(1 + (self.n - len(at) + 0.5) / (len(at) + 0.5))
+            self.terms[w] = (ids, idf * tf * (self.K1 + 1) / (tf + norm[ids]))
+
+    def scores(self, query: list[str]) -> np.ndarray:
+        out = np.zeros(self.n)
+        for w in query:
+            if w in self.terms:
+                ids, weight = self.terms[w]
+                out[ids] += weight
+        return out
+
+
 class Citer:
-    """Sources and support for answers from one passage index. Its BM25 is made here, when a knowledge base
-    loads (a few ms, and bm25s's import, ~0.4 s, once per process), not when the first answer waits for it."""
+    """Sources and support for answers from one passage index, with everything per passage worked out when a
+    knowledge base loads (a few ms), not while an answer waits.
+
+    The first-stage search is BM25 (Lucene's variant, bm25s's default: k1 1.5, b 0.75) over each passage's
+    heading path and words, computed here over the postings of the query's words. Not bm25s itself: every
+    index it builds takes tqdm's process-wide lock, even with progress off, and a process forked while
+    another thread of its parent held that lock (transformers' progress bars start one) hangs for ever."""
 
     def __init__(self, index: PassageIndex):
         self.index = index
-        self._bm25 = None
         self._parsed = [_Passage(t) for t in index.texts]
         self._postings: dict[str, list[int]] = {}  # word -> the passages holding it
         for i, p in enumerate(self._parsed):
             for w in p.set:
                 self._postings.setdefault(w, []).append(i)
-        self._retriever()
-
-    def _retriever(self):
-        if self._bm25 is None:
-            import bm25s
-
-            bm25 = bm25s.BM25()
-            corpus = [[w for w in words(" ".join(p.heading) + " " + t) if w not in _STOP] or ["\0"]
-                      for p, t in zip(self.index.passages, self.index.texts)]
-            bm25.index(corpus, show_progress=False)
-            self._bm25 = bm25
-        return self._bm25
+        self._bm25 = _Bm25([[w for w in words(" ".join(p.heading) + " " + t) if w not in _STOP]
+                            for p, t in zip(index.passages, index.texts)])
 
     def _passage(self, i: int) -> _Passage:
         return self._parsed[i]
@@ -296,11 +320,8 @@ class Citer:
                 linked: set[int] | None) -> list[tuple[int, float]]:
         """Passages by the share of the answer's facts they hold (none for a passage not about the question's
         subject: `_linked`), then by BM25 of the answer's facts and the question's words."""
-        bm25 = self._retriever()
         asked = [w for w in dict.fromkeys(words(question)) if w not in _STOP]
-        query = [t for f in (fs or own) for t in f.terms if t] * 2 + asked
-        known = [t for t in query if t in bm25.vocab_dict and t]  # bm25s refuses words it has not seen
-        scores = bm25.get_scores(known) if known else np.zeros(len(self.index))
+        scores = self._bm25.scores([t for f in (fs or own) for t in f.terms if t] * 2 + asked)
         order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:CANDIDATES]
         top = max(float(scores[order[0]]), 1e-9) if order else 1.0
         rows = []
