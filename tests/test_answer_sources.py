@@ -38,6 +38,16 @@ def test_passages_are_short_spans_of_their_documents(sample):
         assert fact in covered
 
 
+@pytest.mark.parametrize("tail", ["Short end.", "A longer last sentence that stands as a passage of its own. " * 3])
+def test_a_long_block_is_cut_at_sentences_and_a_short_end_joins_the_piece_before(tail):
+    text = "# Guide\n" + "The Heron lantern is blue and costs 148 crowns in every shop. " * 5 + tail
+    doc = knowledge.Document("guide.md", knowledge.normalize(text))
+    got = passages.split(doc)
+    assert len(got) == (1 if tail == "Short end." else 2)
+    assert all(len(doc.text[p.start:p.end]) <= passages.MERGED_CHARS for p in got)
+    assert doc.text[got[-1].start:got[-1].end].endswith(tail.strip())
+
+
 def test_markdown_passages_name_their_heading_path(sample):
     _, citer = sample
     leave = _passage(citer, "27 days")

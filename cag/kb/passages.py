@@ -201,7 +201,8 @@ def _pieces(text: str, start: int, end: int):
             pieces.append([s, e])
     if len(pieces) > 1 and pieces[-1][1] - pieces[-1][0] < MAX_CHARS // 4 \
             and pieces[-1][1] - pieces[-2][0] <= MERGED_CHARS:
-        pieces[-2][1] = pieces.pop()[1]
+        last = pieces.pop()
+        pieces[-1][1] = last[1]
     return [tuple(p) for p in pieces]
 
 
