@@ -228,6 +228,7 @@ def test_the_index_reaches_another_machine_through_redis(tmp_path, tiny_lm, redi
     monkeypatch.setenv("CAG_REDIS_URL", redis_url)
     monkeypatch.setenv("CAG_HOME", str(tmp_path / "first"))
     first = cag.build([_handbook(tmp_path / "docs")], name="kb", lm=tiny_lm, log=lambda _m: None)
+    stores.default().close()  # its listener would go on calling the Redis that this test stops
     monkeypatch.setenv("CAG_HOME", str(tmp_path / "second"))  # nothing on this machine's disk
     second = cag.load("kb", lm=tiny_lm, log=lambda _m: None)
     assert second.cache_source == "redis" and second.citer.index.passages == first.citer.index.passages
