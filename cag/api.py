@@ -371,8 +371,9 @@ def _build(settings: dict, docs, lm: Engine, policy: Policy, store: TieredStore,
         log(f"{name}: {how}")
     meta = {**settings, "model_fingerprint": lm.identity()["fingerprint"], "policy": policy.to_json(),
             "built_at": time.time()}
-    index = passages.PassageIndex.build(docs, knowledge.content_hash(docs))
-    identity = {**_identity(lm, builder, docs, name), "prefill_bounds": ext.bounds, "passages": index.to_json()}
+    identity = {**_identity(lm, builder, docs, name), "prefill_bounds": ext.bounds}
+    index = passages.PassageIndex.build(docs, identity["knowledge"]["sha256"])
+    identity["passages"] = index.to_json()
     if settings.get("kv_quant"):  # the prefix was kept as the tiers will hold it: "built" and "disk" answers agree
         identity["kv_quant"] = settings["kv_quant"]
     payload = lm.export(ext.prefix)

@@ -161,6 +161,14 @@ def facts(question: str, answer: str) -> list[Fact]:
     return list(found)
 
 
+def decided(judged: dict, unsupported: str) -> dict:
+    """A judgement (Citer.judge's fields, or an Answer's) as `unsupported` wants it: with "refuse" an
+    unsupported answer becomes REFUSAL and the model's text moves to `generated`."""
+    if unsupported != "refuse" or judged["supported"]:
+        return judged
+    return {**judged, "answer": REFUSAL, "generated": judged["answer"]}
+
+
 def _anchors(question: str) -> list[str]:
     """What a question is about: its names (capitalized words after its first) and its numbers."""
     toks = _TOKEN.findall(question)
@@ -263,11 +271,8 @@ class Citer:
         for i, p in enumerate(self._parsed):
             for w in p.set:
                 self._postings.setdefault(w, []).append(i)
-        self._bm25 = _Bm25([[w for w in words(" ".join(p.heading) + " " + t) if w not in _STOP]
-                            for p, t in zip(index.passages, index.texts)])
-
-    def _passage(self, i: int) -> _Passage:
-        return self._parsed[i]
+        self._bm25 = _Bm25([[w for w in words(" ".join(p.heading)) + parsed.toks if w not in _STOP]
+                            for p, parsed in zip(index.passages, self._parsed)])
 
     def _linked(self, question: str) -> set[int] | None:
         """The passages about the question's subject (None: it names none, every passage may be): those that
@@ -300,7 +305,7 @@ class Citer:
         own = fs or [Fact("word", (w,)) for w in dict.fromkeys(words(answer)) if w not in _STOP and len(w) > 1]
         ranked = self._ranked(question, fs, own, self._linked(question))
         top = ranked[:max(sources, SUPPORT_SOURCES)]
-        held = [[self._passage(i).holds(f) for f in own] for i, score in top[:SUPPORT_SOURCES] if score > 0]
+        held = [[self._parsed[i].holds(f) for f in own] for i, score in top[:SUPPORT_SOURCES] if score > 0]
         together = [any(col) for col in zip(*held)] if held else []
         support = round(_share(together, own), 4) if held else 0.0
         shown = [self._source(i, score) for i, score in top[:sources]]
@@ -311,10 +316,8 @@ class Citer:
         answer becomes REFUSAL and the model's text moves to `generated`."""
         start = time.perf_counter()
         g = self.ground(question, answer, sources)
-        refused = unsupported == "refuse" and not g.supported
-        return {"answer": REFUSAL if refused else answer, "generated": answer if refused else None,
-                "sources": g.sources, "supported": g.supported, "support": g.support,
-                "grounding_s": time.perf_counter() - start}
+        return decided({"answer": answer, "generated": None, "sources": g.sources, "supported": g.supported,
+                        "support": g.support, "grounding_s": time.perf_counter() - start}, unsupported)
 
     def _ranked(self, question: str, fs: list[Fact], own: list[Fact],
                 linked: set[int] | None) -> list[tuple[int, float]]:
@@ -327,7 +330,7 @@ class Citer:
         rows = []
         for i in order:
             mine = own and (linked is None or i in linked)
-            share = _share([self._passage(i).holds(f) for f in own], own) if mine else 0.0
+            share = _share([self._parsed[i].holds(f) for f in own], own) if mine else 0.0
             rows.append((i, round(share, 4), float(scores[i]) / top))
         rows.sort(key=lambda r: (-r[1], -r[2], r[0]))
         return [(i, share) for i, share, _ in rows]

@@ -70,9 +70,12 @@ class PassageIndex:
 
     @classmethod
     def build(cls, docs: Sequence[Document], knowledge_sha: str = "") -> "PassageIndex":
-        passages = [p for doc in docs for p in split(doc)]
-        by_name = {d.name: d.text for d in docs}
-        return cls(passages, [shown(by_name[p.document][p.start:p.end]) for p in passages], knowledge_sha)
+        return cls._of([p for doc in docs for p in split(doc)], {d.name: d.text for d in docs}, knowledge_sha)
+
+    @classmethod
+    def _of(cls, passages: list[Passage], text: dict[str, str], knowledge_sha: str) -> "PassageIndex":
+        """The index of these passages of documents whose text is given by name (their snippets cut from it)."""
+        return cls(passages, [shown(text[p.document][p.start:p.end]) for p in passages], knowledge_sha)
 
     @classmethod
     def merge(cls, indexes: Sequence["PassageIndex"]) -> "PassageIndex":
@@ -107,7 +110,7 @@ class PassageIndex:
         if not isinstance(names, list) or not isinstance(rows, list) or not all(isinstance(n, str) for n in names):
             raise _refused("its documents or passages are not lists")
         passages = [_row(row, names, text) for row in rows]
-        index = cls(passages, [shown(text[p.document][p.start:p.end]) for p in passages], knowledge_sha)
+        index = cls._of(passages, text, knowledge_sha)
         if data.get("sha256") != _digest(passages, index.texts):
             raise _refused("its passages do not match its digest (the file was edited)")
         return index

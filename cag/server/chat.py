@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import CagError, ContextLengthError
-from ..kb.grounding import DEFAULT_SOURCES, REFUSAL
+from ..kb.grounding import DEFAULT_SOURCES, decided
 from ..kb.prompt import Turn
 from ..sampling import Sampling
 from ..scheduler import Batching
@@ -256,7 +256,7 @@ class ChatService:
                  "total_tokens": a.prompt_tokens + a.new_tokens, "cached_tokens": a.cached_tokens}
         result = {"usage": usage, "finish_reason": a.finish_reason, "response_cache": None, "ttft_s": a.ttft_s,
                   "total_s": a.total_s, "cache_source": a.cache_source, "mode": a.mode,
-                  **_grounded(_refused(vars(a), plan.unsupported))}
+                  **_grounded(decided(vars(a), plan.unsupported))}
         if on_text is not None and not streams and result["text"]:
             on_text(result["text"])
         if plan.key:  # the model's own text: what a hit makes of it depends on that request's options
@@ -276,14 +276,6 @@ class ChatService:
         if self.cache is not None:
             self.cache.drop(folder)
         self.conversations.drop_kb(tenant, folder)
-
-
-def _refused(judged: dict, unsupported: str) -> dict:
-    """A "flag"-mode judgement (an Answer's fields or Citer.judge's) as `unsupported` wants it: with "refuse",
-    an unsupported answer becomes grounding.REFUSAL and the model's text moves to `generated` (as Citer.judge)."""
-    if unsupported != "refuse" or judged["supported"]:
-        return judged
-    return {**judged, "answer": REFUSAL, "generated": judged["answer"]}
 
 
 def _grounded(judged: dict) -> dict:
