@@ -780,7 +780,9 @@ def serve(
     lm = _load_model(settings.model, device=settings.device, threads=settings.threads, **options)
     if getattr(lm, "packing", None) is not None:
         _log(str(lm.packing))
-    uvicorn.run(create_app(settings, lm), host=host, port=port, log_level=log_level, access_log=False)
+    server = create_app(settings, lm)
+    del lm  # the server owns the model now: unloading it under model_bytes must free it, not leave it to this frame
+    uvicorn.run(server, host=host, port=port, log_level=log_level, access_log=False)
 
 
 @app.command()

@@ -71,6 +71,7 @@ class Models:
 
     def __init__(self, config: ServerConfig, budget: int, loaded: Engine | None = None):
         self.config, self.budget = config, budget
+        _few_arenas()
         self._cond = threading.Condition()
         self._gate = threading.Lock()  # one load or build at a time: each makes room for itself in turn
         self._engines: OrderedDict[Key, Engine] = OrderedDict()
@@ -250,13 +251,34 @@ class Models:
         entry.kb.release()
 
 
+ARENAS = 2  # glibc malloc arenas a server keeps (its default is 8 per core)
+
+
+def _libc():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c"))
+    except (OSError, TypeError):
+        return None
+
+
+def _few_arenas() -> None:
+    """Keep glibc to ARENAS malloc arenas. By default each thread that allocates gets an arena of its own (up
+    to 8 per core) and freed blocks stay in the arena that held them: worker threads loading and freeing
+    llama.cpp contexts in turn left ~100 MB more resident than the model budget allows. Must run before the
+    process has made many threads (the limit is fixed when glibc first needs it)."""
+    libc = _libc()
+    try:
+        libc.mallopt(-8, ARENAS)  # M_ARENA_MAX
+    except AttributeError:  # not glibc
+        pass
+
+
 def _give_back() -> None:
     """Return freed heap pages to the system (glibc keeps freed blocks under its mmap threshold, some MB, in
     the heap): what was let go leaves the process's resident memory, not just its allocator's books."""
-    name = ctypes.util.find_library("c")
     try:
-        ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):  # not glibc
+        _libc().malloc_trim(0)
+    except AttributeError:  # not glibc
         pass
 
 

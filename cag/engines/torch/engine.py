@@ -60,6 +60,8 @@ class TorchEngine(Engine):
 
     @property
     def nbytes(self) -> int:
+        if self.model is None:  # closed
+            return 0
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
         return weights + (self.packing.packed_bytes if self.packing is not None else 0)
 
@@ -127,6 +129,15 @@ class TorchEngine(Engine):
     def decoder(self, prefix: Workspace) -> batch.Decoder:
         return batch.Decoder(self.state, prefix)
 
+    def close(self) -> None:
+        """Let the weights go now, not when the last reference to the engine does: a server that unloads this
+        model gets back the mapped safetensors and the packed copies even if a request or a log still holds the
+        engine. A closed engine answers nothing more."""
+        with self.state.lock:
+            self.state.model = None
+            self.state.fusions = None
+            self.state.native_plan = None
+
 
 def _finite(t: torch.Tensor) -> bool:
     """No NaN or infinity, checked in pieces (a float32 copy of a large prefix at once would double it)."""
@@ -152,4 +163,3 @@ def _pieces(model, device: torch.device, ids: Sequence[int], ends: Sequence[int]
     if not ends:
         return [(k, v) for k, v in past] if past else []
     return kvcompat.to_layers(cache)
-
