@@ -652,8 +652,9 @@ def inspect(name: str = typer.Argument(...), tenant: Optional[str] = typer.Optio
                       "file": str(path), "bytes": path.stat().st_size, "integrity": "ok",
                       **({} if part == stored else {"shard_of": name}),
                       **{k: _iso(v) if k == "built_at" else v for k, v in api.read_meta(part).items() if k != "name"},
-                      "manifest": {k: v for k, v in manifest.items() if k != "shapes"},
-                      "kv_shape": manifest["shapes"]["k"][0]})
+                      "manifest": {k: v for k, v in manifest.items() if k not in ("shapes", "passages")},
+                      "passages": len((manifest.get("passages") or {}).get("passages") or ()),
+                      "stored": _stored_shapes(manifest["shapes"])})
     if as_json:
         print(json.dumps(infos[0] if len(infos) == 1 else {"name": name, "shards": infos}, indent=2))
         return
@@ -666,6 +667,13 @@ def inspect(name: str = typer.Argument(...), tenant: Optional[str] = typer.Optio
             else:
                 table.add_row(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
         out.print(table)
+
+
+def _stored_shapes(shapes: dict) -> dict:
+    """What the cache file holds, per kind of tensor: one shape when every layer's is the same (a transformers
+    KV cache: `k` and `v` per layer), else the list; llama.cpp's is one `state` of bytes."""
+    return {name: got[0] if got and all(g == got[0] for g in got) and isinstance(got[0], list) else got
+            for name, got in shapes.items()}
 
 
 def _iso(epoch: float | None) -> str | None:
@@ -785,18 +793,54 @@ def serve(
     uvicorn.run(server, host=host, port=port, log_level=log_level, access_log=False)
 
 
+@app.command("models")
+def models_(as_json: bool = typer.Option(False, "--json", help="One JSON object per model.")) -> None:
+    """List models: the default one, the GGUFs in the local Ollama store ($OLLAMA_MODELS), and those knowledge
+    bases were built with; what `--model` takes for each, its size and the knowledge bases that use it."""
+    from . import catalog
+
+    rows = catalog.models()
+    if as_json:
+        for r in rows:
+            print(json.dumps(r), flush=True)
+        return
+    table = Table(box=None, pad_edge=False)
+    for header in ("model", "engine", "size", "source", "knowledge bases"):  # the model and its users may wrap
+        table.add_column(header, overflow="fold", no_wrap=header not in ("model", "knowledge bases"),
+                         justify="right" if header == "size" else "left")
+    for r in rows:
+        size = f"{r['bytes'] / 1e6:.0f} MB" if r.get("bytes") else "-"
+        used = ", ".join(r["knowledge_bases"]) or "-"
+        table.add_row(r["model"], r["engine"], size, r["source"] + (" (missing)" if r["problem"] else ""), used)
+    out.print(table)
+    if not any(r["source"] == "ollama" for r in rows):
+        _log(f"no Ollama models in {catalog.ollama_store()} (set OLLAMA_MODELS to the store to list)")
+
+
 @app.command()
 def version(
     native: bool = typer.Option(False, "--native", help="Also build/load the packed-weight CPU kernels and say how."),
 ) -> None:
-    """Print cag's version (and, with --native, whether the fast CPU decoding kernels work here)."""
+    """Print cag's version and the llama.cpp build GGUF models run on (and, with --native, whether the fast CPU
+    decoding kernels of the torch engine work here)."""
     out.print(__version__)
+    out.print(f"llama.cpp engine: {_llamacpp_build()}", markup=False)
     if native:
         from .engines.torch import native as kernels
 
         found = kernels.load()
         out.print(f"native kernels: {found.describe} ({found.path})" if found else
                   f"native kernels unavailable: {kernels.why_not()} (decoding uses float32 matmuls)", markup=False)
+
+
+def _llamacpp_build() -> str:
+    """Which llama.cpp GGUF models would run on here, or why none would."""
+    from .engines.llamacpp import lib
+
+    try:
+        return lib.build_id()
+    except (CagError, ImportError) as e:
+        return f"unavailable ({e})"
 
 
 _NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # a full disk, a quota, a file size limit

@@ -21,9 +21,19 @@ class KnowledgeTooLargeError(KnowledgeError):
         super().__init__(
             f"knowledge base is {'more than ' if at_least else ''}{tokens} tokens, but at most {fits} fit "
             f"(context window {context} minus {reserve} reserved for question and answer); "
-            "split it into shards with `cag build --shard` (shard=True), remove documents, "
-            "or use a model with a longer context"
+            f"{_room(tokens, context, reserve, exact=not at_least)}split it into shards with `cag build --shard` (shard=True), "
+            "remove documents, or use a model with a longer context"
         )
+
+
+def _room(tokens: int, context: int, reserve: int, exact: bool) -> str:
+    """The reserve's part in a knowledge base that does not fit: when a smaller one makes room, say which
+    (`exact`: `tokens` is the knowledge's whole length, not a count stopped early)."""
+    left = context - tokens  # what a reserve could be with this knowledge in the window
+    if exact and 64 <= left < reserve:
+        return (f"keep fewer tokens free for questions and answers with `cag build --reserve {left}` (or less; "
+                f"now {reserve}), ")
+    return f"keep fewer tokens free with `cag build --reserve N` (now {reserve} of the {context}-token window), "
 
 
 class ContextLengthError(CagError):

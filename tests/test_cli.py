@@ -89,7 +89,7 @@ def test_errors_are_one_line(setup, tmp_path, tiny_model_dir):
     assert_one_line_error(run(["ask", "kb", "-q", bad], home, check=False), f"{bad}:2")
     assert_one_line_error(run(["ask", "kb"], home, check=False), 'missing the question: cag ask kb "QUESTION"')
     assert_one_line_error(run(["build", docs, "--model", tmp_path / "no-model"], home, check=False),
-                          f"model folder not found: {tmp_path / 'no-model'}")
+                          f"no model at {tmp_path / 'no-model'}")
     from conftest import SAMPLE_DOCS
 
     assert_one_line_error(run(["build", SAMPLE_DOCS, "--model", tiny_model_dir], home, check=False),

@@ -64,8 +64,8 @@ def test_ask_refuses_retrained_weights_naming_the_folder(own_model, cag_home):
 def test_ask_after_the_model_folder_was_removed_says_what_to_do(own_model, cag_home):
     shutil.rmtree(own_model)
     proc = run(["ask", "kb", "Who founded it?", "--max-new-tokens", "4"], cag_home, check=False)
-    assert_one_line_error(proc, f"model folder not found: {own_model}", "the knowledge base 'kb' was built with it",
-                          "put it back", "--model NEWMODEL")
+    assert_one_line_error(proc, f"no model at {own_model}", "The knowledge base 'kb' was built with that model",
+                          "put it back", "--model NEWPATH")
 
 
 def test_a_dropped_cache_is_not_rebuilt_silently_with_a_replaced_model(own_model, cag_home, tmp_path):
@@ -112,9 +112,9 @@ def test_a_replaced_or_removed_gguf_file(tmp_path, cag_home, tiny_llama_gguf):
     assert proc.stdout == ""
     model.unlink()
     row = _verified("g")
-    assert row["status"].startswith(f"model missing: GGUF model file not found: {model}")
+    assert row["status"].startswith(f"model missing: no model at {model}")
     proc = run(["ask", "g", "Who founded it?", "--max-new-tokens", "4"], cag_home, check=False)
-    assert_one_line_error(proc, f"GGUF model file not found: {model}", "put it back", "--model NEWMODEL")
+    assert_one_line_error(proc, f"no model at {model}", "put it back", "--model NEWPATH", "reuses the whole cache")
 
 
 def _ollama_store(root: Path, blob_of: Path) -> Path:

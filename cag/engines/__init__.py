@@ -33,10 +33,19 @@ def _stderr(msg: str) -> None:
 
 
 def kind_of(spec: str | None) -> str:
-    """Which engine runs the model named `spec`: "llamacpp" or "torch"."""
-    if spec and (spec.startswith("ollama:") or Path(spec).suffix.lower() == ".gguf"):
+    """Which engine runs the model named `spec`: "llamacpp" or "torch". A GGUF file is known by its suffix or,
+    without one (an Ollama blob, a renamed download), by its first bytes."""
+    if spec and (spec.startswith("ollama:") or Path(spec).suffix.lower() == ".gguf" or _gguf_bytes(spec)):
         return "llamacpp"
     return "torch"
+
+
+def _gguf_bytes(spec: str) -> bool:
+    try:
+        with open(Path(spec).expanduser(), "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:  # not a file (a folder, a hub id, nothing)
+        return False
 
 
 def load(spec: str | None = None, *, device: str | None = None, dtype: str | None = None,
@@ -74,12 +83,13 @@ def fingerprint_now(spec: str | None, recorded: str | None) -> tuple[Path, str]:
 
         path = resolve(spec)
         return path, fingerprint(spec, path)
-    from ..errors import ModelMissingError
     from .torch.models import model_fingerprint
 
     folder = Path(recorded or "")
     if not recorded or not (folder / "config.json").is_file():
-        raise ModelMissingError(f"model folder not found: {folder}")
+        from .missing import no_model_at
+
+        raise no_model_at(folder)
     return folder, model_fingerprint(folder)
 
 

@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Callable
 
 from ... import settings
-from ...errors import ModelError, ModelMissingError
+from ...errors import ModelError
 from .. import GGUF_KV_TYPES, kv_type_problem
 from ..files import file_sha256
+from ..missing import no_model_at, not_a_model
 from . import lib
 from .engine import DEFAULT_CONTEXT, LlamaEngine, default_threads
 from .ollama import check_blob
@@ -31,10 +32,10 @@ def resolve(spec: str) -> Path:
         return resolve_ollama(spec.removeprefix("ollama:"))
     path = Path(spec).expanduser()
     if not path.is_file():
-        raise ModelMissingError(f"GGUF model file not found: {path}")
+        raise not_a_model(path) if path.exists() else no_model_at(path)
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
-            raise ModelError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+            raise not_a_model(path)
     return path.resolve()
 
 

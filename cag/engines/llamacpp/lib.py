@@ -60,6 +60,35 @@ def _QUIET(level, text, data):  # noqa: N802 - llama.cpp's log callback: cag rep
         heard.append(text.decode("utf-8", "replace"))
 
 
+def _listening(call):
+    """(call(), the lines llama.cpp logged meanwhile): one call listened to at a time, so the lines are its."""
+    global _HEARD
+    with _MAKING:
+        _HEARD = heard = []
+        try:
+            return call(), heard
+        finally:
+            _HEARD = None
+
+
+def _unloadable(path: Path, heard: list[str]) -> str:
+    """Why llama.cpp refused a GGUF file, in words a user can act on: a file cut short or damaged (download or
+    copy it again) differs from a whole file this llama.cpp cannot run (a newer architecture or type)."""
+    reasons = [m[1] for line in heard if (m := re.search(r"error loading model:\s*(.+)", line))]
+    said = (reasons or [line for line in heard if re.search(r"error|invalid|unknown", line, re.I)] or [""])[0].strip()
+    said = f" (llama.cpp: {said[:300]})" if said else ""
+    size = path.stat().st_size if path.exists() else 0
+    if re.search(r"not within the file bounds|corrupted or incomplete|truncat|unexpected end|failed to read", said,
+                 re.I):
+        return (f"{path} is cut short or damaged ({size} bytes){said}: download or copy the model again")
+    arch = re.search(r"unknown (?:model )?architecture: '?([\w.-]+)", said)
+    if arch:
+        return (f"{path} is a {arch[1]} model, which {build_id()} cannot run{said}: use a model of an "
+                "architecture it knows, or a newer llama-cpp-python (`cag version` names the one installed)")
+    return (f"llama.cpp ({build_id()}) could not load {path} ({size} bytes){said}: the file may be damaged (copy it "
+            "again) or of an architecture or type this llama.cpp does not know (`cag version` names it)")
+
+
 def version() -> str:
     api()
     return str(_STATE["version"])
@@ -95,10 +124,9 @@ class Model:
         # token and for several, and an answer must be the same bits alone or batched (and AMX tile
         # instructions fault on some virtual machines that list them).
         params.use_extra_bufts = False
-        self.ptr = L.llama_model_load_from_file(str(path).encode(), params)
+        self.ptr, heard = _listening(lambda: L.llama_model_load_from_file(str(path).encode(), params))
         if not self.ptr:
-            raise ModelError(f"llama.cpp could not load {path}: not a GGUF model it can run (see `cag version "
-                             "--native`), or a damaged file")
+            raise ModelError(_unloadable(path, heard))
         self.vocab = L.llama_model_get_vocab(self.ptr)
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
         self.n_ctx_train = L.llama_model_n_ctx_train(self.ptr)
@@ -217,13 +245,7 @@ class Context:
     def _made(self, params) -> tuple[object, int]:
         """The new context and the bytes of the buffers llama.cpp allocated for it (KV cells, outputs, compute
         graph), as its log reports them while making it: what a loaded knowledge base holds beyond the model."""
-        global _HEARD
-        with _MAKING:
-            _HEARD = heard = []
-            try:
-                ptr = api().llama_init_from_model(self.model.ptr, params)
-            finally:
-                _HEARD = None
+        ptr, heard = _listening(lambda: api().llama_init_from_model(self.model.ptr, params))
         return ptr, int(sum(float(m[1]) for line in heard if (m := _BUFFER.search(line))) * (1 << 20))
 
     def _live(self) -> None:

@@ -59,3 +59,23 @@ def check_blob(name: str, blob: Path, sha256: str) -> None:
     if blob.name != f"sha256-{sha256}":
         raise ModelError(f"the Ollama blob of model {name} ({blob}) does not match its sha256 name: it is damaged "
                          f"or was altered; run `ollama pull {name}`")
+
+
+def listing() -> list[dict]:
+    """Every model in the local Ollama store, as `ollama list` shows them: its name (NAME:TAG for the library,
+    NAMESPACE/NAME:TAG or HOST/NAMESPACE/NAME:TAG otherwise), its blob and size; a manifest whose blob is
+    missing or unreadable is listed with `problem` set rather than left out."""
+    root = store() / "manifests"
+    found = []
+    for manifest in sorted(p for p in root.glob("*/*/*/*") if p.is_file()) if root.is_dir() else []:
+        host, namespace, model, tag = manifest.relative_to(root).parts
+        base = model if (host, namespace) == ("registry.ollama.ai", "library") else (
+            f"{namespace}/{model}" if host == "registry.ollama.ai" else f"{host}/{namespace}/{model}")
+        row = {"name": f"{base}:{tag}", "model": f"ollama:{base}:{tag}", "blob": None, "bytes": None, "problem": None}
+        try:
+            blob = resolve(f"{base}:{tag}")
+            row.update(blob=str(blob), bytes=blob.stat().st_size)
+        except (ModelError, OSError) as err:
+            row["problem"] = str(err)
+        found.append(row)
+    return found

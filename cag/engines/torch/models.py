@@ -28,8 +28,9 @@ import torch
 
 from ... import paths
 from ...cache import atomic
-from ...errors import ModelError, ModelMissingError
+from ...errors import ModelError
 from ..files import file_sha256
+from ..missing import no_model_at, not_a_model
 from . import packed
 from .engine import TorchEngine
 
@@ -328,10 +329,10 @@ def resolve(name: str | None, log: Log = _stderr) -> Path:
     local = Path(name).expanduser()
     if local.exists():
         if not (local / "config.json").is_file():
-            raise ModelMissingError(f"model folder {local} has no config.json")
+            raise not_a_model(local)
         return local.resolve()
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise ModelMissingError(f"model folder not found: {local}")
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or local.suffix:
+        raise no_model_at(local)  # a path (or a file name: hub ids have no suffix), not a Hugging Face id
     try:
         from huggingface_hub import snapshot_download
 
