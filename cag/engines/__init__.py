@@ -68,8 +68,16 @@ def load(spec: str | None = None, *, device: str | None = None, dtype: str | Non
     from .. import settings
     from .torch import models
 
-    set_threads(threads if threads is not None else settings.current().threads)
-    return models.load(spec, device=device, dtype=dtype, log=log)
+    chosen = threads if threads is not None else settings.current().threads
+    set_threads(chosen)
+    engine = models.load(spec, device=device, dtype=dtype, log=log)
+    if chosen is None and engine.device.type == "cpu":  # a count the user gave is kept as given
+        import torch
+
+        from .cores import Cores
+
+        engine.state.cores = Cores(torch.get_num_threads())
+    return engine
 
 
 def fingerprint_now(spec: str | None, recorded: str | None) -> tuple[Path, str]:

@@ -9,6 +9,7 @@ from typing import Callable
 from ... import settings
 from ...errors import ModelError
 from .. import GGUF_KV_TYPES, kv_type_problem
+from ..cores import Cores
 from ..files import file_sha256
 from ..missing import no_model_at, not_a_model
 from . import lib
@@ -58,7 +59,8 @@ def load(spec: str, *, threads: int | None = None, kv_type: str | None = None, c
     problem = kv_type_problem(kv_type)
     if problem:
         raise ModelError(f"the KV type {problem}")
-    threads = threads or settings.current().threads or default_threads()
+    chosen = threads or settings.current().threads
+    threads = chosen or default_threads()
     if threads < 1:
         raise ModelError(f"threads must be at least 1 (got {threads})")
     path = resolve(spec)
@@ -69,4 +71,6 @@ def load(spec: str, *, threads: int | None = None, kv_type: str | None = None, c
     if context is not None and not 16 <= context <= trained:
         model.close()
         raise ModelError(f"context {context} is outside what this model supports (16 to {trained} positions)")
-    return LlamaEngine(spec, path, model, sha, threads, kv_type, context or min(trained, DEFAULT_CONTEXT))
+    engine = LlamaEngine(spec, path, model, sha, threads, kv_type, context or min(trained, DEFAULT_CONTEXT))
+    engine.cores = None if chosen else Cores(threads)  # a count the user gave is kept as given
+    return engine

@@ -29,6 +29,7 @@ import torch
 
 from ...errors import CacheFileError, ContextLengthError
 from ..base import Decoder, Engine, Job, Payload, Prefix, Progress
+from ..cores import Cores
 from . import lib
 from .codec import LlamaCodec
 
@@ -47,6 +48,7 @@ class LlamaEngine(Engine):
         self.name, self.path, self.lm = name, path, model
         self.model_fingerprint = fingerprint
         self.threads, self.kv_type = threads, kv_type
+        self.cores: Cores | None = None  # set: the thread count was not given, each step takes the idle cores
         self.context_window = context
         self.codec = LlamaCodec(model)
         self.stop_ids = sorted(self.codec.stop_ids)
@@ -76,7 +78,8 @@ class LlamaEngine(Engine):
     # -- the prefix ----------------------------------------------------------------------------------------
     def _context(self) -> lib.Context:
         # one cell more than the window: the padding token of a step never takes an answer's room
-        ctx = lib.Context(self.lm, self.context_window + 1, self.threads, self.kv_type, SEQUENCES, PREFILL_BATCH)
+        ctx = lib.Context(self.lm, self.context_window + 1, self.threads, self.kv_type, SEQUENCES, PREFILL_BATCH,
+                          self.cores)
         self._context_nbytes = ctx.nbytes
         return ctx
 

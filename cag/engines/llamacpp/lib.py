@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import ModelError
+from ..cores import Cores
 
 INSTALL = ('pip install "llama-cpp-python==0.3.36" (it builds llama.cpp from source: about 12 minutes on 2 '
            "cores, once; in a cag checkout `bash scripts/setup-llamacpp.sh` builds it for this CPU and keeps "
@@ -219,8 +220,11 @@ class Context:
     """A llama.cpp context: one KV cache shared by up to `sequences` sequences (unified: a copy of a
     sequence's positions into another shares its cells, it does not copy them), flash attention on."""
 
-    def __init__(self, model: Model, cells: int, threads: int, kv_type: str, sequences: int, batch: int = 512):
+    def __init__(self, model: Model, cells: int, threads: int, kv_type: str, sequences: int, batch: int = 512,
+                 cores: Cores | None = None):
+        """`threads` at most; with `cores`, each decode takes as many as other work leaves idle (Cores)."""
         L = api()
+        self.threads, self.cores = threads, cores
         params = L.llama_context_default_params()
         params.n_ctx = cells
         params.n_batch = params.n_ubatch = batch
@@ -263,6 +267,7 @@ class Context:
             for i in range(n):
                 b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tokens[i], positions[i], 1, outputs[i]
                 b.seq_id[i][0] = seqs[i]
+            self._threads_now()
             rc = L.llama_decode(self.ptr, b)
             if rc != 0:
                 raise ModelError(f"llama.cpp could not run {n} tokens (llama_decode returned {rc}: "
@@ -274,6 +279,13 @@ class Context:
             return out
         finally:
             L.llama_batch_free(b)
+
+    def _threads_now(self) -> None:
+        if self.cores is not None:
+            n = self.cores.threads()
+            if n != self.threads:
+                api().llama_set_n_threads(self.ptr, n, n)
+                self.threads = n
 
     def copy(self, src: int, dst: int, end: int) -> None:
         """Sequence `dst` also holds positions [0, end) of `src` (the same cells: nothing is copied)."""

@@ -222,7 +222,9 @@ def _kernel(q: torch.Tensor) -> str:
 
 
 def _install(state: ModelState) -> None:
-    """This module's attention as the model's (plain sdpa outside a rows forward, so prefills are unchanged)."""
+    """This module's attention as the model's (plain sdpa outside a rows forward, so prefills are unchanged);
+    and the threads this step takes."""
+    state.threads_now()
     if getattr(state.model.config, "_attn_implementation", None) == _IMPL:
         return
     with _INSTALL_LOCK:

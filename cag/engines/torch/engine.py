@@ -84,6 +84,7 @@ class TorchEngine(Engine):
         past = [(k[:, :, :keep], v[:, :, :keep]) for k, v in base.layers] if base is not None and keep else None
         if past is not None and base.length < keep:
             raise ValueError(f"cannot keep {keep} positions of a prefix of {base.length}")
+        self.state.threads_now()
         layers = _pieces(self.model, self.device, ids, ends, keep if past else 0, progress, past)
         if kv_quant:
             layers = [(kvquant.roundtrip(k), kvquant.roundtrip(v)) for k, v in layers]

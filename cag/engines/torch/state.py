@@ -13,6 +13,8 @@ import threading
 
 import torch
 
+from ..cores import Cores
+
 UNDECIDED = object()  # a fact not worked out yet (None is a valid answer for some: "no plan")
 
 
@@ -31,6 +33,14 @@ class ModelState:
         self.fusions: list | None = None  # per layer: fused packed q/k/v and gate/up projections
         self.native_plan: object = UNDECIDED  # cag.engines.torch.nativestep.Plan, or None: the C step can't run it
         self.rows_together: int | None = None  # rows torch may compute in one call with each row's bits as alone
+        self.cores: Cores | None = None  # set: the thread count was not given, each step takes the idle cores
+
+    def threads_now(self) -> None:
+        """Take as many threads as other work leaves cores idle (cag.engines.cores), when the user set none."""
+        if self.cores is not None:
+            n = self.cores.threads()
+            if n != torch.get_num_threads():
+                torch.set_num_threads(n)
 
     @property
     def config(self):
