@@ -113,6 +113,6 @@ def test_models_leave_under_the_budget_and_one_that_cannot_load_is_an_error_with
         r = chat(url, "handbook")
         err = r.json()["error"]
         assert r.status_code == 503 and err["code"] == "model_unavailable", r.text
-        assert "handbook-model.gguf" in err["message"] and "not found" in err["message"]
+        assert "handbook-model.gguf" in err["message"] and "no model at" in err["message"]
         assert chat(url, "lanterns").status_code == 200  # nothing else is harmed
         assert {m["id"] for m in httpx.get(url + "/v1/models").json()["data"]} == {"lanterns", "handbook"}

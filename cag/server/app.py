@@ -1,5 +1,6 @@
 """The FastAPI app: OpenAI-compatible chat and prompt completions over cag knowledge bases, KB management,
-metrics, health, and one JSON access-log line per request.
+metrics, health, and one JSON access-log line per request; Ollama's API beside it (cag.server.ollama), answering
+through the same completion path (cag.server.completion).
 
 `model` in a request names the knowledge base. Generation runs in a thread pool (config.answer_threads) so the
 event loop stays free; concurrent requests on one KB read its cached prefix in place (never copied) and,
@@ -8,16 +9,14 @@ with continuous batching, are decoded together by that KB's scheduler thread (ca
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import json
 import logging
 import re
-import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
 from typing import BinaryIO, Callable, Optional
 
@@ -32,12 +31,13 @@ from .. import __version__, engines
 from ..engines.base import Engine
 from ..errors import CacheFileError, CagError, json_kind
 from ..registry import model_label
-from . import auth, guard
-from .chat import Cancelled, ChatService, Plan, Query, chat_query, prompt_query
+from . import auth, ollama
+from .chat import ChatService, Plan, Query, chat_query, prompt_query
+from .completion import Completions, Failed, extra
 from .config import ServerConfig
-from .errors import ApiError, error_body, not_found
+from .errors import ApiError, error_body
 from .metrics import Metrics
-from .middleware import AccessLog, BodyLimit, CatchAll, note, server_error
+from .middleware import AccessLog, BodyLimit, CatchAll, note
 from .registry import Registry, safe_doc_name
 from .schemas import CHAT, TEXT, ChatRequest, CompletionRequest, GenerationRequest, KBCreate, KBReplace, Shape
 
@@ -54,10 +54,13 @@ def create_app(config: ServerConfig | None = None, lm: Engine | None = None) -> 
     metrics = Metrics(config.price_per_1k_tokens)
     service = ChatService(config, registry, metrics)
     pool = ThreadPoolExecutor(max_workers=config.answer_threads, thread_name_prefix="cag-gen")
+    completer = Completions(service, metrics, pool)  # the one completion path of every answering route
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
+        registry.models.start_expiry()  # models idle past their keep-alive are unloaded while the app runs
         yield
+        registry.models.stop_expiry()
         pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="cag", version=__version__, description=__doc__, lifespan=lifespan)
@@ -159,10 +162,7 @@ def create_app(config: ServerConfig | None = None, lm: Engine | None = None) -> 
     @app.get("/v1/models/{model_id}")
     def retrieve_model(model_id: str, who: str = caller):
         note(model=model_id)
-        row = next((r for r in registry.list(who) if r["name"] == model_id), None)
-        if row is None:
-            raise not_found(model_id)
-        return _model(row)
+        return _model(registry.row(who, model_id))
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, who: str = caller):
@@ -173,36 +173,20 @@ def create_app(config: ServerConfig | None = None, lm: Engine | None = None) -> 
         return await _complete(who, req, lambda: prompt_query(config, req), TEXT)
 
     async def _complete(who: str, req: GenerationRequest, query: Callable[[], Query], shape: Shape):
-        """The one path of both completion endpoints: checks, plan, response cache or the model, then the
-        answer in the endpoint's shape (streamed or whole)."""
-        note(model=req.model)
-        try:
-            guard.check_parameters(req)
-            plan = await run_in_threadpool(service.plan, who, query())
-            hit = await run_in_threadpool(service.cached, plan)
-        except ApiError as err:
-            metrics.requests.labels(str(err.status)).inc()
-            raise
+        """Both completion endpoints: the one completion path (cag.server.completion), in the endpoint's shape
+        (streamed or whole)."""
+        plan, hit = await completer.start(who, req, query)
         cid, created = f"{shape.id_prefix}-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(_stream(plan, hit, cid, created, include_usage, shape),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        try:
-            result = hit or await asyncio.get_running_loop().run_in_executor(pool, service.answer, plan)
-        except ApiError as err:
-            metrics.requests.labels(str(err.status)).inc()
-            raise
-        except Exception:
-            metrics.requests.labels("500").inc()
-            raise
-        metrics.requests.labels("200").inc()
-        _note_usage(result)
+        result = await completer.whole(plan, hit)
         return JSONResponse({
             "id": cid, "object": shape.object, "created": created, "model": plan.name,
             "choices": [shape.choice(result["text"], result["finish_reason"])],
-            "usage": _usage(result), "cag": _extra(plan, result)})
+            "usage": _usage(result), "cag": extra(plan, result)})
 
     async def _stream(plan: Plan, hit: dict | None, cid: str, created: int, include_usage: bool, shape: Shape):
         def chunk(choice: dict | None, **more: dict) -> str:
@@ -210,57 +194,32 @@ def create_app(config: ServerConfig | None = None, lm: Engine | None = None) -> 
                     "choices": [] if choice is None else [choice], **more}
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        cancel = threading.Event()
-        future = None
         if shape.opening is not None:
             yield chunk(shape.opening)
-        try:
-            if hit is None:
-                future = loop.run_in_executor(
-                    pool, service.answer, plan, lambda t: loop.call_soon_threadsafe(queue.put_nowait, t), cancel)
-                future.add_done_callback(lambda _f: queue.put_nowait(None))
-                future.add_done_callback(lambda f: _stopped(plan, f))
-                while (text := await queue.get()) is not None:
-                    yield chunk(shape.piece(text, None))
-                result = future.result()
-            else:
-                result = hit
-                yield chunk(shape.piece(hit["text"], None))
-        except Exception as err:  # noqa: BLE001 - a stream that fails still ends with an error event and [DONE]
-            if isinstance(err, ApiError):
-                status, body = err.status, err.body()
-            else:
-                log.error("generation failed on %r", plan.name, exc_info=err)
-                status, body = 500, server_error()
-            metrics.requests.labels(str(status)).inc()
-            note(error=body["error"]["code"])
-            yield f"data: {json.dumps(body)}\n\n"
-            yield "data: [DONE]\n\n"
-            return
-        finally:
-            cancel.set()  # a client that went away stops the generation at its next token
-        metrics.requests.labels("200").inc()
-        _note_usage(result)
+        async with aclosing(completer.stream(plan, hit)) as events:  # a client gone stops the generation
+            async for event in events:
+                if isinstance(event, str):
+                    yield chunk(shape.piece(event, None))
+                elif isinstance(event, Failed):  # a stream that fails still ends with an error event and [DONE]
+                    yield f"data: {json.dumps(event.body)}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
+                else:
+                    result = event.result
         # the last chunk before [DONE] carries cag's object (sources, support): the usage chunk when asked for
-        extra = {"cag": _extra(plan, result)}
-        yield chunk(shape.piece(None, result["finish_reason"]), **({} if include_usage else extra))
+        more = {"cag": extra(plan, result)}
+        yield chunk(shape.piece(None, result["finish_reason"]), **({} if include_usage else more))
         if include_usage:
-            yield chunk(None, usage=_usage(result), **extra)
+            yield chunk(None, usage=_usage(result), **more)
         yield "data: [DONE]\n\n"
-
-    def _stopped(plan: Plan, future: asyncio.Future) -> None:
-        """Count a generation that ended because its client went away (the cancel event stopped it early)."""
-        if not future.cancelled() and isinstance(future.exception(), Cancelled):
-            metrics.requests.labels("cancelled").inc()
-            log.info("stopped generating on %r: the client went away", plan.name)
 
     # -- knowledge-base management ----------------------------------------------------------------
     def _kb_body(name: str, entry) -> dict:
         kb = entry.kb
+        lm = getattr(kb, "lm", None)
         return {"id": name, "object": "knowledge_base", "tokens": kb.tokens, "documents": [d.name for d in kb.docs],
-                "build_seconds": kb.build_stats.seconds if kb.build_stats else None}
+                "build_seconds": kb.build_stats.seconds if kb.build_stats else None,
+                "model": model_label(lm.name) if lm is not None else None}
 
     def _files(files: list[UploadFile]) -> list[tuple[str, BinaryIO]]:
         """The uploads as the files the multipart parser spooled them to (to disk past 1 MB), not bytes in memory."""
@@ -279,13 +238,14 @@ def create_app(config: ServerConfig | None = None, lm: Engine | None = None) -> 
     async def create_kb(body: KBCreate, who: str = caller):
         note(model=body.name)
         docs = [(safe_doc_name(d.name), d.text.encode()) for d in body.documents]
-        entry = await run_in_threadpool(registry.create, who, body.name, docs)
+        entry = await run_in_threadpool(registry.create, who, body.name, docs, body.model)
         return JSONResponse(_kb_body(body.name, entry), status_code=201)
 
     @app.post("/v1/kbs/upload", status_code=201)
-    async def upload_kb(name: str = Form(...), files: list[UploadFile] = File(...), who: str = caller):
+    async def upload_kb(name: str = Form(...), files: list[UploadFile] = File(...), model: Optional[str] = Form(None),
+                        who: str = caller):
         note(model=name)
-        entry = await run_in_threadpool(registry.create, who, name, _files(files))
+        entry = await run_in_threadpool(registry.create, who, name, _files(files), model)
         return JSONResponse(_kb_body(name, entry), status_code=201)
 
     async def _replace(who: str, name: str, docs: list[tuple[str, bytes | BinaryIO]]) -> dict:
@@ -310,6 +270,7 @@ def create_app(config: ServerConfig | None = None, lm: Engine | None = None) -> 
         service.forget(who, folder)
         return {"id": name, "object": "knowledge_base", "deleted": True}
 
+    ollama.install(app, config, registry, completer, tenant)  # Ollama's API, and GET /v1/cag/loaded
     return app
 
 
@@ -344,26 +305,10 @@ def _model(row: dict) -> dict:
                     "documents": row.get("documents"), "created": row.get("created")}}
 
 
-def _note_usage(result: dict) -> None:
-    u = result["usage"]
-    note(prompt_tokens=u["prompt_tokens"], completion_tokens=u["completion_tokens"], cached_tokens=u["cached_tokens"],
-         response_cache=result.get("response_cache"))
-
-
 def _usage(result: dict) -> dict:
     u = result["usage"]
     return {"prompt_tokens": u["prompt_tokens"], "completion_tokens": u["completion_tokens"],
             "total_tokens": u["total_tokens"], "prompt_tokens_details": {"cached_tokens": u["cached_tokens"]}}
-
-
-def _extra(plan: Plan, result: dict) -> dict:
-    """cag's own numbers, beside OpenAI's fields (clients ignore unknown keys): timings, where the answer came
-    from, and what a reader checks it with: its sources, whether they support it (`support`: the share of its
-    facts they hold) and, when it was refused, what the model had said (`generated`)."""
-    return {"ttft_s": result["ttft_s"], "total_s": result["total_s"], "response_cache": result["response_cache"],
-            "cache_source": result.get("cache_source"), "mode": result.get("mode"), "history_turns": len(plan.history),
-            "injection_flagged": plan.flagged, "sources": result["sources"], "supported": result["supported"],
-            "support": result["support"], "generated": result["generated"], "grounding_s": result["grounding_s"]}
 
 
 def _epoch(created: str | None) -> int:

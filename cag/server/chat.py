@@ -60,6 +60,7 @@ class Query:
     system: str | None = None  # the system/developer messages' text, placed after the cached knowledge
     sources: int | None = None  # sources given with the answer; None: the server's default
     unsupported: str | None = None  # "flag" or "refuse"; None: the server's default
+    keep_alive: float | None = None  # seconds its model stays loaded once idle (inf: for ever); None: the server's
 
 
 @dataclass
@@ -160,6 +161,7 @@ class ChatService:
         folder = self.registry.folder_for(tenant, query.model)
         warm = self.registry.peek(folder) is not None
         entry = self.registry.lease(tenant, query.model)  # held until the answer ends (Plan.done)
+        self.registry.models.keep(entry, query.keep_alive)
         try:
             plan = self._plan(tenant, query, folder, entry, warm, max_tokens, flagged)
         except BaseException:

@@ -30,6 +30,7 @@ class ServerConfig:
     api_keys: dict[str, str] = field(default_factory=dict)  # API key -> tenant
     share_cli_kbs: bool = False  # with keys configured, may every tenant read CLI-built knowledge bases?
     model: str | None = None  # None: the default model; what knowledge bases created over HTTP are built with
+    allowed_models: list[str] = field(default_factory=list)  # other models a POST /v1/kbs may name
     device: str | None = None
     dtype: str | None = None
     kv_type: str | None = None  # a GGUF model's KV cache type (f16, q8_0)
@@ -54,6 +55,8 @@ class ServerConfig:
     price_per_1k_tokens: float = 0.0  # for the estimated-cost metric
     sources: int = grounding.DEFAULT_SOURCES  # sources given with each answer unless a request asks otherwise
     unsupported: str = "flag"  # flag | refuse: what an answer its sources do not hold gets, unless a request asks
+    keep_alive: str | float = -1  # a model idle this long is unloaded ("30s", "5m", seconds; 0 at once; <0, the
+    # default: never, only the memory budget unloads; Ollama's own default is 5m)
 
     def __post_init__(self) -> None:
         for key, tenant in self.api_keys.items():
@@ -82,6 +85,14 @@ class ServerConfig:
             raise ConfigError(f"batch_window_ms must be a number of milliseconds from 0 to 10000, "
                               f"not {self.batch_window_ms!r}")
         _check_grounding(self.sources, self.unsupported)
+        if not isinstance(self.allowed_models, list) or not all(isinstance(m, str) and m.strip()
+                                                                for m in self.allowed_models):
+            raise ConfigError(f"allowed_models must be a list of model names (GGUF paths, ollama:NAME:TAG, Hugging "
+                              f"Face folders), not {self.allowed_models!r}")
+        try:
+            keep_alive_seconds(self.keep_alive)
+        except ValueError as err:
+            raise ConfigError(f"keep_alive {err}") from None
         if self.injection not in ("off", "flag", "refuse"):
             raise ConfigError(f"injection must be off, flag or refuse, not {self.injection!r}")
         if self.semantic_threshold is not None:
@@ -104,9 +115,59 @@ class ServerConfig:
         """Generation threads: each answer in progress holds one (waiting for its tokens when batched)."""
         return max(self.workers, self.max_batch) if self.continuous_batching else self.workers
 
+    @property
+    def keep_alive_s(self) -> float:
+        """The server's keep-alive in seconds (infinity: never unloaded)."""
+        return keep_alive_seconds(self.keep_alive)
+
+    def kb_models(self) -> list[str]:
+        """The models a knowledge base created over HTTP may be built with: the server's own first."""
+        from ..engines import DEFAULT_MODEL
+
+        own = self.model or DEFAULT_MODEL
+        return [own, *(m for m in self.allowed_models if same_model(m, own) is False)]
+
     def model_options(self) -> dict:
         """The load options of the server's own model (those that apply to its engine are used)."""
         return {"dtype": self.dtype, "kv_type": self.kv_type, "context": self.context}
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether two names name the same model as written: a path by where it leads, anything else by its text."""
+    def where(name: str) -> str:
+        path = Path(name).expanduser()
+        return str(path.resolve()) if name.startswith((".", "/", "~")) or path.suffix.lower() == ".gguf" else name
+
+    return where(a) == where(b)
+
+
+_DURATION = re.compile(r"([0-9]*\.?[0-9]+)(ns|us|µs|μs|ms|s|m|h)")
+_UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def keep_alive_seconds(value: object) -> float:
+    """A keep-alive as Ollama takes it, in seconds: a number of seconds or a Go duration string ("5m", "1h30m",
+    "500ms", "0"; a bare number in a string counts as seconds too). Negative means for ever (infinity), 0
+    unload as soon as the answer ends. The server's default and each request's value go through this one
+    parser, so both accept and refuse the same spellings. ValueError names what is wrong."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"must be a duration such as \"5m\" or a number of seconds, not {value!r}")
+    if isinstance(value, str):
+        text = value.strip()
+        sign = -1.0 if text.startswith("-") else 1.0
+        body = text.lstrip("+-")
+        try:
+            seconds = float(body)
+        except ValueError:
+            parts = _DURATION.findall(body)
+            if not body or "".join(n + u for n, u in parts) != body:
+                raise ValueError(f"{value!r} is not a duration: use a number with a unit (\"30s\", \"5m\", "
+                                 "\"1h\"), a number of seconds, 0 or a negative value for ever") from None
+            seconds = sum(float(n) * _UNIT_S[u] for n, u in parts)
+        value = sign * seconds
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"must be a finite number of seconds, not {value!r}")
+    return float("inf") if value < 0 else float(value)
 
 
 def _check_grounding(sources: object, unsupported: object) -> None:

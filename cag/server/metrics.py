@@ -40,6 +40,8 @@ class Metrics:
             self.supported.labels(label)  # both shown from the start, at 0
         self.grounding = Histogram("cag_grounding_seconds", "Time finding an answer's sources and measuring its "
                                    "support", buckets=_GROUNDING, registry=r)
+        self.model_idle = Gauge("cag_model_idle_seconds", "Seconds since an answer last ran on each loaded model (0 "
+                                "while one runs); past its keep-alive it is unloaded", ["model", "engine"], registry=r)
         self.budget = Gauge("cag_model_budget_bytes", "The memory budget of models and their knowledge bases "
                             "(model_bytes)", registry=r)
 
@@ -47,10 +49,12 @@ class Metrics:
         """What the loaded models hold now (cag.server.models.Models.usage); models no longer loaded vanish."""
         self.model_bytes.clear()
         self.model_kbs.clear()
+        self.model_idle.clear()
         for row in usage:
             for part in ("weights", "prefixes"):
                 self.model_bytes.labels(row["model"], row["engine"], part).set(row[part])
             self.model_kbs.labels(row["model"], row["engine"]).set(row["knowledge_bases"])
+            self.model_idle.labels(row["model"], row["engine"]).set(row["idle_s"])
         self.budget.set(budget)
 
     def answered(self, usage: dict, ttft_s: float | None, total_s: float, cached_response: bool) -> None:

@@ -13,6 +13,12 @@ knowledge base larger than the whole budget still loads, alone.
 Answers lease the knowledge base they run on (`lease` / `release`); nothing leased, and no model under a
 leased knowledge base, is ever freed. A model that cannot be loaded (a missing or changed file, llama.cpp
 not installed) is a 503 with code `model_unavailable` for the knowledge bases that need it only.
+
+A model also goes when it has been idle (no answer running on any of its knowledge bases) for longer than its
+keep-alive: the keep-alive of the last request that used it, else the server's `keep_alive` (as Ollama does:
+0 unloads it as soon as its answer ends, a negative one never). It goes through the same path as the budget's
+evictions, with its knowledge bases, and never while an answer runs on it; a thread started with the app
+(`start_expiry`) looks twice a second, so an idle server gives its memory back without a request arriving.
 """
 
 from __future__ import annotations
@@ -45,9 +51,21 @@ WAIT_S = 600.0  # the longest a load waits for running answers to make room
 
 
 def key_of(model: str | None, options: dict) -> Key:
-    """What makes two loads the same engine: the model name (the default model under its one name) and
-    the engine options a knowledge base was built with."""
-    return (model or engines.DEFAULT_MODEL, *sorted((k, v) for k, v in options.items() if v is not None))
+    """What makes two loads the same engine: the model (a GGUF file by its content, however it is named; the
+    default model under its one name) and the engine options a knowledge base was built with."""
+    return (_identity(model or engines.DEFAULT_MODEL), *sorted((k, v) for k, v in options.items() if v is not None))
+
+
+def _identity(model: str) -> str:
+    """A GGUF model by its sha256 (memoized per file), so that a file named by two paths, or by its path and as
+    `ollama:NAME:TAG`, is loaded once; other models by their name. A model that cannot be found keeps its name
+    (loading it then says what is wrong)."""
+    if engines.kind_of(model) != "llamacpp":
+        return model
+    try:
+        return "gguf:" + engines.fingerprint_now(model, None)[1]
+    except CagError:
+        return model
 
 
 @dataclass(eq=False)
@@ -80,12 +98,17 @@ class Models:
         self._reserved = 0  # bytes promised to the load in progress
         self._waiting = 0  # loads waiting for answers to end: new leases wait behind them
         self._weights: dict[Key, int] = {}  # what each model's weights took when it was last loaded
+        self._used_at: dict[Key, float] = {}  # when each model was last leased or let go (time.monotonic)
+        self._keep: dict[Key, float] = {}  # each model's keep-alive in seconds: the last request's, else the server's
+        self._reaper: threading.Thread | None = None
+        self._stop = threading.Event()
         options = self.config.model_options()
         mine = ("kv_type", "context") if engines.kind_of(self.config.model) == "llamacpp" else ("dtype",)
         self._default = (self.config.model, {k: options[k] for k in mine})
         if loaded is not None:  # the server's own model, loaded already (`cag serve --model`, create_app(lm=))
             self._default = (self.config.model or loaded.name, loaded.options())
             self._engines[key_of(*self._default)] = loaded
+            self._used_at[key_of(*self._default)] = time.monotonic()
 
     # -- what is loaded --------------------------------------------------------------------------------
     def loaded(self) -> list[Engine]:
@@ -93,14 +116,22 @@ class Models:
             return list(self._engines.values())
 
     def usage(self) -> list[dict]:
-        """Each loaded model: its weights, its loaded knowledge bases' prefixes and their sum (`/metrics`)."""
+        """Each loaded model: its weights, its loaded knowledge bases' prefixes and their sum (`/metrics`), how
+        long it has been idle (0 while an answer runs on it), its keep-alive and the seconds left of it (None:
+        kept for ever), and the folders of the knowledge bases loaded on it with each one's bytes."""
         with self._cond:
-            rows = []
+            rows, now = [], time.monotonic()
             for key, engine in self._engines.items():
                 kbs = [e for e in self._all() if e.key == key]
                 prefixes = sum(e.kb.nbytes for e in kbs)
+                busy = any(e.users > 0 for e in kbs)
+                idle = 0.0 if busy else max(0.0, now - self._used_at.get(key, now))
+                keep = self._keep_for(key)
                 rows.append({"model": model_label(engine.name), "engine": engine.kind, "weights": engine.nbytes,
-                             "prefixes": prefixes, "bytes": engine.nbytes + prefixes, "knowledge_bases": len(kbs)})
+                             "prefixes": prefixes, "bytes": engine.nbytes + prefixes, "knowledge_bases": len(kbs),
+                             "busy": busy, "idle_s": idle, "keep_alive_s": None if keep == float("inf") else keep,
+                             "expires_in_s": None if keep == float("inf") else max(0.0, keep - idle),
+                             "folders": {f: e.kb.nbytes for f, e in self._kbs.items() if e.key == key}})
             return rows
 
     def _all(self) -> list[Entry]:
@@ -119,14 +150,17 @@ class Models:
                 return None
             entry.users += 1
             self._kbs.move_to_end(folder)
+            self._used_at[entry.key] = time.monotonic()
             return entry
 
     def release(self, entry: Entry) -> None:
         with self._cond:
             entry.users -= 1
+            self._used_at[entry.key] = time.monotonic()
             if entry.retired and entry.users <= 0 and entry in self._retired:
                 self._retired.remove(entry)
                 self._free(entry)
+            self._expire()  # a keep-alive of 0 unloads the model as its last answer ends
             self._cond.notify_all()
 
     def forget(self, folder: str) -> None:
@@ -150,6 +184,8 @@ class Models:
                 return entry
             key = key_of(model, options)
             engine = self._engine(key, model, options)
+            with self._cond:
+                self._used_at[key] = time.monotonic()
             need = engine.prefix_nbytes(tokens(engine))
             self._make_room(need, keep=key)
             try:
@@ -191,6 +227,71 @@ class Models:
             self._weights[key] = engine.nbytes
             self._engines[key] = engine
         return engine
+
+    # -- keep-alive ----------------------------------------------------------------------------------------
+    def keep(self, entry: Entry, seconds: float | None) -> None:
+        """How long the model under `entry` stays loaded once idle, from now on (a request's keep_alive; None:
+        the server's default). Infinity keeps it for ever; 0 unloads it when its answers end."""
+        with self._cond:
+            self._keep[entry.key] = self.config.keep_alive_s if seconds is None else seconds
+
+    def expire(self) -> None:
+        """Unload every model idle past its keep-alive (what the expiry thread runs)."""
+        with self._cond:
+            self._expire()
+
+    def start_expiry(self, every: float = 0.5) -> None:
+        """Check for expired models every `every` seconds in a thread of this object's own, until stop_expiry.
+        Tied to the app's lifetime (its lifespan), so a model handed to an app is never closed after it ended."""
+        if self._reaper is not None:
+            return
+        self._stop.clear()
+        self._reaper = threading.Thread(target=self._reap, args=(every,), name="cag-keep-alive", daemon=True)
+        self._reaper.start()
+
+    def stop_expiry(self) -> None:
+        self._stop.set()
+        if self._reaper is not None:
+            self._reaper.join(10)
+            self._reaper = None
+
+    def _reap(self, every: float) -> None:
+        while not self._stop.wait(every):
+            try:
+                self.expire()
+            except Exception:  # noqa: BLE001 - a failed unload is logged; the next round tries again
+                log.exception("unloading idle models failed")
+
+    def _keep_for(self, key: Key) -> float:
+        return self._keep.get(key, self.config.keep_alive_s)
+
+    def _expire(self) -> None:
+        """Unload the models idle past their keep-alive; under the condition. Skipped while a load or build is
+        in progress (it holds the gate and may be using a model that nothing has leased yet): the next look
+        catches up."""
+        if not self._gate.acquire(blocking=False):
+            return
+        try:
+            now = time.monotonic()
+            busy = {e.key for e in self._all() if e.users > 0}
+            for key in [k for k in self._engines if k not in busy]:
+                if now - self._used_at.get(key, now) >= self._keep_for(key):
+                    self._unload(key)
+        finally:
+            self._gate.release()
+
+    def _unload(self, key: Key) -> None:
+        """Free a model nothing runs on and the knowledge bases loaded on it (as the budget's evictions do)."""
+        for folder in [f for f, e in self._kbs.items() if e.key == key]:
+            self._free(self._kbs.pop(folder))
+        engine = self._engines.pop(key)
+        log.info("unloaded model %s: idle past its keep-alive of %gs", model_label(engine.name), self._keep_for(key))
+        self._keep.pop(key, None)
+        self._used_at.pop(key, None)
+        engine.close()
+        gc.collect()  # a transformers model's modules refer to each other: free them now, not later
+        _give_back()
+        self._cond.notify_all()
 
     # -- room --------------------------------------------------------------------------------------------
     def _make_room(self, need: int, keep: Key) -> None:

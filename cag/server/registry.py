@@ -26,7 +26,7 @@ from ..errors import CagError, ModelChangedError
 from ..kb import knowledge
 from ..registry import key as stored_key
 from ..registry import model_label, owner_of
-from .config import ServerConfig
+from .config import ServerConfig, same_model
 from .errors import ApiError, not_found
 from .models import Entry, Models, ModelUnavailable
 
@@ -76,6 +76,13 @@ class Registry:
                 rows.append({**shown, "owned_by": "cli"})
         return rows
 
+    def row(self, tenant: str, name: str) -> dict:
+        """The caller's knowledge base `name` as `list` shows it; 404 when the caller has none of that name."""
+        found = next((r for r in self.list(tenant) if r["name"] == name), None)
+        if found is None:
+            raise not_found(name)
+        return found
+
     # -- loading -----------------------------------------------------------------------------------
     def lease(self, tenant: str, name: str) -> Entry:
         """The loaded KB, held for an answer until `release`: loaded on first use (room made for it under
@@ -110,7 +117,10 @@ class Registry:
         return self.models.peek(folder)
 
     # -- management (server-created KBs only) ------------------------------------------------------
-    def create(self, tenant: str, name: str, docs: list[tuple[str, bytes | BinaryIO]]) -> Entry:
+    def create(self, tenant: str, name: str, docs: list[tuple[str, bytes | BinaryIO]], model: str | None = None) -> Entry:
+        """A new knowledge base of `docs`, built with `model` (one of the config's kb_models; None: the server's
+        own)."""
+        model = self.allowed_model(model)
         if not _NAME.match(name or ""):
             raise ApiError(400, f"invalid knowledge base name {name!r}: use 1-46 letters, digits, '.', '_' or '-', "
                                 "starting with a letter or digit", code="invalid_name")
@@ -130,7 +140,7 @@ class Registry:
                 shutil.rmtree(target)  # left by a create that never finished (the server stopped mid-build)
             try:
                 _write_docs(target / DOCS_DIR, docs)
-                return self._build(tenant, folder, target)
+                return self._build(tenant, folder, target, model)
             except BaseException:
                 shutil.rmtree(target, ignore_errors=True)
                 raise
@@ -148,7 +158,7 @@ class Registry:
                 (target / DOCS_DIR).rename(old)
             staged.rename(target / DOCS_DIR)
             try:
-                entry = self._build(tenant, folder, target)
+                entry = self._build(tenant, folder, target, _record_model(folder))
             except BaseException:
                 shutil.rmtree(target / DOCS_DIR, ignore_errors=True)
                 if had_docs:
@@ -177,15 +187,31 @@ class Registry:
                                 "or `cag rm`", "permission_error", "read_only_kb")
         return folder
 
-    def _build(self, tenant: str, folder: str, target: Path) -> Entry:
-        """Build on the server's own model, with room made for it and the new prefix (not held afterwards)."""
+    def allowed_model(self, model: str | None) -> str | None:
+        """`model` as the config allows it (None: the server's own); 400 naming the allowed ones otherwise, never
+        quietly another model."""
+        if model is None:
+            return None
+        allowed = self.config.kb_models()
+        found = next((m for m in allowed if same_model(model, m)), None)
+        if found is None:
+            raise ApiError(400, f"this server does not build knowledge bases with the model {model!r}; it builds them "
+                                f"with {', '.join(map(repr, allowed))} (the server config's model and allowed_models)",
+                           param="model", code="model_not_allowed")
+        return None if found == allowed[0] else found
+
+    def _build(self, tenant: str, folder: str, target: Path, model: str | None = None) -> Entry:
+        """Build on `model` (None: the server's own), with room made for it and the new prefix (not held
+        afterwards)."""
         def build(lm: Engine):
             try:
                 return api.build([target / DOCS_DIR], name=folder, lm=lm, log=log.info, owner=tenant)
             except CagError as err:
                 raise ApiError(400, str(err), code="build_failed") from None
 
-        model, options = self.models.default_model()
+        if model is not None and same_model(model, self.config.kb_models()[0]):
+            model = None  # the server's own model, loaded with its own options
+        model, options = self.models.default_model() if model is None else (model, _options_for(self.config, model))
         try:
             entry = self.models.load(folder, lambda: _stamp(folder), model, options, reuse=False,
                                      tokens=lambda lm: lm.context_window, open_kb=build)
@@ -194,6 +220,18 @@ class Registry:
                                 f"{err}", "server_error", "model_unavailable") from None
         self.release(entry)
         return entry
+
+
+def _options_for(config: ServerConfig, model: str) -> dict:
+    """The server config's load options that apply to `model`'s engine."""
+    mine = ("kv_type", "context") if engines.kind_of(model) == "llamacpp" else ("dtype",)
+    return {k: v for k, v in config.model_options().items() if k in mine and v is not None}
+
+
+def _record_model(folder: str) -> str | None:
+    """The model a knowledge base of this server was built with (a rebuild keeps it); None: the server's own."""
+    found = _record(folder)
+    return (found.meta if found is not None else {}).get("model")
 
 
 def _record(folder: str):

@@ -262,6 +262,7 @@ class Document(Body):
 class KBCreate(Body):
     name: str
     documents: list[Document]
+    model: Optional[str] = None  # one of the server's kb_models (config model and allowed_models); None: its own
 
 
 class KBReplace(Body):
