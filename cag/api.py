@@ -107,7 +107,9 @@ class KnowledgeBase:
         computed in (prefill_bounds) and then the question, so that it runs the very same forwards as the
         cached path and a cached answer equals it bit for bit, bf16 on a GPU included.
         `stop` strings end the answer before the first of them (it is not part of the answer, and
-        `on_text` never receives text that a stop string later cuts off). A prompt that would not fit
+        `on_text` never receives text that a stop string later cuts off); they are matched on the answer as
+        it is returned, from its first visible character. The prompt layout's own endings
+        (PromptBuilder.endings) end it the same way, on every path. A prompt that would not fit
         the context window with `max_new_tokens` to spare is refused (ContextLengthError) before any work.
         With `batching`, the answer joins the others in progress on this knowledge base (cag.scheduler:
         continuous batching, the same tokens); without it, it decodes in the calling thread.
@@ -123,19 +125,19 @@ class KnowledgeBase:
         start = time.perf_counter()
         deliver, on_text = on_text, on_text if unsupported == "flag" else None  # refuse: sent once judged
         split = self.fit(question, history, max_new_tokens, system=system)
-        stream = self.lm.codec.stream()
-        cut = StopText(stop, self.builder.stops)
+        reading = self._reading(stop)
+        stream, cut = reading.stream, reading.cut
         ttft = None
         with self._answering(split, use_cache, max_new_tokens, sampling, batching) as tokens:
             for token in tokens:
                 if ttft is None:
                     ttft = time.perf_counter() - start
-                safe = cut.push(stream.push(token))
+                safe = reading.push(token)
                 if on_text and safe:
                     on_text(safe)
                 if cut.stopped:
                     break
-        tail = cut.push(stream.flush()) + cut.flush()
+        tail = reading.finish()
         if on_text and tail:
             on_text(tail)
         judged = (citer or self.citer).judge(question, cut.text.strip(), sources, unsupported)
@@ -230,7 +232,11 @@ class KnowledgeBase:
         splits = [self.fit(q, max_new_tokens=max_new_tokens) for q in questions]
         stops = frozenset(self.lm.stop_ids)
         jobs = [Job(list(sp.new_ids), sp.reuse, max_new_tokens, Sampling(), stops) for sp in splits]
-        outs = [self._replayed(ids) for ids in decode.together(self.lm.decoder(self.prefix), jobs)]
+        readings = [self._reading() for _ in jobs]
+        decode.together(self.lm.decoder(self.prefix), jobs, lambda i, token: _ends(readings[i], token))
+        for reading in readings:
+            reading.finish()
+        outs = [(r.cut.text, r.stream.ids, r.cut.stopped) for r in readings]
         judged = [(citer or self.citer).judge(q, text.strip(), sources, unsupported)
                   for q, (text, _, _) in zip(questions, outs)]
         total = time.perf_counter() - start
@@ -241,17 +247,10 @@ class KnowledgeBase:
             cache_source=self.cache_source, finish_reason="stop" if stopped or len(ids) < max_new_tokens else "length",
             **j) for q, sp, (_, ids, stopped), j in zip(questions, splits, outs, judged)]
 
-    def _replayed(self, ids: list[int]) -> tuple[str, list[int], bool]:
-        """An answer's tokens read as `ask` reads them as they come: the text up to the layout's stop
-        marker, the tokens up to the one that showed it, and whether it stopped there."""
-        stream, cut = self.lm.codec.stream(), StopText((), self.builder.stops)
-        for token in ids:
-            cut.push(stream.push(token))
-            if cut.stopped:
-                break
-        cut.push(stream.flush())
-        cut.flush()
-        return cut.text, stream.ids, cut.stopped
+    def _reading(self, stop: Sequence[str] = ()) -> "_Reading":
+        """How every path reads an answer's tokens: the caller's stop strings and the layout's endings
+        (PromptBuilder.endings), the same for cached and reference answers, alone or batched."""
+        return _Reading(self.lm.codec.stream(), StopText(stop, self.builder.endings))
 
     def _refresh_if_invalidated(self) -> None:
         """After an invalidation event or a version publish, reload (or rebuild) before answering again."""
@@ -262,6 +261,28 @@ class KnowledgeBase:
                           "build_stats", "chunk_size", "citer", "_generation"):
                     setattr(self, f, getattr(fresh, f))
                 self._scheduler = None  # the next batched answer starts one on the new prefix
+
+
+@dataclass
+class _Reading:
+    """An answer's text as its tokens come: detokenized, then cut where a stop string or the layout ends it."""
+
+    stream: object  # the engine codec's TextStream
+    cut: StopText
+
+    def push(self, token: int) -> str:
+        """The text now certain to be part of the answer."""
+        return self.cut.push(self.stream.push(token))
+
+    def finish(self) -> str:
+        """At the end of the tokens: what was held back and is part of the answer."""
+        return self.cut.push(self.stream.flush()) + self.cut.flush()
+
+
+def _ends(reading: _Reading, token: int) -> bool:
+    """Reads `token` into the answer; whether its text now shows where the answer ends."""
+    reading.push(token)
+    return reading.cut.stopped
 
 
 # -- building ---------------------------------------------------------------------------------------
@@ -587,9 +608,19 @@ def load_engine(meta: dict, *, device: str | None = None, dtype: str | None = No
     try:
         return engines.load(meta.get("model"), device=device, threads=threads, log=log, **options)
     except ModelMissingError as err:
-        raise ModelMissingError(f"{err}; the knowledge base {meta.get('name')!r} was built with it: put it back, "
-                                "or build the knowledge base again with another model (`cag build SOURCES --name "
-                                f"{meta.get('name')} --model NEWMODEL`; nothing of its cache is reused)") from None
+        raise ModelMissingError(_moved_model(str(err), meta)) from None
+
+
+def _moved_model(err: str, meta: dict) -> str:
+    """What to do when a knowledge base's model is not where it was built with: put it back, or name where it
+    is now (the same file, by its hash, reuses the whole cache), or build anew with another model."""
+    import shlex
+
+    name = meta.get("name")
+    sources = " ".join(shlex.quote(str(s)) for s in (meta.get("sources") or ["SOURCES"])[:3])
+    return (f"{err}{' ' if err.endswith('?') else '. '}The knowledge base {name!r} was built with that model: put it back, or, if it moved, build "
+            f"again naming where it is now (`cag build {sources} --name {name} --model NEWPATH`): the same model "
+            "file reuses the whole cache, another model builds it anew")
 
 
 def _current_docs(meta: dict, snapshot: Callable[[], list[dict] | None], log: Log) -> list[knowledge.Document]:

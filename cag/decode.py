@@ -8,7 +8,7 @@ continuous batching of cag.scheduler, so an answer is computed the same way on e
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .engines.base import Decoder, Job
 
@@ -27,18 +27,24 @@ def tokens(decoder: Decoder, job: Job) -> Iterator[int]:
         decoder.finish(job)
 
 
-def together(decoder: Decoder, jobs: list[Job]) -> list[list[int]]:
-    """Every job's tokens, decoded together one step for all (throughput: all arrive when the longest ends)."""
+def together(decoder: Decoder, jobs: list[Job], ended: Callable[[int, int], bool] | None = None) -> list[list[int]]:
+    """Every job's tokens, decoded together one step for all (throughput: all arrive when the longest ends).
+    `ended(i, token)` says that job i's answer is over after `token` (its text now shows a stop string):
+    that row takes no more steps, as an answer decoded alone stops there."""
     out: list[list[int]] = [[] for _ in jobs]
+
+    def take(i: int, token: int | None) -> None:
+        if token is not None:
+            out[i].append(token)
+            if ended is not None and ended(i, token):  # every token is read, the last one too
+                jobs[i].done = True
+
     try:
         for i, job in enumerate(jobs):
-            token = decoder.start(job)
-            if token is not None:
-                out[i].append(token)
+            take(i, decoder.start(job))
         while active := [i for i, j in enumerate(jobs) if not j.done]:
             for i, token in zip(active, decoder.step([jobs[i] for i in active])):
-                if token is not None:
-                    out[i].append(token)
+                take(i, token)
     finally:
         for job in jobs:
             decoder.finish(job)

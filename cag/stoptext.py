@@ -3,11 +3,20 @@
 Text arrives in deltas; a delta may end with the start of a stop string ("Q" of "Question:"), so that
 much is held back until the next delta shows whether the stop string follows. What `push` returns is
 final: concatenated, the returned pieces equal `text`, the answer up to (not including) the stop string.
+
+Stops are matched on the answer as its reader gets it: the whitespace before its first visible character
+is never part of it (an answer is returned stripped), so it is dropped before matching, and a stop "\\n"
+ends the answer's first line instead of an answer that starts on a new line.
+
+Besides the caller's strings, the prompt's layout ends an answer (`Endings`, decided per prompt format in
+cag.kb.prompt): strings of its own that end it anywhere, and whole lines that are the layout's headings
+(a document's title line); an answer that reaches one has run on into a copy of the prompt.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from .errors import CagError
 
@@ -27,44 +36,90 @@ def checked(stops: str | Sequence[str] | None) -> list[str]:
     return list(items)
 
 
+def _never(_line: str) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class Endings:
+    """Where the prompt's layout says an answer is over (besides the model's end-of-turn tokens).
+
+    `stops` end it wherever they appear; `heading(line)` says whether a whole line is one of the layout's
+    headings, and the answer then ends before that line. `lead` is how every such line starts: a line that
+    starts so is held back from a stream until it is whole and judged."""
+
+    stops: tuple[str, ...] = ()
+    heading: Callable[[str], bool] = _never
+    lead: str = ""
+
+
 class StopText:
-    def __init__(self, stops: Sequence[str] = (), layout: Sequence[str] = ()):
-        """`stops`: the caller's (checked); `layout`: the prompt layout's own end markers (cag.kb.prompt)."""
-        self.stops = checked(stops) + [s for s in layout if s]
-        self.text = ""  # the answer so far, up to the stop string once one is found
+    def __init__(self, stops: Sequence[str] = (), layout: Endings | Sequence[str] = ()):
+        """`stops`: the caller's (checked); `layout`: the prompt layout's own endings (cag.kb.prompt), or
+        just its end strings."""
+        self.layout = layout if isinstance(layout, Endings) else Endings(tuple(s for s in layout if s))
+        self.stops = checked(stops) + [s for s in self.layout.stops if s]
+        self.text = ""  # the answer so far, up to the stop once one is found
         self.stopped = False
         self._sent = 0  # characters of `text` already returned
-        self._seen = ""  # everything pushed, including text after a stop string
+        self._seen = ""  # everything pushed (from the first visible character), including text after a stop
+        self._line = 0  # where the first line not yet judged against the layout's headings starts
 
     def push(self, delta: str) -> str:
         """The part of the answer that is now certain (may be empty)."""
         if self.stopped or not delta:
             return ""
-        if not self.stops:
-            self.text += delta
-            return self._release(len(self.text))
-        start = max(0, len(self._seen) - max(map(len, self.stops)) + 1)
+        if not self._seen:
+            delta = delta.lstrip()
+            if not delta:
+                return ""
+        start = max(0, len(self._seen) - max(map(len, self.stops), default=1) + 1)
         self._seen += delta
-        hits = [i for s in self.stops if (i := self._seen.find(s, start)) >= 0]
-        if hits:
-            self.stopped = True
-            self.text = self._seen[:min(hits)]
-            return self._release(len(self.text))
+        cut = self._first_stop(start)
+        if cut is not None:
+            return self._stop_at(cut)
         self.text = self._seen
         return self._release(len(self.text) - self._held())
 
     def flush(self) -> str:
-        """At the end of generation: whatever was held back (no stop string followed it)."""
+        """At the end of generation: whatever was held back, unless its last line is a layout heading."""
+        if not self.stopped and self._line < len(self._seen) and self.layout.heading(self._seen[self._line:]):
+            return self._stop_at(self._line)
         return self._release(len(self.text))
 
+    def _stop_at(self, cut: int) -> str:
+        self.stopped = True
+        self.text = self._seen[:cut]
+        return self._release(cut)
+
+    def _first_stop(self, start: int) -> int | None:
+        """Where the earliest stop string or heading line in the text seen so far begins (None: none yet)."""
+        hits = [i for s in self.stops if (i := self._seen.find(s, start)) >= 0]
+        heading = self._heading_line()
+        if heading is not None:
+            hits.append(heading)
+        return min(hits, default=None)
+
+    def _heading_line(self) -> int | None:
+        """The start of the first newly completed line that is a layout heading."""
+        while (end := self._seen.find("\n", self._line)) >= 0:
+            begin, self._line = self._line, end + 1
+            if self.layout.heading(self._seen[begin:end]):
+                return begin
+        return None
+
     def _held(self) -> int:
-        """How many trailing characters could be the start of a stop string."""
+        """How many trailing characters could still be the start of a stop string or of a heading line."""
         longest = 0
         for s in self.stops:
             for n in range(min(len(s) - 1, len(self._seen)), longest, -1):
                 if self._seen.endswith(s[:n]):
                     longest = n
                     break
+        lead = self.layout.lead
+        partial = self._seen[self._line:]
+        if lead and partial and (partial.startswith(lead) or lead.startswith(partial)):
+            longest = max(longest, len(partial))
         return longest
 
     def _release(self, upto: int) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,20 @@ def real_home(tmp_path_factory) -> Path:
     """One CAG_HOME for the session's real-model tests, so the GGUF is converted once."""
     home = Path(os.environ.get("CAG_TEST_HOME") or tmp_path_factory.mktemp("real-home"))
     return home
+
+
+@contextmanager
+def home_at(path: Path):
+    """CAG_HOME set to `path` for a session-scoped fixture (monkeypatch is per test), restored afterwards."""
+    old = os.environ.get("CAG_HOME")
+    os.environ["CAG_HOME"] = str(path)
+    try:
+        yield path
+    finally:
+        if old is None:
+            os.environ.pop("CAG_HOME", None)
+        else:
+            os.environ["CAG_HOME"] = old
 
 
 @pytest.fixture(scope="session")

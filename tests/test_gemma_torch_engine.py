@@ -22,7 +22,7 @@ import torch
 import cag
 from cag.engines.torch import batch, direct, models
 from cag.engines.torch.workspace import Workspace
-from conftest import SAMPLE_DOCS, SAMPLE_QUESTIONS, make_tiny_model
+from conftest import SAMPLE_DOCS, SAMPLE_QUESTIONS, home_at, make_tiny_model
 
 WINDOW = 8
 
@@ -97,17 +97,10 @@ def tiny_gemma(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_gemma_kb(tiny_gemma, tmp_path_factory):
-    old = os.environ.get("CAG_HOME")
-    os.environ["CAG_HOME"] = str(tmp_path_factory.mktemp("tiny-gemma-home"))
-    try:
+    with home_at(tmp_path_factory.mktemp("tiny-gemma-home")):
         # pieces of 100 tokens: the prefix itself is computed across the window, through transformers' cache
         yield cag.build([SAMPLE_DOCS / "01_company.md"], name="tg", lm=tiny_gemma, chunk_size=100,
                         log=lambda _m: None)
-    finally:
-        if old is None:
-            os.environ.pop("CAG_HOME", None)
-        else:
-            os.environ["CAG_HOME"] = old
 
 
 def _generate(lm, ids: list[int], n: int) -> list[int]:

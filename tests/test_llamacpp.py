@@ -65,7 +65,7 @@ def test_every_sample_answer_from_the_cache_equals_the_no_cache_reference(which,
 
 def test_a_base_model_without_a_chat_template_is_asked_in_the_plain_layout(cag_home, gemma_gguf, gguf_engines):
     """Gemma 3 270M base has no chat template: the prompt is the instruction, the documents and
-    Question/Answer lines (with the model's BOS), and an answer ends where the model starts a next question."""
+    Question/Answer lines (with the model's BOS), and an answer is the rest of its Answer line."""
     lm = gguf_engines(gemma_gguf)
     assert lm.codec.chat_template is None
     kb = cag.build([make_docs(cag_home.parent / "docs")], name="base", lm=lm, **QUIET)

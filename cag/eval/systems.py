@@ -14,6 +14,7 @@ nothing for in-context, the index for RAG (chunk embedding for dense; the embedd
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
@@ -25,6 +26,7 @@ from .. import api, decode
 from ..engines.base import Job
 from ..kb import knowledge
 from ..kb.prompt import DEFAULT_INSTRUCTION, PromptBuilder
+from ..stoptext import StopText
 from . import retrieval
 from .dataset import Dataset
 from .errors import EvalError
@@ -103,18 +105,23 @@ class RagSystem:
         builder = PromptBuilder(self.lm.codec, [knowledge.Document(c.name, c.text) for c in picked], self.instruction)
         ids = builder.split(question).ids
         stream, ttft = self.lm.codec.stream(), None
+        cut = StopText((), builder.endings)  # where the layout ends an answer, as for the cached systems
         empty = self.lm.prefill([], [])  # the whole prompt runs as the question, from scratch
         try:
             job = Job(ids, 0, max_new_tokens, stops=frozenset(self.lm.stop_ids))
-            for token in decode.tokens(self.lm.decoder(empty), job):
-                ttft = ttft if ttft is not None else time.perf_counter() - start
-                stream.push(token)
+            with contextlib.closing(decode.tokens(self.lm.decoder(empty), job)) as tokens:
+                for token in tokens:
+                    ttft = ttft if ttft is not None else time.perf_counter() - start
+                    cut.push(stream.push(token))
+                    if cut.stopped:
+                        break
         finally:
             empty.release()
-        stream.flush()
+        cut.push(stream.flush())
+        cut.flush()
         total = time.perf_counter() - start
         texts = [c.text for c in picked]
-        return Reply(stream.text().strip(), ttft if ttft is not None else total, total, len(ids), len(ids),
+        return Reply(cut.text.strip(), ttft if ttft is not None else total, total, len(ids), len(ids),
                      texts, sources=texts)  # the top retrieved chunk is its first source
 
 

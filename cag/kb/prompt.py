@@ -21,20 +21,23 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from ..engines.base import Codec
 from ..errors import PromptError
-from .knowledge import Document
+from ..stoptext import Endings
+from .knowledge import SUPPORTED, Document
 
 LAYOUT_VERSION = 1
-PLAIN_NEXT_QUESTION = "\nQuestion:"
+PLAIN_STOPS = ("\n", "Question:", "Answer:")  # the end of the answer line, a next question or answer
 DEFAULT_INSTRUCTION = (
     "You are a helpful assistant. Answer the user's question using only the documents below. "
     "If the documents do not contain the answer, say that you do not know. Answer briefly."
 )
 _SENTINEL = "\u2063CAG-QUESTION\u2063"
-_INSTRUCTIONS = "\n\n# Instructions\n\n"  # before a system message that shares the knowledge's turn
+_SECTIONS = ("# Documents", "# Instructions", "# Question")  # the layout's own section headings
+_INSTRUCTIONS = f"\n\n{_SECTIONS[1]}\n\n"  # before a system message that shares the knowledge's turn
+_TITLE = "## "  # how the layout titles each document: "## name"
 
 
 @dataclass(frozen=True)
@@ -80,11 +83,20 @@ class PromptBuilder:
         return self.codec.chat_template
 
     @property
-    def stops(self) -> tuple[str, ...]:
-        """Where an answer ends besides the model's end-of-turn token. Without a chat template (a base
-        model) the prompt is a Question/Answer text that such a model goes on writing: the answer ends
-        where it starts the next question, as a reader of that text would expect."""
-        return () if self.chat_template is not None else (PLAIN_NEXT_QUESTION,)
+    def endings(self) -> Endings:
+        """Where an answer ends besides the model's end-of-turn tokens: the one place that decides it per
+        prompt format (every path, cached or not, alone or batched, reads its answer through it).
+
+        Without a chat template (a base model) the prompt is Question/Answer text that such a model goes on
+        writing: the answer is the rest of the "Answer:" line, and ends at its end or where it starts a
+        next "Question:"/"Answer:", as a reader of that text would expect. A chat model ends its turn with
+        its own token, but a small one may instead carry on reciting the prompt: a line that is one of the
+        prompt's own headings (a document's "## name" title line, "# Documents", ...) ends its answer.
+        Only whole lines laid out as the prompt lays out its own headings count, so an answer with
+        Markdown headings of its own is never cut."""
+        if self.chat_template is None:
+            return Endings(PLAIN_STOPS)
+        return Endings(heading=LayoutHeadings(d.name for d in self.docs), lead="#")
 
     def fingerprint(self) -> str:
         """Changes whenever the same knowledge would be laid out differently in the prompt."""
@@ -93,10 +105,10 @@ class PromptBuilder:
 
     # -- rendering --------------------------------------------------------------------------------
     def knowledge_block(self) -> str:
-        return "\n\n".join(f"## {d.name}\n{d.text}" for d in self.docs)
+        return "\n\n".join(f"{_TITLE}{d.name}\n{d.text}" for d in self.docs)
 
     def system_text(self) -> str:
-        return f"{self.instruction}\n\n# Documents\n\n{self.knowledge_block()}"
+        return f"{self.instruction}\n\n{_SECTIONS[0]}\n\n{self.knowledge_block()}"
 
     def render(self, question: str, history: Sequence[Turn] = (), system: str | None = None) -> str:
         """The full prompt as text (for people and logs; the model gets `split(...).ids`)."""
@@ -118,7 +130,7 @@ class PromptBuilder:
         talk.append({"role": "user", "content": wrap(question)})
         layouts = [[{"role": "system", "content": block}, {"role": "system", "content": extra}] + talk] if extra else []
         layouts += [[{"role": "system", "content": merged}] + talk,  # refused by templates without a system role,
-                    [{"role": "user", "content": f"{merged}\n\n# Question\n\n{talk[0]['content']}"}] + talk[1:]]
+                    [{"role": "user", "content": f"{merged}\n\n{_SECTIONS[2]}\n\n{talk[0]['content']}"}] + talk[1:]]
         for messages in layouts:
             try:
                 rendered = self.codec.render(messages)
@@ -194,6 +206,30 @@ class PromptBuilder:
         if reuse == len(ids):  # always leave at least one token to compute the next-token logits from
             reuse -= 1
         return Split(ids=ids, reuse=reuse, prefix_len=len(prefix))
+
+
+class LayoutHeadings:
+    """Whether a line of an answer is one of the prompt's own headings: a section heading of the layout, or a
+    document's title line, "## " and a name that is one of the knowledge's documents or a file name of a
+    type knowledge is read from (a model reciting documents also makes up titles like "## onboarding.md")."""
+
+    def __init__(self, names: Iterable[str]):
+        self.names = frozenset(names)
+
+    def __call__(self, line: str) -> bool:
+        line = line.rstrip()  # from the line's start: a stream holds back only lines that start with "#"
+        if line in _SECTIONS:
+            return True
+        if not line.startswith(_TITLE):
+            return False
+        name = line[len(_TITLE):].strip()
+        return name in self.names or _file_name(name)
+
+
+def _file_name(name: str) -> bool:
+    """A single file name or path ending in a supported document suffix ("onboarding.md", "a/b.pdf")."""
+    stem, dot, suffix = name.rpartition(".")
+    return bool(stem) and bool(dot) and f".{suffix.lower()}" in SUPPORTED and " " not in name
 
 
 # -- user text never becomes control tokens ---------------------------------------------------------
