@@ -37,7 +37,7 @@ engine, threads, n, tokens, rounds = {engine!r}, {threads!r}, {n!r}, {tokens!r},
 spec = None if engine == "torch" else str(__import__("cag.engines.torch.models", fromlist=["x"]).default_gguf_path())
 lm = engines.load(spec, threads=threads, log=lambda m: None)
 kb = cag.build([str(common.SAMPLE_DOCS)], name="threads-" + engine, model=spec, lm=lm, log=lambda m: None)
-qs = [q["question"] for q in common.sample_questions()[:n]]
+qs = [q["q"] for q in common.sample_questions()[:n]]
 kb.ask(qs[0], max_new_tokens=4, sources=0)  # warm
 times, answers = [], None
 for _ in range(rounds):

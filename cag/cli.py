@@ -834,13 +834,15 @@ def version(
 
 
 def _llamacpp_build() -> str:
-    """Which llama.cpp GGUF models would run on here, or why none would."""
-    from .engines.llamacpp import lib
+    """Which llama.cpp GGUF models would run on here, or why none would: read from the installed package's
+    metadata (importing the engine would import torch, and `cag version` starts without it)."""
+    from importlib import metadata
 
     try:
-        return lib.build_id()
-    except (CagError, ImportError) as e:
-        return f"unavailable ({e})"
+        return f"llama-cpp-python {metadata.version('llama_cpp_python')}"
+    except metadata.PackageNotFoundError:
+        return ('unavailable: llama-cpp-python is not installed (pip install "llama-cpp-python==0.3.36", or '
+                "`bash scripts/setup-llamacpp.sh` in a cag checkout)")
 
 
 _NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # a full disk, a quota, a file size limit
