@@ -18,7 +18,7 @@ from cag.stoptext import Endings, StopText
 from conftest import SAMPLE_DOCS, SAMPLE_QUESTIONS, home_at
 from serverutil import Replica
 
-MAX = 256
+MAX = 128  # room for every sample answer that ends (the longest of them: 45 tokens on the default model)
 RUN_ON = re.compile(r"(^|\n)\s*(Question:|Answer:|#+ \S+\.(md|txt)\b|# Documents|# Instructions)")
 CHAT = Endings(heading=LayoutHeadings(["01_company.md", "team notes/plan.md"]), lead="#")
 
