@@ -10,17 +10,23 @@ ends the answer's first line instead of an answer that starts on a new line.
 
 Besides the caller's strings, the prompt's layout ends an answer (`Endings`, decided per prompt format in
 cag.kb.prompt): strings of its own that end it anywhere, and whole lines that are the layout's headings
-(a document's title line); an answer that reaches one has run on into a copy of the prompt.
+(a document's title line); an answer that reaches one has run on into a copy of the prompt. With `repeats`,
+an answer also ends before a sentence that repeats one of its own word for word: a small model that has said
+its answer loops over it until the token limit. Text that could still become such a repeat (it so far reads
+as the start of an earlier sentence) is held back until it diverges.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .errors import CagError
 
 MAX_STOPS = 4  # OpenAI's limit; also bounds the per-token work
+REPEAT_CHARS = 16  # a sentence this long or longer, said again word for word, ends the answer
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 
 
 def checked(stops: str | Sequence[str] | None) -> list[str]:
@@ -51,6 +57,7 @@ class Endings:
     stops: tuple[str, ...] = ()
     heading: Callable[[str], bool] = _never
     lead: str = ""
+    repeats: bool = False  # a sentence said again word for word ends the answer
 
 
 class StopText:
@@ -64,6 +71,8 @@ class StopText:
         self._sent = 0  # characters of `text` already returned
         self._seen = ""  # everything pushed (from the first visible character), including text after a stop
         self._line = 0  # where the first line not yet judged against the layout's headings starts
+        self._sentence = 0  # where the first sentence not yet judged as a repeat starts
+        self._said: set[str] = set()  # the answer's complete sentences so far (with `repeats`)
 
     def push(self, delta: str) -> str:
         """The part of the answer that is now certain (may be empty)."""
@@ -82,9 +91,12 @@ class StopText:
         return self._release(len(self.text) - self._held())
 
     def flush(self) -> str:
-        """At the end of generation: whatever was held back, unless its last line is a layout heading."""
+        """At the end of generation: whatever was held back, unless its last line is a layout heading or its
+        last sentence a repeat."""
         if not self.stopped and self._line < len(self._seen) and self.layout.heading(self._seen[self._line:]):
             return self._stop_at(self._line)
+        if not self.stopped and self._sentence < len(self._seen) and self._repeat(self._seen[self._sentence:]):
+            return self._stop_at(self._sentence)
         return self._release(len(self.text))
 
     def _stop_at(self, cut: int) -> str:
@@ -98,7 +110,40 @@ class StopText:
         heading = self._heading_line()
         if heading is not None:
             hits.append(heading)
+        repeat = self._repeated_sentence()
+        if repeat is not None:
+            hits.append(repeat)
         return min(hits, default=None)
+
+    def _repeated_sentence(self) -> int | None:
+        """The start of the first newly completed sentence that the answer already said (with `repeats`)."""
+        if not self.layout.repeats:
+            return None
+        while (end := _SENTENCE_END.search(self._seen, self._sentence)) is not None:
+            begin, self._sentence = self._sentence, end.end()
+            if self._repeat(self._seen[begin:end.start()]):
+                return begin
+            self._remember(self._seen[begin:end.start()])
+        return None
+
+    def _repeat(self, sentence: str) -> bool:
+        said = _words(sentence)
+        return len(said) >= REPEAT_CHARS and said in self._said
+
+    def _remember(self, sentence: str) -> None:
+        said = _words(sentence)
+        if len(said) >= REPEAT_CHARS:
+            self._said.add(said)
+
+    def _could_repeat(self) -> int:
+        """How many trailing characters (the sentence in progress) read so far as the start of an earlier one."""
+        if not self.layout.repeats or not self._said:
+            return 0
+        partial = self._seen[self._sentence:]
+        begun = _words(partial)
+        if begun and any(s.startswith(begun) for s in self._said):
+            return len(partial)
+        return 0
 
     def _heading_line(self) -> int | None:
         """The start of the first newly completed line that is a layout heading."""
@@ -120,9 +165,14 @@ class StopText:
         partial = self._seen[self._line:]
         if lead and partial and (partial.startswith(lead) or lead.startswith(partial)):
             longest = max(longest, len(partial))
-        return longest
+        return max(longest, self._could_repeat())
 
     def _release(self, upto: int) -> str:
         upto = max(upto, self._sent)
         out, self._sent = self.text[self._sent:upto], upto
         return out
+
+
+def _words(text: str) -> str:
+    """A sentence as compared for repeats: its words, single-spaced."""
+    return " ".join(text.split())

@@ -20,7 +20,7 @@ from serverutil import Replica
 
 MAX = 128  # room for every sample answer that ends (the longest of them: 45 tokens on the default model)
 RUN_ON = re.compile(r"(^|\n)\s*(Question:|Answer:|#+ \S+\.(md|txt)\b|# Documents|# Instructions)")
-CHAT = Endings(heading=LayoutHeadings(["01_company.md", "team notes/plan.md"]), lead="#")
+CHAT = Endings(heading=LayoutHeadings(["01_company.md", "team notes/plan.md"]), lead="#", repeats=True)
 
 
 def _read(deltas: list[str], stops=(), layout=()) -> StopText:
@@ -69,6 +69,31 @@ def test_a_heading_line_is_not_streamed_before_it_is_judged():
     assert cut.push("Odalys Renn.\n") == "Odalys Renn.\n"
     assert cut.push("## onboar") == "" and cut.push("d") == ""  # could still be a document's title line
     assert cut.push("ing.md\n") == "" and cut.stopped
+
+
+LOOP = ("The battery lasts 40 hours. The glass is 100% recycled. The battery is 100% recycled. "
+        "The glass is 100% recycled. The battery is 100% recycled. The glass is")
+
+
+@pytest.mark.parametrize("step", [1, 4, 11, len(LOOP)])
+def test_a_chat_answer_ends_before_a_sentence_it_already_said(step):
+    cut = _read([LOOP[i:i + step] for i in range(0, len(LOOP), step)], (), CHAT)
+    assert cut.stopped and cut.text.strip() == ("The battery lasts 40 hours. The glass is 100% recycled. "
+                                                "The battery is 100% recycled.")
+
+
+def test_short_or_differing_sentences_said_again_are_not_repeats():
+    text = "Yes. Yes. Open the lid first.\nThen open the lid carefully.\nThe fee is 12 crowns. The fee is 13 crowns."
+    cut = _read([text[i:i + 5] for i in range(0, len(text), 5)], (), CHAT)
+    assert cut.text == text and not cut.stopped
+
+
+def test_a_possible_repeat_is_held_back_until_it_diverges():
+    cut = StopText((), CHAT)
+    assert cut.push("The glass is blue. ") == "The glass is blue. "
+    assert cut.push("The glass") == ""  # could still be the same sentence again
+    assert cut.push(" is green.") == "The glass is green."  # it was not
+    assert cut.push(" The glass is blue.").strip() == "" and cut.flush() == "" and cut.stopped
 
 
 def test_the_prompt_format_decides_the_endings_from_the_prompts_own_layout(tiny_lm, tiny_plain_model_dir):

@@ -93,10 +93,11 @@ class PromptBuilder:
         its own token, but a small one may instead carry on reciting the prompt: a line that is one of the
         prompt's own headings (a document's "## name" title line, "# Documents", ...) ends its answer.
         Only whole lines laid out as the prompt lays out its own headings count, so an answer with
-        Markdown headings of its own is never cut."""
+        Markdown headings of its own is never cut. A small chat model may also loop over its own answer
+        until the token limit: a sentence it says again word for word ends the answer (Endings.repeats)."""
         if self.chat_template is None:
             return Endings(PLAIN_STOPS)
-        return Endings(heading=LayoutHeadings(d.name for d in self.docs), lead="#")
+        return Endings(heading=LayoutHeadings(d.name for d in self.docs), lead="#", repeats=True)
 
     def fingerprint(self) -> str:
         """Changes whenever the same knowledge would be laid out differently in the prompt."""
