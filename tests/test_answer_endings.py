@@ -18,7 +18,7 @@ from cag.stoptext import Endings, StopText
 from conftest import SAMPLE_DOCS, SAMPLE_QUESTIONS, home_at
 from serverutil import Replica
 
-MAX = 128  # room for every sample answer that ends (the longest of them: 45 tokens on the default model)
+MAX = 128  # room for every sample answer that ends (the longest: 126 tokens on the default model)
 RUN_ON = re.compile(r"(^|\n)\s*(Question:|Answer:|#+ \S+\.(md|txt)\b|# Documents|# Instructions)")
 CHAT = Endings(heading=LayoutHeadings(["01_company.md", "team notes/plan.md"]), lead="#", repeats=True)
 
@@ -137,8 +137,8 @@ def real_kb(request):
 @pytest.mark.real_model
 def test_sample_answers_end_with_the_answer(real_kb):
     """No sample answer runs on into a next Question:/Answer: or a document; the base model's all end at
-    their answer line, far before max_tokens. (The default model still reaches max_tokens on 6 of the 20 by
-    repeating its own sentences: no layout marker ends that, BENCHMARKS.md "Where answers end".)"""
+    their answer line, far before max_tokens. (The default model still reaches 256 tokens on 1 of the 20, counting
+    up sentences that no exact repeat ends: BENCHMARKS.md "Where answers end".)"""
     answers = real_kb.ask_many([q["q"] for q in _questions()], max_new_tokens=MAX, sources=0)
     ran_on = [(a.question, a.answer) for a in answers if RUN_ON.search(a.answer)]
     assert not ran_on, ran_on
@@ -148,7 +148,7 @@ def test_sample_answers_end_with_the_answer(real_kb):
 
 
 @pytest.mark.real_model
-@pytest.mark.parametrize("index", [4, 10])  # the default model reaches max_tokens on 4, ends on 10
+@pytest.mark.parametrize("index", [4, 13])  # the default model ends 4 at a repeated sentence, reaches MAX on 13
 def test_cached_answers_equal_no_cache_ones_with_the_endings(real_kb, index):
     """The endings cut the cached, the no-cache, the batched and the ask_many answer at the same token."""
     q = _questions()[index]["q"]
