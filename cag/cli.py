@@ -772,7 +772,7 @@ def serve(
     context: Optional[int] = typer.Option(None, "--context", min=16, help=CONTEXT_HELP),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help=THREADS_HELP),
 ) -> None:
-    """Serve the knowledge bases in CAG_HOME over an OpenAI-compatible HTTP API (model = knowledge base)."""
+    """Serve the knowledge bases in CAG_HOME over OpenAI's and Ollama's HTTP APIs (model = knowledge base)."""
     import uvicorn
 
     from .server import configure_logging, create_app, load_config, with_flags
@@ -795,8 +795,10 @@ def serve(
 
 @app.command("models")
 def models_(as_json: bool = typer.Option(False, "--json", help="One JSON object per model.")) -> None:
-    """List models: the default one, the GGUFs in the local Ollama store ($OLLAMA_MODELS), and those knowledge
-    bases were built with; what `--model` takes for each, its size and the knowledge bases that use it."""
+    """List models: the default one, the Ollama store's GGUFs and those knowledge bases were built with.
+
+    For each: what `--model` takes, its size and the knowledge bases that use it. The Ollama store is
+    $OLLAMA_MODELS, else ~/.ollama/models."""
     from . import catalog
 
     rows = catalog.models()
@@ -821,8 +823,7 @@ def models_(as_json: bool = typer.Option(False, "--json", help="One JSON object 
 def version(
     native: bool = typer.Option(False, "--native", help="Also build/load the packed-weight CPU kernels and say how."),
 ) -> None:
-    """Print cag's version and the llama.cpp build GGUF models run on (and, with --native, whether the fast CPU
-    decoding kernels of the torch engine work here)."""
+    """Print cag's version and the llama.cpp build GGUF models run on (--native: the torch engine's kernels)."""
     out.print(__version__)
     out.print(f"llama.cpp engine: {_llamacpp_build()}", markup=False)
     if native:
