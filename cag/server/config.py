@@ -131,6 +131,13 @@ class ServerConfig:
         """The load options of the server's own model (those that apply to its engine are used)."""
         return {"dtype": self.dtype, "kv_type": self.kv_type, "context": self.context}
 
+    def options_for(self, model: str | None) -> dict:
+        """The load options set here that apply to `model`'s engine (None: the default model)."""
+        from ..engines import kind_of
+
+        mine = ("kv_type", "context") if kind_of(model) == "llamacpp" else ("dtype",)
+        return {k: v for k, v in self.model_options().items() if k in mine and v is not None}
+
 
 def same_model(a: str, b: str) -> bool:
     """Whether two names name the same model as written: a path by where it leads, anything else by its text."""

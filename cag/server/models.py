@@ -102,9 +102,7 @@ class Models:
         self._keep: dict[Key, float] = {}  # each model's keep-alive in seconds: the last request's, else the server's
         self._reaper: threading.Thread | None = None
         self._stop = threading.Event()
-        options = self.config.model_options()
-        mine = ("kv_type", "context") if engines.kind_of(self.config.model) == "llamacpp" else ("dtype",)
-        self._default = (self.config.model, {k: options[k] for k in mine})
+        self._default = (self.config.model, self.config.options_for(self.config.model))
         if loaded is not None:  # the server's own model, loaded already (`cag serve --model`, create_app(lm=))
             self._default = (self.config.model or loaded.name, loaded.options())
             self._engines[key_of(*self._default)] = loaded

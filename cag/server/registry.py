@@ -211,7 +211,7 @@ class Registry:
 
         if model is not None and same_model(model, self.config.kb_models()[0]):
             model = None  # the server's own model, loaded with its own options
-        model, options = self.models.default_model() if model is None else (model, _options_for(self.config, model))
+        model, options = self.models.default_model() if model is None else (model, self.config.options_for(model))
         try:
             entry = self.models.load(folder, lambda: _stamp(folder), model, options, reuse=False,
                                      tokens=lambda lm: lm.context_window, open_kb=build)
@@ -220,12 +220,6 @@ class Registry:
                                 f"{err}", "server_error", "model_unavailable") from None
         self.release(entry)
         return entry
-
-
-def _options_for(config: ServerConfig, model: str) -> dict:
-    """The server config's load options that apply to `model`'s engine."""
-    mine = ("kv_type", "context") if engines.kind_of(model) == "llamacpp" else ("dtype",)
-    return {k: v for k, v in config.model_options().items() if k in mine and v is not None}
 
 
 def _record_model(folder: str) -> str | None:
