@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
-from . import decode, engines, paths
+from . import decode, drafts, engines, paths
 from .cache import events, kvfile, policies, stores
 from .cache.kvfile import KV
 from .cache.policies import Policy
@@ -37,6 +37,7 @@ from .kb.prompt import DEFAULT_INSTRUCTION, PromptBuilder, Split, Turn
 from .results import Answer, BuildStats
 from .sampling import Sampling
 from .scheduler import Batching, Scheduler
+from .settings import current as current_settings
 from .stoptext import StopText
 
 DEFAULT_RESERVE = 512  # context tokens kept free for the question and the answer
@@ -69,6 +70,7 @@ class KnowledgeBase:
     _store: TieredStore | None = field(default=None, repr=False)
     _generation: int = field(default=-1, repr=False)  # events.generation(name) when loaded; -1: never reloads
     _scheduler: Scheduler | None = field(default=None, repr=False)
+    _drafts: tuple[list[int], drafts.Index] | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -100,7 +102,7 @@ class KnowledgeBase:
             max_new_tokens: int = 256, sampling: Sampling = Sampling(),
             on_text: Callable[[str], None] | None = None, stop: Sequence[str] = (),
             batching: Batching | None = None, system: str | None = None, sources: int = DEFAULT_SOURCES,
-            unsupported: str = "flag", citer: Citer | None = None) -> Answer:
+            unsupported: str = "flag", citer: Citer | None = None, draft: int | None = None) -> Answer:
         """Answer from the cached prefix (or, with use_cache=False, from the full prompt: the reference).
 
         The reference computes the whole prompt from its tokens, the prefix in the pieces the cache was
@@ -119,6 +121,8 @@ class KnowledgeBase:
         support it (cag.kb.grounding, computed from the finished text: the tokens never depend on it).
         unsupported="refuse" replaces an unsupported answer with grounding.REFUSAL (the model's text stays
         in Answer.generated); then `on_text` receives the answer only once it is judged.
+        `draft`: the most draft tokens from the knowledge an answer verifies in one step (cag.drafts; 0: none;
+        None: CAG_DRAFT, else 12). The tokens are the same with or without drafts; only the time differs.
         """
         grounding.check_options(sources, unsupported)
         self._refresh_if_invalidated()
@@ -128,7 +132,8 @@ class KnowledgeBase:
         reading = self._reading(stop)
         stream, cut = reading.stream, reading.cut
         ttft = None
-        with self._answering(split, use_cache, max_new_tokens, sampling, batching) as tokens:
+        job = self._job(split, max_new_tokens, sampling, draft)
+        with self._answering(job, use_cache, batching) as tokens:
             for token in tokens:
                 if ttft is None:
                     ttft = time.perf_counter() - start
@@ -152,16 +157,29 @@ class KnowledgeBase:
             question_tokens=len(split.new_ids) if use_cache else len(split.ids),
             new_tokens=len(stream.ids), boundary_ok=split.boundary_ok,
             mode="cache" if use_cache else "no-cache", cache_source=self.cache_source,
-            finish_reason="stop" if stopped else "length", **judged,
+            finish_reason="stop" if stopped else "length", drafted=job.drafted, accepted=job.accepted, **judged,
         )
 
+    def _job(self, split: Split, max_new_tokens: int, sampling: Sampling, draft: int | None) -> Job:
+        """The answer's job, with a drafter looking up its tokens in the knowledge unless drafts are off."""
+        job = Job(list(split.new_ids), split.reuse, max_new_tokens, sampling, frozenset(self.lm.stop_ids))
+        most = current_settings().draft if draft is None else draft
+        if most > 0:
+            job.drafter = drafts.Drafter(self.draft_index(), split.new_ids, most)
+        return job
+
+    def draft_index(self) -> drafts.Index:
+        """Where runs of the knowledge base's tokens occur (made on first use, kept with the knowledge base)."""
+        with self._lock:
+            if self._drafts is None or self._drafts[0] is not self.prefix_ids:  # (made again after a reload)
+                self._drafts = (self.prefix_ids, drafts.Index(self.prefix_ids))
+            return self._drafts[1]
+
     @contextlib.contextmanager
-    def _answering(self, split: Split, use_cache: bool, max_new_tokens: int, sampling: Sampling,
-                   batching: Batching | None) -> Iterator[Iterator[int]]:
+    def _answering(self, job: Job, use_cache: bool, batching: Batching | None) -> Iterator[Iterator[int]]:
         """The answer's tokens: from this knowledge base's scheduler, or decoded inline on the cached prefix
         or on the reference's recomputed one (released afterwards). Closing them early (a stop string)
         gives the row back at once."""
-        job = Job(list(split.new_ids), split.reuse, max_new_tokens, sampling, frozenset(self.lm.stop_ids))
         prefix = self.prefix if use_cache else self._recomputed_prefix()
         try:
             if use_cache and batching is not None:
@@ -220,7 +238,7 @@ class KnowledgeBase:
                 kept.pop(0)
 
     def ask_many(self, questions: Sequence[str], *, max_new_tokens: int = 256, sources: int = DEFAULT_SOURCES,
-                 unsupported: str = "flag", citer: Citer | None = None) -> list[Answer]:
+                 unsupported: str = "flag", citer: Citer | None = None, draft: int | None = None) -> list[Answer]:
         """Greedy answers to several questions decoded together on the one shared prefix (cag.decode).
 
         Throughput, not latency: every answer arrives when the longest is done. Each answer is the one
@@ -230,8 +248,7 @@ class KnowledgeBase:
         self._refresh_if_invalidated()
         start = time.perf_counter()
         splits = [self.fit(q, max_new_tokens=max_new_tokens) for q in questions]
-        stops = frozenset(self.lm.stop_ids)
-        jobs = [Job(list(sp.new_ids), sp.reuse, max_new_tokens, Sampling(), stops) for sp in splits]
+        jobs = [self._job(sp, max_new_tokens, Sampling(), draft) for sp in splits]
         readings = [self._reading() for _ in jobs]
         decode.together(self.lm.decoder(self.prefix), jobs, lambda i, token: _ends(readings[i], token))
         for reading in readings:
@@ -245,7 +262,8 @@ class KnowledgeBase:
             ttft_s=total, total_s=total, prompt_tokens=len(sp.ids), cached_tokens=sp.reuse,
             question_tokens=len(sp.new_ids), new_tokens=len(ids), boundary_ok=sp.boundary_ok, mode="cache-batch",
             cache_source=self.cache_source, finish_reason="stop" if stopped or len(ids) < max_new_tokens else "length",
-            **j) for q, sp, (_, ids, stopped), j in zip(questions, splits, outs, judged)]
+            drafted=job.drafted, accepted=job.accepted, **j)
+            for q, sp, (_, ids, stopped), j, job in zip(questions, splits, outs, judged, jobs)]
 
     def _reading(self, stop: Sequence[str] = ()) -> "_Reading":
         """How every path reads an answer's tokens: the caller's stop strings and the layout's endings

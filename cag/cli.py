@@ -33,6 +33,8 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 MODEL_HELP = ("Model: the default SmolLM2-135M-Instruct, a GGUF file (llama.cpp), ollama:NAME[:TAG] (a model in the "
               "local Ollama store), a Hugging Face id or a local model folder (transformers).")
 THREADS_HELP = "CPU threads to compute with (default: $CAG_THREADS, else the engine's choice)."
+DRAFT_HELP = ("Draft each answer's next tokens from the knowledge and verify them in one step (the same answer, "
+              "sooner; default on unless CAG_DRAFT=0). --no-draft: one token per step.")
 KV_TYPE_HELP = "GGUF models: the KV cache type, f16, bf16 or q8_0 (default f16)."
 CONTEXT_HELP = "GGUF models: positions per answer (default: the model's, at most 8192)."
 DEVICE_HELP = "cpu, cuda, cuda:1, … (default: cuda if present)."
@@ -288,6 +290,7 @@ def ask(
     dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
     redis: Optional[str] = typer.Option(None, "--redis", help=REDIS_HELP),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help=THREADS_HELP),
+    draft: bool = typer.Option(True, "--draft/--no-draft", help=DRAFT_HELP),
 ) -> None:
     """Answer questions from a knowledge base's cache (streams the answer).
 
@@ -304,7 +307,7 @@ def ask(
     sampling = Sampling(temperature=temperature, top_p=top_p, seed=seed)  # a bad value fails before loading
     kb = _load_kb(name, device, dtype, rebuild=not no_rebuild, threads=threads, tenant=tenant)
     options = dict(use_cache=not no_cache, max_new_tokens=max_new_tokens, sampling=sampling, stop=stop or (),
-                   system=system, sources=sources, unsupported=unsupported)
+                   system=system, sources=sources, unsupported=unsupported, draft=None if draft else 0)
     for q in items:
         if as_json:
             print(json.dumps(answer_row(kb.ask(q, **options)), ensure_ascii=False), flush=True)
@@ -314,7 +317,12 @@ def ask(
         a = kb.ask(q, on_text=_write_out, **options)
         _end_answer(a, sources)
         _log(f"[{a.mode}] ttft {a.ttft_s * 1000:.0f} ms, total {a.total_s:.2f} s, {a.cached_tokens} cached + "
-             f"{a.question_tokens} computed prompt tokens, {a.new_tokens} generated, support {a.support:.2f}")
+             f"{a.question_tokens} computed prompt tokens, {a.new_tokens} generated{_drafted(a)}, "
+             f"support {a.support:.2f}")
+
+
+def _drafted(answer) -> str:
+    return f" ({answer.accepted} of {answer.drafted} drafted tokens taken)" if answer.drafted else ""
 
 
 def _write_out(text: str) -> None:
@@ -392,6 +400,7 @@ def chat(
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help=THREADS_HELP),
+    draft: bool = typer.Option(True, "--draft/--no-draft", help=DRAFT_HELP),
 ) -> None:
     """Interactive chat; earlier turns are kept (after the cached knowledge) as long as they fit the context.
 
@@ -435,7 +444,7 @@ def chat(
                 history[:] = kept
             history.append(_chat_answer(kb, q, history, dict(
                 max_new_tokens=max_new_tokens, sampling=sampling, stop=stop or (), system=system, sources=sources,
-                unsupported=unsupported)))
+                unsupported=unsupported, draft=None if draft else 0)))
 
 
 def _chat_answer(kb, question: str, history: list[Turn], options: dict) -> Turn:

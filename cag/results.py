@@ -43,6 +43,8 @@ class Answer:
     support: float = 0.0  # the share of the answer's facts its sources hold, 0..1
     generated: str | None = None  # the model's own text when `answer` is the refusal (unsupported="refuse")
     grounding_s: float = 0.0  # time spent finding the sources and measuring the support (inside total_s)
+    drafted: int = 0  # draft tokens from the knowledge the model verified (cag.drafts)
+    accepted: int = 0  # of those, the ones it chose too: each saved a step
 
     def to_dict(self) -> dict:
         return asdict(self)

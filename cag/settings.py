@@ -13,6 +13,7 @@
     CAG_NATIVE_STEP     0: no whole-model C decoding step
     CAG_THREADS         CPU threads for decoding and prefill, both engines (default: the engine's own choice)
     CAG_MODEL_BYTES     budget of models `cag serve` keeps loaded at once (default 8G; least recently used first out)
+    CAG_DRAFT           0: no drafts from the knowledge (each step one token per answer); N: draft tokens at most
     CAG_SIMD            the CPU kernel set: auto (default: the best this CPU runs), avx512, avx2, neon, portable
     CC                  the C compiler for the kernels (default: cc, gcc or clang on PATH)
     CAG_DEBUG           1: the CLI shows tracebacks of internal errors
@@ -34,10 +35,11 @@ from .errors import CagError
 
 DEFAULT_MEMORY_BYTES = 2 << 30
 DEFAULT_MODEL_BYTES = 8 << 30
+DEFAULT_DRAFT = 12  # draft tokens an answer verifies in one step at most (cag.drafts)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _NAMES = ("CAG_HOME", "CAG_MEMORY_BYTES", "CAG_HOST_BYTES", "CAG_REDIS_URL", "CAG_REDIS_TTL", "CAG_SIGNING_KEY",
           "CAG_API_KEYS", "CAG_PACKED_WEIGHTS", "CAG_FAST_DECODE", "CAG_NATIVE", "CAG_NATIVE_STEP", "CC", "CAG_DEBUG",
-          "CAG_THREADS", "CAG_MODEL_BYTES", "CAG_SIMD")
+          "CAG_THREADS", "CAG_MODEL_BYTES", "CAG_SIMD", "CAG_DRAFT")
 SIMD_CHOICES = ("auto", "avx512", "avx2", "neon", "portable")
 
 
@@ -59,6 +61,7 @@ class Settings:
     threads: int | None = None
     model_bytes: int = DEFAULT_MODEL_BYTES
     simd: str = "auto"
+    draft: int = DEFAULT_DRAFT
 
     @classmethod
     def from_env(cls, env: dict[str, str | None]) -> "Settings":
@@ -84,6 +87,7 @@ class Settings:
             threads=_count(env, "CAG_THREADS"),
             model_bytes=parse_bytes(env.get("CAG_MODEL_BYTES") or DEFAULT_MODEL_BYTES, "CAG_MODEL_BYTES"),
             simd=_simd(env.get("CAG_SIMD")),
+            draft=_draft(env.get("CAG_DRAFT")),
         )
 
 
@@ -126,6 +130,14 @@ def _simd(value: str | None) -> str:
     if simd not in SIMD_CHOICES:
         raise CagError(f"CAG_SIMD must be one of {', '.join(SIMD_CHOICES)} (got {value!r})")
     return simd
+
+
+def _draft(value: str | None) -> int:
+    if value is None or not value.strip():
+        return DEFAULT_DRAFT
+    if not value.strip().isdigit():
+        raise CagError(f"CAG_DRAFT must be 0 (no drafts) or the most draft tokens per step, like 12 (got {value!r})")
+    return int(value)
 
 
 def _on(env: dict[str, str | None], name: str) -> bool:

@@ -18,6 +18,9 @@ cag.engines.llamacpp (GGUF files and Ollama models through llama.cpp).
 from __future__ import annotations
 
 import abc
+import statistics
+import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
@@ -120,7 +123,8 @@ class Job:
     """One answer: its new tokens on top of `reuse` prefix positions, how to pick, and how far it is.
 
     `slot` is the engine's place for the row (a row buffer, a llama.cpp sequence); the decoder sets it in
-    start() and clears it in finish()."""
+    start() and clears it in finish(). `drafter` (cag.drafts) proposes tokens a step verifies all at once;
+    tokens a step verified beyond the one it returns wait in `pending` for the next steps."""
 
     new_ids: list[int]
     reuse: int
@@ -132,26 +136,116 @@ class Job:
     produced: int = 0
     last: int | None = None
     done: bool = False
+    drafter: Drafter | None = None
+    pending: list[int | None] = field(default_factory=list)
+    drafted: int = 0  # draft tokens verified
+    accepted: int = 0  # of those, the ones the model chose too
 
-    def pick(self, logits: torch.Tensor) -> int | None:
-        """The next token from this row's logits, or None when it is a stop token (the answer is over)."""
+    def choose(self, logits: torch.Tensor) -> int | None:
+        """The token these logits give (None: a stop token), drawing from the row's generator; no state
+        changes but the generator's, so a verified draft can be chosen ahead of being taken."""
         from ..sampling import pick
 
         token = pick(logits, self.sampling, self.generator)
-        if token in self.stops:
+        return None if token in self.stops else token
+
+    def take(self, token: int | None) -> int | None:
+        """`token` becomes the answer's next (None: the answer is over)."""
+        if token is None:
             self.done = True
             return None
         self.produced += 1
         self.last = token
         self.done = self.produced >= self.max_new_tokens
+        if self.drafter is not None:
+            self.drafter.push(token)
         return token
+
+    def pick(self, logits: torch.Tensor) -> int | None:
+        """The next token from this row's logits, or None when it is a stop token (the answer is over)."""
+        return self.take(self.choose(logits))
+
+    def verified(self, draft: Sequence[int], logits: Sequence[torch.Tensor]) -> int:
+        """Choose along logits[i] (after the draft's first i tokens) while the draft holds; queue the
+        tokens chosen in `pending` and return how many draft tokens were right. Each token is chosen from
+        the logits the answer would have had without the draft, so the answer is the same."""
+        chosen: list[int | None] = []
+        for i, row in enumerate(logits):
+            token = self.choose(row)
+            chosen.append(token)
+            if token is None or self.produced + len(chosen) >= self.max_new_tokens:
+                break
+            if i >= len(draft) or token != draft[i]:
+                break
+        right = min(len(chosen) - 1, len(draft))
+        self.drafted += len(draft)
+        self.accepted += right
+        if self.drafter is not None:
+            self.drafter.verified(len(draft), right)
+        self.pending.extend(chosen)
+        return right
+
+
+class Drafter(Protocol):
+    """Proposes the tokens an answer will likely go on with (cag.drafts: looked up in the knowledge)."""
+
+    def propose(self, limit: int) -> list[int]: ...
+
+    def rate(self) -> float: ...
+
+    def push(self, token: int) -> None: ...
+
+    def verified(self, proposed: int, right: int) -> None: ...
+
+
+class StepCosts:
+    """Seconds a decoder's forward of n tokens takes: the median of its last KEEP, so a forward slowed by
+    other work on the machine moves it little. The first forward of each size is not counted (llama.cpp
+    plans a new shape's graph then). A size not measured yet is guessed from the
+    nearest measured one, RISE of its time per token added: low enough that a first draft gets tried, and so
+    measured; and every EXPLORE-th step tries drafts whatever they seem to cost, so a size measured while
+    the machine was busy is measured again."""
+
+    RISE = 0.25
+    EXPLORE = 64
+    KEEP = 15
+
+    def __init__(self):
+        self.samples: dict[int, deque[float]] = {}
+        self.seconds: dict[int, float] = {}
+        self.seen: set[int] = set()
+        self.steps = 0
+
+    def note(self, tokens: int, seconds: float) -> None:
+        self.steps += 1
+        if tokens not in self.seen:
+            self.seen.add(tokens)
+            return
+        kept = self.samples.setdefault(tokens, deque(maxlen=self.KEEP))
+        kept.append(seconds)
+        self.seconds[tokens] = statistics.median(kept)
+
+    def exploring(self) -> bool:
+        return self.steps % self.EXPLORE == self.EXPLORE - 1
+
+    def of(self, tokens: int) -> float:
+        if tokens in self.seconds:
+            return self.seconds[tokens]
+        if not self.seconds:
+            return 1.0
+        near = min(self.seconds, key=lambda n: (abs(n - tokens), n))
+        return self.seconds[near] * max(0.1, 1 + self.RISE * (tokens - near))
 
 
 class Decoder(abc.ABC):
-    """Rows on one prefix, decoded together one token per step (cag.scheduler drives one per knowledge base).
+    """Rows on one prefix, decoded together one step at a time (cag.scheduler drives one per knowledge base).
 
     Every row is computed as it would be alone: a row's logits do not depend on the other rows (on the
-    torch engine bit for bit on the CPU; tested on every engine through the answers)."""
+    torch engine bit for bit on the CPU; tested on every engine through the answers). A step feeds each row
+    its last token and, where the engine has room (`draft_room`), the row's drafted tokens after it: their
+    logits come out the same bits as one step each would give them, so a right draft saves steps and a
+    wrong one changes nothing. A step returns one token per row; the other tokens a draft earned are handed
+    out by the next steps without computing anything."""
 
     def admits(self, job: Job) -> bool:
         """Whether `job` can start now without waiting for rows in progress to end (room for its positions)."""
@@ -161,9 +255,74 @@ class Decoder(abc.ABC):
     def start(self, job: Job) -> int | None:
         """Give `job` its row, run its question and return its first token (None: it ended at once)."""
 
-    @abc.abstractmethod
     def step(self, jobs: list[Job]) -> list[int | None]:
         """One more token for every listed job (each has started and is not done)."""
+        out: list[int | None] = [None] * len(jobs)
+        run = []
+        for i, job in enumerate(jobs):
+            if job.pending:
+                out[i] = job.take(job.pending.pop(0))
+            else:
+                run.append(i)
+        if run:
+            rows = [jobs[i] for i in run]
+            drafts = self._drafts(rows)
+            start = time.perf_counter()
+            logits = self.forward(rows, drafts)
+            self.costs.note(len(rows) + sum(map(len, drafts)), time.perf_counter() - start)
+            for i, job, draft, row_logits in zip(run, rows, drafts, logits):
+                right = job.verified(draft, row_logits)
+                if right < len(draft):
+                    self.drop(job, len(draft) - right)
+                out[i] = job.take(job.pending.pop(0))
+        return out
+
+    @property
+    def costs(self) -> StepCosts:
+        """What this decoder's forwards take by size (made on first use: engines' __init__ need not call up)."""
+        found = self.__dict__.get("_costs")
+        if found is None:
+            found = self.__dict__["_costs"] = StepCosts()
+        return found
+
+    def _drafts(self, jobs: list[Job]) -> list[list[int]]:
+        """Each job's draft, cut to the tokens worth verifying: a draft token right with probability p saves
+        p times the rows' share of a step, and costs the step's growth by one token, both as this decoder
+        measured them. So drafts run where an extra token is cheap (a small model on a CPU, one answer) and
+        not where it is dear (a full batch, a large vocabulary's output layer)."""
+        wanted = [self._draft(job) for job in jobs]
+        if not any(wanted):
+            return wanted
+        tokens = len(jobs)
+        share = self.costs.of(tokens) / tokens
+        values = sorted(((job.drafter.rate() ** (j + 1), i) for i, (job, draft) in enumerate(zip(jobs, wanted))
+                         for j in range(len(draft))), reverse=True)
+        keep = [0] * len(jobs)
+        for value, i in values:
+            if value * share <= self.costs.of(tokens + 1) - self.costs.of(tokens) and not self.costs.exploring():
+                break
+            keep[i] += 1
+            tokens += 1
+        return [draft[:n] for draft, n in zip(wanted, keep)]
+
+    def _draft(self, job: Job) -> list[int]:
+        if job.drafter is None:
+            return []
+        limit = min(self.draft_room(job), job.max_new_tokens - job.produced - 1)
+        return job.drafter.propose(limit)[:limit] if limit > 0 else []
+
+    def draft_room(self, job: Job) -> int:
+        """Draft tokens the job's row can verify in its next step (0: the engine cannot verify drafts now)."""
+        return 0
+
+    @abc.abstractmethod
+    def forward(self, jobs: list[Job], drafts: list[list[int]]) -> list[Sequence[torch.Tensor]]:
+        """Run every job's last token and then its draft at the row's next positions; per job, the logits
+        after each of them (1 + len(draft) rows, each the bits one step at a time would give)."""
+
+    def drop(self, job: Job, count: int) -> None:
+        """Forget the row's last `count` positions (draft tokens the model did not choose)."""
+        raise NotImplementedError
 
     @abc.abstractmethod
     def finish(self, job: Job) -> None:

@@ -61,6 +61,7 @@ class Query:
     sources: int | None = None  # sources given with the answer; None: the server's default
     unsupported: str | None = None  # "flag" or "refuse"; None: the server's default
     keep_alive: float | None = None  # seconds its model stays loaded once idle (inf: for ever); None: the server's
+    draft: bool | None = None  # verify drafts from the knowledge; None: the server's default
 
 
 @dataclass
@@ -80,6 +81,7 @@ class Plan:
     system: str | None = None  # see Query.system
     sources: int = DEFAULT_SOURCES  # sources given with the answer
     unsupported: str = "flag"  # what an answer its sources do not hold gets: "flag" or "refuse"
+    draft: bool = True  # verify drafts from the knowledge (the same tokens, sooner)
     done: Callable[[], object] = field(default=lambda: None, repr=False)  # lets the knowledge base go (once)
 
 
@@ -101,7 +103,8 @@ def prompt_query(config: ServerConfig, req: CompletionRequest) -> Query:
 
 def _answer_options(req: GenerationRequest) -> dict:
     """The request's `cag` options (sources, unsupported) that it set; the rest are the server's defaults."""
-    return {} if req.cag is None else {"sources": req.cag.sources, "unsupported": req.cag.unsupported}
+    return {} if req.cag is None else {"sources": req.cag.sources, "unsupported": req.cag.unsupported,
+                                       "draft": req.cag.draft}
 
 
 def split_messages(req: ChatRequest) -> tuple[str, list[Turn], str | None]:
@@ -192,7 +195,8 @@ class ChatService:
         plan = Plan(query.model, folder, entry, question, history, sampling, max_tokens, conv, flagged,
                     stop=query.stop, system=query.system,
                     sources=self.config.sources if query.sources is None else query.sources,
-                    unsupported=query.unsupported or self.config.unsupported)
+                    unsupported=query.unsupported or self.config.unsupported,
+                    draft=self.config.draft if query.draft is None else query.draft)
         if self.cache is not None and sampling.greedy and not plan.stop:
             # what the answer depends on besides question, history and limit: the knowledge and the system message
             # (not `sources` nor `unsupported`: the cache keeps the model's text, judged again at each hit)
@@ -249,7 +253,8 @@ class ChatService:
         try:
             a = plan.entry.kb.ask(plan.question, history=plan.history, max_new_tokens=plan.max_tokens,
                                   sampling=plan.sampling, on_text=emit, stop=plan.stop, batching=batching,
-                                  system=plan.system, sources=plan.sources, unsupported="flag")
+                                  system=plan.system, sources=plan.sources, unsupported="flag",
+                                  draft=None if plan.draft else 0)
         except CagError as err:
             raise ApiError(400, str(err), code="generation_failed") from None
         finally:
@@ -258,6 +263,7 @@ class ChatService:
                  "total_tokens": a.prompt_tokens + a.new_tokens, "cached_tokens": a.cached_tokens}
         result = {"usage": usage, "finish_reason": a.finish_reason, "response_cache": None, "ttft_s": a.ttft_s,
                   "total_s": a.total_s, "cache_source": a.cache_source, "mode": a.mode,
+                  "draft": {"drafted": a.drafted, "accepted": a.accepted},
                   **_grounded(decided(vars(a), plan.unsupported))}
         if on_text is not None and not streams and result["text"]:
             on_text(result["text"])
@@ -270,6 +276,7 @@ class ChatService:
     def _finish(self, plan: Plan, result: dict) -> None:
         self.metrics.answered(result["usage"], result["ttft_s"], result["total_s"], bool(result["response_cache"]))
         self.metrics.grounded(result["supported"], result["grounding_s"])
+        self.metrics.drafted(result.get("draft"))
         if plan.conversation:  # what the user was given (the refusal, when the answer was refused)
             self.conversations.add(plan.conversation, Turn(plan.question, result["text"]))
 

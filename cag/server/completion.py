@@ -129,4 +129,5 @@ def extra(plan: Plan, result: dict) -> dict:
     return {"ttft_s": result["ttft_s"], "total_s": result["total_s"], "response_cache": result["response_cache"],
             "cache_source": result.get("cache_source"), "mode": result.get("mode"), "history_turns": len(plan.history),
             "injection_flagged": plan.flagged, "sources": result["sources"], "supported": result["supported"],
-            "support": result["support"], "generated": result["generated"], "grounding_s": result["grounding_s"]}
+            "support": result["support"], "generated": result["generated"], "grounding_s": result["grounding_s"],
+            "draft": result.get("draft")}

@@ -55,6 +55,7 @@ class ServerConfig:
     price_per_1k_tokens: float = 0.0  # for the estimated-cost metric
     sources: int = grounding.DEFAULT_SOURCES  # sources given with each answer unless a request asks otherwise
     unsupported: str = "flag"  # flag | refuse: what an answer its sources do not hold gets, unless a request asks
+    draft: bool = True  # answers verify drafts from the knowledge (the same tokens, sooner) unless a request says no
     keep_alive: str | float = -1  # a model idle this long is unloaded ("30s", "5m", seconds; 0 at once; <0, the
     # default: never, only the memory budget unloads; Ollama's own default is 5m)
 
@@ -85,6 +86,8 @@ class ServerConfig:
             raise ConfigError(f"batch_window_ms must be a number of milliseconds from 0 to 10000, "
                               f"not {self.batch_window_ms!r}")
         _check_grounding(self.sources, self.unsupported)
+        if not isinstance(self.draft, bool):
+            raise ConfigError(f"draft must be true or false, not {self.draft!r}")
         if not isinstance(self.allowed_models, list) or not all(isinstance(m, str) and m.strip()
                                                                 for m in self.allowed_models):
             raise ConfigError(f"allowed_models must be a list of model names (GGUF paths, ollama:NAME:TAG, Hugging "

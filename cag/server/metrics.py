@@ -42,6 +42,10 @@ class Metrics:
                                    "support", buckets=_GROUNDING, registry=r)
         self.model_idle = Gauge("cag_model_idle_seconds", "Seconds since an answer last ran on each loaded model (0 "
                                 "while one runs); past its keep-alive it is unloaded", ["model", "engine"], registry=r)
+        self.drafts = Counter("cag_draft_tokens", "Draft tokens from the knowledge verified, by whether the model "
+                              "chose them too (each one taken saved a decoding step)", ["result"], registry=r)
+        for label in ("accepted", "rejected"):
+            self.drafts.labels(label)
         self.budget = Gauge("cag_model_budget_bytes", "The memory budget of models and their knowledge bases "
                             "(model_bytes)", registry=r)
 
@@ -72,6 +76,12 @@ class Metrics:
         self.latency.observe(total_s)
         if ttft_s is not None:
             self.ttft.observe(ttft_s)
+
+    def drafted(self, draft: dict | None) -> None:
+        """Record one answer's drafts (none for a response-cache hit)."""
+        if draft:
+            self.drafts.labels("accepted").inc(draft["accepted"])
+            self.drafts.labels("rejected").inc(draft["drafted"] - draft["accepted"])
 
     def grounded(self, supported: bool, seconds: float) -> None:
         """Record one answer's support (response-cache hits too: their sources are found again)."""

@@ -121,6 +121,9 @@ class AnswerOptions(Body):
                                                          "(sent as it is, marked unsupported) or 'refuse' (replaced "
                                                          "by a refusal).")
 
+    draft: Optional[Flag] = Field(None, description="Whether the answer verifies drafts from the knowledge (the same "
+                                                    "tokens, sooner); left out: the server's `draft`.")
+
     @field_validator("sources")
     @classmethod
     def _sources(cls, value: Optional[int]) -> Optional[int]:
@@ -166,7 +169,8 @@ class GenerationRequest(Body):
     logit_bias: Optional[dict[str, Real]] = None
     presence_penalty: Optional[Real] = Field(None, ge=-2, le=2, allow_inf_nan=False)
     frequency_penalty: Optional[Real] = Field(None, ge=-2, le=2, allow_inf_nan=False)
-    cag: Optional[AnswerOptions] = Field(None, description="cag's options: sources, unsupported (cag extension).")
+    cag: Optional[AnswerOptions] = Field(None, description="cag's options: sources, unsupported, draft (cag "
+                                                                  "extension).")
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -13,7 +13,9 @@ decode call here has at least two tokens (a padding token in a spare sequence wh
 and at most QUESTION_PIECE of a question (bf16 and q8_0 need neither: the padding row costs a small
 model ~15-25 % of a step, but their prefill lacks the tiled path). And no cell is freed while any answer runs
 (finished answers give theirs back when the last one ends), so cells are always taken in order and every
-row sees its cells in the order of its positions. Weights are not repacked (those kernels compute one
+row sees its cells in the order of its positions; so the cells of draft tokens the model did not choose
+(cag.drafts: a step runs a row's last token and its draft, each token a row of the decode) go to a spare
+sequence rather than back, and a row's next token takes a new cell after them. Weights are not repacked (those kernels compute one
 token and several differently). The no-cache reference runs the same code on a prefix recomputed in the
 same pieces, in a fresh context.
 """
@@ -25,6 +27,7 @@ import threading
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from ...errors import CacheFileError, ContextLengthError
@@ -33,8 +36,11 @@ from ..cores import Cores
 from . import lib
 from .codec import LlamaCodec
 
-SEQUENCES = 66  # per context: the prefix, a padding sequence and up to 64 answers at once
+SEQUENCES = 67  # per context: the prefix, a padding sequence, the drafts' leftovers and up to 64 answers at once
 PAD_SEQ = 1
+SPENT_SEQ = 2  # holds the cells of draft tokens the model did not choose until every running answer ends
+MAX_DRAFT = 15  # draft tokens one row verifies in a step at most
+SPARE = 64  # cells a row takes beyond its answer's for the draft tokens the model refuses
 QUESTION_PIECE = 48  # question tokens per decode call (under llama.cpp's 64-row attention tiles)
 DEFAULT_CONTEXT = 8192  # positions per answer when the model allows as many and none is asked for
 PREFILL_BATCH = 512
@@ -165,8 +171,9 @@ class LlamaPrefix(Prefix):
 
 
 class _Row:
-    def __init__(self, seq: int, position: int, cells: int):
-        self.seq, self.position, self.cells = seq, position, cells
+    def __init__(self, seq: int, position: int, cells: int, need: int):
+        self.seq, self.position, self.cells, self.need = seq, position, cells, need
+        self.spent = 0  # cells of refused draft tokens (held by SPENT_SEQ)
 
 
 class LlamaDecoder(Decoder):
@@ -180,7 +187,7 @@ class LlamaDecoder(Decoder):
         self.pad, self.piece = shortcuts, QUESTION_PIECE if shortcuts else PREFILL_BATCH
         self.lock = threading.RLock()
         self.room = threading.Condition(self.lock)
-        self.free = list(range(SEQUENCES - 1, PAD_SEQ, -1))  # sequence ids for rows, popped from the end
+        self.free = list(range(SEQUENCES - 1, SPENT_SEQ, -1))  # sequence ids for rows, popped from the end
         self.active = 0  # rows running
         self.finished: list[int] = []  # sequences of ended rows, whose cells go back when no row runs
         self.reserved = 0  # cells promised to running rows and held by ended ones
@@ -212,8 +219,11 @@ class LlamaDecoder(Decoder):
         with self.room:
             if not self.room.wait_for(lambda: self.free and self._room_left() >= need, timeout=600):
                 raise TimeoutError("no room in the knowledge base's KV cache for another answer in 10 minutes")
-            row = _Row(self.free.pop(), job.reuse, need)
-            self.reserved += need
+            # spare: cells for refused drafts (a row that used them up decodes on without drafts), few enough
+            # that rows arriving later still find room
+            spare = min(self._room_left() - need, SPARE) if job.drafter is not None else 0
+            row = _Row(self.free.pop(), job.reuse, need + spare, need)
+            self.reserved += row.cells
             self.active += 1
             job.slot = row
             job.generator = job.sampling.generator(torch.device("cpu"))
@@ -231,12 +241,30 @@ class LlamaDecoder(Decoder):
                 raise
         return job.pick(torch.from_numpy(logits[0]))
 
-    def step(self, jobs: list[Job]) -> list[int | None]:
+    def forward(self, jobs: list[Job], drafts: list[list[int]]) -> list[torch.Tensor]:
+        items = [(t, j.slot.position + i, j.slot.seq, True) for j, d in zip(jobs, drafts)
+                 for i, t in enumerate([j.last, *d])]
         with self.lock:
-            logits = self._run([(j.last, j.slot.position, j.slot.seq, True) for j in jobs])
-            for j in jobs:
-                j.slot.position += 1
-        return [j.pick(torch.from_numpy(row)) for j, row in zip(jobs, logits)]
+            logits = [self._run(items[s:s + self.piece]) for s in range(0, len(items), self.piece)]
+            for j, d in zip(jobs, drafts):
+                j.slot.position += 1 + len(d)
+        rows = torch.from_numpy(logits[0] if len(logits) == 1 else np.concatenate(logits))
+        return list(torch.split(rows, [1 + len(d) for d in drafts]))
+
+    def draft_room(self, job: Job) -> int:
+        """Cells the row can spend on drafts: those it took beyond its answer's need, less those spent."""
+        row = job.slot
+        return max(0, min(MAX_DRAFT, row.cells - row.need - row.spent))
+
+    def drop(self, job: Job, count: int) -> None:
+        """The refused draft's cells go to SPENT_SEQ rather than back: a freed cell would be taken by a later
+        token out of position order (see the module's docstring)."""
+        row = job.slot
+        with self.lock:
+            start = row.position - count
+            self.ctx.copy(row.seq, SPENT_SEQ, row.position, start)
+            self.ctx.remove(row.seq, start, -1)
+            row.position, row.spent = start, row.spent + count
 
     def finish(self, job: Job) -> None:
         with self.room:
@@ -246,11 +274,12 @@ class LlamaDecoder(Decoder):
             job.slot = None
             self.active -= 1
             self.finished.append(row.seq)
-            self.reserved -= row.cells - (row.position - job.reuse)  # what it did not use is free again
+            self.reserved -= row.cells - (row.position - job.reuse) - row.spent  # what it did not use is free again
             if self.active == 0:  # the last running answer ended: every ended one's cells go back now
                 for seq in self.finished:
                     self.ctx.remove(seq)
                     self.free.append(seq)
+                self.ctx.remove(SPENT_SEQ)
                 self.finished.clear()
                 self.reserved = 0
                 self.room.notify_all()

@@ -287,10 +287,10 @@ class Context:
                 api().llama_set_n_threads(self.ptr, n, n)
                 self.threads = n
 
-    def copy(self, src: int, dst: int, end: int) -> None:
-        """Sequence `dst` also holds positions [0, end) of `src` (the same cells: nothing is copied)."""
+    def copy(self, src: int, dst: int, end: int, start: int = 0) -> None:
+        """Sequence `dst` also holds positions [start, end) of `src` (the same cells: nothing is copied)."""
         self._live()
-        api().llama_memory_seq_cp(self.mem, src, dst, 0, end)
+        api().llama_memory_seq_cp(self.mem, src, dst, start, end)
 
     def remove(self, seq: int, start: int = -1, end: int = -1) -> None:
         if self.ptr:  # a closed context holds no cells

@@ -10,7 +10,8 @@ decoded together (cag.scheduler, KnowledgeBase.ask_many) run the very same compu
 - decoding: on the CPU in float32, the C step (cag/native/step.c) for all rows in one call: every
   (weight row, answer) dot product and every fixed 128-key chunk of absolute positions (across both
   segments) is computed per answer by the same code, each prefix chunk read once for all answers, so an
-  answer's logits are the same bits alone or in any batch (tested). Elsewhere the lean Python step or
+  answer's logits are the same bits alone or in any batch (tested); a row's draft (cag.drafts) is verified
+  in the same call, each draft token one more row on the answer's own buffer (`verify`). Elsewhere the lean Python step or
   transformers' forward with this module's attention; on the CPU each row's attention runs on its own,
   and matmuls run batched only where they compute each row as alone (cag packs, bf16; float32 BLAS does
   not: its one-row and many-row kernels add in different orders, so such a batch runs row by row). On a
@@ -35,6 +36,7 @@ from .state import ModelState
 from .workspace import RowBuffer, Workspace
 
 _IMPL = "cag_rows"
+MAX_DRAFT = 15  # draft tokens one row verifies in a step at most
 _INSTALL_LOCK = threading.Lock()
 
 
@@ -280,6 +282,22 @@ def step(state: ModelState, rows: list[Row], tokens: Sequence[int]) -> torch.Ten
             r.length += 1
 
 
+@torch.inference_mode()
+def verify(state: ModelState, rows: list[Row], tokens: list[list[int]]) -> list[torch.Tensor]:
+    """Logits [len(tokens[i]), vocab] per row for its tokens at its next positions, in one C step: token j
+    of a row is a row of the step at position +j on the same buffer (the step writes every row's keys and
+    values before any attention reads them), so each gets the bits a step of its own would give."""
+    _install(state)
+    plan = nativestep.plan(state)
+    flat = [Row(r.workspace, r.shared, r.buffer, r.length + j) for r, ts in zip(rows, tokens) for j in range(len(ts))]
+    if plan is None or not plan.fits(flat):
+        raise RuntimeError("drafts need the C step and room in the row's buffer (Decoder.draft_room)")
+    logits = plan.run(flat, [t for ts in tokens for t in ts])
+    for r, ts in zip(rows, tokens):
+        r.length += len(ts)
+    return list(torch.split(logits, [len(ts) for ts in tokens]))
+
+
 def _inputs(state: ModelState, rows: list[Row], tokens: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """One step's token ids [rows, 1], positions [rows, 1] and whether the prefix part is one call (GPUs)."""
     ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=state.device)
@@ -345,6 +363,10 @@ class Decoder(base.Decoder):
     def __init__(self, state: ModelState, workspace: Workspace):
         self.state, self.workspace = state, workspace
 
+    @property
+    def costs(self) -> base.StepCosts:
+        return self.state.step_costs
+
     def start(self, job: Job) -> int | None:
         if not job.new_ids:
             raise ValueError("an answer needs at least one new token to compute the next-token logits")
@@ -355,9 +377,21 @@ class Decoder(base.Decoder):
         job.generator = job.sampling.generator(self.state.device)
         return job.pick(prefill(self.state, job.slot, job.new_ids))
 
-    def step(self, jobs: list[Job]) -> list[int | None]:
-        logits = step(self.state, [j.slot for j in jobs], [j.last for j in jobs])
-        return [j.pick(row_logits) for j, row_logits in zip(jobs, logits)]
+    def forward(self, jobs: list[Job], drafts: list[list[int]]) -> list[torch.Tensor]:
+        rows = [j.slot for j in jobs]
+        if any(drafts):
+            return verify(self.state, rows, [[j.last, *d] for j, d in zip(jobs, drafts)])
+        return list(step(self.state, rows, [j.last for j in jobs])[:, None])
+
+    def draft_room(self, job: Job) -> int:
+        """Drafts go through the C step only (the one whose rows share a buffer), once it was checked."""
+        row = job.slot
+        if fastdecode.verdict(self.state, "native") is not True or nativestep.plan(self.state) is None:
+            return 0
+        return max(0, min(MAX_DRAFT, row.buffer.capacity - row.length - 1))
+
+    def drop(self, job: Job, count: int) -> None:
+        job.slot.length -= count  # those positions are written again before anything reads them
 
     def finish(self, job: Job) -> None:
         if job.slot is not None:

@@ -14,6 +14,7 @@ import threading
 import torch
 
 from ..cores import Cores
+from ..base import StepCosts
 
 UNDECIDED = object()  # a fact not worked out yet (None is a valid answer for some: "no plan")
 
@@ -33,6 +34,7 @@ class ModelState:
         self.fusions: list | None = None  # per layer: fused packed q/k/v and gate/up projections
         self.native_plan: object = UNDECIDED  # cag.engines.torch.nativestep.Plan, or None: the C step can't run it
         self.rows_together: int | None = None  # rows torch may compute in one call with each row's bits as alone
+        self.step_costs = StepCosts()  # what its steps take by size: decoders come and go, the model stays
         self.cores: Cores | None = None  # set: the thread count was not given, each step takes the idle cores
 
     def threads_now(self) -> None:
