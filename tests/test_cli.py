@@ -72,6 +72,11 @@ def test_questions_file_cached_equals_no_cache(setup, tmp_path):
     assert [r["question"] for r in cached] == qs
     assert [r["answer"] for r in cached] == [r["answer"] for r in ref]
     assert all(r["cached_tokens"] > 0 for r in cached) and all(r["cached_tokens"] == 0 for r in ref)
+    plain = [json.loads(line) for line in run(["ask", "kb", "-q", qfile, "--json", "--no-draft", "--max-new-tokens",
+                                               "12"], home).stdout.splitlines()]
+    assert [r["answer"] for r in plain] == [r["answer"] for r in cached]  # drafts change when, not what
+    assert all(r["drafted"] == r["accepted"] == 0 for r in plain)
+    assert all(0 <= r["accepted"] <= r["drafted"] for r in cached)
 
 
 def test_chat_keeps_history(setup):
