@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import abc
 import statistics
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -215,26 +216,29 @@ class StepCosts:
         self.seconds: dict[int, float] = {}
         self.seen: set[int] = set()
         self.steps = 0
+        self.lock = threading.Lock()  # decoders of one model on several threads note into one
 
     def note(self, tokens: int, seconds: float) -> None:
-        self.steps += 1
-        if tokens not in self.seen:
-            self.seen.add(tokens)
-            return
-        kept = self.samples.setdefault(tokens, deque(maxlen=self.KEEP))
-        kept.append(seconds)
-        self.seconds[tokens] = statistics.median(kept)
+        with self.lock:
+            self.steps += 1
+            if tokens not in self.seen:
+                self.seen.add(tokens)
+                return
+            kept = self.samples.setdefault(tokens, deque(maxlen=self.KEEP))
+            kept.append(seconds)
+            self.seconds[tokens] = statistics.median(kept)
 
     def exploring(self) -> bool:
         return self.steps % self.EXPLORE == self.EXPLORE - 1
 
     def of(self, tokens: int) -> float:
-        if tokens in self.seconds:
-            return self.seconds[tokens]
-        if not self.seconds:
-            return 1.0
-        near = min(self.seconds, key=lambda n: (abs(n - tokens), n))
-        return self.seconds[near] * max(0.1, 1 + self.RISE * (tokens - near))
+        with self.lock:
+            if tokens in self.seconds:
+                return self.seconds[tokens]
+            if not self.seconds:
+                return 1.0
+            near = min(self.seconds, key=lambda n: (abs(n - tokens), n))
+            return self.seconds[near] * max(0.1, 1 + self.RISE * (tokens - near))
 
 
 class Decoder(abc.ABC):
