@@ -105,6 +105,18 @@ class Oracle:
         pass
 
 
+@pytest.fixture
+def own_kb(cag_home, sharp_model_dir, tmp_path, monkeypatch):
+    """The lantern knowledge base on a model of its own (no verdict or step costs from other tests), where
+    every draft is worth verifying whatever the steps cost (the rule itself is tested above)."""
+    from cag.engines.base import StepCosts
+    from cag.engines.torch import models
+
+    monkeypatch.setattr(StepCosts, "of", lambda self, tokens: 1.0)
+    lm = models.load(str(sharp_model_dir), device="cpu", dtype="float32")
+    return cag.build([write_docs(tmp_path / "docs")], name="lanterns", lm=lm, **QUIET)
+
+
 def _tokens(kb, question: str, max_new: int, drafter=None) -> tuple[list[int], Job]:
     split = kb.fit(question, max_new_tokens=max_new)
     job = Job(list(split.new_ids), split.reuse, max_new, stops=frozenset(kb.lm.stop_ids), drafter=drafter)
@@ -112,12 +124,12 @@ def _tokens(kb, question: str, max_new: int, drafter=None) -> tuple[list[int], J
 
 
 @pytest.mark.parametrize("spoil", ["none", "first", "last"])
-def test_drafts_wrong_at_their_first_or_last_token_or_past_the_end_change_nothing(spoil, kb):  # noqa: F811
+def test_drafts_wrong_at_their_first_or_last_token_or_past_the_end_change_nothing(spoil, own_kb):
     require_native()
     for question, max_new in [("Who founded the company?", 24), ("How much is the Heron lantern?", 9)]:
-        plain, _ = _tokens(kb, question, max_new)
+        plain, _ = _tokens(own_kb, question, max_new)
         oracle = Oracle(plain, spoil)
-        drafted, job = _tokens(kb, question, max_new, oracle)
+        drafted, job = _tokens(own_kb, question, max_new, oracle)
         assert drafted == plain
         assert job.drafted > 0 and oracle.calls > 0  # drafts were verified
         if spoil == "none" and len(plain) > 4:
@@ -126,26 +138,29 @@ def test_drafts_wrong_at_their_first_or_last_token_or_past_the_end_change_nothin
             assert job.accepted == 0
 
 
-def test_a_stop_string_inside_a_draft_ends_the_answer_where_it_would_have(kb):  # noqa: F811
+def test_a_stop_string_inside_a_draft_ends_the_answer_where_it_would_have(own_kb):
     require_native()
-    plain = kb.ask("Who founded the company?", max_new_tokens=24, draft=0, sources=0)
+    plain = own_kb.ask("Who founded the company?", max_new_tokens=24, draft=0, sources=0)
     words = plain.answer.split()
     assert len(words) >= 3, plain.answer
     stop = [words[2]]
-    want = kb.ask("Who founded the company?", max_new_tokens=24, draft=0, sources=0, stop=stop)
-    got = kb.ask("Who founded the company?", max_new_tokens=24, sources=0, stop=stop)
+    want = own_kb.ask("Who founded the company?", max_new_tokens=24, draft=0, sources=0, stop=stop)
+    got = own_kb.ask("Who founded the company?", max_new_tokens=24, sources=0, stop=stop)
+    assert got.drafted > 0
     assert (got.answer, got.finish_reason) == (want.answer, want.finish_reason)
     assert want.answer != plain.answer
 
 
-def test_cached_no_cache_and_batched_drafted_answers_equal_undrafted(kb):  # noqa: F811
+def test_cached_no_cache_and_batched_drafted_answers_equal_undrafted(own_kb):
     require_native()
     questions = ["Who founded the company?", "How much is the Heron lantern?", "What colour is it?",
                  "Where is the workshop?"]
-    plain = [kb.ask(q, max_new_tokens=24, draft=0, sources=0).token_ids for q in questions]
-    assert [kb.ask(q, max_new_tokens=24, sources=0).token_ids for q in questions] == plain
-    assert [kb.ask(q, max_new_tokens=24, sources=0, use_cache=False).token_ids for q in questions[:2]] == plain[:2]
-    assert [a.token_ids for a in kb.ask_many(questions, max_new_tokens=24, sources=0)] == plain
+    plain = [own_kb.ask(q, max_new_tokens=24, draft=0, sources=0).token_ids for q in questions]
+    assert [own_kb.ask(q, max_new_tokens=24, sources=0).token_ids for q in questions] == plain
+    assert [own_kb.ask(q, max_new_tokens=24, sources=0, use_cache=False).token_ids for q in questions[:2]] == plain[:2]
+    together = own_kb.ask_many(questions, max_new_tokens=24, sources=0)
+    assert [a.token_ids for a in together] == plain
+    assert sum(a.drafted for a in together) > 0
 
 
 # -- the counters, on every surface -------------------------------------------------------------------------
@@ -169,21 +184,22 @@ def test_the_server_reports_drafts_in_its_cag_object_and_metrics(url):  # noqa: 
 
 # -- real models: every sample question ----------------------------------------------------------------
 
-def _all_equal(kb, many: int = 8) -> None:
-    plain = [kb.ask(q, max_new_tokens=48, draft=0, sources=0) for q in QUESTIONS]
-    drafted = [kb.ask(q, max_new_tokens=48, sources=0) for q in QUESTIONS]
+def _all_equal(kb, max_new: int, no_cache: bool, many: int = 8) -> None:
+    plain = [kb.ask(q, max_new_tokens=max_new, draft=0, sources=0) for q in QUESTIONS]
+    drafted = [kb.ask(q, max_new_tokens=max_new, sources=0) for q in QUESTIONS]
     assert [a.token_ids for a in drafted] == [a.token_ids for a in plain]
     assert sum(a.drafted for a in drafted) > 0 and sum(a.accepted for a in drafted) > 0
-    assert [kb.ask(q, max_new_tokens=48, sources=0, use_cache=False).token_ids for q in QUESTIONS[:2]] == \
-        [a.token_ids for a in plain[:2]]
-    together = kb.ask_many(QUESTIONS[:many], max_new_tokens=48, sources=0)  # each with 7 others
+    if no_cache:  # (on llama.cpp: test_llamacpp's cached == no-cache runs with drafts, the default)
+        assert [kb.ask(q, max_new_tokens=max_new, sources=0, use_cache=False).token_ids for q in QUESTIONS[:2]] == \
+            [a.token_ids for a in plain[:2]]
+    together = kb.ask_many(QUESTIONS[:many], max_new_tokens=max_new, sources=0)  # each with 7 others
     assert [a.token_ids for a in together] == [a.token_ids for a in plain[:many]]
 
 
 @pytest.mark.real_model
 def test_drafted_answers_equal_undrafted_on_every_sample_question_with_the_default_model(real_lm, cag_home):
     require_native()
-    _all_equal(cag.build([SAMPLE_DOCS], name="drafts", lm=real_lm, **QUIET))
+    _all_equal(cag.build([SAMPLE_DOCS], name="drafts", lm=real_lm, **QUIET), 48, no_cache=True)
 
 
 @pytest.mark.parametrize("which,kv_type", [("smollm2_gguf", "f16"), ("gemma_gguf", "q8_0")])
@@ -192,4 +208,4 @@ def test_drafted_answers_equal_undrafted_on_every_sample_question_through_llama_
     """Gemma with q8_0 keys/values: with f16 (and bf16) ones, some of its answers decoded together already
     differ from alone without drafts (llama.cpp's attention for its 256-wide heads), which this does not test."""
     lm = gguf_engines(request.getfixturevalue(which), kv_type=kv_type)
-    _all_equal(cag.build([SAMPLE_DOCS], name="drafts", lm=lm, **QUIET))
+    _all_equal(cag.build([SAMPLE_DOCS], name="drafts", lm=lm, **QUIET), 32, no_cache=False)
