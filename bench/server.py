@@ -62,15 +62,13 @@ def start_server(home: Path, scratch: Path, model: str | None, settings: dict) -
     raise SystemExit("the server did not start within 120 s")
 
 
-SYSTEM: str | None = None  # llama-server's system message: the knowledge (cag has it cached)
-
-
-def one_request(url: str, question: str, max_tokens: int) -> tuple[float, float, int, str]:
-    """(ttft_s, total_s, generated tokens, text) for one streamed completion, measured by the client."""
+def one_request(url: str, question: str, max_tokens: int, system: str | None = None) -> tuple[float, float, int, str]:
+    """(ttft_s, total_s, generated tokens, text) for one streamed completion, measured by the client; `system`:
+    a system message before the question (llama-server's knowledge; cag has it cached)."""
     start, first, usage, text = time.perf_counter(), None, None, ""
     messages = [{"role": "user", "content": question}]
-    if SYSTEM is not None:
-        messages.insert(0, {"role": "system", "content": SYSTEM})
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": system})
     body = {"model": "bench", "stream": True, "max_tokens": max_tokens, "stream_options": {"include_usage": True},
             "messages": messages, "temperature": 0}
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=3600) as r:
@@ -91,7 +89,8 @@ def one_request(url: str, question: str, max_tokens: int) -> tuple[float, float,
     return (first if first is not None else total), total, usage["completion_tokens"], text
 
 
-def run_mode(url: str, clients: int, rounds: int, questions: list[str], max_tokens: int) -> dict:
+def run_mode(url: str, clients: int, rounds: int, questions: list[str], max_tokens: int,
+             system: str | None = None) -> dict:
     results, errors, lock = [], [], threading.Lock()
     start_line = threading.Barrier(clients)
 
@@ -100,7 +99,7 @@ def run_mode(url: str, clients: int, rounds: int, questions: list[str], max_toke
         for r in range(rounds):
             q = questions[(c + r * clients) % len(questions)]
             try:
-                got = one_request(url, q, max_tokens)
+                got = one_request(url, q, max_tokens, system)
                 with lock:
                     results.append((q, *got))
             except Exception as err:  # noqa: BLE001 - counted and reported
@@ -151,7 +150,6 @@ def start_llama_server(gguf: Path, clients: int, threads: int, best: bool):
 
 
 def main() -> None:
-    global SYSTEM
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="2-layer random-weight model (fast, numbers meaningless)")
     ap.add_argument("--clients", type=int, default=32, help="concurrent streaming clients")
@@ -179,7 +177,8 @@ def main() -> None:
 
             model = str(make_tiny_model(Path(tmp) / "tiny-model", context=16384))  # the sample KB fits
         docs = [{"name": p.name, "text": p.read_text()} for p in sorted(common.SAMPLE_DOCS.iterdir())]
-        SYSTEM = None
+        knowledge = ("Answer the question from these documents.\n\n# Documents\n"
+                     + "\n\n".join(f"## {d['name']}\n{d['text']}" for d in docs))
         scratch = Path(tmp) / "setup"
         scratch.mkdir()
         proc, url = start_server(home, scratch, model, settings["on"])  # the knowledge base, built once
@@ -196,19 +195,17 @@ def main() -> None:
             scratch = Path(tmp) / mode
             scratch.mkdir()
             started = time.perf_counter()
-            if mode in LLAMA_SERVER:
-                SYSTEM = ("Answer the question from these documents.\n\n# Documents\n"
-                          + "\n\n".join(f"## {d['name']}\n{d['text']}" for d in docs))
+            system = knowledge if mode in LLAMA_SERVER else None
+            if system is not None:
                 server, url = start_llama_server(args.gguf, args.clients, args.threads, mode.endswith("best"))
-                stop = lambda: None  # noqa: E731 - the embedded server stops when it is dropped
+                stop = lambda: None  # noqa: E731 - the embedded server stops when it is dropped (below)
             else:
-                SYSTEM = None
                 proc, url = start_server(home, scratch, model, settings[mode])
                 stop = lambda proc=proc: (proc.terminate(), proc.wait(30))  # noqa: E731
             try:
-                one_request(url, questions[0], 4)  # warm-up: loads the knowledge (base), builds the kernels
+                one_request(url, questions[0], 4, system)  # warm-up: loads the knowledge (base), builds the kernels
                 first_answer[mode] = time.perf_counter() - started
-                modes[mode] = run_mode(url, args.clients, args.rounds, questions, args.max_tokens)
+                modes[mode] = run_mode(url, args.clients, args.rounds, questions, args.max_tokens, system)
             finally:
                 stop()
                 server = None

@@ -199,6 +199,9 @@ class Drafter(Protocol):
     def verified(self, proposed: int, right: int) -> None: ...
 
 
+MAX_DRAFT = 15  # draft tokens one row verifies in a step at most, on any engine
+
+
 class StepCosts:
     """Seconds a decoder's forward of n tokens takes: the median of its last KEEP, so a forward slowed by
     other work on the machine moves it little. The first forward of each size is not counted (llama.cpp
@@ -312,7 +315,7 @@ class Decoder(abc.ABC):
     def _draft(self, job: Job) -> list[int]:
         if job.drafter is None:
             return []
-        limit = min(self.draft_room(job), job.max_new_tokens - job.produced - 1)
+        limit = min(MAX_DRAFT, self.draft_room(job), job.max_new_tokens - job.produced - 1)
         return job.drafter.propose(limit)[:limit] if limit > 0 else []
 
     def draft_room(self, job: Job) -> int:

@@ -15,9 +15,9 @@ model ~15-25 % of a step, but their prefill lacks the tiled path). And no cell i
 (finished answers give theirs back when the last one ends), so cells are always taken in order and every
 row sees its cells in the order of its positions; so the cells of draft tokens the model did not choose
 (cag.drafts: a step runs a row's last token and its draft, each token a row of the decode) go to a spare
-sequence rather than back, and a row's next token takes a new cell after them. Weights are not repacked (those kernels compute one
-token and several differently). The no-cache reference runs the same code on a prefix recomputed in the
-same pieces, in a fresh context.
+sequence rather than back, and a row's next token takes a new cell after them. Weights are not repacked
+(those kernels compute one token and several differently). The no-cache reference runs the same code on a
+prefix recomputed in the same pieces, in a fresh context.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ from .codec import LlamaCodec
 SEQUENCES = 67  # per context: the prefix, a padding sequence, the drafts' leftovers and up to 64 answers at once
 PAD_SEQ = 1
 SPENT_SEQ = 2  # holds the cells of draft tokens the model did not choose until every running answer ends
-MAX_DRAFT = 15  # draft tokens one row verifies in a step at most
 SPARE = 64  # cells a row takes beyond its answer's for the draft tokens the model refuses
 QUESTION_PIECE = 48  # question tokens per decode call (under llama.cpp's 64-row attention tiles)
 DEFAULT_CONTEXT = 8192  # positions per answer when the model allows as many and none is asked for
@@ -171,8 +170,8 @@ class LlamaPrefix(Prefix):
 
 
 class _Row:
-    def __init__(self, seq: int, position: int, cells: int, need: int):
-        self.seq, self.position, self.cells, self.need = seq, position, cells, need
+    def __init__(self, seq: int, position: int, cells: int):
+        self.seq, self.position, self.cells = seq, position, cells
         self.spent = 0  # cells of refused draft tokens (held by SPENT_SEQ)
 
 
@@ -222,7 +221,7 @@ class LlamaDecoder(Decoder):
             # spare: cells for refused drafts (a row that used them up decodes on without drafts), few enough
             # that rows arriving later still find room
             spare = min(self._room_left() - need, SPARE) if job.drafter is not None else 0
-            row = _Row(self.free.pop(), job.reuse, need + spare, need)
+            row = _Row(self.free.pop(), job.reuse, need + spare)
             self.reserved += row.cells
             self.active += 1
             job.slot = row
@@ -254,7 +253,7 @@ class LlamaDecoder(Decoder):
     def draft_room(self, job: Job) -> int:
         """Cells the row can spend on drafts: those it took beyond its answer's need, less those spent."""
         row = job.slot
-        return max(0, min(MAX_DRAFT, row.cells - row.need - row.spent))
+        return max(0, row.cells - self._need(job) - row.spent)
 
     def drop(self, job: Job, count: int) -> None:
         """The refused draft's cells go to SPENT_SEQ rather than back: a freed cell would be taken by a later

@@ -11,10 +11,11 @@ decoded together (cag.scheduler, KnowledgeBase.ask_many) run the very same compu
   (weight row, answer) dot product and every fixed 128-key chunk of absolute positions (across both
   segments) is computed per answer by the same code, each prefix chunk read once for all answers, so an
   answer's logits are the same bits alone or in any batch (tested); a row's draft (cag.drafts) is verified
-  in the same call, each draft token one more row on the answer's own buffer (`verify`). Elsewhere the lean Python step or
-  transformers' forward with this module's attention; on the CPU each row's attention runs on its own,
-  and matmuls run batched only where they compute each row as alone (cag packs, bf16; float32 BLAS does
-  not: its one-row and many-row kernels add in different orders, so such a batch runs row by row). On a
+  in the same call, each draft token one more row on the answer's own buffer (`verify`). Elsewhere the
+  lean Python step or transformers' forward with this module's attention; on the CPU each row's attention
+  runs on its own, and matmuls run batched only where they compute each row as alone (cag packs, bf16;
+  float32 BLAS does not: its one-row and many-row kernels add in different orders, so such a batch runs
+  row by row). On a
   GPU the prefix part of all rows is one kernel call (the prefix read once per step) and whether a row's
   bits depend on the batch is up to the kernels cuBLAS and flash attention choose per shape (bench/gpu.py
   measures it).
@@ -36,7 +37,6 @@ from .state import ModelState
 from .workspace import RowBuffer, Workspace
 
 _IMPL = "cag_rows"
-MAX_DRAFT = 15  # draft tokens one row verifies in a step at most
 _INSTALL_LOCK = threading.Lock()
 
 
@@ -388,7 +388,7 @@ class Decoder(base.Decoder):
         row = job.slot
         if fastdecode.verdict(self.state, "native") is not True or nativestep.plan(self.state) is None:
             return 0
-        return max(0, min(MAX_DRAFT, row.buffer.capacity - row.length - 1))
+        return max(0, row.buffer.capacity - row.length - 1)
 
     def drop(self, job: Job, count: int) -> None:
         job.slot.length -= count  # those positions are written again before anything reads them
