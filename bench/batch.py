@@ -35,7 +35,8 @@ def main() -> None:
 
     import cag
     import core
-    from cag.engines.torch import direct, kvcompat, models
+    import torch_direct as direct
+    from cag.engines.torch import kvcompat, models
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()

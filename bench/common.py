@@ -19,6 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 if sys.path[:1] != [str(ROOT)]:
     sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT / "tests"))  # torch_direct: the torch engine's harness, kept with the tests
 SAMPLE_DOCS = ROOT / "examples" / "sample_kb" / "docs"
 SAMPLE_QUESTIONS = ROOT / "examples" / "sample_kb" / "questions.jsonl"
 RESULTS = ROOT / "bench" / "results"

@@ -53,7 +53,7 @@ def hf_loop(model, prefix_cache, ids: list[int], steps: int) -> tuple[list[int],
 
 
 def cag_decode(lm, workspace, reuse: int, ids: list[int], steps: int) -> tuple[list[int], float]:
-    from cag.engines.torch import direct
+    import torch_direct as direct
 
     out, start = [], None
     for token in direct.generate(lm, ids, workspace, reuse=reuse, max_new_tokens=steps, stop_ids=()):
@@ -75,7 +75,8 @@ def main() -> None:
         os.environ["CAG_SIMD"] = args.simd
 
     import cag
-    from cag.engines.torch import direct, kvcompat, models
+    import torch_direct as direct
+    from cag.engines.torch import kvcompat, models
     from cag.engines.torch.workspace import Workspace
     from transformers.utils import logging as hf_logging
 

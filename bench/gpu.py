@@ -121,7 +121,7 @@ _STATES: dict = {}
 
 def state(model):
     """cag's per-model state for `model` (fast-path verdicts, plans), made once: as the torch engine keeps it."""
-    from cag.engines.torch import direct
+    import torch_direct as direct
 
     if id(model) not in _STATES:
         _STATES[id(model)] = direct.state_of(model)
@@ -130,7 +130,7 @@ def state(model):
 
 def cag_run(model, device, new_ids, prefix, reuse, max_new):
     """TTFT, total seconds and the tokens of one answer decoded by cag's torch engine (one row on `prefix`)."""
-    from cag.engines.torch import direct
+    import torch_direct as direct
 
     sync(device)
     start = time.perf_counter()
@@ -178,7 +178,7 @@ def decode_rate(ttft: float, total: float, tokens: int) -> float:
 
 def ttft_size(model, device, n: int, args, rng) -> dict:
     """Cached TTFT vs plain transformers (full prompt, prefix reuse) and cag on the full prompt, at `n` tokens."""
-    from cag.engines.torch import direct
+    import torch_direct as direct
     from cag.engines.torch.workspace import Workspace
 
     ids = random_ids(model, n + args.question_tokens, rng)
@@ -215,7 +215,8 @@ def ttft_size(model, device, n: int, args, rng) -> dict:
 
 def batch_section(model, device, args, rng) -> dict:
     """Tokens/s for B questions decoded together on one shared prefix: cag.engines.torch.batch vs plain transformers."""
-    from cag.engines.torch import direct, kvcompat
+    import torch_direct as direct
+    from cag.engines.torch import kvcompat
 
     n, q, new = args.batch_tokens, args.question_tokens, args.new_tokens
     prefix_ids = random_ids(model, n, rng)
@@ -326,7 +327,7 @@ class FirstLogits:
 def exact_section(model, device, args, rng) -> dict:
     """Cached (restored from its file) vs the piecewise reference, bit for bit; and vs one-shot generate."""
     from cag.cache import kvfile
-    from cag.engines.torch import direct
+    import torch_direct as direct
     from cag.engines.torch.workspace import Workspace
     from cag.kb.incremental import chunk_ends
 

@@ -27,8 +27,10 @@ def main() -> None:
     import torch
 
     import cag
-    from cag.engines.torch import direct, models
-    from cag.cache import kvfile, kvquant
+    import torch_direct as direct
+    from cag.engines.torch import models
+    from cag.cache import kvfile
+    from cag.engines import kvquant
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()

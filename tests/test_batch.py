@@ -13,7 +13,7 @@ import threading
 import pytest
 import torch
 
-from cag.engines.torch import direct as eu
+import torch_direct as eu
 from conftest import require_native
 
 from cag.engines.base import Job

@@ -23,7 +23,7 @@ import pytest
 
 import cag
 from cag import api
-from cag.cache import atomic, kvfile
+from cag.cache import kvfile
 from cag.cache.stores import DiskStore, TieredStore
 from cag.cache.stores import disk as disk_tier
 from test_cli import assert_one_line_error, run
@@ -324,16 +324,18 @@ def test_a_full_disk_is_a_one_line_error_and_the_previous_version_keeps_answerin
 
 
 def test_a_safetensors_write_error_becomes_the_os_error_it_is(tmp_path):
-    """safetensors reports I/O failures as SafetensorError; atomic.os_errors makes those OSErrors (what the
+    """safetensors reports I/O failures as SafetensorError; cag.engines.files.os_errors makes those OSErrors (what the
     CLI shows as one line) and leaves every other SafetensorError alone."""
     from safetensors import SafetensorError
 
+    from cag.engines.files import os_errors
+
     with pytest.raises(OSError) as caught:
-        with atomic.os_errors(tmp_path / "x"):
+        with os_errors(tmp_path / "x"):
             raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
     assert caught.value.errno == 28 and caught.value.filename == str(tmp_path / "x")
     with pytest.raises(SafetensorError):
-        with atomic.os_errors(tmp_path / "x"):
+        with os_errors(tmp_path / "x"):
             raise SafetensorError("Error while serializing: invalid header")
 
 

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from cag.engines.torch import direct as eu
+import torch_direct as eu
 
 from cag.engines.torch import codec, kvcompat
 from cag.engines.torch.codec import TextStream

@@ -13,7 +13,7 @@ import torch
 from storeutil import make_docs
 
 import cag
-from cag.engines.torch import direct as eu
+import torch_direct as eu
 
 from cag.engines.torch import models
 from cag.engines.torch.workspace import Workspace

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cag.engines.torch import direct as eu
+import torch_direct as eu
 from conftest import require_native
 
 from cag.engines.torch import batch, fastdecode, models, packed

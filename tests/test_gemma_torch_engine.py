@@ -20,7 +20,8 @@ import pytest
 import torch
 
 import cag
-from cag.engines.torch import batch, direct, models
+import torch_direct as direct
+from cag.engines.torch import batch, models
 from cag.engines.torch.workspace import Workspace
 from conftest import SAMPLE_DOCS, SAMPLE_QUESTIONS, home_at, make_tiny_model
 

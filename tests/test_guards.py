@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import cag
-from cag.engines.torch import direct as eu
+import torch_direct as eu
 from cag import paths
 from cag.errors import CacheMismatchError, CagError, ContextLengthError, KnowledgeTooLargeError
 from cag.kb.prompt import Turn

@@ -17,9 +17,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from cag.engines.torch import direct as eu
+import torch_direct as eu
 
-from cag.cache import kvfile, kvquant
+from cag.cache import kvfile
+from cag.engines import kvquant
 from cag.errors import CacheFileError, CacheMismatchError
 from cag.cache.kvfile import Expect
 

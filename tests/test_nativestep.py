@@ -17,7 +17,7 @@ import torch
 from conftest import require_native
 
 from cag.engines.torch import batch, fastdecode, kvcompat, models, nativestep
-from cag.engines.torch import direct as eu
+import torch_direct as eu
 from cag.engines.torch.workspace import Workspace
 
 

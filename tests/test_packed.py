@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from conftest import ggml_q41, ggml_q80, require_native
 
-from cag.engines.torch import direct as eu
+import torch_direct as eu
 from cag.engines.torch import models, native, packed
 from cag.engines.torch.workspace import Workspace
 

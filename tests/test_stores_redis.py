@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cag.engines.torch import direct as eu
+import torch_direct as eu
 import redis as redis_py
 from storeutil import make_docs, redis_server, redis_url, settings, tiny_entry  # noqa: F401,F811 - fixtures
 

@@ -12,7 +12,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from safetensors import SafetensorError
 
 try:
     import fcntl
@@ -111,21 +110,3 @@ def exclusive(folder: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing the last descriptor releases the lock
-
-
-_OS_ERROR = re.compile(r"\(os error (\d+)\)|Os \{ code: (\d+)")
-
-
-@contextmanager
-def os_errors(path: str | Path) -> Iterator[None]:
-    """Writes through safetensors: it reports a failed write (a full disk, a quota, a file size limit) as a
-    SafetensorError naming the OS error; raise it as that OSError, naming `path`, so it is the user's to fix
-    like any other failed write. Any other SafetensorError is left as it is."""
-    try:
-        yield
-    except SafetensorError as err:
-        found = _OS_ERROR.search(str(err))
-        if found is None:
-            raise
-        code = int(found.group(1) or found.group(2))
-        raise OSError(code, os.strerror(code), str(path)) from None

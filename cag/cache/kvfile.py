@@ -26,8 +26,10 @@ import torch
 from safetensors.torch import save_file
 
 from .. import __version__
+from ..engines import kvquant
+from ..engines.files import os_errors
 from ..errors import CacheFileError, CacheMismatchError
-from . import atomic, checksum, kvquant, restore
+from . import atomic, checksum, restore
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values), each [1, kv_heads, tokens, head_dim]
 
@@ -124,7 +126,7 @@ def save(path: str | Path, layers: KV, prefix_ids: list[int], manifest: dict, kv
     key = signing_key()
     if key is not None:
         full["signature"] = _sign(full, key)
-    with atomic.replacing(path) as tmp, atomic.os_errors(path):
+    with atomic.replacing(path) as tmp, os_errors(path):
         save_file(tensors, str(tmp), metadata={MANIFEST_KEY: json.dumps(full, sort_keys=True)})
     return full
 

@@ -8,70 +8,40 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
-from typing import Callable
 
+from ..log import Log, stderr
 from .base import Engine
+from .options import GGUF_KV_TYPES, EngineOptions, kind_of, kv_type_problem  # noqa: F401 - the package's names
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-GGUF_KV_TYPES = ("f16", "bf16", "q8_0")  # a GGUF model's KV cache types; the first is the default
 
 
-def kv_type_problem(kv_type: str | None) -> str | None:
-    """What is wrong with `kv_type` as a GGUF model's KV cache type (None: nothing, or none was given), for
-    the CLI, the server config and the engine to refuse it alike."""
-    if kv_type is None or kv_type in GGUF_KV_TYPES:
-        return None
-    return f"must be {', '.join(GGUF_KV_TYPES[:-1])} or {GGUF_KV_TYPES[-1]} (got {kv_type!r})"
-
-Log = Callable[[str], None]
-
-
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def kind_of(spec: str | None) -> str:
-    """Which engine runs the model named `spec`: "llamacpp" or "torch". A GGUF file is known by its suffix or,
-    without one (an Ollama blob, a renamed download), by its first bytes."""
-    if spec and (spec.startswith("ollama:") or Path(spec).suffix.lower() == ".gguf" or _gguf_bytes(spec)):
-        return "llamacpp"
-    return "torch"
-
-
-def _gguf_bytes(spec: str) -> bool:
-    try:
-        with open(Path(spec).expanduser(), "rb") as f:
-            return f.read(4) == b"GGUF"
-    except OSError:  # not a file (a folder, a hub id, nothing)
-        return False
-
-
-def load(spec: str | None = None, *, device: str | None = None, dtype: str | None = None,
-         threads: int | None = None, kv_type: str | None = None, context: int | None = None,
-         log: Log = _stderr) -> Engine:
-    """The engine for the model named `spec` (None: the default model).
-
-    `threads` sets the CPU threads (both engines; default: CAG_THREADS, else torch's / llama.cpp's own
-    choice). `kv_type` ("f16", "bf16", "q8_0") and `context` (the context size) apply to llama.cpp; `device`
-    and `dtype` to transformers."""
-    if kind_of(spec) == "llamacpp":
+def load(model: str | EngineOptions | None = None, *, log: Log = stderr, **options) -> Engine:
+    """The engine for `model`: a name (None: the default model) with `options` as EngineOptions' fields,
+    or an EngineOptions whole. `device` and `dtype` apply to transformers, `kv_type` and `context` to
+    llama.cpp, `threads` to both (default: CAG_THREADS, else torch's / llama.cpp's own choice)."""
+    chosen = model if isinstance(model, EngineOptions) else EngineOptions.of(model=model, **options)
+    if chosen.kind == "llamacpp":
         from .llamacpp import load as load_gguf
 
-        if dtype not in (None, "", "auto"):
+        if chosen.dtype not in (None, "", "auto"):
             from ..errors import ModelError
 
-            raise ModelError(f"--dtype {dtype} applies to Hugging Face models; a GGUF model runs in its own "
+            raise ModelError(f"--dtype {chosen.dtype} applies to Hugging Face models; a GGUF model runs in its own "
                              "quantization (use --kv-type for the KV cache)")
-        return load_gguf(spec, threads=threads, kv_type=kv_type, context=context, log=log)
+        return load_gguf(chosen.model, threads=chosen.threads, kv_type=chosen.kv_type, context=chosen.context, log=log)
+    return _load_torch(chosen, log)
+
+
+def _load_torch(chosen: EngineOptions, log: Log) -> Engine:
     from .. import settings
     from .torch import models
 
-    chosen = threads if threads is not None else settings.current().threads
-    set_threads(chosen)
-    engine = models.load(spec, device=device, dtype=dtype, log=log)
-    if chosen is None and engine.device.type == "cpu":  # a count the user gave is kept as given
+    threads = chosen.threads if chosen.threads is not None else settings.current().threads
+    set_threads(threads)
+    engine = models.load(chosen.model, device=chosen.device, dtype=chosen.dtype, log=log)
+    if threads is None and engine.device.type == "cpu":  # a count the user gave is kept as given
         import torch
 
         from .cores import Cores

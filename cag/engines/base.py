@@ -51,6 +51,9 @@ class Prefix(abc.ABC):
     """A knowledge base's prefix on an engine: `length` positions answers decode on top of, never written."""
 
     length: int
+    # Per-layer (key, value) tensors that a memory tier may point at instead of holding a second copy; a
+    # prefix held as an engine's opaque state (a llama.cpp context) has none.
+    layers: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()
 
     @property
     def nbytes(self) -> int:
@@ -363,6 +366,16 @@ class Engine(abc.ABC):
     @property
     def dtype(self) -> str:
         return self.storage["dtype"]
+
+    @property
+    def checked_dtype(self) -> str | None:
+        """The dtype a cache's manifest must name to be this engine's (None: the KV type says it all)."""
+        return self.storage["dtype"]
+
+    def kv_quant_problem(self, kv_quant: str) -> str | None:
+        """Why this engine cannot keep its prefix as the lossy `kv_quant` storage gives it back (prefill's
+        `kv_quant`); None when it can. Asked before a build does any work."""
+        return f"this engine keeps no {kv_quant!r} copy of its KV cache"
 
     @property
     def device(self) -> "torch.device | str":

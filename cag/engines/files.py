@@ -1,4 +1,5 @@
-"""Fingerprints of model files: sha256, memoized by path, size and modification time.
+"""Model files: their fingerprints (sha256, memoized by path, size and modification time), and writes
+through safetensors that report a failed write as the OSError it is.
 
 Why memoize: a cache is tied to the exact model file it was made with, so every load hashes the weights;
 a 4 GB GGUF takes seconds to hash, and it rarely changes. The memo lives under CAG_HOME/models; a
@@ -10,8 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import threading
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
+
+from safetensors import SafetensorError
 
 from .. import paths
 
@@ -51,3 +57,21 @@ def _read(memo_path: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return found if isinstance(found, dict) else {}
+
+
+_OS_ERROR = re.compile(r"\(os error (\d+)\)|Os \{ code: (\d+)")
+
+
+@contextmanager
+def os_errors(path: str | Path) -> Iterator[None]:
+    """Writes through safetensors: it reports a failed write (a full disk, a quota, a file size limit) as a
+    SafetensorError naming the OS error; raise it as that OSError, naming `path`, so it is the user's to fix
+    like any other failed write. Any other SafetensorError is left as it is."""
+    try:
+        yield
+    except SafetensorError as err:
+        found = _OS_ERROR.search(str(err))
+        if found is None:
+            raise
+        code = int(found.group(1) or found.group(2))
+        raise OSError(code, os.strerror(code), str(path)) from None

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
-from typing import Callable
 
 from ... import settings
 from ...errors import ModelError
-from .. import GGUF_KV_TYPES, kv_type_problem
+from ...log import Log, stderr
 from ..cores import Cores
 from ..files import file_sha256
 from ..missing import no_model_at, not_a_model
+from ..options import GGUF_KV_TYPES, kv_type_problem
 from . import lib
 from .engine import DEFAULT_CONTEXT, LlamaEngine, default_threads
 from .ollama import check_blob
@@ -19,11 +18,7 @@ from .ollama import resolve as resolve_ollama
 
 __all__ = ["LlamaEngine", "fingerprint", "load", "resolve"]
 
-Log = Callable[[str], None]
 
-
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def resolve(spec: str) -> Path:
@@ -51,7 +46,7 @@ def fingerprint(spec: str, path: Path) -> str:
 
 
 def load(spec: str, *, threads: int | None = None, kv_type: str | None = None, context: int | None = None,
-         log: Log = _stderr) -> LlamaEngine:
+         log: Log = stderr) -> LlamaEngine:
     """Load a GGUF model for cag: memory-mapped, quantized as it is, with a KV cache of `kv_type`
     (GGUF_KV_TYPES: "f16", the default, "bf16" or "q8_0") and `context` positions per answer (default: the
     model's, at most 8192)."""

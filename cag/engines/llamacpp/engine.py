@@ -73,6 +73,14 @@ class LlamaEngine(Engine):
         return {"kv_type": self.kv_type, "context": self.context_window}
 
     @property
+    def checked_dtype(self) -> None:
+        return None  # llama.cpp's state has no dtype of its own: its KV type says it all
+
+    def kv_quant_problem(self, kv_quant: str) -> str:
+        return (f"kv_quant (--kv-int8) applies to the transformers engine; with a GGUF model choose the KV cache "
+                f"type with --kv-type (this one is {self.kv_type})")
+
+    @property
     def nbytes(self) -> int:
         return self.lm.nbytes
 

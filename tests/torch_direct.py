@@ -1,5 +1,6 @@
-"""The torch engine driven directly on per-layer tensors, below the seam: for benchmarks and tests that
-time or check one piece (a prefill, a decoding loop) on a bare transformers model.
+"""The torch engine driven directly on per-layer tensors, below the seam: a harness for the tests and
+benchmarks that time or check one piece (a prefill, a decoding loop) on a bare transformers model. It
+lives with the tests (bench/common.py puts this folder on the benchmarks' path too), not in cag.
 
 Everything here is the engine's own code path (the same Workspace, rows and decoder the engine uses);
 only the bookkeeping a KnowledgeBase does (prompts, caches, stores) is left out.
@@ -11,14 +12,14 @@ from typing import Iterator, Sequence
 
 import torch
 
-from ... import decode
-from ...kb.incremental import DEFAULT_CHUNK, chunk_ends
-from ...sampling import Sampling
-from ..base import Job
-from . import batch
-from .engine import _pieces
-from .state import ModelState
-from .workspace import Workspace
+from cag import decode
+from cag.engines.base import Job
+from cag.engines.torch import batch
+from cag.engines.torch.engine import prefill_pieces
+from cag.engines.torch.state import ModelState
+from cag.engines.torch.workspace import Workspace
+from cag.kb.incremental import DEFAULT_CHUNK, chunk_ends
+from cag.sampling import Sampling
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -36,7 +37,7 @@ def state_of(model) -> ModelState:
 def pieces(model, ids: Sequence[int], ends: Sequence[int]) -> KV:
     """The per-layer KV of `ids`, one forward per piece (what a cache records as its prefill_bounds)."""
     state = state_of(model)
-    return _pieces(state.model, state.device, ids, ends, 0, None, None)
+    return prefill_pieces(state.model, state.device, ids, ends, 0, None, None)
 
 
 def prefill(model, ids: Sequence[int], chunk_size: int = DEFAULT_CHUNK) -> KV:
