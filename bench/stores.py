@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
 
-from cag.engines.torch import direct, models  # noqa: E402
+import torch_direct as direct
+from cag.engines.torch import models  # noqa: E402
 from cag.cache import kvfile  # noqa: E402
 from cag.kb.prompt import PromptBuilder  # noqa: E402
 from cag.kb.knowledge import load as load_docs  # noqa: E402
@@ -70,7 +71,7 @@ def large_model(folder: Path, tokenizer_from: Path) -> Path:
 
 
 def bench_model(label: str, lm, docs_dir: Path, redis_url: str | None, repeat: int) -> list[dict]:
-    builder = PromptBuilder(lm.tokenizer, load_docs([docs_dir]))
+    builder = PromptBuilder(lm.codec, load_docs([docs_dir]))
     ids = builder.prefix_ids()
     prefill = []
     for _ in range(repeat):

@@ -7,7 +7,8 @@ torch and transformers until something needs them.
 __version__ = "0.1.0"
 
 _WHERE = {"KnowledgeBase": "api", "build": "api", "load": "api", "list_kbs": "api", "delete": "api",
-          "invalidate": "api", "publish": "api", "Sampling": "sampling", "Batching": "scheduler",
+          "invalidate": "api", "publish": "api", "BuildOptions": "api", "EngineOptions": "engines.options",
+          "Sampling": "sampling", "Batching": "scheduler",
           "CagError": "errors"}
 _MODULES = ("engines",)  # `cag.engines.load(...)` after a plain `import cag`
 __all__ = [*_WHERE, *_MODULES, "__version__"]

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import contextlib
-import sys
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass, field
@@ -16,10 +16,10 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 from . import decode, drafts, engines, paths
 from .cache import events, kvfile, policies, stores
-from .cache.kvfile import KV
 from .cache.policies import Policy
 from .cache.stores import Entry, Record, TieredStore
-from .engines.base import Engine, Job, Payload, Prefix
+from .engines.base import Engine, Job, Prefix
+from .engines.options import EngineOptions
 from .errors import (
     CacheMismatchError,
     CagError,
@@ -41,14 +41,9 @@ from .settings import current as current_settings
 from .stoptext import StopText
 
 DEFAULT_RESERVE = 512  # context tokens kept free for the question and the answer
-from .cache.stores.disk import CACHE_FILE, KB_FILE, SNAPSHOT_FILE  # noqa: E402,F401 - re-exported names
-
-Log = Callable[[str], None]
-ENGINE_OPTIONS = ("dtype", "kv_type", "context")  # kept in kb.json: what loads the same engine again
+from .log import Log, stderr
 
 
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -74,9 +69,9 @@ class KnowledgeBase:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
-    def layers(self) -> KV:
-        """The prefix's per-layer (key, value) tensors (torch engine; an engine state has none)."""
-        return getattr(self.prefix, "layers", [])
+    def layers(self) -> Sequence[tuple]:
+        """The prefix's per-layer (key, value) tensors (Prefix.layers; an engine state has none)."""
+        return self.prefix.layers
 
     @property
     def tokens(self) -> int:
@@ -305,53 +300,79 @@ def _ends(reading: _Reading, token: int) -> bool:
 
 # -- building ---------------------------------------------------------------------------------------
 
-def build(sources: Iterable[str | Path], name: str | None = None, *, model: str | None = None,
-          device: str | None = None, dtype: str | None = None, threads: int | None = None,
-          kv_type: str | None = None, context: int | None = None, instruction: str = DEFAULT_INSTRUCTION,
-          reserve: int = DEFAULT_RESERVE, chunk_size: int = incremental.DEFAULT_CHUNK,
-          lm: Engine | Callable[[], Engine] | None = None, log: Log = _stderr,
-          progress: Callable[[int, int], None] | None = None, ttl_s: float | None = None,
-          version: int | None = None, incremental_update: bool = True, shard: bool = False,
-          store: TieredStore | None = None, kv_quant: str | None = None, owner: str | None = None) -> KnowledgeBase:
+@dataclass(frozen=True)
+class BuildOptions:
+    """How a knowledge base is built: its model (`engine`), prompt, prefill and invalidation policy.
+
+    `instruction` and `reserve` shape the prompt (context tokens kept free for question and answer);
+    `chunk_size` bounds a prefill piece; `ttl_s` and `version` are the invalidation policy (see
+    cag.cache.policies); `incremental_update` reuses what an earlier cache still covers; `shard` splits
+    knowledge too large for one context into shards (a ShardedKnowledgeBase); `kv_quant="int8"` stores the
+    KV lossily at a quarter of fp32 / half of bf16 (answers may change wording)."""
+
+    engine: EngineOptions = EngineOptions()
+    instruction: str = DEFAULT_INSTRUCTION
+    reserve: int = DEFAULT_RESERVE
+    chunk_size: int = incremental.DEFAULT_CHUNK
+    ttl_s: float | None = None
+    version: int | None = None
+    incremental_update: bool = True
+    shard: bool = False
+    kv_quant: str | None = None
+
+    @classmethod
+    def of(cls, options: "BuildOptions | None" = None, **fields) -> "BuildOptions":
+        """`options` (or the defaults) with `fields` set: build options by name, engine options (model,
+        device, dtype, kv_type, context, threads) by theirs. A name that is neither is a TypeError."""
+        options = options or cls()
+        own = {f.name for f in dataclasses.fields(cls)} - {"engine"}
+        engine = {k: v for k, v in fields.items() if k not in own}
+        EngineOptions.of(**engine)  # a name that is no option is refused, not ignored
+        return dataclasses.replace(options, engine=dataclasses.replace(options.engine, **engine),
+                                   **{k: v for k, v in fields.items() if k in own})
+
+
+def build(sources: Iterable[str | Path], name: str | None = None, *, options: BuildOptions | None = None,
+          lm: Engine | Callable[[], Engine] | None = None, store: TieredStore | None = None,
+          owner: str | None = None, log: Log = stderr, progress: Callable[[int, int], None] | None = None,
+          **fields) -> KnowledgeBase:
     """Read the sources, prefill them (only what changed since the last build) and write the cache through.
 
-    `model` is the default model, a Hugging Face folder or id (transformers), a `.gguf` file or
-    `ollama:NAME[:TAG]` (llama.cpp); `lm` an engine already loaded (cag.engines.load). `threads`,
-    `kv_type` and `context` are the llama.cpp engine's options (threads: both engines).
-    ttl_s and version are the knowledge base's invalidation policy (see cag.cache.policies); the cache goes
-    to every persistent tier configured (CAG_HOME/kbs/NAME on disk, Redis with CAG_REDIS_URL).
-    With shard=True, knowledge too large for one context is split into shards (a ShardedKnowledgeBase).
-    kv_quant="int8" stores the KV lossily at a quarter of fp32 / half of bf16 (answers may change wording).
-    owner is the tenant the knowledge base belongs to (the server sets it; it travels with the cache to
-    every tier and replica); a rebuild without one keeps the owner it had.
+    `options` (BuildOptions) says how, or its fields and EngineOptions' by name (`model=`, `reserve=`,
+    `kv_quant=` ...). `lm` is an engine already loaded (cag.engines.load), or a function that loads it
+    once the sources are read. The cache goes to every persistent tier configured (CAG_HOME/kbs/NAME on
+    disk, Redis with CAG_REDIS_URL). `owner` is the tenant the knowledge base belongs to (the server sets
+    it; it travels with the cache to every tier and replica); a rebuild without one keeps the owner it had.
     `progress(done, total)` is called when a prefill starts, before its first piece (done: the positions
     reused from the earlier cache), and after each piece, so that a display can time the prefill itself.
     """
+    options = BuildOptions.of(options, **fields)
     sources = [str(Path(s).expanduser().resolve()) for s in sources]
     if not sources:
         raise KnowledgeError("give at least one file or folder to build from")
     name = name or Path(sources[0]).stem
     paths.writable(paths.kb_dir(name), log)  # refuse a bad name or a read-only CAG_HOME before any work
     docs = knowledge.load(sources, log=log)
-    lm = lm() if callable(lm) else lm or engines.load(model, device=device, dtype=dtype, threads=threads,
-                                                      kv_type=kv_type, context=context, log=log)
-    if kv_quant and lm.kind != "torch":
-        raise CagError(f"kv_quant (--kv-int8) applies to the transformers engine; with a GGUF model choose the "
-                       f"KV cache type with --kv-type (this one is {lm.storage['kv']})")
-    settings = {"name": name, "sources": sources, "model": model or lm.name, "engine": lm.kind, **lm.options(),
-                "instruction": instruction, "reserve": reserve, "chunk_size": chunk_size}
-    if kv_quant:
-        settings["kv_quant"] = kv_quant
+    lm = lm() if callable(lm) else lm or engines.load(options.engine, log=log)
+    problem = lm.kv_quant_problem(options.kv_quant) if options.kv_quant else None
+    if problem:
+        raise CagError(problem)
+    settings = {"name": name, "sources": sources, "model": options.engine.model or lm.name, "engine": lm.kind,
+                **lm.options(), "instruction": options.instruction, "reserve": options.reserve,
+                "chunk_size": options.chunk_size}
+    if options.kv_quant:
+        settings["kv_quant"] = options.kv_quant
     store = store or stores.default()
     if owner is None:
         owner = getattr(store.record(name), "owner", None)
+    policy = Policy(options.ttl_s, options.version)
     try:
-        return _build(settings, docs, lm, Policy(ttl_s, version), store, chunk_size, progress, log, incremental_update,
-                      owner=owner)
+        return _build(settings, docs, lm, policy, store, options.chunk_size, progress, log,
+                      options.incremental_update, owner=owner)
     except KnowledgeTooLargeError:
-        if not shard:
+        if not options.shard:
             raise
-    return _build_shards(settings, docs, lm, Policy(ttl_s, version), store, chunk_size, progress, log, owner)
+    return _build_shards(settings, docs, lm, policy, store, options.chunk_size, progress, log, owner)
 
 
 def _build_shards(settings: dict, docs, lm: Engine, policy: Policy, store: TieredStore, chunk_size: int, progress,
@@ -416,12 +437,11 @@ def _build(settings: dict, docs, lm: Engine, policy: Policy, store: TieredStore,
     if settings.get("kv_quant"):  # the prefix was kept as the tiers will hold it: "built" and "disk" answers agree
         identity["kv_quant"] = settings["kv_quant"]
     payload = lm.export(ext.prefix)
-    entry = Entry(name, payload.layers, prefix_ids, identity, meta, knowledge.to_json(docs), owner=owner,
-                  state=payload.state)
+    entry = Entry.of(name, payload, prefix_ids, identity, meta, knowledge.to_json(docs), owner=owner)
     store.drop(name, where=lambda tier: not tier.persistent)  # memory tiers may hold the previous cache
     manifest = store.put(entry)
-    disk = paths.kb_dir(name) / CACHE_FILE
-    size = disk.stat().st_size if disk.is_file() else entry.nbytes
+    disk = store.local_file(name)
+    size = disk.stat().st_size if disk is not None and disk.is_file() else entry.nbytes
     stats = BuildStats(len(prefix_ids), seconds, size, ext.reused, ext.prefilled, how)
     return KnowledgeBase(name, lm, docs, settings["sources"], builder, ext.prefix, prefix_ids,
                          manifest, "built", stats, chunk_size=chunk_size, citer=Citer(index), _store=store,
@@ -431,7 +451,7 @@ def _build(settings: dict, docs, lm: Engine, policy: Policy, store: TieredStore,
 def _restored(lm: Engine, entry: Entry) -> Prefix | None:
     """A previous cache as a prefix to build on; None when it cannot be this model's (then it is rebuilt)."""
     try:
-        return lm.restore(Payload(entry.layers, entry.state), entry.prefix_ids, entry.manifest)
+        return lm.restore(entry.payload, entry.prefix_ids, entry.manifest)
     except CagError:
         return None
 
@@ -460,9 +480,8 @@ def _identity(lm: Engine, builder: PromptBuilder, docs, name: str) -> dict:
 
 def _expect(lm: Engine, builder: PromptBuilder, knowledge_sha: str | None, settings: dict) -> kvfile.Expect:
     model = lm.identity()
-    dtype = lm.storage["dtype"] if lm.kind == "torch" else None  # llama.cpp's state: its KV type says it all
     return kvfile.Expect(model=model["fingerprint"], tokenizer=lm.codec.fingerprint(),
-                         template=builder.fingerprint(), knowledge=knowledge_sha, dtype=dtype,
+                         template=builder.fingerprint(), knowledge=knowledge_sha, dtype=lm.checked_dtype,
                          kv=settings.get("kv_quant") or lm.storage["kv"], engine=lm.kind,
                          runtime=model.get("runtime"), context=model.get("context"))
 
@@ -480,16 +499,17 @@ def _record(name: str, store: TieredStore) -> Record:
     return found
 
 
-def load(name: str, *, device: str | None = None, dtype: str | None = None, threads: int | None = None,
-         rebuild: bool = True, lm: Engine | None = None, log: Log = _stderr,
-         progress: Callable[[int, int], None] | None = None, store: TieredStore | None = None) -> KnowledgeBase:
+def load(name: str, *, engine: EngineOptions | None = None, rebuild: bool = True, lm: Engine | None = None,
+         log: Log = stderr, progress: Callable[[int, int], None] | None = None, store: TieredStore | None = None,
+         **engine_fields) -> KnowledgeBase:
     """The knowledge base from the fastest tier holding a servable cache; rebuilt when its knowledge
     changed (or refused, rebuild=False), when it expired, was invalidated, or is of another version.
-    Without `lm`, the model it was built with is loaded (with the engine options kb.json keeps)."""
+    Without `lm`, the model it was built with is loaded with the engine options kb.json keeps, `engine`'s
+    (or EngineOptions' fields by name: `dtype=`, `threads=` ...) set over them."""
     store = store or stores.default()
     record = _record(name, store)
     meta = record.meta
-    lm = lm or load_engine(meta, device=device, dtype=dtype, threads=threads, log=log)
+    lm = lm or load_engine(meta, engine or EngineOptions.of(**engine_fields), log=log)
     if meta.get("shards"):
         from .kb.shards import ShardedKnowledgeBase
 
@@ -507,8 +527,8 @@ def load(name: str, *, device: str | None = None, dtype: str | None = None, thre
         entry, source = hit
         builder._prefix_ids = entry.prefix_ids  # verified against the template + knowledge hashes
         citer = Citer(passages.load(entry.manifest, docs, sha))  # checked before the prefix costs anything
-        prefix = lm.restore(Payload(entry.layers, entry.state), entry.prefix_ids, entry.manifest)
-        if entry.layers:
+        prefix = lm.restore(entry.payload, entry.prefix_ids, entry.manifest)
+        if prefix.layers:
             store.share(name, prefix.layers)  # its prefix region is never written: safe to share
         return KnowledgeBase(name, lm, docs, meta["sources"], builder, prefix, entry.prefix_ids, entry.manifest,
                              source, chunk_size=_chunk_size(meta), citer=citer, _store=store, _generation=generation)
@@ -568,9 +588,8 @@ def check_servable(name: str, store: TieredStore | None = None) -> None:
     published = store.published(name)
     if not store.info(name) or policies.expired(meta) or published not in (None, Policy.from_meta(meta).version):
         raise _not_rebuilt(_unservable(name, published))
-    disk = paths.kb_dir(name) / CACHE_FILE
     try:
-        made = kvfile.read_manifest(disk) if disk.is_file() else {}
+        made = store.local_manifest(name)
     except CagError:
         return  # a damaged file: loading it says what is wrong
     made_from = made.get("knowledge", {}).get("sha256")
@@ -612,19 +631,11 @@ def _chunk_size(meta: dict) -> int:
     return value if type(value) is int and value > 0 else incremental.DEFAULT_CHUNK
 
 
-def engine_options(meta: dict) -> dict:
-    """The engine options a knowledge base was built with (kb.json), to load the same engine again."""
-    return {k: meta[k] for k in ENGINE_OPTIONS if meta.get(k) is not None}
-
-
-def load_engine(meta: dict, *, device: str | None = None, dtype: str | None = None, threads: int | None = None,
-                log: Log = _stderr) -> Engine:
-    """The engine a knowledge base was built with: its model, with its options (a given dtype wins)."""
-    options = engine_options(meta)
-    if dtype:
-        options["dtype"] = dtype
+def load_engine(meta: dict, given: EngineOptions = EngineOptions(), log: Log = stderr) -> Engine:
+    """The engine a knowledge base was built with (kb.json's `meta`): its model with its options, the ones
+    `given` sets winning (a dtype asked for now, this run's threads)."""
     try:
-        return engines.load(meta.get("model"), device=device, threads=threads, log=log, **options)
+        return engines.load(given.over(meta), log=log)
     except ModelMissingError as err:
         raise ModelMissingError(_moved_model(str(err), meta)) from None
 

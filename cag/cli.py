@@ -16,11 +16,15 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
+from .cli_options import (MAX_SOURCES, MODEL_HELP, SOURCES, UNSUPPORTED_MODES, AsJson, Context,
+                          Device, Draft, Dtype, KvType, MaxNewTokens, Model, Name, Redis, Seed, Sources, Stop,
+                          System, Temperature, Tenant, Threads, TopP, Unsupported)
 from .cli_render import answer_row, show_grounding
 from .errors import CagError, ContextLengthError
 from .stoptext import StopText
 
 if TYPE_CHECKING:
+    from .engines.options import EngineOptions
     from .kb.prompt import Turn
 
 app = typer.Typer(
@@ -30,27 +34,6 @@ app = typer.Typer(
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
-MODEL_HELP = ("Model: the default SmolLM2-135M-Instruct, a GGUF file (llama.cpp), ollama:NAME[:TAG] (a model in the "
-              "local Ollama store), a Hugging Face id or a local model folder (transformers).")
-THREADS_HELP = "CPU threads to compute with (default: $CAG_THREADS, else the engine's choice)."
-DRAFT_HELP = ("Draft each answer's next tokens from the knowledge and verify them in one step (the same answer, "
-              "sooner; default on unless CAG_DRAFT=0). --no-draft: one token per step.")
-KV_TYPE_HELP = "GGUF models: the KV cache type, f16, bf16 or q8_0 (default f16)."
-CONTEXT_HELP = "GGUF models: positions per answer (default: the model's, at most 8192)."
-DEVICE_HELP = "cpu, cuda, cuda:1, … (default: cuda if present)."
-DTYPE_HELP = "float32, bfloat16 or float16 (default: float32 on cpu, bfloat16 on cuda; ask uses the build's)."
-REDIS_HELP = "Redis URL (redis://host:port/db) to share caches through; default: $CAG_REDIS_URL."
-TENANT_HELP = ("Whose knowledge base of that name: a tenant's, created through the server (`cag ls` shows "
-               "tenants). Default: the one built with the CLI, else the open server's (public).")
-SYSTEM_HELP = ("A system message: instructions for the answer (tone, language, format), placed after the cached "
-               "knowledge, so the cache still serves it.")
-SOURCES = 3  # cag.kb.grounding.DEFAULT_SOURCES, MAX_SOURCES and MODES: not imported here, as importing
-MAX_SOURCES = 20  # grounding would slow every command's start (`cag --help` included); a test keeps them equal
-UNSUPPORTED_MODES = ("flag", "refuse")
-SOURCES_HELP = (f"Passages of the knowledge base to show under each answer, 0 to {MAX_SOURCES} (0: none; the "
-                "support is still checked).")
-UNSUPPORTED_HELP = ("An answer its sources do not support: flag shows it with a warning; refuse answers that the "
-                    "knowledge base does not contain the answer instead.")
 CHAT_HISTORY = "chat_history"  # in CAG_HOME: questions typed in `cag chat` on a terminal, for the up arrow
 CHAT_HELP = ("commands: /help lists them; /reset clears the history; /exit or /quit (or Ctrl-D) quits. Ctrl-C stops "
              "the answer being written. On a terminal the arrows edit the line and recall earlier questions.")
@@ -181,62 +164,51 @@ class _Bar:
         return self.progress.__exit__(*exc) if self.progress is not None else False
 
 
-def _load_model(name: str | None, **kwargs):
+def _engine(**fields) -> "EngineOptions":
+    """The engine options given on the command line, refused at once where one does not apply to the model."""
+    from .engines.options import EngineOptions
+
+    return EngineOptions.of(**fields).checked()
+
+
+def _load_model(options: "EngineOptions"):
     from . import engines
 
-    with _status(f"loading model {name or engines.DEFAULT_MODEL}"):
-        return engines.load(name, log=_log, **kwargs)
+    with _status(f"loading model {options.model or engines.DEFAULT_MODEL}"):
+        return engines.load(options, log=_log)
 
 
 @app.command()
 def build(
     paths: List[Path] = typer.Argument(..., help="Files and folders (.txt .md .html .pdf …) to build from."),
     name: Optional[str] = typer.Option(None, "--name", "-n", help="Knowledge base name (default: first path's name)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
-    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
-    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
+    model: Model = None,
+    device: Device = None,
+    dtype: Dtype = None,
     reserve: int = typer.Option(512, help="Context tokens kept free for question and answer."),
     chunk_size: int = typer.Option(512, help="Prefill chunk size in tokens (bounds memory)."),
     ttl: Optional[float] = typer.Option(None, "--ttl", help="Seconds the cache may be served; then it is rebuilt."),
     kb_version: Optional[int] = typer.Option(None, "--kb-version", help="Version of this build (see `cag publish`)."),
     full: bool = typer.Option(False, "--full", help="Prefill everything, even what an earlier cache still covers."),
     shard: bool = typer.Option(False, "--shard", help="Split knowledge too large for one context into shards (BM25 routes questions)."),
-    redis: Optional[str] = typer.Option(None, "--redis", help=REDIS_HELP),
+    redis: Redis = None,
     kv_int8: bool = typer.Option(False, "--kv-int8", help="Store the KV cache as int8 (half of bf16; lossy, answers may change)."),
-    kv_type: Optional[str] = typer.Option(None, "--kv-type", metavar="[f16|bf16|q8_0]", help=KV_TYPE_HELP),
-    context: Optional[int] = typer.Option(None, "--context", min=16, help=CONTEXT_HELP),
-    threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help=THREADS_HELP),
+    kv_type: KvType = None,
+    context: Context = None,
+    threads: Threads = None,
 ) -> None:
     """Prefill a knowledge base once (only what changed, after the first time) and store its KV cache."""
     from . import api
 
     _use_redis(redis)
-    options = _model_options(model, dtype=dtype, kv_type=kv_type, context=context)
+    engine = _engine(model=model, device=device, dtype=dtype, kv_type=kv_type, context=context, threads=threads)
+    options = api.BuildOptions(engine, reserve=reserve, chunk_size=chunk_size, ttl_s=ttl, version=kb_version,
+                               incremental_update=not full, shard=shard, kv_quant="int8" if kv_int8 else None)
     with _Bar() as bar:
-        kb = api.build(paths, name, model=model, reserve=reserve,
-                       chunk_size=chunk_size, log=_log, progress=bar, ttl_s=ttl, version=kb_version,
-                       incremental_update=not full, shard=shard, kv_quant="int8" if kv_int8 else None,
-                       lm=lambda: _load_model(model, device=device, threads=threads, **options))
+        kb = api.build(paths, name, options=options, log=_log, progress=bar, lm=lambda: _load_model(engine))
     s = kb.build_stats
     out.print(f"built [bold]{kb.name}[/bold]: {len(kb.docs)} documents, {s.tokens} tokens in {s.seconds:.2f} s "
               f"({s.tokens_per_s:.0f} tokens/s), cache {s.file_bytes / 1e6:.1f} MB; {s.how}")
-
-
-def _model_options(model: Optional[str], dtype=None, kv_type=None, context=None) -> dict:
-    """The load options that apply to the model's engine; one that does not is refused before any work."""
-    from .engines import kind_of, kv_type_problem
-
-    gguf = kind_of(model) == "llamacpp"
-    wrong = [flag for flag, value, own in (("--dtype", dtype, not gguf), ("--kv-type", kv_type, gguf),
-                                            ("--context", context, gguf)) if value is not None and not own]
-    if wrong:
-        raise CagError(f"{wrong[0]} does not apply to {'GGUF models' if gguf else 'Hugging Face models'} "
-                       f"({'use --kv-type and --context' if gguf else '--kv-type and --context are for GGUF models'})")
-    problem = kv_type_problem(kv_type)
-    if problem:
-        raise CagError(f"--kv-type {problem}")
-    found = {"dtype": dtype, "kv_type": kv_type, "context": context}
-    return {k: v for k, v in found.items() if v is not None}
 
 
 def _kb_key(name: str, tenant: Optional[str]) -> str:
@@ -246,10 +218,10 @@ def _kb_key(name: str, tenant: Optional[str]) -> str:
     return registry.resolve(name, tenant, log=_log)
 
 
-def _load_kb(name: str, device, dtype, rebuild: bool = True, threads: Optional[int] = None,
-             tenant: Optional[str] = None):
-    """A knowledge base with its model loaded under a status line (the slow part of starting up). Without
-    `rebuild`, a cache that would have to be rebuilt is refused first, before the model loads."""
+def _load_kb(name: str, engine: "EngineOptions", rebuild: bool = True, tenant: Optional[str] = None):
+    """A knowledge base with its model loaded under a status line (the slow part of starting up), `engine`'s
+    options set over the ones it was built with. Without `rebuild`, a cache that would have to be rebuilt
+    is refused first, before the model loads."""
     from . import api, engines
 
     name = _kb_key(name, tenant)
@@ -257,9 +229,16 @@ def _load_kb(name: str, device, dtype, rebuild: bool = True, threads: Optional[i
         api.check_servable(name)
     meta = api.read_meta(name)
     with _status(f"loading model {meta.get('model') or engines.DEFAULT_MODEL}"):
-        lm = api.load_engine(meta, device=device, dtype=dtype, threads=threads, log=_log)
+        lm = api.load_engine(meta, engine, log=_log)
     with _Bar() as bar:
         return api.load(name, rebuild=rebuild, lm=lm, log=_log, progress=bar)
+
+
+def _given(device: Optional[str], dtype: Optional[str], threads: Optional[int]) -> "EngineOptions":
+    """What `ask` and `chat` may set over a knowledge base's own engine options (its model is its own)."""
+    from .engines.options import EngineOptions
+
+    return EngineOptions(device=device, dtype=dtype, threads=threads)
 
 
 def _use_redis(url: Optional[str]) -> None:
@@ -269,45 +248,39 @@ def _use_redis(url: Optional[str]) -> None:
 
 @app.command()
 def ask(
-    name: str = typer.Argument(..., help="Knowledge base name."),
+    name: Name,
     question: Optional[str] = typer.Argument(None, help="The question (or use --questions)."),
     questions: Optional[Path] = typer.Option(None, "--questions", "-q",
                                              help='JSONL file, one {"q": "..."} (or {"question": "..."}) per line.'),
     no_cache: bool = typer.Option(False, "--no-cache", help="Reference mode: run the full prompt, no cached prefix."),
-    as_json: bool = typer.Option(False, "--json", help="One JSON object per answer on stdout."),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Most tokens to generate per answer."),
-    temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy (default)."),
-    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold (with --temperature)."),
-    seed: Optional[int] = typer.Option(None, help="Seed for repeatable sampling."),
-    stop: Optional[List[str]] = typer.Option(None, "--stop", help="End the answer before this text (repeatable, up to 4)."),
+    as_json: AsJson = False,
+    max_new_tokens: MaxNewTokens = 256,
+    temperature: Temperature = 0.0,
+    top_p: TopP = 1.0,
+    seed: Seed = None,
+    stop: Stop = None,
     no_rebuild: bool = typer.Option(False, "--no-rebuild", help="Fail (before the model loads) instead of rebuilding "
                                                                 "when knowledge files changed or the cache is gone."),
-    system: Optional[str] = typer.Option(None, "--system", metavar="TEXT", help=SYSTEM_HELP),
-    sources: int = typer.Option(SOURCES, "--sources", metavar="N", help=SOURCES_HELP),
-    unsupported: str = typer.Option("flag", "--unsupported", metavar="[flag|refuse]", help=UNSUPPORTED_HELP),
-    tenant: Optional[str] = typer.Option(None, "--tenant", metavar="TENANT", help=TENANT_HELP),
-    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
-    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
-    redis: Optional[str] = typer.Option(None, "--redis", help=REDIS_HELP),
-    threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help=THREADS_HELP),
-    draft: bool = typer.Option(True, "--draft/--no-draft", help=DRAFT_HELP),
+    system: System = None,
+    sources: Sources = SOURCES,
+    unsupported: Unsupported = "flag",
+    tenant: Tenant = None,
+    device: Device = None,
+    dtype: Dtype = None,
+    redis: Redis = None,
+    threads: Threads = None,
+    draft: Draft = True,
 ) -> None:
     """Answer questions from a knowledge base's cache (streams the answer).
 
     The answer goes to stdout; its sources, a warning when they do not support it, and timings go to stderr,
     so a pipe or a file gets the answer alone. --json writes everything, sources and support included.
     """
-    from .sampling import Sampling
-
     _use_redis(redis)
     items = _questions(name, question, questions)
-    StopText(stop or ())  # refuse bad stop strings before loading anything
-    _check_system(system)
-    unsupported = _check_grounding(sources, unsupported)
-    sampling = Sampling(temperature=temperature, top_p=top_p, seed=seed)  # a bad value fails before loading
-    kb = _load_kb(name, device, dtype, rebuild=not no_rebuild, threads=threads, tenant=tenant)
-    options = dict(use_cache=not no_cache, max_new_tokens=max_new_tokens, sampling=sampling, stop=stop or (),
-                   system=system, sources=sources, unsupported=unsupported, draft=None if draft else 0)
+    options = _answer_options(max_new_tokens, temperature, top_p, seed, stop, system, sources, unsupported, draft)
+    kb = _load_kb(name, _given(device, dtype, threads), rebuild=not no_rebuild, tenant=tenant)
+    options["use_cache"] = not no_cache
     for q in items:
         if as_json:
             print(json.dumps(answer_row(kb.ask(q, **options)), ensure_ascii=False), flush=True)
@@ -319,6 +292,21 @@ def ask(
         _log(f"[{a.mode}] ttft {a.ttft_s * 1000:.0f} ms, total {a.total_s:.2f} s, {a.cached_tokens} cached + "
              f"{a.question_tokens} computed prompt tokens, {a.new_tokens} generated{_drafted(a)}, "
              f"support {a.support:.2f}")
+
+
+def _answer_options(max_new_tokens: int, temperature: float, top_p: float, seed: Optional[int],
+                    stop: Optional[List[str]], system: Optional[str], sources: int, unsupported: str,
+                    draft: bool) -> dict:
+    """`kb.ask`'s options from `ask`'s and `chat`'s flags, each checked before anything loads (a bad stop
+    string, system message, sources count or sampling value is one line, not a model load then an error)."""
+    from .sampling import Sampling
+
+    StopText(stop or ())
+    _check_system(system)
+    unsupported = _check_grounding(sources, unsupported)
+    sampling = Sampling(temperature=temperature, top_p=top_p, seed=seed)
+    return dict(max_new_tokens=max_new_tokens, sampling=sampling, stop=stop or (), system=system, sources=sources,
+                unsupported=unsupported, draft=None if draft else 0)
 
 
 def _drafted(answer) -> str:
@@ -387,20 +375,20 @@ def _questions(name: str, question: Optional[str], file: Optional[Path]) -> list
 
 @app.command()
 def chat(
-    name: str = typer.Argument(..., help="Knowledge base name."),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Most tokens to generate per answer."),
-    temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy (default)."),
-    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold (with --temperature)."),
-    seed: Optional[int] = typer.Option(None, help="Seed for repeatable sampling."),
-    stop: Optional[List[str]] = typer.Option(None, "--stop", help="End each answer before this text (repeatable, up to 4)."),
-    system: Optional[str] = typer.Option(None, "--system", metavar="TEXT", help=SYSTEM_HELP),
-    sources: int = typer.Option(SOURCES, "--sources", metavar="N", help=SOURCES_HELP),
-    unsupported: str = typer.Option("flag", "--unsupported", metavar="[flag|refuse]", help=UNSUPPORTED_HELP),
-    tenant: Optional[str] = typer.Option(None, "--tenant", metavar="TENANT", help=TENANT_HELP),
-    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
-    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
-    threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help=THREADS_HELP),
-    draft: bool = typer.Option(True, "--draft/--no-draft", help=DRAFT_HELP),
+    name: Name,
+    max_new_tokens: MaxNewTokens = 256,
+    temperature: Temperature = 0.0,
+    top_p: TopP = 1.0,
+    seed: Seed = None,
+    stop: Stop = None,
+    system: System = None,
+    sources: Sources = SOURCES,
+    unsupported: Unsupported = "flag",
+    tenant: Tenant = None,
+    device: Device = None,
+    dtype: Dtype = None,
+    threads: Threads = None,
+    draft: Draft = True,
 ) -> None:
     """Interactive chat; earlier turns are kept (after the cached knowledge) as long as they fit the context.
 
@@ -409,14 +397,10 @@ def chat(
     in CAG_HOME/chat_history).
     """
     from .kb.prompt import Turn
-    from .sampling import Sampling
 
-    StopText(stop or ())
-    _check_system(system)
-    unsupported = _check_grounding(sources, unsupported)
-    sampling = Sampling(temperature=temperature, top_p=top_p, seed=seed)  # a bad value fails before loading
+    options = _answer_options(max_new_tokens, temperature, top_p, seed, stop, system, sources, unsupported, draft)
     with _typeahead_discarded():
-        kb = _load_kb(name, device, dtype, threads=threads, tenant=tenant)
+        kb = _load_kb(name, _given(device, dtype, threads), tenant=tenant)
     history: list[Turn] = []
     _log(f"chatting with {name} ({kb.tokens} cached tokens); /help lists the commands, Ctrl-C stops an answer, "
          "/exit quits")
@@ -442,9 +426,7 @@ def chat(
             if len(kept) < len(history):
                 _log(f"(the {len(history) - len(kept)} oldest turn(s) no longer fit the context window: dropped)")
                 history[:] = kept
-            history.append(_chat_answer(kb, q, history, dict(
-                max_new_tokens=max_new_tokens, sampling=sampling, stop=stop or (), system=system, sources=sources,
-                unsupported=unsupported, draft=None if draft else 0)))
+            history.append(_chat_answer(kb, q, history, options))
 
 
 def _chat_answer(kb, question: str, history: list[Turn], options: dict) -> Turn:
@@ -550,7 +532,7 @@ def list_(
     verify: bool = typer.Option(False, "--verify", help="Read every local cache file and check it as a load does "
                                                         "(checksum, signature, the model's fingerprint): slow for "
                                                         "large caches."),
-    redis: Optional[str] = typer.Option(None, "--redis", help=REDIS_HELP),
+    redis: Redis = None,
 ) -> None:
     """List knowledge bases: tenant, tokens, documents, size, where their caches live (tiers), age, hits, status."""
     from . import api, paths
@@ -619,8 +601,8 @@ def _short_status(status: str) -> str:
 
 
 @app.command()
-def invalidate(name: str = typer.Argument(...), tenant: Optional[str] = typer.Option(None, "--tenant", metavar="TENANT", help=TENANT_HELP),
-               redis: Optional[str] = typer.Option(None, "--redis", help=REDIS_HELP)) -> None:
+def invalidate(name: str = typer.Argument(...), tenant: Tenant = None,
+               redis: Redis = None) -> None:
     """Drop a knowledge base's cache in every tier and (through Redis) every process; the next use rebuilds it."""
     from . import api
 
@@ -631,8 +613,8 @@ def invalidate(name: str = typer.Argument(...), tenant: Optional[str] = typer.Op
 
 @app.command()
 def publish(name: str = typer.Argument(...), kb_version: int = typer.Argument(..., metavar="VERSION"),
-            tenant: Optional[str] = typer.Option(None, "--tenant", metavar="TENANT", help=TENANT_HELP),
-            redis: Optional[str] = typer.Option(None, "--redis", help=REDIS_HELP)) -> None:
+            tenant: Tenant = None,
+            redis: Redis = None) -> None:
     """Make VERSION the only servable version of a knowledge base; every replica refuses the others."""
     from . import api
 
@@ -642,11 +624,11 @@ def publish(name: str = typer.Argument(...), kb_version: int = typer.Argument(..
 
 
 @app.command()
-def inspect(name: str = typer.Argument(...), tenant: Optional[str] = typer.Option(None, "--tenant", metavar="TENANT", help=TENANT_HELP),
+def inspect(name: str = typer.Argument(...), tenant: Tenant = None,
             as_json: bool = typer.Option(False, "--json")) -> None:
     """Show a knowledge base's settings and manifest, and verify its cache file (checksum, signature)."""
-    from . import api, paths
-    from .cache import kvfile
+    from . import api
+    from .cache import kvfile, stores
     from .registry import split
 
     stored = _kb_key(name, tenant)
@@ -655,7 +637,7 @@ def inspect(name: str = typer.Argument(...), tenant: Optional[str] = typer.Optio
     meta = api.read_meta(stored)
     infos = []
     for part in meta.get("shards") or [stored]:  # a sharded knowledge base: every shard's cache
-        path = paths.kb_dir(part) / api.CACHE_FILE
+        path = stores.default().local_file(part)
         manifest = kvfile.load(path).manifest  # integrity: parse, checksum, signature when a key is set
         infos.append({"name": name if part == stored else part, **({"tenant": owner} if owner else {}),
                       "file": str(path), "bytes": path.stat().st_size, "integrity": "ok",
@@ -695,8 +677,8 @@ def _iso(epoch: float | None) -> str | None:
 
 
 @app.command()
-def rm(name: str = typer.Argument(...), tenant: Optional[str] = typer.Option(None, "--tenant", metavar="TENANT", help=TENANT_HELP),
-       redis: Optional[str] = typer.Option(None, "--redis", help=REDIS_HELP)) -> None:
+def rm(name: str = typer.Argument(...), tenant: Tenant = None,
+       redis: Redis = None) -> None:
     """Delete a knowledge base and its cache."""
     from . import api
 
@@ -713,18 +695,18 @@ def eval_(
     max_new_tokens: int = typer.Option(48, "--max-new-tokens", help="Most tokens to generate per answer."),
     limit: Optional[int] = typer.Option(None, help="Only the first N questions of each dataset."),
     out_dir: Path = typer.Option(Path("cag-eval"), "--out", help="Folder for results.json, results.md and plots."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
-    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
-    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
-    kv_type: Optional[str] = typer.Option(None, "--kv-type", metavar="[f16|bf16|q8_0]", help=KV_TYPE_HELP),
-    context: Optional[int] = typer.Option(None, "--context", min=16, help=CONTEXT_HELP),
-    threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help=THREADS_HELP),
+    model: Model = None,
+    device: Device = None,
+    dtype: Dtype = None,
+    kv_type: KvType = None,
+    context: Context = None,
+    threads: Threads = None,
 ) -> None:
     """Compare CAG, in-context and BM25/dense RAG on datasets: accuracy, time to first token, tokens, build cost."""
     from .eval import report, runner
 
-    options = _model_options(model, dtype=dtype, kv_type=kv_type, context=context)
-    lm = _load_model(model, device=device, threads=threads, **options)
+    lm = _load_model(_engine(model=model, device=device, dtype=dtype, kv_type=kv_type, context=context,
+                             threads=threads))
     result = runner.run(datasets, systems=_csv(systems, str), top_k=_csv(top_k, int), max_new_tokens=max_new_tokens,
                         limit=limit, out=out_dir, lm=lm, log=_log)
     out.print(report.markdown(result["summary"]), markup=False)
@@ -777,9 +759,9 @@ def serve(
     model: Optional[str] = typer.Option(None, "--model", "-m", show_default=False,
                                         help=MODEL_HELP + " Loaded at start; knowledge bases built with other "
                                              "models load theirs on first use."),
-    kv_type: Optional[str] = typer.Option(None, "--kv-type", metavar="[f16|bf16|q8_0]", help=KV_TYPE_HELP),
-    context: Optional[int] = typer.Option(None, "--context", min=16, help=CONTEXT_HELP),
-    threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help=THREADS_HELP),
+    kv_type: KvType = None,
+    context: Context = None,
+    threads: Threads = None,
 ) -> None:
     """Serve the knowledge bases in CAG_HOME over OpenAI's and Ollama's HTTP APIs (model = knowledge base)."""
     import uvicorn
@@ -793,8 +775,8 @@ def serve(
     settings = with_flags(load_config(config), api_key=api_key, continuous_batching=continuous_batching,
                           max_batch=max_batch, batch_window_ms=batch_window_ms, workers=workers, model=model,
                           kv_type=kv_type, context=context, threads=threads)
-    options = _model_options(settings.model, dtype=settings.dtype, kv_type=settings.kv_type, context=settings.context)
-    lm = _load_model(settings.model, device=settings.device, threads=settings.threads, **options)
+    lm = _load_model(_engine(model=settings.model, device=settings.device, dtype=settings.dtype,
+                             kv_type=settings.kv_type, context=settings.context, threads=settings.threads))
     if getattr(lm, "packing", None) is not None:
         _log(str(lm.packing))
     server = create_app(settings, lm)

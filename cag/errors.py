@@ -26,6 +26,10 @@ class KnowledgeTooLargeError(KnowledgeError):
         )
 
 
+class EvalError(CagError):
+    """A dataset is malformed or an evaluation option cannot be honoured (cag eval)."""
+
+
 def _room(tokens: int, context: int, reserve: int, exact: bool) -> str:
     """The reserve's part in a knowledge base that does not fit: when a smaller one makes room, say which
     (`exact`: `tokens` is the knowledge's whole length, not a count stopped early)."""

@@ -26,7 +26,6 @@ from .cache import kvfile
 from .cache.policies import Policy
 from .cache.stores import TieredStore
 from .cache.stores.base import valid_name
-from .cache.stores.disk import CACHE_FILE
 from .errors import CacheFileError, CagError, ModelMissingError, NotFoundError
 
 SEPARATOR = "__"
@@ -147,7 +146,7 @@ def _row(stored: str, store: TieredStore, verify: bool) -> dict | None:
         status, verified = f"broken: {err}", False
     else:
         try:
-            status, verified = _status(stored, tiers, verify, meta)
+            status, verified = _status(stored, store, tiers, verify, meta)
         except CacheFileError as err:  # what only reading the whole file shows: a checksum or signature
             status, verified = f"broken: {err}", False
     where = tiers.get("disk") or next(iter(tiers.values()), {})
@@ -159,7 +158,7 @@ def _row(stored: str, store: TieredStore, verify: bool) -> dict | None:
     return row
 
 
-def _status(stored: str, tiers: dict, verify: bool, meta: dict) -> tuple[str, bool | None]:
+def _status(stored: str, store: TieredStore, tiers: dict, verify: bool, meta: dict) -> tuple[str, bool | None]:
     """(status, verified) of a cache held by `tiers`. Verifying reads the local file whole, as a load does
     (a cache held only in Redis is checked by the process that fetches it), and checks its model as a load
     would refuse it (_model_problem)."""
@@ -169,7 +168,7 @@ def _status(stored: str, tiers: dict, verify: bool, meta: dict) -> tuple[str, bo
         return "cached (not verified)", None
     if "disk" not in tiers:
         return f"cached (only in {', '.join(tiers)}: not verified)", None
-    loaded = kvfile.load(paths.kb_dir(stored) / CACHE_FILE)  # checksum, signature: a CacheFileError says what is wrong
+    loaded = kvfile.load(store.local_file(stored))  # checksum, signature: a CacheFileError says what is wrong
     problem = _model_problem(meta.get("model"), loaded.manifest.get("model") or {})
     return (problem, False) if problem else ("ok", True)
 

@@ -5,7 +5,8 @@ import json
 import pytest
 
 import cag
-from cag import api, paths
+from cag import paths
+from cag.cache.stores.disk import CACHE_FILE, KB_FILE
 from cag.errors import CacheFileError, CacheMismatchError, KnowledgeTooLargeError, NotFoundError, StaleKnowledgeError
 from cag.kb.prompt import Turn
 
@@ -25,7 +26,7 @@ def test_build_then_load_answers_identically_from_disk(cag_home, tiny_model_dir,
     logs = []
     kb = cag.build([kb_docs], name="lanterns", model=str(tiny_model_dir), log=logs.append)
     assert kb.cache_source == "built" and kb.build_stats.tokens == kb.tokens > 0
-    assert (paths.kb_dir("lanterns") / api.CACHE_FILE).is_file()
+    assert (paths.kb_dir("lanterns") / CACHE_FILE).is_file()
     again = cag.load("lanterns", log=logs.append)
     assert again.cache_source == "disk" and again.prefix_ids == kb.prefix_ids
     for q in QUESTIONS:
@@ -90,7 +91,7 @@ def test_cache_for_another_model_is_refused(cag_home, tiny_model_dir, kb_docs, t
 
     cag.build([kb_docs], name="m", model=str(tiny_model_dir))
     other = make_tiny_model(tmp_path / "other-model", seed=1)
-    meta_path = paths.kb_dir("m") / api.KB_FILE
+    meta_path = paths.kb_dir("m") / KB_FILE
     meta = json.loads(meta_path.read_text())
     meta["model"] = str(other)
     meta_path.write_text(json.dumps(meta))
@@ -100,7 +101,7 @@ def test_cache_for_another_model_is_refused(cag_home, tiny_model_dir, kb_docs, t
 
 def test_tampered_cache_is_refused(cag_home, tiny_model_dir, kb_docs):
     cag.build([kb_docs], name="t", model=str(tiny_model_dir))
-    f = paths.kb_dir("t") / api.CACHE_FILE
+    f = paths.kb_dir("t") / CACHE_FILE
     data = bytearray(f.read_bytes())
     data[-100] ^= 0xFF
     f.write_bytes(bytes(data))

@@ -12,6 +12,7 @@ import pytest
 import cag
 from cag import api, paths
 from cag.cache import kvfile
+from cag.cache.stores.disk import CACHE_FILE
 from cag.cache.kvfile import Expect
 from cag.errors import CacheMismatchError, StaleKnowledgeError
 from serverutil import write_docs
@@ -29,7 +30,7 @@ def swapped(cag_home, tiny_lm, tmp_path) -> str:
     """Knowledge bases 'gb' and 'other' on one model, then other's cache file copied over gb's."""
     cag.build([write_docs(tmp_path / "gb")], name="gb", lm=tiny_lm, log=_quiet)
     cag.build([write_docs(tmp_path / "other", OTHER_DOCS)], name="other", lm=tiny_lm, log=_quiet)
-    shutil.copyfile(paths.kb_dir("other") / api.CACHE_FILE, paths.kb_dir("gb") / api.CACHE_FILE)
+    shutil.copyfile(paths.kb_dir("other") / CACHE_FILE, paths.kb_dir("gb") / CACHE_FILE)
     return "the cache file of 'gb' was made for the knowledge base 'other'"
 
 
@@ -53,7 +54,7 @@ def test_a_cache_file_from_another_knowledge_base_is_rebuilt_saying_why(swapped,
 def test_caches_made_before_the_name_was_recorded_still_say_their_files_changed(cag_home, tiny_lm, tmp_path):
     docs = write_docs(tmp_path / "gb")
     cag.build([docs], name="gb", lm=tiny_lm, log=_quiet)
-    _resave(paths.kb_dir("gb") / api.CACHE_FILE, edit_manifest=lambda m: m["knowledge"].pop("name", None),
+    _resave(paths.kb_dir("gb") / CACHE_FILE, edit_manifest=lambda m: m["knowledge"].pop("name", None),
             recompute=True)
     assert cag.load("gb", lm=tiny_lm, rebuild=False, log=_quiet).cache_source == "disk"  # an older cache still serves
     (docs / "b.txt").write_text("Quillfeather was founded in 1990.")

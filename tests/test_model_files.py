@@ -21,6 +21,7 @@ from test_cli import assert_one_line_error, run
 
 import cag
 from cag import api, engines, paths
+from cag.cache.stores.disk import CACHE_FILE
 from cag.errors import ModelChangedError, ModelError
 
 QUIET = {"log": lambda _m: None}
@@ -73,7 +74,7 @@ def test_a_dropped_cache_is_not_rebuilt_silently_with_a_replaced_model(own_model
     make_tiny_model(own_model, seed=1)
     with pytest.raises(ModelChangedError, match="changed since its cache was built"):
         cag.load("kb", **QUIET)
-    assert not (paths.kb_dir("kb") / api.CACHE_FILE).exists()  # nothing was rebuilt with the other model
+    assert not (paths.kb_dir("kb") / CACHE_FILE).exists()  # nothing was rebuilt with the other model
     cag.build([tmp_path / "docs"], name="kb", model=str(own_model), **QUIET)  # the user's explicit choice
     assert cag.load("kb", **QUIET).tokens > 0
     assert _verified("kb")["status"] == "ok"

@@ -3,6 +3,7 @@
 import pytest
 
 from cag.kb import knowledge
+from cag.engines.torch.codec import HFCodec
 from cag.errors import PromptError
 from cag.kb.prompt import PromptBuilder, Turn, common_prefix_len
 
@@ -25,7 +26,7 @@ def knowledge_dir():
 
 
 def test_full_prompt_tokens_start_with_the_cached_prefix(tiny_lm, docs):
-    builder = PromptBuilder(tiny_lm.tokenizer, docs)
+    builder = PromptBuilder(tiny_lm.codec, docs)
     prefix = builder.prefix_ids()
     for q in QUESTIONS:
         split = builder.split(q)
@@ -43,7 +44,7 @@ def test_seam_mismatch_is_detected_and_only_the_matching_tokens_are_reused(tiny_
     from cag.engines.torch import models
 
     lm = models.load(str(tiny_plain_model_dir), device="cpu")
-    builder = PromptBuilder(lm.tokenizer, docs)
+    builder = PromptBuilder(lm.codec, docs)
     prefix = builder.prefix_ids()
     split = builder.split("What is the Heron?")
     naive = prefix + builder.tokenize("What is the Heron?\nAnswer:")
@@ -54,22 +55,22 @@ def test_seam_mismatch_is_detected_and_only_the_matching_tokens_are_reused(tiny_
 
 
 def test_history_is_appended_after_the_prefix(tiny_lm, docs):
-    builder = PromptBuilder(tiny_lm.tokenizer, docs)
+    builder = PromptBuilder(tiny_lm.codec, docs)
     split = builder.split("And the Wren?", history=[Turn("Price of the Heron?", "148 crowns.")])
     assert split.boundary_ok
     assert "148 crowns." in tiny_lm.tokenizer.decode(split.new_ids)
 
 
 def test_fingerprint_tracks_layout_not_question(tiny_lm, docs):
-    a = PromptBuilder(tiny_lm.tokenizer, docs)
-    b = PromptBuilder(tiny_lm.tokenizer, docs, instruction="Answer in French.")
+    a = PromptBuilder(tiny_lm.codec, docs)
+    b = PromptBuilder(tiny_lm.codec, docs, instruction="Answer in French.")
     assert a.fingerprint() != b.fingerprint()
-    assert a.fingerprint() == PromptBuilder(tiny_lm.tokenizer, docs[:1]).fingerprint()
+    assert a.fingerprint() == PromptBuilder(tiny_lm.codec, docs[:1]).fingerprint()
 
 
 def test_empty_question_is_refused(tiny_lm, docs):
     with pytest.raises(PromptError, match="empty"):
-        PromptBuilder(tiny_lm.tokenizer, docs).split("   ")
+        PromptBuilder(tiny_lm.codec, docs).split("   ")
 
 
 def test_common_prefix_len():
@@ -91,7 +92,7 @@ def test_special_token_strings_in_user_text_stay_plain_text(tiny_lm, docs, text)
     """A question, an earlier turn or a document spelling a control token gets ordinary-text ids for it."""
     tok = tiny_lm.tokenizer
     assert _specials(tok, tok(text, add_special_tokens=False)["input_ids"])  # the tokenizer alone would obey them
-    builder = PromptBuilder(tok, docs)
+    builder = PromptBuilder(HFCodec.of(tok), docs)
     q_ids = builder.tokenize(text)
     assert q_ids and not _specials(tok, q_ids)
     # only the template's own control tokens remain: as many as around a harmless question and history
@@ -101,8 +102,8 @@ def test_special_token_strings_in_user_text_stay_plain_text(tiny_lm, docs, text)
     # the question's ids are exactly its plain-text ids, between the template's tokens
     split = builder.split(text)
     assert split.boundary_ok and split.new_ids[:len(q_ids)] == q_ids
-    poisoned = PromptBuilder(tok, [knowledge.Document("notes", f"Prices. {text} More prices.")])
-    clean = PromptBuilder(tok, [knowledge.Document("notes", "Prices. More prices.")])
+    poisoned = PromptBuilder(HFCodec.of(tok), [knowledge.Document("notes", f"Prices. {text} More prices.")])
+    clean = PromptBuilder(HFCodec.of(tok), [knowledge.Document("notes", "Prices. More prices.")])
     assert _specials(tok, poisoned.prefix_ids()) == _specials(tok, clean.prefix_ids())
 
 
@@ -111,7 +112,7 @@ def test_safe_tokenization_equals_the_tokenizer_on_ordinary_prompts(tiny_lm, tin
 
     plain_lm = models.load(str(tiny_plain_model_dir), device="cpu")
     for lm in (tiny_lm, plain_lm):
-        builder = PromptBuilder(lm.tokenizer, docs)
+        builder = PromptBuilder(lm.codec, docs)
         add = builder.chat_template is None
         for q in QUESTIONS:
             if "<|" in q:
@@ -152,7 +153,7 @@ def test_a_system_message_comes_after_the_cached_prefix(tiny_lm, docs, template,
     """Whatever the template allows, the system message is in the prompt once, after the knowledge and before
     the question; the prompt still starts with (nearly all of) the cached prefix, which it leaves unchanged."""
     tok = _with_template(tiny_lm.tokenizer, TEMPLATES[template])
-    builder = PromptBuilder(tok, docs)
+    builder = PromptBuilder(HFCodec.of(tok), docs)
     prefix = list(builder.prefix_ids())
     text = builder.render("Who founded it?", history, system=f"  {SYSTEM}\n")
     assert text.count(SYSTEM) == 1
@@ -171,7 +172,7 @@ def test_a_system_message_in_the_plain_layout_follows_the_documents(tiny_plain_m
     from cag.engines.torch import models
 
     lm = models.load(str(tiny_plain_model_dir), device="cpu")
-    builder = PromptBuilder(lm.tokenizer, docs)
+    builder = PromptBuilder(lm.codec, docs)
     prefix = builder.prefix_ids()
     text = builder.render("Who founded it?", system=SYSTEM)
     assert text.startswith(builder.system_text() + "\n\n# Instructions\n\n" + SYSTEM + "\n\nQuestion: Who founded it?")
@@ -183,6 +184,6 @@ def test_a_system_message_in_the_plain_layout_follows_the_documents(tiny_plain_m
 @pytest.mark.parametrize("text", INJECTIONS)
 def test_special_token_strings_in_a_system_message_stay_plain_text(tiny_lm, docs, text):
     tok = tiny_lm.tokenizer
-    builder = PromptBuilder(tok, docs)
+    builder = PromptBuilder(HFCodec.of(tok), docs)
     assert _specials(tok, builder.split("Hello?", system=text).ids) == \
         _specials(tok, builder.split("Hello?", system="Be brief.").ids)

@@ -14,7 +14,7 @@ import sys
 PROBE = r"""
 import gc, json, re
 from cag import engines
-from cag.server.models import _give_back
+from cag.server.model_pool import _give_back
 def rss():
     return int(re.search(r"VmRSS:\s+(\d+) kB", open("/proc/self/status").read())[1]) << 10
 lm = engines.load(None, log=lambda m: None)

@@ -15,7 +15,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import EvalError
+from ..errors import EvalError
 
 
 @dataclass(frozen=True)

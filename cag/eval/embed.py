@@ -6,7 +6,7 @@ Only the error differs: a missing model package is an EvalError naming what in `
 from __future__ import annotations
 
 from .. import embed as _embed
-from .errors import EvalError
+from ..errors import EvalError
 
 
 def default() -> _embed.Embedder:

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from .errors import EvalError
+from ..errors import EvalError
 
 DEFAULT_CHUNK_TOKENS = 256
 

@@ -29,7 +29,7 @@ from ..kb.prompt import DEFAULT_INSTRUCTION, PromptBuilder
 from ..stoptext import StopText
 from . import retrieval
 from .dataset import Dataset
-from .errors import EvalError
+from ..errors import EvalError
 
 
 @dataclass

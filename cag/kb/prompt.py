@@ -67,7 +67,7 @@ class Split:
 class PromptBuilder:
     """Renders knowledge + (history) + question with a tokenizer's chat template."""
 
-    tokenizer: object  # an engine's Codec, or a Hugging Face tokenizer (wrapped in one)
+    codec: Codec  # the engine's (a bare Hugging Face tokenizer: cag.engines.torch.codec.HFCodec.of(tokenizer))
     docs: Sequence[Document]
     instruction: str = DEFAULT_INSTRUCTION
     _prefix_ids: list[int] | None = field(default=None, init=False, repr=False)
@@ -75,7 +75,6 @@ class PromptBuilder:
 
     # -- identity ---------------------------------------------------------------------------------
     def __post_init__(self) -> None:
-        self.codec = codec_of(self.tokenizer)
         self._safe = SafeEncoder(self.codec)
 
     @property
@@ -321,15 +320,6 @@ class SafeEncoder:
             elif run:
                 ids += self.codec.encode(run)
         return ids
-
-
-def codec_of(tokenizer) -> Codec:
-    """An engine's Codec as is; a Hugging Face tokenizer wrapped in one (tests, eval and tools pass those)."""
-    if isinstance(tokenizer, Codec):
-        return tokenizer
-    from ..engines.torch.codec import HFCodec
-
-    return HFCodec.of(tokenizer)
 
 
 def clean_question(question: str) -> str:

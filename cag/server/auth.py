@@ -10,7 +10,7 @@ from __future__ import annotations
 import hmac
 
 from .config import OPEN_TENANT, ServerConfig
-from .errors import ApiError
+from .http_errors import ApiError
 
 HOW = "send 'Authorization: Bearer YOUR_KEY' or 'x-api-key: YOUR_KEY'"
 

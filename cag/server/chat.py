@@ -31,11 +31,12 @@ from ..kb.prompt import Turn
 from ..sampling import Sampling
 from ..scheduler import Batching
 from . import conversations, guard
+from .answered import Answered, Usage, judged_fields
 from .config import ServerConfig
 from .conversations import Conversations
-from .errors import ApiError
+from .http_errors import ApiError
 from .metrics import Metrics
-from .registry import Entry, Registry
+from .knowledge_bases import LoadedKB, KnowledgeBases
 from .respcache import ResponseCache
 from .schemas import ChatRequest, CompletionRequest, GenerationRequest
 
@@ -68,7 +69,7 @@ class Query:
 class Plan:
     name: str
     folder: str
-    entry: Entry
+    entry: LoadedKB
     question: str
     history: list[Turn]
     sampling: Sampling
@@ -147,7 +148,7 @@ class Trimmed:
 
 
 class ChatService:
-    def __init__(self, config: ServerConfig, registry: Registry, metrics: Metrics):
+    def __init__(self, config: ServerConfig, registry: KnowledgeBases, metrics: Metrics):
         self.config, self.registry, self.metrics = config, registry, metrics
         self.cache = ResponseCache(config.response_cache_size, config.semantic_threshold) if config.response_cache else None
         self.conversations = Conversations()
@@ -174,7 +175,7 @@ class ChatService:
         plan.done = weakref.finalize(plan, self.registry.release, entry)
         return plan
 
-    def _plan(self, tenant: str, query: Query, folder: str, entry: Entry, warm: bool, max_tokens: int,
+    def _plan(self, tenant: str, query: Query, folder: str, entry: LoadedKB, warm: bool, max_tokens: int,
               flagged: bool) -> Plan:
         question, history = query.question, query.history
         # resident in this server, else the tier the prefix was loaded from (memory/host/disk/redis) or "built"
@@ -205,7 +206,7 @@ class ChatService:
             plan.tenant = tenant
         return plan
 
-    def cached(self, plan: Plan) -> dict | None:
+    def cached(self, plan: Plan) -> Answered | None:
         """The response cache's answer, if it has one (then the knowledge base is let go: no model runs).
 
         The cache holds the model's text, never what a request's options made of it: its sources and the
@@ -216,7 +217,7 @@ class ChatService:
         start = time.perf_counter()
         try:
             hit = self.cache.get(*plan.key, tenant=plan.tenant)
-            judged = None if hit is None else _grounded(
+            judged = None if hit is None else judged_fields(
                 plan.entry.kb.citer.judge(plan.question, hit.value["text"], plan.sources, plan.unsupported))
         except BaseException:
             plan.done()
@@ -225,13 +226,13 @@ class ChatService:
         if hit is None:
             return None
         plan.done()
-        result = {**hit.value, **judged, "response_cache": hit.kind, "ttft_s": None,
-                  "total_s": time.perf_counter() - start, "cache_source": None}
+        result = Answered(**judged, finish_reason=hit.value["finish_reason"], usage=Usage.of(hit.value["usage"]),
+                          response_cache=hit.kind, ttft_s=None, total_s=time.perf_counter() - start)
         self._finish(plan, result)
         return result
 
     def answer(self, plan: Plan, on_text: Callable[[str], None] | None = None,
-               cancel: threading.Event | None = None) -> dict:
+               cancel: threading.Event | None = None) -> Answered:
         """Run the model (blocking). A set `cancel` stops it at the next token. `on_text` gets the answer's
         text as it is decoded, and those pieces add up to exactly the answer returned (see Trimmed).
 
@@ -259,36 +260,27 @@ class ChatService:
             raise ApiError(400, str(err), code="generation_failed") from None
         finally:
             plan.done()  # the model is done with it: the knowledge base may be let go
-        usage = {"prompt_tokens": a.prompt_tokens, "completion_tokens": a.new_tokens,
-                 "total_tokens": a.prompt_tokens + a.new_tokens, "cached_tokens": a.cached_tokens}
-        result = {"usage": usage, "finish_reason": a.finish_reason, "response_cache": None, "ttft_s": a.ttft_s,
-                  "total_s": a.total_s, "cache_source": a.cache_source, "mode": a.mode,
-                  "draft": {"drafted": a.drafted, "accepted": a.accepted},
-                  **_grounded(decided(vars(a), plan.unsupported))}
-        if on_text is not None and not streams and result["text"]:
-            on_text(result["text"])
+        usage = Usage(a.prompt_tokens, a.new_tokens, a.cached_tokens)
+        result = Answered(**judged_fields(decided(vars(a), plan.unsupported)), finish_reason=a.finish_reason,
+                          usage=usage, ttft_s=a.ttft_s, total_s=a.total_s, cache_source=a.cache_source,
+                          mode=a.mode, draft={"drafted": a.drafted, "accepted": a.accepted})
+        if on_text is not None and not streams and result.text:
+            on_text(result.text)
         if plan.key:  # the model's own text: what a hit makes of it depends on that request's options
-            self.cache.put(*plan.key, {"text": a.answer, "usage": usage, "finish_reason": a.finish_reason},
+            self.cache.put(*plan.key, {"text": a.answer, "usage": usage.to_dict(), "finish_reason": a.finish_reason},
                            tenant=plan.tenant)
         self._finish(plan, result)
         return result
 
-    def _finish(self, plan: Plan, result: dict) -> None:
-        self.metrics.answered(result["usage"], result["ttft_s"], result["total_s"], bool(result["response_cache"]))
-        self.metrics.grounded(result["supported"], result["grounding_s"])
-        self.metrics.drafted(result.get("draft"))
+    def _finish(self, plan: Plan, result: Answered) -> None:
+        self.metrics.answered(result.usage.to_dict(), result.ttft_s, result.total_s, bool(result.response_cache))
+        self.metrics.grounded(result.supported, result.grounding_s)
+        self.metrics.drafted(result.draft)
         if plan.conversation:  # what the user was given (the refusal, when the answer was refused)
-            self.conversations.add(plan.conversation, Turn(plan.question, result["text"]))
+            self.conversations.add(plan.conversation, Turn(plan.question, result.text))
 
     def forget(self, tenant: str, folder: str) -> None:
         """A knowledge base changed or went away: drop its cached answers and conversations."""
         if self.cache is not None:
             self.cache.drop(folder)
         self.conversations.drop_kb(tenant, folder)
-
-
-def _grounded(judged: dict) -> dict:
-    """Citer.judge's fields (or an Answer's) as a result's: the answer given is `text`, sources are JSON."""
-    return {"text": judged["answer"], "generated": judged["generated"],
-            "sources": [s.to_dict() for s in judged["sources"]], "supported": judged["supported"],
-            "support": judged["support"], "grounding_s": judged["grounding_s"]}

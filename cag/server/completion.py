@@ -18,8 +18,9 @@ from typing import AsyncIterator, Callable
 from starlette.concurrency import run_in_threadpool
 
 from . import guard
+from .answered import Answered
 from .chat import Cancelled, ChatService, Plan, Query
-from .errors import ApiError
+from .http_errors import ApiError
 from .metrics import Metrics
 from .middleware import note, server_error
 from .schemas import GenerationRequest
@@ -31,7 +32,7 @@ log = logging.getLogger("cag.server")
 class Done:
     """The last item of a stream that answered: the whole result (usage, finish reason, sources…)."""
 
-    result: dict
+    result: Answered
 
 
 @dataclass
@@ -46,7 +47,7 @@ class Completions:
     def __init__(self, service: ChatService, metrics: Metrics, pool: Executor):
         self.service, self.metrics, self.pool = service, metrics, pool
 
-    async def start(self, who: str, req: GenerationRequest, query: Callable[[], Query]) -> tuple[Plan, dict | None]:
+    async def start(self, who: str, req: GenerationRequest, query: Callable[[], Query]) -> tuple[Plan, Answered | None]:
         """Check and plan a request, and look it up in the response cache: (plan, the cached result or None).
         A refused request is counted and raised (ApiError) before any response begins."""
         note(model=req.model)
@@ -59,7 +60,7 @@ class Completions:
             raise
         return plan, hit
 
-    async def whole(self, plan: Plan, hit: dict | None) -> dict:
+    async def whole(self, plan: Plan, hit: Answered | None) -> Answered:
         """The answer, all at once (the cached one, or the model's from the generation pool)."""
         try:
             result = hit or await asyncio.get_running_loop().run_in_executor(self.pool, self.service.answer, plan)
@@ -73,7 +74,7 @@ class Completions:
         note_usage(result)
         return result
 
-    async def stream(self, plan: Plan, hit: dict | None) -> AsyncIterator[str | Done | Failed]:
+    async def stream(self, plan: Plan, hit: Answered | None) -> AsyncIterator[str | Done | Failed]:
         """The answer's text pieces as they are decoded (they add up to the whole answer), then Done, or Failed
         when it fails midway (a response has begun by then, so the error must travel inside it). A client
         that goes away stops the generation at its next token."""
@@ -92,7 +93,7 @@ class Completions:
                 result = future.result()
             else:
                 result = hit
-                yield hit["text"]
+                yield hit.text
         except Exception as err:  # noqa: BLE001 - a stream that fails still ends, with the error inside it
             if isinstance(err, ApiError):
                 status, body = err.status, err.body()
@@ -116,18 +117,7 @@ class Completions:
             log.info("stopped generating on %r: the client went away", plan.name)
 
 
-def note_usage(result: dict) -> None:
-    u = result["usage"]
-    note(prompt_tokens=u["prompt_tokens"], completion_tokens=u["completion_tokens"], cached_tokens=u["cached_tokens"],
-         response_cache=result.get("response_cache"))
-
-
-def extra(plan: Plan, result: dict) -> dict:
-    """cag's own numbers, beside an API's fields (clients ignore unknown keys): timings, where the answer came
-    from, and what a reader checks it with: its sources, whether they support it (`support`: the share of its
-    facts they hold) and, when it was refused, what the model had said (`generated`)."""
-    return {"ttft_s": result["ttft_s"], "total_s": result["total_s"], "response_cache": result["response_cache"],
-            "cache_source": result.get("cache_source"), "mode": result.get("mode"), "history_turns": len(plan.history),
-            "injection_flagged": plan.flagged, "sources": result["sources"], "supported": result["supported"],
-            "support": result["support"], "generated": result["generated"], "grounding_s": result["grounding_s"],
-            "draft": result.get("draft")}
+def note_usage(result: Answered) -> None:
+    u = result.usage
+    note(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, cached_tokens=u.cached_tokens,
+         response_cache=result.response_cache)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from .. import settings
+from ..engines.options import EngineOptions
 from ..errors import CagError
 from ..kb import grounding
 from ..registry import OPEN_TENANT  # noqa: F401 - the tenant of every request when no API keys are configured
@@ -130,16 +131,10 @@ class ServerConfig:
         own = self.model or DEFAULT_MODEL
         return [own, *(m for m in self.allowed_models if same_model(m, own) is False)]
 
-    def model_options(self) -> dict:
-        """The load options of the server's own model (those that apply to its engine are used)."""
-        return {"dtype": self.dtype, "kv_type": self.kv_type, "context": self.context}
-
-    def options_for(self, model: str | None) -> dict:
-        """The load options set here that apply to `model`'s engine (None: the default model)."""
-        from ..engines import kind_of
-
-        mine = ("kv_type", "context") if kind_of(model) == "llamacpp" else ("dtype",)
-        return {k: v for k, v in self.model_options().items() if k in mine and v is not None}
+    def engine_options(self, model: str | None) -> EngineOptions:
+        """How this server loads `model` (None: the default model): the load options set here that apply
+        to its engine."""
+        return EngineOptions(model, self.device, self.dtype, self.kv_type, self.context, self.threads).applying()
 
 
 def same_model(a: str, b: str) -> bool:

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from ..sampling import GREEDY_BELOW
 from .config import ServerConfig
-from .errors import ApiError
+from .http_errors import ApiError
 from .schemas import GenerationRequest
 
 

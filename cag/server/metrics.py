@@ -50,7 +50,7 @@ class Metrics:
                             "(model_bytes)", registry=r)
 
     def memory(self, usage: list[dict], budget: int) -> None:
-        """What the loaded models hold now (cag.server.models.Models.usage); models no longer loaded vanish."""
+        """What the loaded models hold now (cag.server.model_pool.ModelPool.usage); models no longer loaded vanish."""
         self.model_bytes.clear()
         self.model_kbs.clear()
         self.model_idle.clear()

@@ -28,7 +28,7 @@ from typing import Callable
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import error_body
+from .http_errors import error_body
 
 log = logging.getLogger("cag.server")
 access = logging.getLogger("cag.access")

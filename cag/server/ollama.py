@@ -32,11 +32,12 @@ from starlette.types import Message, Receive, Scope, Send
 from .. import __version__, engines
 from ..registry import model_label
 from .chat import Plan, Query, chat_query
-from .completion import Completions, Done, Failed, extra
+from .answered import Answered
+from .completion import Completions, Done, Failed
 from .config import ServerConfig, keep_alive_seconds
-from .errors import ApiError
+from .http_errors import ApiError
 from .middleware import _HttpOnly, note
-from .registry import Registry
+from .knowledge_bases import KnowledgeBases
 from .schemas import Body, ChatRequest, Flag
 
 API_VERSION = "0.12.0"  # the Ollama release whose API shapes these routes follow (GET /api/version)
@@ -154,14 +155,14 @@ def ns(seconds: float | None) -> int:
     return int(round((seconds or 0.0) * 1e9))
 
 
-def final_fields(plan: Plan, result: dict, begun: float, load_s: float) -> dict:
+def final_fields(plan: Plan, result: Answered, begun: float, load_s: float) -> dict:
     """The last object's numbers, in Ollama's names (durations in ns); cag's own object beside them."""
-    u, ttft = result["usage"], result["ttft_s"] or 0.0
-    return {"done": True, "done_reason": result["finish_reason"], "total_duration": ns(time.perf_counter() - begun),
-            "load_duration": ns(load_s), "prompt_eval_count": u["prompt_tokens"], "prompt_eval_duration": ns(ttft),
-            "eval_count": u["completion_tokens"],
-            "eval_duration": ns(max(0.0, result["total_s"] - ttft) if result["ttft_s"] is not None else 0.0),
-            "cag": {**extra(plan, result), "cached_tokens": u["cached_tokens"]}}
+    u, ttft = result.usage, result.ttft_s or 0.0
+    return {"done": True, "done_reason": result.finish_reason, "total_duration": ns(time.perf_counter() - begun),
+            "load_duration": ns(load_s), "prompt_eval_count": u.prompt_tokens, "prompt_eval_duration": ns(ttft),
+            "eval_count": u.completion_tokens,
+            "eval_duration": ns(max(0.0, result.total_s - ttft) if result.ttft_s is not None else 0.0),
+            "cag": {**result.cag(plan), "cached_tokens": u.cached_tokens}}
 
 
 def line(body: dict) -> str:
@@ -169,8 +170,8 @@ def line(body: dict) -> str:
 
 
 # -- what is loaded --------------------------------------------------------------------------------------------
-def loaded_rows(registry: Registry, who: str) -> list[dict]:
-    """Each loaded model (Models.usage) with the knowledge bases loaded on it that `who` may see, by name;
+def loaded_rows(registry: KnowledgeBases, who: str) -> list[dict]:
+    """Each loaded model (ModelPool.usage) with the knowledge bases loaded on it that `who` may see, by name;
     other tenants' knowledge bases count in its bytes but are not named."""
     registry.models.expire()  # exact at the moment of asking, whatever the expiry thread's last look saw
     rows = registry.models.usage()
@@ -270,7 +271,7 @@ class Answering:
     """What /api/chat and /api/generate do once their body is read: a load request, or an answer through the
     one completion path, whole or as NDJSON."""
 
-    def __init__(self, config: ServerConfig, registry: Registry, completions: Completions):
+    def __init__(self, config: ServerConfig, registry: KnowledgeBases, completions: Completions):
         self.config, self.registry, self.completions = config, registry, completions
 
     async def answer(self, who: str, req: OllamaRequest, oreq: ChatRequest, piece: Callable[[str], dict]):
@@ -279,7 +280,7 @@ class Answering:
         load_s, head = time.perf_counter() - begun, {"model": req.model, "created_at": now_iso()}
         if not req.stream:
             result = await self.completions.whole(plan, hit)
-            return JSONResponse({**head, **piece(result["text"]), **final_fields(plan, result, begun, load_s)})
+            return JSONResponse({**head, **piece(result.text), **final_fields(plan, result, begun, load_s)})
         return StreamingResponse(self.ndjson(plan, hit, head, piece, begun, load_s),
                                  media_type="application/x-ndjson")
 
@@ -334,7 +335,7 @@ def loaded_body(rows: list[dict]) -> dict:
 
 
 # -- routes --------------------------------------------------------------------------------------------------------
-def install(app: FastAPI, config: ServerConfig, registry: Registry, completions: Completions,
+def install(app: FastAPI, config: ServerConfig, registry: KnowledgeBases, completions: Completions,
             tenant: Callable[..., str]) -> None:
     """Add Ollama's routes and GET /v1/cag/loaded to `app`, behind the same keys as every other route."""
     app.include_router(router(Answering(config, registry, completions), tenant))

@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 
 from ... import paths
+from ...engines.base import Payload
 from ...errors import CagError
 from .. import kvfile
 from ..events import Event
@@ -67,6 +68,17 @@ class Entry:
     owner: str | None = None  # see Record.owner
     stored_at: float = field(default_factory=time.time)
     state: torch.Tensor | None = None  # an engine's opaque prefix state (llama.cpp) instead of `layers`
+
+    @classmethod
+    def of(cls, name: str, payload: Payload, prefix_ids: list[int], manifest: dict, meta: dict,
+           snapshot: list[dict], owner: str | None = None) -> "Entry":
+        """What the stores keep of a prefix its engine exported: the one place a Payload becomes an Entry."""
+        return cls(name, payload.layers, prefix_ids, manifest, meta, snapshot, owner=owner, state=payload.state)
+
+    @property
+    def payload(self) -> Payload:
+        """The prefix as its engine restores it (Engine.restore)."""
+        return Payload(self.layers, self.state)
 
     @property
     def nbytes(self) -> int:

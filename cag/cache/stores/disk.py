@@ -107,7 +107,11 @@ class DiskStore(Store):
         return existed
 
     def has(self, name: str) -> bool:
-        return (self.folder(name) / CACHE_FILE).is_file()
+        return self.file(name).is_file()
+
+    def file(self, name: str) -> Path:
+        """Where the cache file of `name` is (or would be) kept."""
+        return self.folder(name) / CACHE_FILE
 
     def share(self, name: str, layers: KV) -> None:
         """Nothing: this tier holds a file, which is what outlives the process."""

@@ -28,15 +28,17 @@ import os
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
 from ...errors import CagError
-from .. import events
+from .. import events, kvfile
 from ..events import Event
 from ..kvfile import Expect
 from .base import Entry, Record, Store, Tombstone
+from .disk import DiskStore
 from .memory import BudgetError, MemoryStore
 from .redis import RedisError
 
@@ -107,6 +109,19 @@ class TieredStore:
         instead of a second copy, so a loaded knowledge base costs its KV once, not twice."""
         for tier in self.tiers:
             tier.share(name, layers)  # only a tier holding tensors on the device takes them
+
+    def local_file(self, name: str) -> Path | None:
+        """Where this machine's disk tier keeps the cache file of `name` (it may not exist; None without a
+        disk tier): what `cag inspect` verifies, and what a build's size and a server's check for a changed
+        cache are taken from."""
+        disk = self.tier("disk")
+        return disk.file(name) if isinstance(disk, DiskStore) else None
+
+    def local_manifest(self, name: str) -> dict:
+        """The manifest of `name`'s local cache file ({} when there is none); CacheFileError when the file
+        is damaged."""
+        path = self.local_file(name)
+        return kvfile.read_manifest(path) if path is not None and path.is_file() else {}
 
     def info(self, name: str) -> dict[str, dict]:
         return {t.name: i for t in self.tiers if (i := _reachable(lambda t=t: t.info(name), None)) is not None}

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import dataclasses
 import gc
 import logging
 import threading
@@ -36,10 +37,11 @@ from typing import Callable
 
 from .. import engines
 from ..engines.base import Engine
+from ..engines.options import EngineOptions
 from ..errors import CagError
 from ..registry import model_label
 from .config import ServerConfig
-from .errors import ApiError
+from .http_errors import ApiError
 
 
 class ModelUnavailable(CagError):
@@ -50,10 +52,10 @@ Key = tuple
 WAIT_S = 600.0  # the longest a load waits for running answers to make room
 
 
-def key_of(model: str | None, options: dict) -> Key:
+def key_of(options: EngineOptions) -> Key:
     """What makes two loads the same engine: the model (a GGUF file by its content, however it is named; the
     default model under its one name) and the engine options a knowledge base was built with."""
-    return (_identity(model or engines.DEFAULT_MODEL), *sorted((k, v) for k, v in options.items() if v is not None))
+    return (_identity(options.model or engines.DEFAULT_MODEL), *sorted(options.recorded().items()))
 
 
 def _identity(model: str) -> str:
@@ -69,7 +71,7 @@ def _identity(model: str) -> str:
 
 
 @dataclass(eq=False)
-class Entry:
+class LoadedKB:
     """A knowledge base loaded on one of the server's models."""
 
     kb: object  # api.KnowledgeBase or kb.shards.ShardedKnowledgeBase
@@ -84,7 +86,7 @@ class Entry:
         return self.kb.manifest.get("knowledge", {}).get("sha256", "") + self.kb.manifest.get("created", "")
 
 
-class Models:
+class ModelPool:
     """The models and loaded knowledge bases of one server, under one byte budget (see the module)."""
 
     def __init__(self, config: ServerConfig, budget: int, loaded: Engine | None = None):
@@ -93,8 +95,8 @@ class Models:
         self._cond = threading.Condition()
         self._gate = threading.Lock()  # one load or build at a time: each makes room for itself in turn
         self._engines: OrderedDict[Key, Engine] = OrderedDict()
-        self._kbs: OrderedDict[str, Entry] = OrderedDict()  # by folder, least recently used first
-        self._retired: list[Entry] = []  # replaced while answers ran on them
+        self._kbs: OrderedDict[str, LoadedKB] = OrderedDict()  # by folder, least recently used first
+        self._retired: list[LoadedKB] = []  # replaced while answers ran on them
         self._reserved = 0  # bytes promised to the load in progress
         self._waiting = 0  # loads waiting for answers to end: new leases wait behind them
         self._weights: dict[Key, int] = {}  # what each model's weights took when it was last loaded
@@ -102,11 +104,11 @@ class Models:
         self._keep: dict[Key, float] = {}  # each model's keep-alive in seconds: the last request's, else the server's
         self._reaper: threading.Thread | None = None
         self._stop = threading.Event()
-        self._default = (self.config.model, self.config.options_for(self.config.model))
+        self._default = self.config.engine_options(self.config.model)
         if loaded is not None:  # the server's own model, loaded already (`cag serve --model`, create_app(lm=))
-            self._default = (self.config.model or loaded.name, loaded.options())
-            self._engines[key_of(*self._default)] = loaded
-            self._used_at[key_of(*self._default)] = time.monotonic()
+            self._default = EngineOptions.of(model=self.config.model or loaded.name, **loaded.options())
+            self._engines[key_of(self._default)] = loaded
+            self._used_at[key_of(self._default)] = time.monotonic()
 
     # -- what is loaded --------------------------------------------------------------------------------
     def loaded(self) -> list[Engine]:
@@ -132,14 +134,14 @@ class Models:
                              "folders": {f: e.kb.nbytes for f, e in self._kbs.items() if e.key == key}})
             return rows
 
-    def _all(self) -> list[Entry]:
+    def _all(self) -> list[LoadedKB]:
         return [*self._kbs.values(), *self._retired]
 
     def _used(self) -> int:
         return sum(e.nbytes for e in self._engines.values()) + sum(e.kb.nbytes for e in self._all()) + self._reserved
 
     # -- leases --------------------------------------------------------------------------------------
-    def lease(self, folder: str, stamp: tuple[int, int]) -> Entry | None:
+    def lease(self, folder: str, stamp: tuple[int, int]) -> LoadedKB | None:
         """The loaded knowledge base of `folder`, held until `release`, if it is loaded and current."""
         with self._cond:
             self._cond.wait_for(lambda: not self._waiting, timeout=WAIT_S)
@@ -151,7 +153,7 @@ class Models:
             self._used_at[entry.key] = time.monotonic()
             return entry
 
-    def release(self, entry: Entry) -> None:
+    def release(self, entry: LoadedKB) -> None:
         with self._cond:
             entry.users -= 1
             self._used_at[entry.key] = time.monotonic()
@@ -166,12 +168,12 @@ class Models:
         with self._cond:
             self._retire(self._kbs.pop(folder, None))
 
-    def peek(self, folder: str) -> Entry | None:
+    def peek(self, folder: str) -> LoadedKB | None:
         return self._kbs.get(folder)
 
     # -- loading -------------------------------------------------------------------------------------
-    def load(self, folder: str, stamp: Callable[[], tuple[int, int]], model: str | None, options: dict,
-             tokens: Callable[[Engine], int], open_kb: Callable[[Engine], object], reuse: bool = True) -> Entry:
+    def load(self, folder: str, stamp: Callable[[], tuple[int, int]], options: EngineOptions,
+             tokens: Callable[[Engine], int], open_kb: Callable[[Engine], object], reuse: bool = True) -> LoadedKB:
         """The knowledge base of `folder` on its model, loaded with room made for both, and leased.
         `tokens(engine)` is about how long its prefix is; `open_kb(engine)` loads (or builds) it; `reuse`:
         a current one already loaded will do (a build wants a new one). ModelUnavailable when the model
@@ -180,8 +182,8 @@ class Models:
             entry = self.lease(folder, stamp()) if reuse else None
             if entry is not None:  # loaded by the request this one waited behind
                 return entry
-            key = key_of(model, options)
-            engine = self._engine(key, model, options)
+            key = key_of(options)
+            engine = self._engine(key, options)
             with self._cond:
                 self._used_at[key] = time.monotonic()
             need = engine.prefix_nbytes(tokens(engine))
@@ -192,29 +194,29 @@ class Models:
                 with self._cond:
                     self._reserved -= need
             with self._cond:
-                entry = Entry(kb, stamp(), key, users=1)
+                entry = LoadedKB(kb, stamp(), key, users=1)
                 self._retire(self._kbs.pop(folder, None))
                 self._kbs[folder] = entry
                 while self._used() > self.budget and self._evict_one(key):
                     pass  # the prefix may hold more than was estimated
             return entry
 
-    def default_model(self) -> tuple[str | None, dict]:
+    def default_model(self) -> EngineOptions:
         """The server's own model (--model / config model) and its options: what knowledge bases created
         over HTTP are built with."""
         return self._default
 
-    def _engine(self, key: Key, model: str | None, options: dict) -> Engine:
+    def _engine(self, key: Key, options: EngineOptions) -> Engine:
         """The model of `key`, loaded (after making room for its weights) if it is not; called under the gate."""
         with self._cond:
             if key in self._engines:
                 self._engines.move_to_end(key)
                 return self._engines[key]
-        need = self._weights.get(key) or _file_bytes(model)
+        need = self._weights.get(key) or _file_bytes(options.model)
         self._make_room(need, keep=key)
         try:
-            engine = engines.load(model, device=self.config.device, threads=self.config.threads, log=log.info,
-                                  **{k: v for k, v in options.items() if v is not None})
+            engine = engines.load(dataclasses.replace(options, device=self.config.device,
+                                                      threads=self.config.threads), log=log.info)
         except CagError as err:
             raise ModelUnavailable(str(err)) from None
         finally:
@@ -227,7 +229,7 @@ class Models:
         return engine
 
     # -- keep-alive ----------------------------------------------------------------------------------------
-    def keep(self, entry: Entry, seconds: float | None) -> None:
+    def keep(self, entry: LoadedKB, seconds: float | None) -> None:
         """How long the model under `entry` stays loaded once idle, from now on (a request's keep_alive; None:
         the server's default). Infinity keeps it for ever; 0 unloads it when its answers end."""
         with self._cond:
@@ -336,7 +338,7 @@ class Models:
         _give_back()
         return True
 
-    def _retire(self, entry: Entry | None) -> None:
+    def _retire(self, entry: LoadedKB | None) -> None:
         if entry is None:
             return
         entry.retired = True
@@ -346,7 +348,7 @@ class Models:
             self._retired.append(entry)
 
     @staticmethod
-    def _free(entry: Entry) -> None:
+    def _free(entry: LoadedKB) -> None:
         entry.kb.release()
 
 

@@ -19,16 +19,17 @@ from pathlib import Path
 from typing import BinaryIO
 
 from .. import api, engines, paths, settings
-from ..cache import events, kvfile
+from ..cache import events, stores
 from ..cache.stores.redis import RedisError
 from ..engines.base import Engine
+from ..engines.options import EngineOptions
 from ..errors import CagError, ModelChangedError
 from ..kb import knowledge
 from ..registry import key as stored_key
 from ..registry import model_label, owner_of
 from .config import ServerConfig, same_model
-from .errors import ApiError, not_found
-from .models import Entry, Models, ModelUnavailable
+from .http_errors import ApiError, not_found
+from .model_pool import LoadedKB, ModelPool, ModelUnavailable
 
 log = logging.getLogger("cag.server")
 DOCS_DIR = "docs"
@@ -36,13 +37,13 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,45}$")
 _DOC = re.compile(r"[^A-Za-z0-9._ -]")
 
 
-class Registry:
+class KnowledgeBases:
     def __init__(self, config: ServerConfig, lm: Engine | None = None):
         self.config = config
         self._lock = threading.Lock()
         self._folder_locks: dict[str, threading.Lock] = {}
         budget = config.model_bytes if config.model_bytes is not None else settings.current().model_bytes
-        self.models = Models(config, budget, lm)  # models and loaded knowledge bases, under the budget
+        self.models = ModelPool(config, budget, lm)  # models and loaded knowledge bases, under the budget
 
     def _folder_lock(self, folder: str) -> threading.Lock:
         with self._lock:
@@ -84,7 +85,7 @@ class Registry:
         return found
 
     # -- loading -----------------------------------------------------------------------------------
-    def lease(self, tenant: str, name: str) -> Entry:
+    def lease(self, tenant: str, name: str) -> LoadedKB:
         """The loaded KB, held for an answer until `release`: loaded on first use (room made for it under
         the memory budget) and reloaded when its cache file was rebuilt meanwhile."""
         folder = self.folder_for(tenant, name)
@@ -96,7 +97,7 @@ class Registry:
             raise not_found(name)
         meta = record.meta
         try:
-            return self.models.load(folder, lambda: _stamp(folder), meta.get("model"), api.engine_options(meta),
+            return self.models.load(folder, lambda: _stamp(folder), EngineOptions().over(meta),
                                     tokens=lambda lm: _prefix_tokens(folder, meta, lm),
                                     open_kb=lambda lm: api.load(folder, lm=lm, log=log.info))
         except (ModelUnavailable, ModelChangedError) as err:  # a file gone, or another model in its place
@@ -104,20 +105,20 @@ class Registry:
             raise ApiError(503, f"knowledge base {name!r} is answered by the model {model}, which cannot be loaded "
                                 f"on this server: {err}", "server_error", "model_unavailable") from None
 
-    def release(self, entry: Entry) -> None:
+    def release(self, entry: LoadedKB) -> None:
         self.models.release(entry)
 
-    def get(self, tenant: str, name: str) -> Entry:
+    def get(self, tenant: str, name: str) -> LoadedKB:
         """The loaded KB, for what it says about itself (no answer runs on it: it is not held)."""
         entry = self.lease(tenant, name)
         self.release(entry)
         return entry
 
-    def peek(self, folder: str) -> Entry | None:
+    def peek(self, folder: str) -> LoadedKB | None:
         return self.models.peek(folder)
 
     # -- management (server-created KBs only) ------------------------------------------------------
-    def create(self, tenant: str, name: str, docs: list[tuple[str, bytes | BinaryIO]], model: str | None = None) -> Entry:
+    def create(self, tenant: str, name: str, docs: list[tuple[str, bytes | BinaryIO]], model: str | None = None) -> LoadedKB:
         """A new knowledge base of `docs`, built with `model` (one of the config's kb_models; None: the server's
         own)."""
         model = self.allowed_model(model)
@@ -145,7 +146,7 @@ class Registry:
                 shutil.rmtree(target, ignore_errors=True)
                 raise
 
-    def replace(self, tenant: str, name: str, docs: list[tuple[str, bytes | BinaryIO]]) -> Entry:
+    def replace(self, tenant: str, name: str, docs: list[tuple[str, bytes | BinaryIO]]) -> LoadedKB:
         folder = self._owned(tenant, name)
         target = paths.kb_dir(folder)
         with self._folder_lock(folder):
@@ -200,7 +201,7 @@ class Registry:
                            param="model", code="model_not_allowed")
         return None if found == allowed[0] else found
 
-    def _build(self, tenant: str, folder: str, target: Path, model: str | None = None) -> Entry:
+    def _build(self, tenant: str, folder: str, target: Path, model: str | None = None) -> LoadedKB:
         """Build on `model` (None: the server's own), with room made for it and the new prefix (not held
         afterwards)."""
         def build(lm: Engine):
@@ -211,12 +212,12 @@ class Registry:
 
         if model is not None and same_model(model, self.config.kb_models()[0]):
             model = None  # the server's own model, loaded with its own options
-        model, options = self.models.default_model() if model is None else (model, self.config.options_for(model))
+        options = self.models.default_model() if model is None else self.config.engine_options(model)
         try:
-            entry = self.models.load(folder, lambda: _stamp(folder), model, options, reuse=False,
+            entry = self.models.load(folder, lambda: _stamp(folder), options, reuse=False,
                                      tokens=lambda lm: lm.context_window, open_kb=build)
         except ModelUnavailable as err:
-            raise ApiError(503, f"the server's model {model_label(model or engines.DEFAULT_MODEL)} cannot be loaded: "
+            raise ApiError(503, f"the server's model {model_label(options.model or engines.DEFAULT_MODEL)} cannot be loaded: "
                                 f"{err}", "server_error", "model_unavailable") from None
         self.release(entry)
         return entry
@@ -242,15 +243,16 @@ def _prefix_tokens(folder: str, meta: dict, lm: Engine) -> int:
     tokens = 0
     for part in meta.get("shards") or [folder]:
         try:
-            tokens += int(kvfile.read_manifest(paths.kb_dir(part) / api.CACHE_FILE)["tokens"])
+            tokens += int(stores.default().local_manifest(part)["tokens"])
         except (CagError, OSError, KeyError, TypeError, ValueError):
             tokens += lm.context_window
     return tokens
 
 
 def _stamp(folder: str) -> tuple[int, int]:
+    path = stores.default().local_file(folder)
     try:
-        mtime = (paths.kb_dir(folder) / api.CACHE_FILE).stat().st_mtime_ns
+        mtime = path.stat().st_mtime_ns if path is not None else -1
     except OSError:
         mtime = -1
     return mtime, events.generation(folder)
