@@ -30,8 +30,8 @@ RANKS = {
 }
 
 
-def module_name(path: pathlib.Path) -> str:
-    name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+def module_name(path: pathlib.Path, root: pathlib.Path = ROOT) -> str:
+    name = ".".join(path.relative_to(root).with_suffix("").parts)
     return name[: -len(".__init__")] if name.endswith(".__init__") else name
 
 
@@ -43,7 +43,7 @@ def room(name: str) -> str:
     raise KeyError(f"{name} has no rank in scripts/structure.py: add its room")
 
 
-def imported(path: pathlib.Path, name: str, tree: ast.AST):
+def imported(path: pathlib.Path, name: str, tree: ast.AST, root: pathlib.Path = ROOT):
     """Yield (module imported, line, lazy?) for every import of a cag module."""
     package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
     top_level = {id(n) for n in getattr(tree, "body", [])}
@@ -54,7 +54,7 @@ def imported(path: pathlib.Path, name: str, tree: ast.AST):
                 mod = ".".join(base + ([node.module] if node.module else []))
             else:
                 mod = node.module or ""
-            targets = [f"{mod}.{a.name}" if _is_module(f"{mod}.{a.name}") else mod
+            targets = [f"{mod}.{a.name}" if _is_module(f"{mod}.{a.name}", root) else mod
                        for a in node.names]
         elif isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
@@ -66,8 +66,8 @@ def imported(path: pathlib.Path, name: str, tree: ast.AST):
                 yield t, node.lineno, lazy
 
 
-def _is_module(dotted: str) -> bool:
-    p = ROOT.joinpath(*dotted.split("."))
+def _is_module(dotted: str, root: pathlib.Path) -> bool:
+    p = root.joinpath(*dotted.split("."))
     return p.with_suffix(".py").exists() or (p / "__init__.py").exists()
 
 
@@ -108,18 +108,19 @@ def hidden_loops(edges: dict[str, set[str]], lazy: list[dict]) -> list[dict]:
     return [u for u in lazy if reaches(u["imports"], u["from"])]
 
 
-def measure() -> dict:
+def measure(root: pathlib.Path = ROOT) -> dict:
+    """The figures for the package `cag` under `root` (this repository by default)."""
     rows, ups, lazy, edges = [], [], [], {}
-    for path in sorted((ROOT / "cag").rglob("*.py")):
-        name = module_name(path)
+    for path in sorted((root / "cag").rglob("*.py")):
+        name = module_name(path, root)
         tree = ast.parse(path.read_text(), str(path))
         for fn in functions(tree):
-            rows.append({"where": f"{path.relative_to(ROOT)}:{fn.lineno}", "name": fn.name,
+            rows.append({"where": f"{path.relative_to(root)}:{fn.lineno}", "name": fn.name,
                          "lines": fn.end_lineno - fn.lineno + 1, "params": params(fn),
                          "public": not fn.name.startswith("_")})
         here = room(name)
-        for target, line, is_lazy in imported(path, name, tree):
-            record = {"where": f"{path.relative_to(ROOT)}:{line}", "from": name,
+        for target, line, is_lazy in imported(path, name, tree, root):
+            record = {"where": f"{path.relative_to(root)}:{line}", "from": name,
                       "imports": target}
             if is_lazy:
                 lazy.append(record)
