@@ -97,15 +97,8 @@ def home_at(path: Path):
 def real_lm(real_home):
     from cag.engines.torch import models
 
-    old = os.environ.get("CAG_HOME")
-    os.environ["CAG_HOME"] = str(real_home)
-    try:
+    with home_at(real_home):
         return models.load(None, device="cpu", dtype="float32")
-    finally:
-        if old is None:
-            os.environ.pop("CAG_HOME", None)
-        else:
-            os.environ["CAG_HOME"] = old
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
 /* Checks of cag's CPU kernels (cag/engines/torch/native) as one program, for kernel sets Python cannot
- * load on the machine at hand: tests/test_kernels.py builds it for every set this CPU runs, and for NEON
+ * load on the machine at hand: tests/engines/test_simd_kernels.py builds it for every set this CPU runs, and for NEON
  * with an AArch64 cross compiler, run under qemu. The same build also times a decoding step.
  *
  *   kernel_check kernels

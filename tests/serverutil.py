@@ -13,6 +13,7 @@ import httpx
 import openai
 import pytest
 import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
 
 from storeutil import free_port
 
@@ -222,3 +223,12 @@ def chat_answer(url: str, body: dict, cancel_after: int | None = None, timeout: 
             if cancel_after and chunks >= cancel_after:
                 return "cancelled", text  # leaving the block closes the connection mid-stream
     return text.strip(), finish, usage
+
+
+def metrics_of(text: str) -> dict:
+    """{(sample name, first label value or ''): value} from Prometheus text."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, next(iter(sample.labels.values()), ""))] = sample.value
+    return out
