@@ -1,6 +1,8 @@
 """The FastAPI app: OpenAI-compatible chat and prompt completions over cag knowledge bases, KB management,
-metrics, health, and one JSON access-log line per request; Ollama's API beside it (cag.server.ollama), answering
-through the same completion path (cag.server.completion).
+metrics, health, and one JSON access-log line per request; Ollama's API beside it (cag.server.routes.ollama),
+answering through the same completion path (cag.server.completion). The routes are named handlers in
+cag.server.routes; this module only builds the shared state, installs middleware and error handlers, and
+includes the routers.
 
 `model` in a request names the knowledge base. Generation runs in a thread pool (config.answer_threads) so the
 event loop stays free; concurrent requests on one KB read its cached prefix in place (never copied) and,
@@ -17,12 +19,13 @@ from fastapi.staticfiles import StaticFiles
 
 from .. import __version__
 from ..engines.base import Engine
-from . import error_handlers, ollama
+from . import error_handlers
 from .config import ServerConfig
 from .middleware import AccessLog, BodyLimit, CatchAll
-from .routes import health, kbs, openai
+from .ollama import OllamaErrors
+from .routes import health, kbs, ollama, openai
 from .routes.health import STATIC
-from .state import Server, tenant
+from .state import Server
 
 log = logging.getLogger("cag.server")
 
@@ -48,7 +51,7 @@ def create_app(config: ServerConfig | None = None, lm: Engine | None = None) -> 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")  # the page's script, style and libraries
     app.include_router(openai.router)
     app.include_router(kbs.router)
-    ollama.install(app, srv.config, srv.registry, srv.completer, tenant)  # Ollama's API, and GET /v1/cag/loaded
+    app.include_router(ollama.router)  # Ollama's API, and GET /v1/cag/loaded
     return app
 
 
@@ -57,4 +60,5 @@ def _middleware(app: FastAPI, config: ServerConfig) -> None:
     app.add_middleware(BodyLimit, limit_for=lambda path: config.max_upload_bytes if path.endswith("/upload")
                        else config.max_body_bytes)
     app.add_middleware(CatchAll)  # whatever no handler took becomes a generic 500
-    app.add_middleware(AccessLog)  # added last, so outermost: sees every status, 413s and 500s included
+    app.add_middleware(AccessLog)  # outside those: sees every status, 413s and 500s included
+    app.add_middleware(OllamaErrors)  # added last, so outermost: every error on /api/ in Ollama's shape

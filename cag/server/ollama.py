@@ -12,6 +12,9 @@ loaded once idle; an empty prompt or message list only loads the model, or with 
 Every error on these routes leaves in Ollama's shape, {"error": "message"}, with the status the OpenAI
 routes give (401 without a key, 404 for an unknown model, 400 for a bad body, 413 for a large one).
 GET /v1/cag/loaded reports, in cag's own shape, what /api/ps reports in Ollama's.
+
+This module holds what those routes read and write (bodies, translation, rows, errors, answering); the routes
+themselves are named handlers in cag.server.routes.ollama.
 """
 
 from __future__ import annotations
@@ -23,13 +26,12 @@ from contextlib import aclosing
 from datetime import datetime, timezone
 from typing import Any, Callable, Literal, Optional, Union
 
-from fastapi import APIRouter, Depends, FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError, field_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.types import Message, Receive, Scope, Send
 
-from .. import __version__, engines
+from .. import engines
 from ..registry import model_label
 from .chat import Plan, Query, chat_query
 from .answered import Answered
@@ -290,7 +292,7 @@ class Answering:
         q.keep_alive = keep
         return q
 
-    async def ndjson(self, plan: Plan, hit: dict | None, head: dict, piece: Callable[[str], dict], begun: float,
+    async def ndjson(self, plan: Plan, hit: Answered | None, head: dict, piece: Callable[[str], dict], begun: float,
                      load_s: float):
         async with aclosing(self.completions.stream(plan, hit)) as events:  # a client gone stops the generation
             async for event in events:
@@ -332,56 +334,3 @@ def loaded_body(rows: list[dict]) -> dict:
         {**{k: v for k, v in r.items() if k != "kbs"}, "expires_at": expires_at(r),
          "knowledge_bases": [{"name": n, "bytes": b} for n, (b, _kb) in r["kbs"].items()],
          "knowledge_bases_loaded": r["knowledge_bases"]} for r in rows]}
-
-
-# -- routes --------------------------------------------------------------------------------------------------------
-def install(app: FastAPI, config: ServerConfig, registry: KnowledgeBases, completions: Completions,
-            tenant: Callable[..., str]) -> None:
-    """Add Ollama's routes and GET /v1/cag/loaded to `app`, behind the same keys as every other route."""
-    app.include_router(router(Answering(config, registry, completions), tenant))
-    app.add_middleware(OllamaErrors)
-
-
-def router(answering: Answering, tenant: Callable[..., str]) -> APIRouter:
-    api, registry, caller = APIRouter(), answering.registry, Depends(tenant)
-
-    @api.post("/api/chat")
-    async def chat(req: OllamaChat, who: str = caller):
-        if not req.messages:
-            return await answering.load_only(who, req, {"message": {"role": "assistant", "content": ""}})
-        refuse_unsupported(req)
-        oreq = openai_request(req, [{"role": m.role, "content": m.content} for m in req.messages], req.tools)
-        return await answering.answer(who, req, oreq, lambda text: {"message": {"role": "assistant", "content": text}})
-
-    @api.post("/api/generate")
-    async def generate(req: OllamaGenerate, who: str = caller):
-        if not req.prompt:
-            return await answering.load_only(who, req, {"response": ""})
-        refuse_unsupported(req)
-        system = [{"role": "system", "content": req.system}] if req.system else []
-        oreq = openai_request(req, [*system, {"role": "user", "content": req.prompt}])
-        return await answering.answer(who, req, oreq, lambda text: {"response": text})
-
-    @api.get("/api/tags")
-    def tags(who: str = caller):
-        return {"models": [tag_row(kb) for kb in registry.list(who)]}
-
-    @api.post("/api/show")
-    def show(req: OllamaShow, who: str = caller):
-        name = kb_name(req.model or req.name or "")
-        note(model=name)
-        return show_body(registry.row(who, name))
-
-    @api.get("/api/ps")
-    def ps(who: str = caller):
-        return {"models": ps_rows(loaded_rows(registry, who))}
-
-    @api.get("/api/version")
-    def version():
-        return {"version": API_VERSION, "cag": __version__}
-
-    @api.get("/v1/cag/loaded")
-    def loaded(who: str = caller):
-        return loaded_body(loaded_rows(registry, who))
-
-    return api
