@@ -70,8 +70,8 @@ class KnowledgeBase:
 
     @property
     def layers(self) -> Sequence[tuple]:
-        """The prefix's per-layer (key, value) tensors (Prefix.layers; an engine state has none)."""
-        return self.prefix.layers
+        """The prefix's per-layer (key, value) tensors (Prefix.layers; [] where an engine state has none)."""
+        return self.prefix.layers or []
 
     @property
     def tokens(self) -> int:
