@@ -28,7 +28,7 @@ from ...engines.base import Payload
 from ...errors import CagError
 from .. import kvfile
 from ..events import Event
-from ..kvfile import KV, Expect
+from ..kvfile import KV, Expect, Loaded
 
 log = logging.getLogger("cag.stores")
 
@@ -71,9 +71,16 @@ class Entry:
 
     @classmethod
     def of(cls, name: str, payload: Payload, prefix_ids: list[int], manifest: dict, meta: dict,
-           snapshot: list[dict], owner: str | None = None) -> "Entry":
+           snapshot: list[dict], owner: str | None = None, **fields) -> "Entry":
         """What the stores keep of a prefix its engine exported: the one place a Payload becomes an Entry."""
-        return cls(name, payload.layers, prefix_ids, manifest, meta, snapshot, owner=owner, state=payload.state)
+        return cls(name, payload.layers, prefix_ids, manifest, meta, snapshot, owner=owner, state=payload.state,
+                   **fields)
+
+    @classmethod
+    def loaded(cls, name: str, loaded: Loaded, record: Record, snapshot: list[dict], **fields) -> "Entry":
+        """What the stores keep of a cache a tier read back (kvfile.load) with its record and knowledge."""
+        return cls.of(name, Payload(loaded.layers, loaded.state), loaded.prefix_ids, loaded.manifest, record.meta,
+                      snapshot, owner=record.owner, **fields)
 
     @property
     def payload(self) -> Payload:

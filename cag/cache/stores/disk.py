@@ -79,8 +79,7 @@ class DiskStore(Store):
             return None
         loaded = kvfile.load(folder / CACHE_FILE, expect, device=device)
         self._count_hit(folder)
-        return Entry(name, loaded.layers, loaded.prefix_ids, loaded.manifest, record.meta, snapshot, owner=record.owner,
-                     state=loaded.state)
+        return Entry.loaded(name, loaded, record, snapshot)
 
     def put(self, entry: Entry) -> dict:
         """Stage the records, rename the cache into place (the commit), move the records in (module docstring).

@@ -152,8 +152,7 @@ class RedisStore(Store):
             damaged(name, f"cache in Redis at {self.url}", f"{len(data)} bytes where its manifest says {head['bytes']}")
             return None
         loaded = kvfile.load_bytes(data, expect, device=device, where=f"redis cache {name!r} at {self.url}")
-        return Entry(name, loaded.layers, loaded.prefix_ids, loaded.manifest, record.meta, snapshot,
-                     owner=record.owner, stored_at=head.get("stored_at") or time.time(), state=loaded.state)
+        return Entry.loaded(name, loaded, record, snapshot, stored_at=head.get("stored_at") or time.time())
 
     def put(self, entry: Entry) -> dict:
         """Upload the chunks of a new generation, then switch record, text and manifest to it at once,
