@@ -71,6 +71,31 @@ def fingerprint_now(spec: str | None, recorded: str | None) -> tuple[Path, str]:
     return folder, model_fingerprint(folder)
 
 
+def model_key(spec: str) -> str:
+    """One name for one model however it is named: a GGUF model by its sha256 (memoized per file), so that a
+    file named by two paths, or by its path and as `ollama:NAME:TAG`, is the same model; other models by
+    their name. A model that cannot be found keeps its name (loading it then says what is wrong)."""
+    if kind_of(spec) != "llamacpp":
+        return spec
+    from ..errors import CagError
+
+    try:
+        return "gguf:" + fingerprint_now(spec, None)[1]
+    except CagError:
+        return spec
+
+
+def file_bytes(spec: str | None) -> int:
+    """About what a model's weights will take before it is loaded: its GGUF file's size (0 if unknown: an
+    Ollama name, a transformers model, a file that cannot be read)."""
+    if spec and kind_of(spec) == "llamacpp" and not spec.startswith("ollama:"):
+        try:
+            return Path(spec).expanduser().stat().st_size
+        except OSError:
+            return 0
+    return 0
+
+
 def set_threads(threads: int | None) -> None:
     """CPU threads for torch and cag's C kernels (they share torch's OpenMP runtime); None: unchanged."""
     if threads is None:

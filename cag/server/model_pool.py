@@ -32,7 +32,6 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 from .. import engines
@@ -55,19 +54,7 @@ WAIT_S = 600.0  # the longest a load waits for running answers to make room
 def key_of(options: EngineOptions) -> Key:
     """What makes two loads the same engine: the model (a GGUF file by its content, however it is named; the
     default model under its one name) and the engine options a knowledge base was built with."""
-    return (_identity(options.model or engines.DEFAULT_MODEL), *sorted(options.recorded().items()))
-
-
-def _identity(model: str) -> str:
-    """A GGUF model by its sha256 (memoized per file), so that a file named by two paths, or by its path and as
-    `ollama:NAME:TAG`, is loaded once; other models by their name. A model that cannot be found keeps its name
-    (loading it then says what is wrong)."""
-    if engines.kind_of(model) != "llamacpp":
-        return model
-    try:
-        return "gguf:" + engines.fingerprint_now(model, None)[1]
-    except CagError:
-        return model
+    return (engines.model_key(options.model or engines.DEFAULT_MODEL), *sorted(options.recorded().items()))
 
 
 @dataclass(eq=False)
@@ -212,7 +199,7 @@ class ModelPool:
             if key in self._engines:
                 self._engines.move_to_end(key)
                 return self._engines[key]
-        need = self._weights.get(key) or _file_bytes(options.model)
+        need = self._weights.get(key) or engines.file_bytes(options.model)
         self._make_room(need, keep=key)
         try:
             engine = engines.load(dataclasses.replace(options, device=self.config.device,
@@ -381,13 +368,3 @@ def _give_back() -> None:
         _libc().malloc_trim(0)
     except AttributeError:  # not glibc
         pass
-
-
-def _file_bytes(model: str | None) -> int:
-    """About what a model's weights will take before it is loaded: its GGUF file's size (0 if unknown)."""
-    if model and engines.kind_of(model) == "llamacpp" and not model.startswith("ollama:"):
-        try:
-            return Path(model).expanduser().stat().st_size
-        except OSError:
-            return 0
-    return 0
